@@ -1,0 +1,28 @@
+# The two commands the README names: `make demo` and `make test`.
+# Both bootstrap what is missing (a project-local .venv with PyPI's torch==2.11.0,
+# whose libtorch tch links against) and build with LIBTORCH_USE_PYTORCH=1.
+SHELL := /bin/bash
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+export VIRTUAL_ENV := $(ROOT)/.venv
+export PATH := $(ROOT)/.venv/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+CARGO ?= cargo
+
+.PHONY: bootstrap build test demo fixtures
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+build: bootstrap
+	$(CARGO) build --release
+
+test: bootstrap
+	$(CARGO) test --release -- --test-threads=2
+
+demo: build
+	bash scripts/demo.sh
+
+# Regenerates tests/fixtures with the pinned Python reference stack (not needed to test).
+fixtures:
+	bash scripts/fixtures/setup-venv.sh
+	.venv-ref/bin/python scripts/fixtures/make_fixtures.py

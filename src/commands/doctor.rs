@@ -1,0 +1,28 @@
+//! `sdtune doctor`: what libtorch sdtune runs on and what it can use.
+use anyhow::Result;
+
+use crate::runtime::Doctor;
+
+pub fn run() -> Result<()> {
+    let d = Doctor::gather();
+    println!("sdtune     {}", env!("CARGO_PKG_VERSION"));
+    println!("libtorch   {}", d.libtorch);
+    println!("threads    {}", d.threads);
+    println!("bf16 cpu   {}", yes_no(d.bf16_cpu));
+    if d.cuda {
+        println!("cuda       yes ({})", d.devices.join(", "));
+        println!("cudnn      {}", yes_no(d.cudnn));
+        println!("bf16 cuda  {}", yes_no(d.bf16_cuda.unwrap_or(false)));
+    } else {
+        println!("cuda       no (training and sampling run on the CPU)");
+    }
+    Ok(())
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}

@@ -1,0 +1,125 @@
+//! `sdtune prepare DIR`: flags over `sdtune.yaml`, then the data pipeline;
+//! prints the report table and writes `sdtune.yaml` when there is none.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind};
+
+use crate::cli::PrepareArgs;
+use crate::config::{Background, Config, CONFIG_FILE};
+use crate::data::prepare::{self, sample_prompts, Options, REPORT_FILE};
+use crate::runtime::{parse_device, supports, Precision};
+
+/// The model used when neither `--model` nor `sdtune.yaml` names one.
+/// sdtune embeds no default model yet.
+fn default_model() -> Option<PathBuf> {
+    None
+}
+
+pub fn run(args: PrepareArgs) -> Result<()> {
+    let work_dir = std::env::current_dir().context("cannot read the current folder")?;
+    let existing = Config::load_from_dir(&work_dir)?;
+    let mut config = existing.clone().unwrap_or_default();
+    apply_flags(&args, &mut config)?;
+    config.data.validate()?;
+
+    let data_dir = args.dir.clone().or_else(|| config.data.path.clone()).with_context(|| {
+        format!("no image folder given; run `sdtune prepare ./your_images`, or set data.path in {CONFIG_FILE}")
+    })?;
+    let model_dir = config.model.clone().map(PathBuf::from).or_else(default_model).with_context(|| {
+        format!("no model given; pass --model a diffusers model folder (the one holding model_index.json), or set model: in {CONFIG_FILE}")
+    })?;
+    let device = parse_device(&args.device)?;
+    let precision = match args.precision.as_str() {
+        "auto" => auto_precision(device),
+        other => Precision::parse(other)?,
+    };
+
+    let prepared = prepare::run(&Options {
+        data_dir: data_dir.clone(),
+        work_dir: work_dir.clone(),
+        model_dir: model_dir.clone(),
+        device,
+        precision,
+        data: config.data.clone(),
+        clip_skip: 0,
+    })?;
+    print!("{}", prepared.report.table());
+    println!("report: {REPORT_FILE}");
+
+    let usable = prepared.report.counts.usable;
+    if usable == 0 {
+        bail!(
+            "none of the {} image files in {} is usable; the reasons are listed above and in {REPORT_FILE}",
+            prepared.report.counts.files,
+            data_dir.display()
+        );
+    }
+    if existing.is_none() {
+        let mut fresh = config;
+        fresh.model = Some(model_dir.display().to_string());
+        fresh.data.path = Some(data_dir);
+        fresh.sample.prompts = sample_prompts(&prepared.captions, fresh.data.trigger.as_deref(), 4);
+        fresh.save(&work_dir.join(CONFIG_FILE))?;
+        println!("wrote {CONFIG_FILE} (model, data folder, resolution, trigger word, sample prompts); edit it to change the defaults");
+    }
+    Ok(())
+}
+
+/// fp32 on the CPU; bf16 on CUDA where it works, else fp16 (non-finite
+/// latents are re-encoded in fp32 either way).
+fn auto_precision(device: Device) -> Precision {
+    match device {
+        Device::Cpu => Precision::Fp32,
+        _ if supports(device, Kind::BFloat16) => Precision::Bf16,
+        _ => Precision::Fp16,
+    }
+}
+
+fn apply_flags(args: &PrepareArgs, config: &mut Config) -> Result<()> {
+    let d = &mut config.data;
+    if let Some(model) = &args.model {
+        config.model = Some(model.clone());
+    }
+    if let Some(v) = args.resolution {
+        d.resolution = v;
+        // A resolution outside the default bucket range moves the range with it.
+        if args.min_bucket.is_none() && v < d.min_bucket {
+            d.min_bucket = (v / 2 / d.bucket_step.max(1)).max(1) * d.bucket_step.max(1);
+        }
+        if args.max_bucket.is_none() && v > d.max_bucket {
+            d.max_bucket = v * 2;
+        }
+    }
+    if let Some(v) = args.min_bucket {
+        d.min_bucket = v;
+    }
+    if let Some(v) = args.max_bucket {
+        d.max_bucket = v;
+    }
+    if let Some(v) = args.bucket_step {
+        d.bucket_step = v;
+    }
+    if let Some(v) = &args.trigger {
+        d.trigger = Some(v.clone());
+    }
+    if let Some(v) = &args.caption_template {
+        d.caption_template = Some(v.clone());
+    }
+    if let Some(v) = &args.background {
+        d.background = Background::parse(v).map_err(|e| anyhow::anyhow!("--background: {e}"))?;
+    }
+    if let Some(v) = args.min_side {
+        d.min_side = v;
+    }
+    if let Some(v) = args.max_pixels {
+        d.max_pixels = v;
+    }
+    if let Some(v) = args.batch_size {
+        d.encode_batch_size = v;
+    }
+    d.flip |= args.flip;
+    d.no_upscale |= args.no_upscale;
+    d.allow_upscale |= args.allow_upscale;
+    Ok(())
+}

@@ -1,0 +1,550 @@
+//! `.sdtune/cache/`: latent distributions and caption embeddings in
+//! safetensors shards, listed by a manifest.
+//!
+//! Crash safety: a shard is written whole (temp file + rename) before the
+//! journal line that lists it is appended and synced; the manifest is
+//! rewritten (also temp + rename) only when the journal is folded into it.
+//! Opening the cache replays the journal up to its last whole line, drops
+//! entries whose shard is missing or unreadable and deletes files no entry
+//! lists, so a run killed at any point leaves a consistent cache and the
+//! next run continues from what was recorded. `complete` is true only after
+//! a run finished; training reads only a complete cache.
+//!
+//! Layout: `manifest.json`, `journal.jsonl`, `lock`, `model-ids.json`,
+//! `shards/latents-<hash>.safetensors` (`<key>.mean`, `<key>.std`, each
+//! `[C, h, w]` fp32, unscaled: multiply a sample by the VAE's
+//! `scaling_factor`), `shards/texts-<hash>.safetensors` (`<key>`, `[77, D]` fp32).
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::buckets::{Bucket, Crop};
+use super::keys::short_hash;
+use crate::models::tensor_file::{write_tensors, TensorFile};
+
+/// The cache folder inside the working folder.
+pub const CACHE_DIR: &str = ".sdtune/cache";
+const MANIFEST: &str = "manifest.json";
+const JOURNAL: &str = "journal.jsonl";
+const LOCK: &str = "lock";
+const SHARDS: &str = "shards";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    /// A prepare run finished and `dataset` describes the image folder.
+    pub complete: bool,
+    pub latents: BTreeMap<String, LatentEntry>,
+    pub texts: BTreeMap<String, TextEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<Dataset>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LatentEntry {
+    pub shard: String,
+    /// The image's path when it was encoded (relative to the data folder).
+    pub source: String,
+    pub content_hash: String,
+    pub bucket: Bucket,
+    pub flipped: bool,
+    /// Half precision gave non-finite values, so this one was encoded in fp32.
+    #[serde(default)]
+    pub fp32_fallback: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TextEntry {
+    pub shard: String,
+    pub caption: String,
+}
+
+/// What training reads: every usable image with its cache keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Dataset {
+    pub data_dir: String,
+    pub model: String,
+    pub resolution: u32,
+    /// Multiply a latent sample by this before the UNet (VAE `scaling_factor`).
+    pub scaling_factor: f64,
+    pub shift_factor: Option<f64>,
+    /// Key of the empty caption's embedding (for caption dropout).
+    pub empty_text: String,
+    pub items: Vec<Item>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    pub path: String,
+    pub content_hash: String,
+    /// Upright size of the source image.
+    pub width: u32,
+    pub height: u32,
+    pub bucket: Bucket,
+    pub crop: Crop,
+    pub caption: String,
+    pub text: String,
+    pub latent: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flipped_latent: Option<String>,
+}
+
+/// One journal line: a shard and the entries it holds.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Record {
+    Latents { shard: String, entries: BTreeMap<String, LatentEntry> },
+    Texts { shard: String, entries: BTreeMap<String, TextEntry> },
+}
+
+/// A latent distribution to store.
+pub struct NewLatent {
+    pub key: String,
+    pub entry: LatentEntry,
+    pub mean: Tensor,
+    pub std: Tensor,
+}
+
+/// The cache opened for writing, holding the folder's lock.
+pub struct CacheWriter {
+    dir: PathBuf,
+    manifest: Manifest,
+    journal: Option<File>,
+    _lock: File,
+}
+
+impl CacheWriter {
+    /// Opens (or creates) the cache in `dir`, recovering from any earlier crash.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir.join(SHARDS)).with_context(|| format!("cannot create {}", dir.display()))?;
+        let lock = lock_file(dir, false)?;
+        let mut manifest = read_manifest(dir)?.unwrap_or_default();
+        if manifest.version != FORMAT_VERSION {
+            // An older layout (or none): start afresh; its shards are collected below.
+            manifest = Manifest { version: FORMAT_VERSION, ..Default::default() };
+        }
+        replay_journal(&dir.join(JOURNAL), &mut manifest);
+        drop_unreadable(dir, &mut manifest);
+        let mut writer = CacheWriter { dir: dir.to_path_buf(), manifest, journal: None, _lock: lock };
+        writer.compact()?;
+        Ok(writer)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn has_latent(&self, key: &str) -> bool {
+        self.manifest.latents.contains_key(key)
+    }
+
+    pub fn has_text(&self, key: &str) -> bool {
+        self.manifest.texts.contains_key(key)
+    }
+
+    /// Keeps only the entries `latents` and `texts` name, marks the cache
+    /// incomplete until [`Self::finish`], deletes shards nothing uses.
+    /// Returns how many latent entries were dropped.
+    pub fn retain(&mut self, latents: &BTreeSet<String>, texts: &BTreeSet<String>) -> Result<usize> {
+        let before = self.manifest.latents.len();
+        self.manifest.latents.retain(|k, _| latents.contains(k));
+        self.manifest.texts.retain(|k, _| texts.contains(k));
+        self.manifest.complete = false;
+        self.compact()?;
+        Ok(before - self.manifest.latents.len())
+    }
+
+    /// Writes one shard of latents, then records it in the journal.
+    pub fn add_latents(&mut self, latents: Vec<NewLatent>) -> Result<()> {
+        if latents.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = latents.iter().map(|l| l.key.as_str()).collect();
+        let shard = format!("latents-{}.safetensors", short_hash(keys.join("\n").as_bytes()));
+        let mut tensors = Vec::with_capacity(2 * latents.len());
+        let mut entries = BTreeMap::new();
+        for l in latents {
+            tensors.push((format!("{}.mean", l.key), l.mean));
+            tensors.push((format!("{}.std", l.key), l.std));
+            entries.insert(l.key, LatentEntry { shard: shard.clone(), ..l.entry });
+        }
+        write_tensors(&self.dir.join(SHARDS).join(&shard), &tensors, Some(shard_metadata("latents")))?;
+        self.append(&Record::Latents { shard, entries: entries.clone() })?;
+        self.manifest.latents.extend(entries);
+        Ok(())
+    }
+
+    /// Writes one shard of caption embeddings `(key, caption, [77, D])`.
+    pub fn add_texts(&mut self, texts: Vec<(String, String, Tensor)>) -> Result<()> {
+        if texts.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = texts.iter().map(|t| t.0.as_str()).collect();
+        let shard = format!("texts-{}.safetensors", short_hash(keys.join("\n").as_bytes()));
+        let mut tensors = Vec::with_capacity(texts.len());
+        let mut entries = BTreeMap::new();
+        for (key, caption, t) in texts {
+            tensors.push((key.clone(), t));
+            entries.insert(key, TextEntry { shard: shard.clone(), caption });
+        }
+        write_tensors(&self.dir.join(SHARDS).join(&shard), &tensors, Some(shard_metadata("texts")))?;
+        self.append(&Record::Texts { shard, entries: entries.clone() })?;
+        self.manifest.texts.extend(entries);
+        Ok(())
+    }
+
+    /// Records the finished dataset and marks the cache complete.
+    pub fn finish(&mut self, dataset: Dataset) -> Result<()> {
+        for item in &dataset.items {
+            for key in std::iter::once(&item.latent).chain(item.flipped_latent.as_ref()) {
+                if !self.has_latent(key) {
+                    bail!("internal: {} has no cached latent {key}", item.path);
+                }
+            }
+            if !self.has_text(&item.text) {
+                bail!("internal: {} has no cached caption embedding", item.path);
+            }
+        }
+        self.manifest.dataset = Some(dataset);
+        self.manifest.complete = true;
+        self.compact()
+    }
+
+    fn append(&mut self, record: &Record) -> Result<()> {
+        let path = self.dir.join(JOURNAL);
+        if self.journal.is_none() {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            self.journal = Some(file);
+        }
+        let mut line = serde_json::to_vec(record)?;
+        line.push(b'\n');
+        let journal = self.journal.as_mut().expect("opened above");
+        journal.write_all(&line).with_context(|| format!("cannot write {}", path.display()))?;
+        journal.sync_data().with_context(|| format!("cannot flush {}", path.display()))
+    }
+
+    /// Folds the journal into the manifest and deletes unlisted shards.
+    fn compact(&mut self) -> Result<()> {
+        let bytes = serde_json::to_vec(&self.manifest)?;
+        crate::fsutil::write_atomic(&self.dir.join(MANIFEST), &bytes)?;
+        self.journal = None;
+        let journal = self.dir.join(JOURNAL);
+        if journal.exists() {
+            std::fs::remove_file(&journal).with_context(|| format!("cannot remove {}", journal.display()))?;
+        }
+        self.collect_garbage();
+        Ok(())
+    }
+
+    /// Removes shard files no entry lists, and temp files of killed writes.
+    fn collect_garbage(&self) {
+        let used: BTreeSet<&str> = self
+            .manifest
+            .latents
+            .values()
+            .map(|e| e.shard.as_str())
+            .chain(self.manifest.texts.values().map(|e| e.shard.as_str()))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(self.dir.join(SHARDS)) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !used.contains(name.as_str()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        // Temp files of an interrupted manifest write.
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') && name.contains(".tmp-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+}
+
+fn shard_metadata(what: &str) -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), format!("sdtune-cache-{what}-v{FORMAT_VERSION}"))])
+}
+
+/// Takes the cache's lock file: exclusive for writing, shared for reading.
+fn lock_file(dir: &Path, shared: bool) -> Result<File> {
+    let path = dir.join(LOCK);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let taken = if shared { file.try_lock_shared() } else { file.try_lock() };
+    match taken {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another sdtune process is using {} (it holds {}); wait for it to finish",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
+}
+
+fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
+    let path = dir.join(MANIFEST);
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
+    // The manifest is written whole; one that does not parse was damaged
+    // from outside, and the cache is rebuilt rather than trusted.
+    Ok(serde_json::from_slice(&bytes).ok())
+}
+
+/// Applies the journal's whole lines; a torn last line is ignored.
+fn replay_journal(path: &Path, manifest: &mut Manifest) {
+    let Ok(file) = File::open(path) else { return };
+    for line in BufReader::new(file).split(b'\n') {
+        let Ok(line) = line else { break };
+        let Ok(record) = serde_json::from_slice::<Record>(&line) else { break };
+        match record {
+            Record::Latents { entries, .. } => manifest.latents.extend(entries),
+            Record::Texts { entries, .. } => manifest.texts.extend(entries),
+        }
+        manifest.complete = false;
+    }
+}
+
+/// Drops entries whose shard is missing, unreadable or lacks their tensors.
+fn drop_unreadable(dir: &Path, manifest: &mut Manifest) {
+    let shards: BTreeSet<String> = manifest
+        .latents
+        .values()
+        .map(|e| e.shard.clone())
+        .chain(manifest.texts.values().map(|e| e.shard.clone()))
+        .collect();
+    let mut names: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for shard in shards {
+        if let Ok(file) = TensorFile::open(&dir.join(SHARDS).join(&shard)) {
+            names.insert(shard, file.names().into_iter().collect());
+        }
+    }
+    let has = |shard: &str, name: &str| names.get(shard).is_some_and(|n| n.contains(name));
+    let before = (manifest.latents.len(), manifest.texts.len());
+    manifest.latents.retain(|k, e| has(&e.shard, &format!("{k}.mean")) && has(&e.shard, &format!("{k}.std")));
+    manifest.texts.retain(|k, e| has(&e.shard, k));
+    if before != (manifest.latents.len(), manifest.texts.len()) {
+        manifest.complete = false;
+    }
+}
+
+/// The cache opened for reading (training): complete, with tensors read on demand.
+pub struct CacheReader {
+    dir: PathBuf,
+    manifest: Manifest,
+    shards: Mutex<HashMap<String, Arc<TensorFile>>>,
+    _lock: File,
+}
+
+impl CacheReader {
+    /// Opens the cache under the working folder `work_dir`.
+    pub fn open(work_dir: &Path) -> Result<Self> {
+        let dir = work_dir.join(CACHE_DIR);
+        if !dir.join(MANIFEST).is_file() {
+            bail!("{} holds no cache; run `sdtune prepare DIR` first", work_dir.display());
+        }
+        let lock = lock_file(&dir, true)?;
+        let mut manifest = read_manifest(&dir)?
+            .with_context(|| format!("{} is damaged; run `sdtune prepare` again", dir.join(MANIFEST).display()))?;
+        if dir.join(JOURNAL).exists() {
+            replay_journal(&dir.join(JOURNAL), &mut manifest);
+        }
+        if manifest.version != FORMAT_VERSION || !manifest.complete || manifest.dataset.is_none() {
+            bail!("the cache in {} is incomplete (a prepare run was stopped); run `sdtune prepare` again to finish it", dir.display());
+        }
+        Ok(CacheReader { dir, manifest, shards: Mutex::new(HashMap::new()), _lock: lock })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn dataset(&self) -> &Dataset {
+        self.manifest.dataset.as_ref().expect("checked when opened")
+    }
+
+    /// The latent distribution `(mean, std)` of `key`, each `[C, h, w]` fp32 on the CPU.
+    pub fn latent(&self, key: &str) -> Result<(Tensor, Tensor)> {
+        let entry = self.manifest.latents.get(key).with_context(|| format!("the cache has no latent {key}"))?;
+        let file = self.shard(&entry.shard)?;
+        Ok((file.tensor(&format!("{key}.mean"))?, file.tensor(&format!("{key}.std"))?))
+    }
+
+    /// The caption embedding of `key`, `[77, D]` fp32 on the CPU.
+    pub fn text(&self, key: &str) -> Result<Tensor> {
+        let entry = self.manifest.texts.get(key).with_context(|| format!("the cache has no caption embedding {key}"))?;
+        self.shard(&entry.shard)?.tensor(key)
+    }
+
+    /// Item indices grouped by bucket (a batch never mixes buckets), buckets in order.
+    pub fn items_by_bucket(&self) -> Vec<Vec<usize>> {
+        let mut groups: BTreeMap<Bucket, Vec<usize>> = BTreeMap::new();
+        for (i, item) in self.dataset().items.iter().enumerate() {
+            groups.entry(item.bucket).or_default().push(i);
+        }
+        groups.into_values().collect()
+    }
+
+    /// Whether flipped latents were cached for every item.
+    pub fn has_flips(&self) -> bool {
+        let items = &self.dataset().items;
+        !items.is_empty() && items.iter().all(|i| i.flipped_latent.is_some())
+    }
+
+    /// Item `index`: `(mean, std, text)`, the flipped latent when `flip`
+    /// and one was cached.
+    pub fn item(&self, index: usize, flip: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let item = self.dataset().items.get(index).with_context(|| format!("the cache has no item {index}"))?;
+        let key = match (&item.flipped_latent, flip) {
+            (Some(flipped), true) => flipped,
+            _ => &item.latent,
+        };
+        let (mean, std) = self.latent(key)?;
+        Ok((mean, std, self.text(&item.text)?))
+    }
+
+    /// The empty caption's embedding (caption dropout).
+    pub fn empty_caption(&self) -> Result<Tensor> {
+        self.text(&self.dataset().empty_text)
+    }
+
+    fn shard(&self, name: &str) -> Result<Arc<TensorFile>> {
+        let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = shards.get(name) {
+            return Ok(f.clone());
+        }
+        let file = Arc::new(TensorFile::open(&self.dir.join(SHARDS).join(name))?);
+        shards.insert(name.to_string(), file.clone());
+        Ok(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn latent(key: &str, v: f64) -> NewLatent {
+        NewLatent {
+            key: key.into(),
+            entry: LatentEntry {
+                shard: String::new(),
+                source: format!("{key}.png"),
+                content_hash: key.into(),
+                bucket: Bucket { width: 16, height: 16 },
+                flipped: false,
+                fp32_fallback: false,
+            },
+            mean: Tensor::full([4, 2, 2], v, (tch::Kind::Float, tch::Device::Cpu)),
+            std: Tensor::ones([4, 2, 2], (tch::Kind::Float, tch::Device::Cpu)),
+        }
+    }
+
+    #[test]
+    fn journal_survives_a_crash_and_torn_lines_are_ignored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        {
+            let mut w = CacheWriter::open(&dir).unwrap();
+            w.add_latents(vec![latent("a", 1.0), latent("b", 2.0)]).unwrap();
+            w.add_latents(vec![latent("c", 3.0)]).unwrap();
+            // "Crash": the writer is dropped without finish; add a torn line
+            // and an orphan shard as a kill between the two writes leaves.
+            drop(w);
+        }
+        let mut j = OpenOptions::new().append(true).open(dir.join(JOURNAL)).unwrap();
+        j.write_all(b"{\"op\":\"latents\",\"shard\":\"x").unwrap();
+        std::fs::write(dir.join(SHARDS).join("latents-orphan.safetensors"), b"junk").unwrap();
+        let w = CacheWriter::open(&dir).unwrap();
+        assert_eq!(w.manifest().latents.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert!(!w.manifest().complete);
+        assert!(!dir.join(SHARDS).join("latents-orphan.safetensors").exists());
+        assert!(!dir.join(JOURNAL).exists());
+    }
+
+    #[test]
+    fn missing_shards_drop_their_entries_and_retain_collects() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let mut w = CacheWriter::open(&dir).unwrap();
+        w.add_latents(vec![latent("a", 1.0)]).unwrap();
+        w.add_latents(vec![latent("b", 2.0)]).unwrap();
+        let shard_a = w.manifest().latents["a"].shard.clone();
+        let removed = w.retain(&BTreeSet::from(["b".to_string()]), &BTreeSet::new()).unwrap();
+        assert_eq!(removed, 1);
+        assert!(!dir.join(SHARDS).join(&shard_a).exists());
+        let shard_b = w.manifest().latents["b"].shard.clone();
+        drop(w);
+        std::fs::remove_file(dir.join(SHARDS).join(&shard_b)).unwrap();
+        let w = CacheWriter::open(&dir).unwrap();
+        assert!(w.manifest().latents.is_empty());
+    }
+
+    #[test]
+    fn a_second_writer_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _w = CacheWriter::open(tmp.path()).unwrap();
+        let err = CacheWriter::open(tmp.path()).err().unwrap().to_string();
+        assert!(err.contains("another sdtune process"), "{err}");
+    }
+
+    #[test]
+    fn reader_needs_a_complete_cache() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(CACHE_DIR);
+        let mut w = CacheWriter::open(&dir).unwrap();
+        w.add_latents(vec![latent("a", 1.5)]).unwrap();
+        w.add_texts(vec![("t".into(), "cap".into(), Tensor::zeros([77, 8], (tch::Kind::Float, tch::Device::Cpu)))]).unwrap();
+        drop(w);
+        assert!(CacheReader::open(tmp.path()).err().unwrap().to_string().contains("incomplete"));
+        let mut w = CacheWriter::open(&dir).unwrap();
+        let item = Item {
+            path: "a.png".into(),
+            content_hash: "a".into(),
+            width: 16,
+            height: 16,
+            bucket: Bucket { width: 16, height: 16 },
+            crop: Crop { left: 0, top: 0, width: 16, height: 16 },
+            caption: "cap".into(),
+            text: "t".into(),
+            latent: "a".into(),
+            flipped_latent: None,
+        };
+        w.finish(Dataset {
+            data_dir: "d".into(),
+            model: "m".into(),
+            resolution: 16,
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            empty_text: "t".into(),
+            items: vec![item],
+        })
+        .unwrap();
+        drop(w);
+        let r = CacheReader::open(tmp.path()).unwrap();
+        let (mean, std) = r.latent("a").unwrap();
+        assert_eq!(mean.double_value(&[0, 0, 0]), 1.5);
+        assert_eq!(std.size(), [4, 2, 2]);
+        assert_eq!(r.text("t").unwrap().size(), [77, 8]);
+    }
+}

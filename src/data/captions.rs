@@ -1,0 +1,256 @@
+//! Captions: a sidecar `NAME.txt` beside the image, else the image's line in
+//! a `metadata.jsonl` of its folder or one above (`file_name`, `text`, as
+//! Hugging Face's imagefolder), else the config's caption template. The
+//! trigger word replaces `[trigger]`, or is prepended when the caption does
+//! not already hold it. Missing, empty and non-UTF-8 captions are noted.
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+use super::scan::Found;
+
+/// Where a caption came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Sidecar,
+    Metadata,
+    Template,
+    Trigger,
+    None,
+}
+
+/// Something wrong with an image's own caption (the image is still used).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Issue {
+    /// No sidecar and no metadata line.
+    Missing,
+    /// The caption file or line is empty.
+    Empty { file: String },
+    NotUtf8 { file: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct Caption {
+    /// The final text, trigger applied.
+    pub text: String,
+    pub source: Source,
+    pub issue: Option<Issue>,
+}
+
+/// A problem with a caption source file itself (not tied to one image).
+#[derive(Clone, Debug)]
+pub struct FileProblem {
+    pub rel: String,
+    pub message: String,
+}
+
+/// Every caption source of the data folder, looked up per image.
+#[derive(Default)]
+pub struct Captions {
+    /// Image path without extension -> its sidecar.
+    sidecars: HashMap<PathBuf, Found>,
+    /// Normalised image path -> (metadata file, caption text).
+    metadata: HashMap<PathBuf, (String, String)>,
+    pub problems: Vec<FileProblem>,
+    template: Option<String>,
+    trigger: Option<String>,
+}
+
+impl Captions {
+    pub fn new(sidecars: &[Found], metadata_files: &[Found], template: Option<&str>, trigger: Option<&str>) -> Self {
+        let mut captions = Captions {
+            template: template.map(str::trim).filter(|t| !t.is_empty()).map(String::from),
+            trigger: trigger.map(str::trim).filter(|t| !t.is_empty()).map(String::from),
+            ..Default::default()
+        };
+        for found in sidecars {
+            captions.sidecars.insert(found.path.with_extension(""), found.clone());
+        }
+        for found in metadata_files {
+            captions.read_metadata(found);
+        }
+        captions
+    }
+
+    fn read_metadata(&mut self, found: &Found) {
+        let bytes = match std::fs::read(&found.path) {
+            Ok(b) => b,
+            Err(e) => {
+                self.problem(found, format!("cannot be read ({e})"));
+                return;
+            }
+        };
+        let Ok(text) = String::from_utf8(bytes) else {
+            self.problem(found, "is not UTF-8 text; save it as UTF-8".into());
+            return;
+        };
+        let dir = found.path.parent().unwrap_or(Path::new(""));
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim().trim_start_matches('\u{feff}');
+            if line.is_empty() {
+                continue;
+            }
+            let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+            let entry = parsed.ok().and_then(|v| {
+                let name = v.get("file_name")?.as_str()?.to_string();
+                let text = v.get("text").and_then(|t| t.as_str()).map(String::from);
+                Some((name, text))
+            });
+            match entry {
+                Some((name, Some(text))) => {
+                    self.metadata.insert(normalise(&dir.join(&name)), (found.rel.clone(), text));
+                }
+                Some((name, None)) => self.problem(
+                    found,
+                    format!("line {}: the entry for {name:?} has no \"text\" string", n + 1),
+                ),
+                None => self.problem(
+                    found,
+                    format!(
+                        "line {} is not a JSON object with \"file_name\" and \"text\" strings; fix or remove that line",
+                        n + 1
+                    ),
+                ),
+            }
+        }
+    }
+
+    fn problem(&mut self, found: &Found, message: String) {
+        self.problems.push(FileProblem { rel: found.rel.clone(), message });
+    }
+
+    /// Whether `path` (a `.txt` file) is the sidecar of one of `images`.
+    pub fn sidecar_path_for(&self, image: &Path) -> Option<&Found> {
+        self.sidecars.get(&image.with_extension(""))
+    }
+
+    /// Sidecars that belong to no image in `images` (orphans).
+    pub fn orphan_sidecars<'a>(&'a self, images: &[&Path]) -> Vec<&'a Found> {
+        let used: std::collections::HashSet<PathBuf> = images.iter().map(|p| p.with_extension("")).collect();
+        let mut orphans: Vec<&Found> = self.sidecars.iter().filter(|(k, _)| !used.contains(*k)).map(|(_, f)| f).collect();
+        orphans.sort_by(|a, b| a.rel.cmp(&b.rel));
+        orphans
+    }
+
+    /// The caption of the image at `path`, trigger applied.
+    pub fn caption_for(&self, path: &Path) -> Caption {
+        let mut issue = None;
+        if let Some(found) = self.sidecar_path_for(path) {
+            match std::fs::read(&found.path).map(String::from_utf8) {
+                Ok(Ok(text)) => match clean(&text) {
+                    Some(text) => return self.finish(text, Source::Sidecar, None),
+                    None => issue = Some(Issue::Empty { file: found.rel.clone() }),
+                },
+                Ok(Err(_)) => issue = Some(Issue::NotUtf8 { file: found.rel.clone() }),
+                Err(_) => issue = Some(Issue::NotUtf8 { file: found.rel.clone() }),
+            }
+        }
+        if let Some((file, text)) = self.metadata.get(&normalise(path)) {
+            match clean(text) {
+                Some(text) => return self.finish(text, Source::Metadata, issue),
+                None => issue = issue.or(Some(Issue::Empty { file: file.clone() })),
+            }
+        }
+        let issue = issue.or(Some(Issue::Missing));
+        match (&self.template, &self.trigger) {
+            (Some(template), _) => self.finish(template.clone(), Source::Template, issue),
+            (None, Some(trigger)) => Caption { text: trigger.clone(), source: Source::Trigger, issue },
+            (None, None) => Caption { text: String::new(), source: Source::None, issue },
+        }
+    }
+
+    fn finish(&self, text: String, source: Source, issue: Option<Issue>) -> Caption {
+        Caption { text: apply_trigger(&text, self.trigger.as_deref()), source, issue }
+    }
+}
+
+/// `[trigger]` replaced by the trigger, or the trigger prepended
+/// (`"brandx, a red car"`) when the caption does not hold it as a word.
+pub fn apply_trigger(caption: &str, trigger: Option<&str>) -> String {
+    let Some(trigger) = trigger.filter(|t| !t.is_empty()) else {
+        return caption.replace("[trigger]", "").split_whitespace().collect::<Vec<_>>().join(" ");
+    };
+    if caption.contains("[trigger]") {
+        return caption.replace("[trigger]", trigger);
+    }
+    if caption.is_empty() {
+        return trigger.to_string();
+    }
+    let holds = caption
+        .split(|c: char| !c.is_alphanumeric() && c != '_' && c != '-')
+        .any(|word| word.eq_ignore_ascii_case(trigger));
+    if holds { caption.to_string() } else { format!("{trigger}, {caption}") }
+}
+
+/// One line: BOM dropped, line breaks to spaces, outer whitespace trimmed;
+/// `None` when nothing is left.
+fn clean(text: &str) -> Option<String> {
+    let text = text.trim_start_matches('\u{feff}');
+    let joined = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    let joined = joined.trim().to_string();
+    (!joined.is_empty()).then_some(joined)
+}
+
+/// `a/./b/../c` -> `a/c`, without touching the file system.
+fn normalise(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(dir: &Path, rel: &str) -> Found {
+        Found { path: dir.join(rel), rel: rel.into() }
+    }
+
+    #[test]
+    fn trigger_replaces_or_is_prepended() {
+        assert_eq!(apply_trigger("a photo of [trigger] shoes", Some("brandx")), "a photo of brandx shoes");
+        assert_eq!(apply_trigger("red shoes", Some("brandx")), "brandx, red shoes");
+        assert_eq!(apply_trigger("BrandX red shoes", Some("brandx")), "BrandX red shoes");
+        assert_eq!(apply_trigger("a [trigger] photo", None), "a photo");
+        assert_eq!(apply_trigger("", Some("brandx")), "brandx");
+    }
+
+    #[test]
+    fn sources_in_order_with_issues() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("a.txt"), "\u{feff}red shoes\nwith laces\n").unwrap();
+        std::fs::write(d.join("b.txt"), "  \n").unwrap();
+        std::fs::write(d.join("c.txt"), [0xff, 0xfe, 0x41]).unwrap();
+        std::fs::write(
+            d.join("metadata.jsonl"),
+            "{\"file_name\": \"b.png\", \"text\": \"blue bag\"}\n{\"file_name\": \"sub/e.png\", \"text\": \"green hat\"}\nnot json\n",
+        )
+        .unwrap();
+        let sidecars = [found(d, "a.txt"), found(d, "b.txt"), found(d, "c.txt")];
+        let caps = Captions::new(&sidecars, &[found(d, "metadata.jsonl")], Some("a photo of [trigger]"), Some("bx"));
+        let a = caps.caption_for(&d.join("a.jpg"));
+        assert_eq!((a.text.as_str(), a.source, a.issue), ("bx, red shoes with laces", Source::Sidecar, None));
+        let b = caps.caption_for(&d.join("b.png"));
+        assert_eq!((b.text.as_str(), b.source), ("bx, blue bag", Source::Metadata));
+        assert_eq!(b.issue, Some(Issue::Empty { file: "b.txt".into() }));
+        let c = caps.caption_for(&d.join("c.webp"));
+        assert_eq!((c.text.as_str(), c.source), ("a photo of bx", Source::Template));
+        assert_eq!(c.issue, Some(Issue::NotUtf8 { file: "c.txt".into() }));
+        let e = caps.caption_for(&d.join("sub/e.png"));
+        assert_eq!(e.text, "bx, green hat");
+        let f = caps.caption_for(&d.join("f.png"));
+        assert_eq!((f.source, f.issue), (Source::Template, Some(Issue::Missing)));
+        assert_eq!(caps.problems.len(), 1);
+        assert!(caps.problems[0].message.contains("line 3"));
+    }
+}

@@ -1,0 +1,460 @@
+//! `sdtune prepare` end to end: scan, check every file, caption, bucket,
+//! then encode only what the cache lacks, one shard at a time.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use tch::Device;
+
+use super::buckets::{crop_and_resize, crop_for, Bucket, Buckets, Crop};
+use super::cache::{CacheWriter, Dataset, Item, LatentEntry, NewLatent, CACHE_DIR};
+use super::captions::{Captions, Issue, Source};
+use super::decode::{self, content_hash, format_name, Header, Rejection};
+use super::encode::{Encoders, ModelFiles};
+use super::keys::{latent_key, text_key, FileHashes, LatentSettings, TextSettings};
+use super::report::{self, Report};
+use super::scan::{scan, Found};
+use crate::config::DataConfig;
+use crate::models::tokenizer::MAX_TOKENS;
+use crate::runtime::Precision;
+
+/// The report's file inside the working folder.
+pub const REPORT_FILE: &str = ".sdtune/prepare-report.json";
+
+/// Test hook: milliseconds to sleep after each latent shard is recorded, so
+/// a test can kill a run mid-encode without racing it. Not for users.
+const SHARD_DELAY_ENV: &str = "SDTUNE_TEST_SHARD_DELAY_MS";
+
+/// Caption embeddings per text-encoder batch.
+const TEXT_BATCH: usize = 16;
+
+pub struct Options {
+    /// The image folder.
+    pub data_dir: PathBuf,
+    /// The working folder (holds `.sdtune/`).
+    pub work_dir: PathBuf,
+    /// A diffusers model folder.
+    pub model_dir: PathBuf,
+    pub device: Device,
+    pub precision: Precision,
+    /// Settings after command-line flags were applied.
+    pub data: DataConfig,
+    pub clip_skip: usize,
+}
+
+pub struct Prepared {
+    pub report: Report,
+    /// Distinct captions of usable images, for sample prompts.
+    pub captions: Vec<String>,
+}
+
+/// A file that passed the header checks.
+struct Candidate {
+    found: Found,
+    hash: String,
+    header: Header,
+}
+
+/// A usable image and everything its cache entries depend on.
+struct Planned {
+    found: Found,
+    hash: String,
+    header: Header,
+    bucket: Bucket,
+    crop: Crop,
+    caption: String,
+    latent: String,
+    flipped: Option<String>,
+    text: String,
+    alive: bool,
+}
+
+/// Runs prepare; errs only when nothing can be done at all (no folder, no
+/// files, no model). A set with no usable image still gets its report.
+pub fn run(opts: &Options) -> Result<Prepared> {
+    let started = Instant::now();
+    let cfg = &opts.data;
+    cfg.validate()?;
+    let mut report = Report {
+        data_dir: opts.data_dir.display().to_string(),
+        model: opts.model_dir.display().to_string(),
+        resolution: cfg.resolution,
+        device: format!("{:?}", opts.device).to_lowercase(),
+        precision: opts.precision.name().into(),
+        ..Default::default()
+    };
+
+    // 1. Scan.
+    let spinner = spinner("scanning");
+    let scanned = scan(&opts.data_dir, &mut |n| spinner.set_message(format!("{n} files")))?;
+    spinner.finish_and_clear();
+    report.ignored = scanned.ignored.iter().map(|i| report::Ignored { path: i.rel.clone(), reason: i.reason.clone() }).collect();
+    if scanned.candidates.is_empty() {
+        bail!(
+            "{} holds no image files{}; put JPEG, PNG, WebP, BMP, TIFF or GIF images in it",
+            opts.data_dir.display(),
+            if scanned.sidecars.is_empty() && scanned.ignored.is_empty() { " (it is empty)" } else { "" }
+        );
+    }
+    report.counts.files = scanned.candidates.len();
+
+    // 2. The model's files (the models themselves load only if there is work).
+    let model = ModelFiles::find(&opts.model_dir)?;
+    let factor = model.vae_config.scale_factor() as u32;
+    if cfg.bucket_step % factor != 0 || cfg.resolution % factor != 0 {
+        bail!(
+            "the resolution ({}) and bucket step ({}) must be multiples of {factor}, the VAE's downscale factor",
+            cfg.resolution,
+            cfg.bucket_step
+        );
+    }
+    let tokenizer = model.tokenizer()?;
+
+    // 3. Check every file's content and header, in parallel.
+    let bar = progress_bar(scanned.candidates.len() as u64, "checking");
+    let checked: Vec<Result<Candidate, (Found, Rejection)>> = scanned
+        .candidates
+        .par_iter()
+        .map(|found| {
+            let result = check_file(found, cfg.max_pixels);
+            bar.inc(1);
+            result
+        })
+        .collect();
+    bar.finish_and_clear();
+
+    // 4. Sort out rejects, small images and duplicates; caption and bucket the rest.
+    let buckets = Buckets::new(cfg);
+    let captions = Captions::new(&scanned.sidecars, &scanned.metadata, cfg.caption_template.as_deref(), cfg.trigger.as_deref());
+    for p in &captions.problems {
+        report.warn(Some(&p.rel), "metadata", p.message.clone());
+    }
+    let mut cache_hashes = FileHashes::open(&opts.work_dir.join(CACHE_DIR).join("model-ids.json"));
+    let latent_settings = LatentSettings {
+        vae_id: cache_hashes.identity(&model.vae_files)?,
+        precision: opts.precision.name().into(),
+        background: cfg.background,
+    };
+    let text_settings = TextSettings {
+        encoder_id: cache_hashes.identity(&model.text_files)?,
+        precision: opts.precision.name().into(),
+        clip_skip: opts.clip_skip,
+    };
+    let mut first_of_hash: HashMap<String, String> = HashMap::new();
+    let mut planned = Vec::new();
+    for result in checked {
+        let c = match result {
+            Ok(c) => c,
+            Err((found, rejection)) => {
+                report.skip(&found.rel, rejection.reason, rejection.fix);
+                continue;
+            }
+        };
+        if let Some(first) = first_of_hash.get(&c.hash) {
+            report.counts.duplicates += 1;
+            report.skip(&c.found.rel, format!("is an exact duplicate of {first} (same content)"), "delete one of the copies");
+            continue;
+        }
+        first_of_hash.insert(c.hash.clone(), c.found.rel.clone());
+        let (w, h) = (c.header.width, c.header.height);
+        if w.min(h) < cfg.min_side {
+            if !cfg.allow_upscale {
+                report.skip(
+                    &c.found.rel,
+                    format!("is {w}×{h} pixels; its short side is under the {}-pixel minimum", cfg.min_side),
+                    "use a larger version of the image, or pass --allow-upscale to scale it up",
+                );
+                continue;
+            }
+            report.warn(Some(&c.found.rel), "upscaled", format!("is only {w}×{h} pixels and is scaled up (--allow-upscale); expect a softer result"));
+        }
+        note_header(&mut report, &c);
+        let caption = caption_of(&captions, &c.found, &mut report);
+        let tokens = tokenizer.token_count(&caption);
+        if tokens > MAX_TOKENS - 2 {
+            report.captions.too_long += 1;
+            report.warn(
+                Some(&c.found.rel),
+                "long_caption",
+                format!(
+                    "its caption has {tokens} tokens; CLIP reads only the first {} ({MAX_TOKENS} with its start and end tokens), the rest is cut off; shorten it",
+                    MAX_TOKENS - 2
+                ),
+            );
+        }
+        let bucket = buckets.assign(w, h);
+        let crop = crop_for(w, h, bucket);
+        let latent = latent_key(&latent_settings, &c.hash, bucket, crop, false);
+        let flipped = cfg.flip.then(|| latent_key(&latent_settings, &c.hash, bucket, crop, true));
+        let text = text_key(&text_settings, &caption);
+        planned.push(Planned { found: c.found, hash: c.hash, header: c.header, bucket, crop, caption, latent, flipped, text, alive: true });
+    }
+    let image_paths: Vec<&Path> = scanned.candidates.iter().map(|f| f.path.as_path()).collect();
+    for orphan in captions.orphan_sidecars(&image_paths) {
+        report.warn(Some(&orphan.rel), "orphan_caption", "is a caption file with no image of the same name beside it; it was not used");
+    }
+
+    // 5. Open the cache, drop what the folder no longer needs.
+    let mut cache = CacheWriter::open(&opts.work_dir.join(CACHE_DIR))?;
+    cache_hashes.save()?;
+    let empty_text = text_key(&text_settings, "");
+    let wanted_latents: BTreeSet<String> =
+        planned.iter().flat_map(|p| std::iter::once(p.latent.clone()).chain(p.flipped.clone())).collect();
+    let wanted_texts: BTreeSet<String> =
+        planned.iter().map(|p| p.text.clone()).chain(std::iter::once(empty_text.clone())).collect();
+    report.counts.removed = cache.retain(&wanted_latents, &wanted_texts)?;
+
+    // 6. Encode the latents the cache lacks, bucket by bucket.
+    let mut encoders = Encoders::new(&model, opts.device, opts.precision.kind())?;
+    let mut by_bucket: BTreeMap<Bucket, Vec<usize>> = BTreeMap::new();
+    let mut pending_latents = 0;
+    for (i, p) in planned.iter().enumerate() {
+        let missing = std::iter::once(&p.latent).chain(p.flipped.as_ref()).filter(|k| !cache.has_latent(k)).count();
+        report.counts.reused += 1 + p.flipped.is_some() as usize - missing;
+        if missing > 0 {
+            pending_latents += missing;
+            by_bucket.entry(p.bucket).or_default().push(i);
+        }
+    }
+    let delay = std::env::var(SHARD_DELAY_ENV).ok().and_then(|v| v.parse::<u64>().ok());
+    let bar = progress_bar(pending_latents as u64, "encoding");
+    for (bucket, indices) in &by_bucket {
+        for chunk in indices.chunks(cfg.encode_batch_size) {
+            let decoded: Vec<(usize, Result<RgbImage, Rejection>)> = chunk
+                .par_iter()
+                .map(|&i| (i, load_pixels(&planned[i], cfg, *bucket)))
+                .collect();
+            let mut jobs: Vec<(usize, bool, String, RgbImage)> = Vec::new();
+            for (i, result) in decoded {
+                let p = &planned[i];
+                match result {
+                    Err(rejection) => {
+                        report.skip(&p.found.rel, rejection.reason, rejection.fix);
+                        planned[i].alive = false;
+                    }
+                    Ok(pixels) => {
+                        if let Some(key) = &p.flipped {
+                            if !cache.has_latent(key) {
+                                jobs.push((i, true, key.clone(), image::imageops::flip_horizontal(&pixels)));
+                            }
+                        }
+                        if !cache.has_latent(&p.latent) {
+                            jobs.push((i, false, p.latent.clone(), pixels));
+                        }
+                    }
+                }
+            }
+            let mut new = Vec::with_capacity(jobs.len());
+            for batch in jobs.chunks(cfg.encode_batch_size) {
+                let images: Vec<&RgbImage> = batch.iter().map(|j| &j.3).collect();
+                let latents = encoders.encode_images(&images)?;
+                for ((i, flipped, key, _), latent) in batch.iter().zip(latents) {
+                    let p = &planned[*i];
+                    if !latent.finite {
+                        if p.alive {
+                            report.skip(
+                                &p.found.rel,
+                                "gives NaN or infinite latents even in fp32",
+                                "check the image opens correctly, or remove it",
+                            );
+                        }
+                        planned[*i].alive = false;
+                        continue;
+                    }
+                    report.counts.fp32_fallbacks += latent.fp32_fallback as usize;
+                    new.push(NewLatent {
+                        key: key.clone(),
+                        entry: LatentEntry {
+                            shard: String::new(),
+                            source: p.found.rel.clone(),
+                            content_hash: p.hash.clone(),
+                            bucket: *bucket,
+                            flipped: *flipped,
+                            fp32_fallback: latent.fp32_fallback,
+                        },
+                        mean: latent.mean,
+                        std: latent.std,
+                    });
+                }
+                bar.inc(batch.len() as u64);
+            }
+            report.counts.encoded += new.len();
+            cache.add_latents(new)?;
+            if let Some(ms) = delay {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let live: Vec<&Planned> = planned.iter().filter(|p| p.alive).collect();
+    report.counts.usable = live.len();
+
+    // 7. Caption embeddings, and the empty caption's for caption dropout.
+    let mut texts: Vec<(String, String)> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (key, caption) in live.iter().map(|p| (&p.text, &p.caption)).chain(std::iter::once((&empty_text, &String::new()))) {
+        if seen.insert(key.clone()) {
+            if cache.has_text(key) {
+                report.counts.texts_reused += 1;
+            } else {
+                texts.push((key.clone(), caption.clone()));
+            }
+        }
+    }
+    if !live.is_empty() && !texts.is_empty() {
+        let bar = progress_bar(texts.len() as u64, "captions");
+        for batch in texts.chunks(TEXT_BATCH) {
+            let captions: Vec<String> = batch.iter().map(|t| t.1.clone()).collect();
+            let embeddings = encoders.encode_texts(&tokenizer, &captions, opts.clip_skip)?;
+            let entries = batch.iter().cloned().zip(embeddings).map(|((k, c), e)| (k, c, e)).collect();
+            cache.add_texts(entries)?;
+            report.counts.texts_encoded += batch.len();
+            bar.inc(batch.len() as u64);
+        }
+        bar.finish_and_clear();
+    }
+
+    // 8. Record the dataset and the report.
+    let mut histogram: BTreeMap<Bucket, usize> = BTreeMap::new();
+    for p in &live {
+        *histogram.entry(p.bucket).or_default() += 1;
+    }
+    if !live.is_empty() {
+        let dataset = Dataset {
+            data_dir: opts.data_dir.display().to_string(),
+            model: opts.model_dir.display().to_string(),
+            resolution: cfg.resolution,
+            scaling_factor: model.vae_config.scaling_factor,
+            shift_factor: model.vae_config.shift_factor,
+            empty_text,
+            items: live
+                .iter()
+                .map(|p| Item {
+                    path: p.found.rel.clone(),
+                    content_hash: p.hash.clone(),
+                    width: p.header.width,
+                    height: p.header.height,
+                    bucket: p.bucket,
+                    crop: p.crop,
+                    caption: p.caption.clone(),
+                    text: p.text.clone(),
+                    latent: p.latent.clone(),
+                    flipped_latent: p.flipped.clone(),
+                })
+                .collect(),
+        };
+        cache.finish(dataset)?;
+    }
+    report.finish(&histogram);
+    report.seconds = started.elapsed().as_secs_f64();
+    let json = serde_json::to_vec_pretty(&report)?;
+    crate::fsutil::write_atomic(&opts.work_dir.join(REPORT_FILE), &json)?;
+    let mut captions: Vec<String> = Vec::new();
+    for p in &live {
+        if !p.caption.is_empty() && !captions.contains(&p.caption) {
+            captions.push(p.caption.clone());
+        }
+    }
+    Ok(Prepared { report, captions })
+}
+
+/// Reads, hashes and header-checks one file.
+fn check_file(found: &Found, max_pixels: u64) -> Result<Candidate, (Found, Rejection)> {
+    let bytes = std::fs::read(&found.path).map_err(|e| {
+        (found.clone(), Rejection::new(format!("cannot be read ({e})"), "check the file's permissions"))
+    })?;
+    let header = decode::inspect(&bytes, max_pixels).map_err(|r| (found.clone(), r))?;
+    Ok(Candidate { found: found.clone(), hash: content_hash(&bytes), header })
+}
+
+/// Decodes and crops/resizes one planned image to its bucket.
+fn load_pixels(p: &Planned, cfg: &DataConfig, bucket: Bucket) -> Result<RgbImage, Rejection> {
+    let bytes = std::fs::read(&p.found.path)
+        .map_err(|e| Rejection::new(format!("cannot be read ({e})"), "check the file's permissions"))?;
+    if content_hash(&bytes) != p.hash {
+        return Err(Rejection::new("changed while sdtune was reading it", "run sdtune prepare again"));
+    }
+    let image = decode::decode(&bytes, &p.header, cfg.background, cfg.max_pixels)?;
+    Ok(crop_and_resize(&image, p.crop, bucket))
+}
+
+/// Warnings the header gives: content that does not match the extension, animation.
+fn note_header(report: &mut Report, c: &Candidate) {
+    let name = format_name(c.header.format);
+    let ext = Path::new(&c.found.rel).extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+    if !decode::extensions(c.header.format).contains(&ext.as_str()) {
+        let named = if ext.is_empty() { "has no extension".to_string() } else { format!("has a .{ext} name") };
+        report.warn(Some(&c.found.rel), "extension", format!("{named} but holds {name} data; it was read as {name}"));
+    }
+    if c.header.animated {
+        report.warn(Some(&c.found.rel), "animated", format!("is an animated {name}; only its first frame is used"));
+    }
+}
+
+/// The image's caption, with its counts and warnings recorded.
+fn caption_of(captions: &Captions, found: &Found, report: &mut Report) -> String {
+    let caption = captions.caption_for(&found.path);
+    let k = &mut report.captions;
+    match caption.source {
+        Source::Sidecar => k.sidecar += 1,
+        Source::Metadata => k.metadata += 1,
+        Source::Template => k.template += 1,
+        Source::Trigger => k.trigger_only += 1,
+        Source::None => k.none += 1,
+    }
+    let uses = if caption.text.is_empty() {
+        "it trains with an empty caption; add a caption, a trigger word (--trigger) or a caption template".to_string()
+    } else {
+        format!("it trains with the caption {:?}", caption.text)
+    };
+    match &caption.issue {
+        None => {}
+        Some(Issue::Missing) => {
+            k.missing += 1;
+            report.warn(Some(&found.rel), "no_caption", format!("has no caption (no .txt beside it, no metadata.jsonl line); {uses}"));
+        }
+        Some(Issue::Empty { file }) => {
+            k.empty += 1;
+            report.warn(Some(file), "empty_caption", format!("is an empty caption for {}; {uses}", found.rel));
+        }
+        Some(Issue::NotUtf8 { file }) => {
+            k.not_utf8 += 1;
+            report.warn(
+                Some(file),
+                "caption_not_utf8",
+                format!("is not UTF-8 text, so it was not used as the caption of {}; save it as UTF-8 ({uses})", found.rel),
+            );
+        }
+    }
+    caption.text
+}
+
+fn progress_bar(total: u64, what: &str) -> ProgressBar {
+    crate::progress::steps_bar(total, what)
+}
+
+fn spinner(what: &str) -> ProgressBar {
+    let s = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {prefix} {msg}") {
+        s.set_style(style);
+    }
+    s.set_prefix(what.to_string());
+    s.enable_steady_tick(std::time::Duration::from_millis(120));
+    s
+}
+
+/// Up to `n` distinct captions spread over the set, for `sample.prompts`.
+pub fn sample_prompts(captions: &[String], trigger: Option<&str>, n: usize) -> Vec<String> {
+    if captions.is_empty() {
+        return vec![match trigger {
+            Some(t) if !t.trim().is_empty() => format!("a photo of {}", t.trim()),
+            _ => "a photo".to_string(),
+        }];
+    }
+    let n = n.min(captions.len());
+    (0..n).map(|i| captions[i * captions.len() / n].clone()).collect()
+}

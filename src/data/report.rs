@@ -1,0 +1,220 @@
+//! What prepare did: counts, the bucket histogram, every skipped file with
+//! its reason and fix, warnings. Written as `.sdtune/prepare-report.json`
+//! and shown as a table on the terminal.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::buckets::Bucket;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub data_dir: String,
+    pub model: String,
+    pub resolution: u32,
+    pub device: String,
+    pub precision: String,
+    pub counts: Counts,
+    pub buckets: Vec<BucketCount>,
+    pub captions: CaptionCounts,
+    /// Files that are not used, each with why and what to do.
+    pub skipped: Vec<Skipped>,
+    /// Used files with something worth knowing (caption issues, duplicates, ...).
+    pub warnings: Vec<Warning>,
+    /// Hidden and system files, symlink loops: left out on purpose.
+    pub ignored: Vec<Ignored>,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counts {
+    /// Files under the folder that could be images (captions not counted).
+    pub files: usize,
+    pub usable: usize,
+    pub skipped: usize,
+    pub duplicates: usize,
+    /// Latents encoded by this run (flipped ones included).
+    pub encoded: usize,
+    /// Latents already in the cache and reused.
+    pub reused: usize,
+    /// Latents dropped from the cache (images removed, edited or resettled).
+    pub removed: usize,
+    pub texts_encoded: usize,
+    pub texts_reused: usize,
+    /// Latents re-encoded in fp32 after half precision gave non-finite values.
+    pub fp32_fallbacks: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BucketCount {
+    pub width: u32,
+    pub height: u32,
+    pub images: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CaptionCounts {
+    pub sidecar: usize,
+    pub metadata: usize,
+    pub template: usize,
+    pub trigger_only: usize,
+    pub none: usize,
+    pub missing: usize,
+    pub empty: usize,
+    pub not_utf8: usize,
+    pub too_long: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    pub path: String,
+    pub reason: String,
+    pub fix: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Warning {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A short tag: `no_caption`, `empty_caption`, `caption_not_utf8`,
+    /// `long_caption`, `duplicate`, `extension`, `animated`, `upscaled`,
+    /// `orphan_caption`, `metadata`, `few_images`, `uneven_buckets`.
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Ignored {
+    pub path: String,
+    pub reason: String,
+}
+
+impl Report {
+    pub fn skip(&mut self, path: &str, reason: impl Into<String>, fix: impl Into<String>) {
+        self.skipped.push(Skipped { path: path.into(), reason: reason.into(), fix: fix.into() });
+    }
+
+    pub fn warn(&mut self, path: Option<&str>, kind: &str, message: impl Into<String>) {
+        self.warnings.push(Warning { path: path.map(String::from), kind: kind.into(), message: message.into() });
+    }
+
+    /// Fills the histogram and adds the set-wide warnings.
+    pub fn finish(&mut self, buckets: &BTreeMap<Bucket, usize>) {
+        self.buckets = buckets.iter().map(|(b, &n)| BucketCount { width: b.width, height: b.height, images: n }).collect();
+        self.counts.skipped = self.skipped.len();
+        if self.counts.usable > 0 && self.counts.usable < 5 {
+            self.warn(
+                None,
+                "few_images",
+                format!(
+                    "only {} usable image{}; a LoRA needs about 5 or more (15-50 is typical) to learn a consistent look",
+                    self.counts.usable,
+                    plural(self.counts.usable)
+                ),
+            );
+        }
+        let largest = buckets.values().copied().max().unwrap_or(0);
+        let sparse: Vec<String> = buckets
+            .iter()
+            .filter(|(_, &n)| buckets.len() > 1 && n * 10 < largest)
+            .map(|(b, n)| format!("{b} ({n} image{})", plural(*n)))
+            .collect();
+        if !sparse.is_empty() {
+            self.warn(
+                None,
+                "uneven_buckets",
+                format!(
+                    "buckets are very uneven: {} hold under a tenth of the largest bucket's {largest} images, so they train in short batches; crop those images to the common shape or add more like them",
+                    sparse.join(", ")
+                ),
+            );
+        }
+    }
+
+    /// The terminal summary.
+    pub fn table(&self) -> String {
+        let c = &self.counts;
+        let mut out = String::new();
+        let _ = writeln!(out, "sdtune prepare  {}  (model {}, {} px, {} {})", self.data_dir, self.model, self.resolution, self.device, self.precision);
+        let row = |out: &mut String, name: &str, value: String| {
+            let _ = writeln!(out, "  {name:<22} {value}");
+        };
+        row(&mut out, "image files", c.files.to_string());
+        row(&mut out, "usable", c.usable.to_string());
+        row(&mut out, "skipped", c.skipped.to_string());
+        if c.duplicates > 0 {
+            row(&mut out, "duplicates (left out)", c.duplicates.to_string());
+        }
+        row(&mut out, "latents encoded now", c.encoded.to_string());
+        row(&mut out, "latents from cache", c.reused.to_string());
+        if c.removed > 0 {
+            row(&mut out, "stale latents dropped", c.removed.to_string());
+        }
+        if c.fp32_fallbacks > 0 {
+            row(&mut out, "re-encoded in fp32", c.fp32_fallbacks.to_string());
+        }
+        row(&mut out, "captions encoded now", format!("{} ({} from cache)", c.texts_encoded, c.texts_reused));
+        let k = &self.captions;
+        row(
+            &mut out,
+            "captions from",
+            format!("{} .txt, {} metadata.jsonl, {} template, {} trigger only, {} none", k.sidecar, k.metadata, k.template, k.trigger_only, k.none),
+        );
+        if !self.buckets.is_empty() {
+            let _ = writeln!(out, "\nbuckets (width×height  images)");
+            let most = self.buckets.iter().map(|b| b.images).max().unwrap_or(1).max(1);
+            for b in &self.buckets {
+                let bar = "#".repeat(((b.images * 30).div_ceil(most)).max(1));
+                let _ = writeln!(out, "  {:>11}  {:>5}  {bar}", format!("{}×{}", b.width, b.height), b.images);
+            }
+        }
+        if !self.skipped.is_empty() {
+            let _ = writeln!(out, "\nskipped ({})", self.skipped.len());
+            for s in &self.skipped {
+                let _ = writeln!(out, "  {} {}; {}", s.path, s.reason, s.fix);
+            }
+        }
+        if !self.warnings.is_empty() {
+            let _ = writeln!(out, "\nwarnings ({})", self.warnings.len());
+            for w in &self.warnings {
+                match &w.path {
+                    Some(p) => {
+                        let _ = writeln!(out, "  {p}: {}", w.message);
+                    }
+                    None => {
+                        let _ = writeln!(out, "  {}", w.message);
+                    }
+                }
+            }
+        }
+        if !self.ignored.is_empty() {
+            let _ = writeln!(out, "\nignored {} hidden or system file{} (listed in the report)", self.ignored.len(), plural(self.ignored.len()));
+        }
+        out
+    }
+}
+
+pub fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_wide_warnings() {
+        let mut r = Report::default();
+        r.counts.usable = 3;
+        let mut buckets = BTreeMap::new();
+        buckets.insert(Bucket { width: 64, height: 64 }, 30);
+        buckets.insert(Bucket { width: 48, height: 80 }, 1);
+        r.finish(&buckets);
+        let kinds: Vec<_> = r.warnings.iter().map(|w| w.kind.as_str()).collect();
+        assert_eq!(kinds, ["few_images", "uneven_buckets"]);
+        assert!(r.warnings[1].message.contains("48×80 (1 image)"));
+        let table = r.table();
+        assert!(table.contains("64×64"), "{table}");
+    }
+}

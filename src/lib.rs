@@ -1,0 +1,16 @@
+//! sdtune: fine-tune Stable Diffusion on a brand's own image set.
+//!
+//! Data flows one way: data -> cache -> train -> LoRA file -> sample.
+//! Models know nothing of datasets; schedulers know nothing of models.
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod data;
+pub mod fsutil;
+pub mod lora;
+pub mod models;
+pub mod progress;
+pub mod runtime;
+pub mod sample;
+pub mod schedulers;
+pub mod train;

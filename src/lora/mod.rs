@@ -1,0 +1,158 @@
+//! LoRA: low-rank adapters on a model's linear and 1x1-conv layers.
+//!
+//! It knows the model only through its [`LayerIndex`] (names, shapes,
+//! adapter slots) and nothing of the training loop.
+pub mod format;
+pub mod layer;
+pub mod network;
+pub mod targets;
+
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+use crate::models::layers::{LayerIndex, LayerShape};
+use layer::{weight_delta, LoraAdapter};
+
+/// Which model a LoRA module belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Component {
+    Unet,
+    TextEncoder,
+}
+
+impl Component {
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Unet => "UNet",
+            Component::TextEncoder => "text encoder",
+        }
+    }
+}
+
+/// One layer's low-rank pair, named by the layer's diffusers path.
+pub struct LoraModule {
+    pub component: Component,
+    /// e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q`.
+    pub layer: String,
+    /// [r, in] or [r, in, 1, 1].
+    pub down: Tensor,
+    /// [out, r] or [out, r, 1, 1].
+    pub up: Tensor,
+    pub alpha: f64,
+}
+
+impl LoraModule {
+    pub fn rank(&self) -> i64 {
+        self.down.size()[0]
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank() as f64
+    }
+}
+
+/// A LoRA as read from or written to a file.
+pub struct LoraWeights {
+    pub modules: Vec<LoraModule>,
+    pub metadata: std::collections::HashMap<String, String>,
+}
+
+impl LoraWeights {
+    pub fn rank(&self) -> Option<i64> {
+        self.modules.first().map(LoraModule::rank)
+    }
+
+    pub fn alpha(&self) -> Option<f64> {
+        self.modules.first().map(|m| m.alpha)
+    }
+}
+
+/// The model's layer indexes LoRA modules attach to.
+pub struct ModelLayers<'a> {
+    pub unet: &'a LayerIndex,
+    pub text_encoder: Option<&'a LayerIndex>,
+}
+
+impl ModelLayers<'_> {
+    fn index(&self, component: Component) -> Option<&LayerIndex> {
+        match component {
+            Component::Unet => Some(self.unet),
+            Component::TextEncoder => self.text_encoder,
+        }
+    }
+}
+
+/// Checks every module against its layer: it exists and the shapes fit.
+/// `source` names the file in errors.
+pub fn check_fits(weights: &LoraWeights, layers: &ModelLayers, source: &str) -> Result<()> {
+    for m in &weights.modules {
+        let Some(index) = layers.index(m.component) else {
+            bail!("{source} has a {} LoRA for {}, but the model has no {} to apply it to", m.component.name(), m.layer, m.component.name());
+        };
+        let Some(shape) = index.with(&m.layer, |e| e.shape) else {
+            bail!(
+                "{source}: LoRA module for {} layer {} matches no layer of this model; the LoRA was made for a different architecture",
+                m.component.name(),
+                m.layer
+            );
+        };
+        let (want_in, want_out) = match shape {
+            LayerShape::Linear { in_features, out_features } => (in_features, out_features),
+            LayerShape::Conv2d { in_channels, out_channels, kernel } => {
+                if kernel != 1 && m.down.dim() == 4 && m.down.size()[2] != 1 {
+                    bail!("{source}: LoRA module for {} is a {kernel}x{kernel} conv LoRA (LoCon), which sdtune does not apply yet", m.layer);
+                }
+                (in_channels, out_channels)
+            }
+        };
+        let got_in = m.down.size()[1];
+        let got_out = m.up.size()[0];
+        if got_in != want_in || got_out != want_out {
+            let hint = if m.layer.contains("attn2.to_k") || m.layer.contains("attn2.to_v") {
+                format!(
+                    "; it expects {got_in}-wide text features and this model has {want_in} (an SD2.x LoRA on an SD1.x model or the reverse)"
+                )
+            } else {
+                String::new()
+            };
+            bail!(
+                "{source}: LoRA module for {} maps {got_in} -> {got_out} features but the layer has {want_in} -> {want_out}; the LoRA was trained for a different base model{hint}",
+                m.layer
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Attaches every module as an adapter with `strength` (kept separate from
+/// the base weights, so it can be removed or re-weighted).
+pub fn attach(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: &str) -> Result<()> {
+    check_fits(weights, layers, source)?;
+    for m in &weights.modules {
+        let index = layers.index(m.component).expect("checked by check_fits");
+        index.with(&m.layer, |e| {
+            let down = m.down.to_device(e.weight.device());
+            let up = m.up.to_device(e.weight.device());
+            e.adapters.push(Box::new(LoraAdapter::new(&down, &up, m.scale() * strength, e.shape)));
+        });
+    }
+    Ok(())
+}
+
+/// Adds `strength * scale * up @ down` into the base weights (faster
+/// sampling; the base model is changed in memory only).
+pub fn fuse(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: &str) -> Result<()> {
+    check_fits(weights, layers, source)?;
+    tch::no_grad(|| {
+        for m in &weights.modules {
+            let index = layers.index(m.component).expect("checked by check_fits");
+            index.with(&m.layer, |e| {
+                let delta = weight_delta(&m.down, &m.up, m.scale() * strength, &e.weight.size());
+                let mut w = e.weight.shallow_clone();
+                let updated = w.to_kind(Kind::Float) + delta.to_device(w.device());
+                w.copy_(&updated.to_kind(w.kind()));
+            });
+        }
+    });
+    Ok(())
+}

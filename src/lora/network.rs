@@ -1,0 +1,113 @@
+//! A trainable LoRA: fp32 masters in their own VarStore, attached to the
+//! targeted layers of a frozen model.
+use anyhow::{bail, Result};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::layer::LoraAdapter;
+use super::targets::Targets;
+use super::{Component, LoraModule, LoraWeights};
+use crate::models::layers::{LayerIndex, LayerShape};
+
+/// How the down projection starts (the up projection always starts at zero,
+/// so a fresh LoRA leaves the model unchanged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DownInit {
+    /// Kaiming-uniform with a = sqrt(5), as peft and kohya do.
+    KaimingUniform,
+    /// N(0, 1/r), as peft's `init_lora_weights="gaussian"`.
+    Gaussian,
+}
+
+pub struct LoraNetwork {
+    /// Holds every trainable tensor, named `<kohya module>.lora_down.weight` etc.
+    pub vs: nn::VarStore,
+    pub modules: Vec<TrainedModule>,
+    pub rank: i64,
+    pub alpha: f64,
+}
+
+pub struct TrainedModule {
+    pub layer: String,
+    pub down: Tensor,
+    pub up: Tensor,
+}
+
+impl LoraNetwork {
+    /// Creates rank-`rank` pairs on every UNet layer `targets` selects and
+    /// attaches them. Uses the global torch generator (seed it first).
+    pub fn inject(
+        unet_layers: &LayerIndex,
+        targets: Targets,
+        rank: i64,
+        alpha: f64,
+        init: DownInit,
+        device: Device,
+    ) -> Result<Self> {
+        if rank < 1 {
+            bail!("--rank must be at least 1, got {rank}");
+        }
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let mut modules = Vec::new();
+        let mut failure = None;
+        unet_layers.for_each(|entry| {
+            if failure.is_some() || !targets.matches(&entry.name) {
+                return;
+            }
+            let (fan_in, out, conv) = match entry.shape {
+                LayerShape::Linear { in_features, out_features } => (in_features, out_features, false),
+                LayerShape::Conv2d { in_channels, out_channels, kernel: 1 } => (in_channels, out_channels, true),
+                LayerShape::Conv2d { kernel, .. } => {
+                    failure = Some(format!("{} is a {kernel}x{kernel} conv, which LoRA targets do not support", entry.name));
+                    return;
+                }
+            };
+            let path = root.sub(super::format::kohya_name(Component::Unet, &entry.name));
+            let (down_dims, up_dims) = if conv {
+                (vec![rank, fan_in, 1, 1], vec![out, rank, 1, 1])
+            } else {
+                (vec![rank, fan_in], vec![out, rank])
+            };
+            let down_init = match init {
+                // kaiming_uniform(a = sqrt(5)): bound = sqrt(6 / ((1 + a^2) fan_in)) = 1 / sqrt(fan_in).
+                DownInit::KaimingUniform => {
+                    let bound = 1.0 / (fan_in as f64).sqrt();
+                    nn::Init::Uniform { lo: -bound, up: bound }
+                }
+                DownInit::Gaussian => nn::Init::Randn { mean: 0.0, stdev: 1.0 / rank as f64 },
+            };
+            let down = path.sub("lora_down").var("weight", &down_dims, down_init);
+            let up = path.sub("lora_up").var("weight", &up_dims, nn::Init::Const(0.0));
+            entry.adapters.push(Box::new(LoraAdapter::new(&down, &up, alpha / rank as f64, entry.shape)));
+            modules.push(TrainedModule { layer: entry.name.clone(), down, up });
+        });
+        if let Some(msg) = failure {
+            bail!(msg);
+        }
+        if modules.is_empty() {
+            bail!("--targets {} selects no layer of this UNet", targets.name());
+        }
+        Ok(LoraNetwork { vs, modules, rank, alpha })
+    }
+
+    /// All trainable tensors, in a fixed order (the optimizer relies on it).
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.modules.iter().flat_map(|m| [m.down.shallow_clone(), m.up.shallow_clone()]).collect()
+    }
+
+    /// A detached fp32 CPU copy, ready to write to a file.
+    pub fn to_weights(&self) -> LoraWeights {
+        let modules = self
+            .modules
+            .iter()
+            .map(|m| LoraModule {
+                component: Component::Unet,
+                layer: m.layer.clone(),
+                down: m.down.detach().to_device(Device::Cpu).to_kind(Kind::Float),
+                up: m.up.detach().to_device(Device::Cpu).to_kind(Kind::Float),
+                alpha: self.alpha,
+            })
+            .collect();
+        LoraWeights { modules, metadata: Default::default() }
+    }
+}

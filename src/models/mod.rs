@@ -1,0 +1,11 @@
+//! Stable Diffusion's components in tch, each layer built by its diffusers
+//! weight name and sized from its `config.json`.
+pub mod clip;
+pub mod config;
+pub mod layers;
+pub mod load;
+pub mod stable_diffusion;
+pub mod tensor_file;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,131 @@
+//! Memory-mapped safetensors files: header parsed once, tensors read on
+//! demand straight from the mapping, every error naming the file.
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use safetensors::SafeTensors;
+use tch::{Kind, Tensor};
+
+pub struct TensorFile {
+    path: PathBuf,
+    mmap: Mmap,
+    header_len: usize,
+    metadata: Metadata,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the mapping is read-only; a file changed underneath us while
+        // loading gives wrong numbers, not memory unsafety on Linux.
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a readable safetensors file ({e}); it may be truncated or corrupt, download or convert it again",
+                path.display()
+            )
+        })?;
+        Ok(TensorFile { path: path.to_path_buf(), mmap, header_len, metadata })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.metadata.tensors().into_keys().collect();
+        names.sort();
+        names
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.metadata.info(name)
+    }
+
+    /// The `__metadata__` strings of the header.
+    pub fn string_metadata(&self) -> HashMap<String, String> {
+        self.metadata.metadata().clone().unwrap_or_default()
+    }
+
+    /// Reads tensor `name` in its stored dtype onto the CPU.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let info = self
+            .info(name)
+            .with_context(|| format!("{} has no tensor {name}", self.path.display()))?;
+        let kind = kind_of(info.dtype).with_context(|| {
+            format!("{}: tensor {name} has dtype {:?}, which sdtune cannot read", self.path.display(), info.dtype)
+        })?;
+        let start = 8 + self.header_len + info.data_offsets.0;
+        let end = 8 + self.header_len + info.data_offsets.1;
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        Tensor::f_from_data_size(&self.mmap[start..end], &shape, kind)
+            .with_context(|| format!("{}: cannot read tensor {name}", self.path.display()))
+    }
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// The safetensors dtype for a tch kind (for writing files).
+pub fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Bool => Dtype::BOOL,
+        other => bail!("cannot store tensors of kind {other:?} in safetensors"),
+    })
+}
+
+/// Writes named tensors (moved to CPU, contiguous) to `path` atomically,
+/// with `metadata` as the header's `__metadata__`.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut buffers = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        let dtype = dtype_of(t.kind()).with_context(|| format!("tensor {name}"))?;
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)
+            .with_context(|| format!("cannot copy tensor {name} to memory"))?;
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        buffers.push((name.clone(), dtype, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .with_context(|| format!("tensor {name} has inconsistent size"))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, metadata)
+        .with_context(|| format!("cannot serialize tensors for {}", path.display()))?;
+    crate::fsutil::write_atomic(path, &bytes)
+}

@@ -1,0 +1,175 @@
+//! AutoencoderKL, numerically diffusers' `AutoencoderKL` (the SD VAE).
+//!
+//! `encode` gives the latent Gaussian after `quant_conv`, `decode` applies
+//! `post_quant_conv` then the decoder. Neither applies `scaling_factor`:
+//! callers multiply by it after encoding and divide before decoding.
+mod blocks;
+mod decoder;
+mod encoder;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure, Result};
+use tch::{Device, Kind, Tensor};
+
+use self::decoder::Decoder;
+use self::encoder::Encoder;
+use super::config::VaeConfig;
+use super::layers::{Conv2d, ConvConfig, Vb};
+use super::load::{build_and_load_renamed, Built};
+
+/// The encoder's diagonal Gaussian over latents (unscaled).
+pub struct LatentDist {
+    pub mean: Tensor,
+    /// Clamped to [-30, 20] as diffusers' `DiagonalGaussianDistribution` does.
+    pub logvar: Tensor,
+}
+
+impl LatentDist {
+    pub fn std(&self) -> Tensor {
+        (&self.logvar * 0.5).exp()
+    }
+
+    /// `mean + std * noise`, `noise` a standard normal of the mean's shape.
+    pub fn sample_with(&self, noise: &Tensor) -> Tensor {
+        &self.mean + self.std() * noise
+    }
+}
+
+pub struct AutoencoderKL {
+    pub config: VaeConfig,
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Conv2d,
+    post_quant_conv: Conv2d,
+}
+
+impl AutoencoderKL {
+    pub fn new(vb: Vb, cfg: &VaeConfig) -> Result<Self> {
+        check(cfg)?;
+        let latent = cfg.latent_channels;
+        Ok(AutoencoderKL {
+            config: cfg.clone(),
+            encoder: Encoder::new(vb.pp("encoder"), cfg),
+            decoder: Decoder::new(vb.pp("decoder"), cfg),
+            quant_conv: vb.pp("quant_conv").conv2d(2 * latent, 2 * latent, 1, ConvConfig::same(1)),
+            post_quant_conv: vb.pp("post_quant_conv").conv2d(latent, latent, 1, ConvConfig::same(1)),
+        })
+    }
+
+    /// Builds the VAE and fills it from `files`, accepting both attention
+    /// namings (see [`vae_weight_name`]).
+    pub fn load(files: &[PathBuf], device: Device, kind: Kind, cfg: &VaeConfig) -> Result<Built<Self>> {
+        build_and_load_renamed(files, device, kind, &vae_weight_name, |vb| AutoencoderKL::new(vb, cfg))
+    }
+
+    /// Images in [-1, 1], [B, 3, H, W] -> latent distribution [B, C, H/f, W/f],
+    /// in the images' kind. Panics where [`Self::f_encode`] errs.
+    pub fn encode(&self, images: &Tensor) -> LatentDist {
+        self.f_encode(images).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    pub fn f_encode(&self, images: &Tensor) -> Result<LatentDist> {
+        self.check_input("images", images, self.config.in_channels, self.config.scale_factor())?;
+        let moments = self.quant_conv.forward(&self.encoder.forward(&images.to_kind(self.kind())));
+        let halves = moments.chunk(2, 1);
+        Ok(LatentDist {
+            mean: halves[0].to_kind(images.kind()),
+            logvar: halves[1].clamp(-30.0, 20.0).to_kind(images.kind()),
+        })
+    }
+
+    /// Unscaled latents -> images in about [-1, 1], in the latents' kind.
+    /// Panics where [`Self::f_decode`] errs.
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        self.f_decode(latents).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    pub fn f_decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.check_input("latents", latents, self.config.latent_channels, 1)?;
+        let z = self.post_quant_conv.forward(&latents.to_kind(self.kind()));
+        Ok(self.decoder.forward(&z).to_kind(latents.kind()))
+    }
+
+    /// The kind the weights are stored in (inputs are cast to it).
+    fn kind(&self) -> Kind {
+        self.post_quant_conv.weight.kind()
+    }
+
+    fn check_input(&self, what: &str, x: &Tensor, channels: i64, multiple: i64) -> Result<()> {
+        let size = x.size();
+        ensure!(
+            size.len() == 4 && size[1] == channels,
+            "VAE {what} must be [batch, {channels}, height, width], got {size:?}"
+        );
+        ensure!(
+            size[2] % multiple == 0 && size[3] % multiple == 0,
+            "VAE {what} of {}x{} pixels: height and width must be multiples of {multiple}",
+            size[3],
+            size[2]
+        );
+        Ok(())
+    }
+}
+
+/// Rejects configs this VAE code does not build, in words.
+fn check(cfg: &VaeConfig) -> Result<()> {
+    let blocks = cfg.block_out_channels.len();
+    ensure!(blocks > 0, "VAE block_out_channels is empty");
+    if cfg.act_fn != "silu" {
+        bail!("VAE act_fn {:?} is not supported; SD VAEs use \"silu\"", cfg.act_fn);
+    }
+    for &c in &cfg.block_out_channels {
+        ensure!(
+            cfg.norm_num_groups > 0 && c % cfg.norm_num_groups == 0,
+            "VAE block channels {c} are not divisible by norm_num_groups {}",
+            cfg.norm_num_groups
+        );
+    }
+    check_block_types("down_block_types", &cfg.down_block_types, "DownEncoderBlock2D", blocks)?;
+    check_block_types("up_block_types", &cfg.up_block_types, "UpDecoderBlock2D", blocks)
+}
+
+/// Block types may be absent (older configs); when given they must be the
+/// plain ones, one per entry of `block_out_channels`.
+fn check_block_types(field: &str, types: &[String], expected: &str, blocks: usize) -> Result<()> {
+    if types.is_empty() {
+        return Ok(());
+    }
+    ensure!(
+        types.len() == blocks,
+        "VAE {field} has {} entries but block_out_channels has {blocks}",
+        types.len()
+    );
+    if let Some(other) = types.iter().find(|t| *t != expected) {
+        bail!("VAE {field} entry {other:?} is not supported; only {expected} is");
+    }
+    Ok(())
+}
+
+/// The diffusers name of a legacy VAE attention tensor, `None` for any other
+/// name. Older diffusers VAEs name the mid-block attention `query`, `key`,
+/// `value`, `proj_attn`; current ones `to_q`, `to_k`, `to_v`, `to_out.0`
+/// (diffusers converts them the same way on load).
+///
+/// `encoder.mid_block.attentions.0.proj_attn.weight` ->
+/// `encoder.mid_block.attentions.0.to_out.0.weight`
+pub fn legacy_vae_name(name: &str) -> Option<String> {
+    let (owner, rest) = name.split_once(".mid_block.attentions.")?;
+    let (index, rest) = rest.split_once('.')?;
+    let (layer, param) = rest.split_once('.')?;
+    let new_layer = match layer {
+        "query" => "to_q",
+        "key" => "to_k",
+        "value" => "to_v",
+        "proj_attn" => "to_out.0",
+        _ => return None,
+    };
+    Some(format!("{owner}.mid_block.attentions.{index}.{new_layer}.{param}"))
+}
+
+/// The rename [`crate::models::load::load_var_store`] needs for a diffusers
+/// VAE file of either naming: legacy attention names mapped, the rest kept.
+pub fn vae_weight_name(name: &str) -> Option<String> {
+    Some(legacy_vae_name(name).unwrap_or_else(|| name.to_string()))
+}

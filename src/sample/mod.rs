@@ -1,0 +1,3 @@
+//! Rendering images: the sampling pipeline and image output.
+pub mod image_out;
+pub mod pipeline;

@@ -1,0 +1,7 @@
+//! LoRA training: optimizer, schedules, precision policy, checkpoints, loop.
+pub mod lr;
+pub mod optimizer;
+pub mod precision;
+pub mod checkpoint;
+pub mod data;
+pub mod trainer;
