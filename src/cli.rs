@@ -40,6 +40,7 @@ Examples:
   sdtune sample --model ./stable-diffusion-v1-5 --prompt \"a red car by the sea\" --seed 42 --out car.png
   sdtune sample --model ./sd21 --prompt \"product shot, white background\" \\
       --negative-prompt \"blurry\" --steps 30 --guidance 7.5 --width 768 --height 768
+  sdtune sample --model ./sd15 --prompt \"acme mug on a desk\" --lora output/acme/acme.safetensors:0.8
 
 The same model, prompt, seed, scheduler and steps give the same image as
 diffusers' StableDiffusionPipeline with torch.Generator(\"cpu\").manual_seed(seed).";
@@ -145,6 +146,13 @@ pub struct SampleArgs {
     /// Skip this many final text-encoder layers (A1111's "clip skip" minus one).
     #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
+    /// A LoRA to apply, with an optional strength (default 1); repeat to
+    /// stack several. kohya (A1111/ComfyUI) and diffusers/PEFT files load.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<String>,
+    /// Fuse the LoRAs into the weights (faster; same image up to rounding).
+    #[arg(long)]
+    pub fuse: bool,
     /// Where to write the PNG.
     #[arg(long, value_name = "FILE.png", default_value = "sample.png")]
     pub out: PathBuf,

@@ -14,6 +14,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let scheduler = SchedulerKind::parse(&args.scheduler)?;
     let placement = Placement { device, kind: precision.kind(), vae_kind: precision.kind() };
     let model = StableDiffusion::from_diffusers_folder(&args.model, placement, None)?;
+    let layers = crate::lora::ModelLayers { unet: &model.unet.layers, text_encoder: Some(&model.text_encoder.layers) };
+    crate::lora::apply_specs(&args.loras, &layers, args.fuse)?;
     let native = model.unet_config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
     let req = SampleRequest {
         prompt: args.prompt,

@@ -156,3 +156,34 @@ pub fn fuse(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: 
     });
     Ok(())
 }
+
+/// `FILE[:SCALE]` as `--lora` takes it: the scale after the last colon, 1 if absent.
+pub fn parse_spec(spec: &str) -> Result<(std::path::PathBuf, f64)> {
+    if let Some((file, scale)) = spec.rsplit_once(':') {
+        if let Ok(scale) = scale.parse::<f64>() {
+            if !scale.is_finite() {
+                bail!("--lora {spec}: the scale must be a finite number");
+            }
+            return Ok((file.into(), scale));
+        }
+    }
+    Ok((spec.into(), 1.0))
+}
+
+/// Reads each `FILE[:SCALE]` and attaches it (or fuses it into the weights).
+pub fn apply_specs(specs: &[String], layers: &ModelLayers, fuse_into_weights: bool) -> Result<()> {
+    for spec in specs {
+        let (path, scale) = parse_spec(spec)?;
+        let source = path.display().to_string();
+        if !path.is_file() {
+            bail!("--lora {source} does not exist; give the path of a .safetensors LoRA file");
+        }
+        let weights = format::read(&path, layers)?;
+        if fuse_into_weights {
+            fuse(&weights, layers, scale, &source)?;
+        } else {
+            attach(&weights, layers, scale, &source)?;
+        }
+    }
+    Ok(())
+}

@@ -122,6 +122,30 @@ pub struct UNetConfig {
     pub time_embedding_type: Option<String>,
     #[serde(default)]
     pub mid_block_only_cross_attention: Option<bool>,
+    /// Options SD1/SD2 leave at their defaults; read so that a model which
+    /// changes them is refused instead of silently computed wrong.
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default)]
+    pub mid_block_scale_factor: Option<f64>,
+    #[serde(default)]
+    pub time_embedding_dim: Option<i64>,
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<i64>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<i64>,
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+    #[serde(default)]
+    pub resnet_skip_time_act: bool,
+    #[serde(default)]
+    pub resnet_out_scale_factor: Option<f64>,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
 }
 
 impl UNetConfig {
@@ -138,6 +162,22 @@ impl UNetConfig {
         }
         if self.dual_cross_attention {
             bail!("dual cross-attention is not supported");
+        }
+        let unsupported = [
+            ("center_input_sample", self.center_input_sample),
+            ("mid_block_scale_factor", self.mid_block_scale_factor.is_some_and(|v| v != 1.0)),
+            ("time_embedding_dim", self.time_embedding_dim.is_some()),
+            ("time_embedding_act_fn", self.time_embedding_act_fn.is_some()),
+            ("timestep_post_act", self.timestep_post_act.is_some()),
+            ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
+            ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
+            ("cross_attention_norm", self.cross_attention_norm.is_some()),
+            ("resnet_skip_time_act", self.resnet_skip_time_act),
+            ("resnet_out_scale_factor", self.resnet_out_scale_factor.is_some_and(|v| v != 1.0)),
+            ("reverse_transformer_layers_per_block", self.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null())),
+        ];
+        if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
+            bail!("{key} is set to a non-default value, which this UNet code does not implement");
         }
         if self.resnet_time_scale_shift != "default" {
             bail!("resnet_time_scale_shift {:?} is not supported", self.resnet_time_scale_shift);
@@ -368,6 +408,9 @@ pub struct SchedulerConfig {
     pub clip_sample: Option<bool>,
     #[serde(default)]
     pub rescale_betas_zero_snr: bool,
+    /// PNDM only: skip the Runge-Kutta warm-up (SD1.x's own PNDM config sets it).
+    #[serde(default)]
+    pub skip_prk_steps: bool,
 }
 
 impl SchedulerConfig {

@@ -76,10 +76,7 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2mKarras => Box::new(dpm_solver::DpmSolverMultistep::new(cfg, steps, true)?),
             SchedulerKind::Heun => Box::new(heun::Heun::new(cfg, steps)?),
             SchedulerKind::Lms => Box::new(lms::Lms::new(cfg, steps)?),
-            // SchedulerConfig does not read skip_prk_steps yet: PNDMScheduler's default
-            // (false) is right for DDIM-style configs (SD2.x, our fixtures), not for
-            // SD1.x's own PNDM config, which sets it.
-            SchedulerKind::Pndm => Box::new(pndm::Pndm::new(cfg, steps, false)?),
+            SchedulerKind::Pndm => Box::new(pndm::Pndm::new(cfg, steps, cfg.skip_prk_steps)?),
         })
     }
 }

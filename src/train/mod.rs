@@ -5,3 +5,6 @@ pub mod precision;
 pub mod checkpoint;
 pub mod data;
 pub mod trainer;
+pub mod metadata;
+pub mod run;
+pub mod config;

@@ -1,0 +1,100 @@
+//! The header metadata A1111, ComfyUI and kohya tools read from a LoRA:
+//! kohya's `ss_*` training settings and the `modelspec.*` keys.
+use std::collections::HashMap;
+
+use crate::models::config::{Prediction, UNetConfig};
+
+/// kohya's `ss_base_model_version`: sd_v1, sd_v2 or sd_v2_v.
+pub fn base_model_version(unet: &UNetConfig, prediction: Prediction) -> &'static str {
+    let width = unet.cross_attention_dims().first().copied().unwrap_or(768);
+    match (width >= 1024, prediction) {
+        (false, _) => "sd_v1",
+        (true, Prediction::V) => "sd_v2_v",
+        (true, _) => "sd_v2",
+    }
+}
+
+/// modelspec's architecture id for that base.
+pub fn modelspec_architecture(version: &str) -> &'static str {
+    match version {
+        "sd_v2_v" => "stable-diffusion-v2-768-v/lora",
+        "sd_v2" => "stable-diffusion-v2-512/lora",
+        _ => "stable-diffusion-v1/lora",
+    }
+}
+
+/// What a finished or in-progress run records in its LoRA files.
+pub struct RunFacts<'a> {
+    pub name: &'a str,
+    pub unet: &'a UNetConfig,
+    pub prediction: Prediction,
+    pub rank: i64,
+    pub alpha: f64,
+    pub steps: u64,
+    pub total_steps: u64,
+    pub lr: f64,
+    pub lr_schedule: &'a str,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub resolution: u32,
+    pub seed: u64,
+    pub precision: &'a str,
+    pub targets: &'a str,
+    pub num_images: usize,
+    pub noise_offset: f64,
+    pub min_snr_gamma: Option<f64>,
+    pub base_model: &'a str,
+}
+
+pub fn lora_metadata(f: &RunFacts) -> HashMap<String, String> {
+    let version = base_model_version(f.unet, f.prediction);
+    let mut m = HashMap::new();
+    let mut put = |k: &str, v: String| {
+        m.insert(k.to_string(), v);
+    };
+    put("ss_network_module", "networks.lora".into());
+    put("ss_network_dim", f.rank.to_string());
+    put("ss_network_alpha", trim_float(f.alpha));
+    put("ss_base_model_version", version.into());
+    put("ss_v2", (version != "sd_v1").to_string());
+    put("ss_output_name", f.name.into());
+    put("ss_steps", f.steps.to_string());
+    put("ss_max_train_steps", f.total_steps.to_string());
+    put("ss_learning_rate", f.lr.to_string());
+    put("ss_unet_lr", f.lr.to_string());
+    put("ss_text_encoder_lr", "0".into());
+    put("ss_network_train_unet_only", "true".into());
+    put("ss_lr_scheduler", f.lr_schedule.into());
+    put("ss_batch_size_per_device", f.batch_size.to_string());
+    put("ss_gradient_accumulation_steps", f.grad_accum.to_string());
+    put("ss_resolution", format!("({}, {})", f.resolution, f.resolution));
+    put("ss_seed", f.seed.to_string());
+    put("ss_mixed_precision", f.precision.into());
+    put("ss_num_train_images", f.num_images.to_string());
+    put("ss_noise_offset", f.noise_offset.to_string());
+    put("ss_min_snr_gamma", f.min_snr_gamma.map_or("None".into(), |g| g.to_string()));
+    put("ss_sd_model_name", f.base_model.into());
+    put("ss_network_args", serde_json::json!({ "targets": f.targets }).to_string());
+    put("ss_training_comment", "trained with sdtune".into());
+    put("modelspec.sai_model_spec", "1.0.0".into());
+    put("modelspec.architecture", modelspec_architecture(version).into());
+    put("modelspec.implementation", "diffusers".into());
+    put("modelspec.title", f.name.into());
+    put("modelspec.resolution", format!("{}x{}", f.resolution, f.resolution));
+    put(
+        "modelspec.prediction_type",
+        match f.prediction {
+            Prediction::V => "v".into(),
+            _ => "epsilon".into(),
+        },
+    );
+    m
+}
+
+fn trim_float(v: f64) -> String {
+    if v.fract() == 0.0 {
+        format!("{v:.1}")
+    } else {
+        v.to_string()
+    }
+}

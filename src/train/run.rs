@@ -1,0 +1,284 @@
+//! A whole training run: LoRA injected, resume, the step loop, periodic
+//! saves and sample grids, metrics, Ctrl-C, and the final file.
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use super::checkpoint::{self, Identity};
+use super::data::TrainingData;
+use super::metadata::{lora_metadata, RunFacts};
+use super::optimizer::{AdamW, AdamWConfig};
+use super::precision::LossScaler;
+use super::trainer::{StepOutcome, StepSettings, Trainer};
+use crate::lora::format::{self, LoraFormat};
+use crate::lora::network::{DownInit, LoraNetwork};
+use crate::lora::targets::Targets;
+use crate::models::stable_diffusion::StableDiffusion;
+use crate::runtime::Precision;
+use crate::sample::grid;
+use crate::sample::image_out::{save_png, to_rgb8};
+use crate::sample::pipeline::{text_to_image, SampleRequest};
+use crate::schedulers::{NoiseSchedule, SchedulerKind};
+
+/// The fixed prompts x seeds rendered while training.
+#[derive(Clone, Debug)]
+pub struct GridPlan {
+    pub prompts: Vec<String>,
+    pub seeds: Vec<u64>,
+    pub negative_prompt: Option<String>,
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: i64,
+    pub height: i64,
+    pub scheduler: SchedulerKind,
+}
+
+/// Everything a run needs beyond the model and the data.
+#[derive(Clone, Debug)]
+pub struct RunPlan {
+    pub name: String,
+    /// `output/<name>`.
+    pub dir: PathBuf,
+    pub rank: i64,
+    pub alpha: f64,
+    pub targets: Targets,
+    pub step: StepSettings,
+    pub precision: Precision,
+    pub save_every: u64,
+    pub sample_every: u64,
+    pub keep_last: usize,
+    pub format: LoraFormat,
+    pub resume: bool,
+    pub grid: GridPlan,
+    pub resolution: u32,
+    pub num_images: usize,
+    pub base_model: String,
+}
+
+/// Progress the command shows.
+pub enum Event {
+    Started { from: u64, total: u64 },
+    Step { step: u64, outcome: StepOutcome, smoothed_loss: f64, steps_per_s: f64 },
+    Saved(PathBuf),
+    Grid(PathBuf),
+    Warning(String),
+}
+
+/// How the run ended.
+pub struct Finished {
+    pub steps_done: u64,
+    pub final_lora: Option<PathBuf>,
+    pub interrupted: bool,
+}
+
+impl RunPlan {
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn final_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.safetensors", self.name))
+    }
+
+    fn identity(&self) -> Identity {
+        Identity(vec![
+            ("rank".into(), self.rank.to_string()),
+            ("alpha".into(), self.alpha.to_string()),
+            ("targets".into(), self.targets.name().into()),
+            ("seed".into(), self.step.seed.to_string()),
+            ("batch_size".into(), self.step.batch_size.to_string()),
+            ("grad_accum".into(), self.step.grad_accum.to_string()),
+        ])
+    }
+}
+
+pub fn run(
+    model: &StableDiffusion,
+    data: &dyn TrainingData,
+    plan: &RunPlan,
+    stop: &AtomicBool,
+    events: &mut dyn FnMut(Event),
+) -> Result<Finished> {
+    let device = model.device();
+    tch::manual_seed(plan.step.seed as i64);
+    let lora = LoraNetwork::inject(&model.unet.layers, plan.targets, plan.rank, plan.alpha, DownInit::KaimingUniform, device)?;
+    let mut optimizer = AdamW::new(lora.parameters(), AdamWConfig::default());
+    let mut scaler = if plan.precision == Precision::Fp16 { LossScaler::fp16() } else { LossScaler::disabled() };
+    let mut start = 0;
+    if plan.resume {
+        let Some(path) = checkpoint::latest(&plan.state_dir())? else {
+            bail!("--resume found no saved state in {}; train without --resume to start a new run", plan.state_dir().display());
+        };
+        let saved = checkpoint::load(&path, &lora, &mut optimizer, &plan.identity())?;
+        start = saved.step;
+        scaler = saved.scaler;
+        events(Event::Warning(format!("resuming from {} (step {start})", path.display())));
+    }
+    let total = plan.step.total_steps;
+    let mut metrics = Metrics::open(&plan.dir.join("metrics.jsonl"), start)?;
+    if start == 0 && plan.sample_every > 0 {
+        events(Event::Grid(render_grid(model, plan, 0)?));
+    }
+    let schedule = NoiseSchedule::from_config(&model.scheduler)?;
+    let mut trainer = Trainer::new(&model.unet.model, &schedule, data, optimizer, scaler, plan.step.clone(), device)?;
+    events(Event::Started { from: start, total });
+
+    let began = Instant::now();
+    let mut smoothed = f64::NAN;
+    let mut last_save: Option<PathBuf> = None;
+    let mut step = start;
+    while step < total {
+        if stop.load(Ordering::SeqCst) {
+            let saved = save(model, &lora, &trainer, plan, step)?;
+            events(Event::Saved(saved));
+            return Ok(Finished { steps_done: step, final_lora: None, interrupted: true });
+        }
+        let outcome = trainer.step(step)?;
+        if !outcome.loss.is_finite() && plan.precision != Precision::Fp16 {
+            let kept = last_save.as_ref().map_or("no save was made yet".to_string(), |p| format!("the last good save is {}", p.display()));
+            bail!(
+                "the loss became {} at step {}; training stopped and nothing after the last save was written ({kept}); lower --lr or use --precision fp32",
+                outcome.loss,
+                step + 1
+            );
+        }
+        step += 1;
+        if outcome.loss.is_finite() {
+            smoothed = if smoothed.is_nan() { outcome.loss } else { 0.9 * smoothed + 0.1 * outcome.loss };
+        }
+        let rate = (step - start) as f64 / began.elapsed().as_secs_f64().max(1e-9);
+        metrics.record(step, &outcome, began.elapsed().as_secs_f64())?;
+        events(Event::Step { step, outcome, smoothed_loss: smoothed, steps_per_s: rate });
+        if plan.save_every > 0 && step % plan.save_every == 0 && step < total {
+            let saved = save(model, &lora, &trainer, plan, step)?;
+            events(Event::Saved(saved.clone()));
+            last_save = Some(saved);
+        }
+        if plan.sample_every > 0 && step % plan.sample_every == 0 {
+            events(Event::Grid(render_grid(model, plan, step)?));
+        }
+    }
+    save(model, &lora, &trainer, plan, total)?;
+    let final_path = plan.final_path();
+    write_lora(model, &lora, plan, total, &final_path)?;
+    events(Event::Saved(final_path.clone()));
+    Ok(Finished { steps_done: total, final_lora: Some(final_path), interrupted: false })
+}
+
+/// The periodic LoRA file plus the resumable state after `step` steps.
+fn save(model: &StableDiffusion, lora: &LoraNetwork, trainer: &Trainer, plan: &RunPlan, step: u64) -> Result<PathBuf> {
+    let path = plan.dir.join("lora").join(format!("step-{step:06}.safetensors"));
+    write_lora(model, lora, plan, step, &path)?;
+    checkpoint::save(&plan.state_dir(), step, lora, &trainer.optimizer, &trainer.scaler, &plan.identity(), plan.keep_last)?;
+    Ok(path)
+}
+
+fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step: u64, path: &Path) -> Result<()> {
+    let weights = lora.to_weights();
+    for m in &weights.modules {
+        let finite = m.down.isfinite().all().int64_value(&[]) == 1 && m.up.isfinite().all().int64_value(&[]) == 1;
+        if !finite {
+            bail!("LoRA module {} holds NaN or infinite values at step {step}; it was not saved", m.layer);
+        }
+    }
+    let facts = RunFacts {
+        name: &plan.name,
+        unet: &model.unet_config,
+        prediction: model.scheduler.prediction()?,
+        rank: plan.rank,
+        alpha: plan.alpha,
+        steps: step,
+        total_steps: plan.step.total_steps,
+        lr: plan.step.lr,
+        lr_schedule: match plan.step.lr_schedule {
+            super::lr::LrSchedule::Constant => "constant",
+            super::lr::LrSchedule::ConstantWithWarmup { .. } => "constant_with_warmup",
+            super::lr::LrSchedule::Cosine { .. } => "cosine",
+        },
+        batch_size: plan.step.batch_size,
+        grad_accum: plan.step.grad_accum,
+        resolution: plan.resolution,
+        seed: plan.step.seed,
+        precision: plan.precision.name(),
+        targets: plan.targets.name(),
+        num_images: plan.num_images,
+        noise_offset: plan.step.noise_offset,
+        min_snr_gamma: plan.step.min_snr_gamma,
+        base_model: &plan.base_model,
+    };
+    format::write(path, &weights, plan.format, lora_metadata(&facts))
+}
+
+/// Renders the fixed prompts x seeds with the LoRA as it is now.
+pub fn render_grid(model: &StableDiffusion, plan: &RunPlan, step: u64) -> Result<PathBuf> {
+    let g = &plan.grid;
+    let mut rows = Vec::with_capacity(g.prompts.len());
+    for prompt in &g.prompts {
+        let mut row = Vec::with_capacity(g.seeds.len());
+        for &seed in &g.seeds {
+            let req = SampleRequest {
+                prompt: prompt.clone(),
+                negative_prompt: g.negative_prompt.clone(),
+                seed,
+                steps: g.steps,
+                guidance: g.guidance,
+                width: g.width,
+                height: g.height,
+                scheduler: g.scheduler,
+                clip_skip: 0,
+            };
+            let decoded = text_to_image(model, &req, &mut |_| {}, &mut |_, _| {})?;
+            row.extend(to_rgb8(&decoded)?);
+        }
+        rows.push(row);
+    }
+    let col_labels: Vec<String> = g.seeds.iter().map(|s| format!("seed {s}")).collect();
+    let row_labels: Vec<String> = g.prompts.iter().map(|p| format!("step {step}: {p}")).collect();
+    let image = grid::compose(&rows, &row_labels, &col_labels);
+    let path = plan.dir.join("samples").join(format!("step-{step:06}.png"));
+    save_png(&image, &path)?;
+    Ok(path)
+}
+
+/// `metrics.jsonl`: one line per step. On resume, lines past the resumed
+/// step (written after the last save by the run that died) are dropped.
+struct Metrics {
+    file: std::fs::File,
+}
+
+impl Metrics {
+    fn open(path: &Path, keep_through: u64) -> Result<Self> {
+        let kept: String = match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<HashMap<String, serde_json::Value>>(l)
+                        .ok()
+                        .and_then(|m| m.get("step").and_then(|s| s.as_u64()))
+                        .is_some_and(|s| s <= keep_through)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            Err(_) => String::new(),
+        };
+        crate::fsutil::write_atomic(path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {} for appending", path.display()))?;
+        Ok(Metrics { file })
+    }
+
+    fn record(&mut self, step: u64, o: &StepOutcome, seconds: f64) -> Result<()> {
+        let num = |v: f64| if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null };
+        let line = serde_json::json!({
+            "step": step, "loss": num(o.loss), "lr": o.lr, "grad_norm": num(o.grad_norm),
+            "loss_scale": o.loss_scale, "skipped": o.skipped, "seconds": seconds,
+        });
+        writeln!(self.file, "{line}").context("cannot append to metrics.jsonl")
+    }
+}
