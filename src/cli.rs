@@ -17,7 +17,7 @@ The job in three commands:
 Check the set-up with `sdtune doctor`.";
 
 #[derive(Parser, Debug)]
-#[command(name = "sdtune", version, about = ABOUT, after_help = AFTER_HELP)]
+#[command(name = "sdtune", version, about = ABOUT, after_help = AFTER_HELP, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -28,11 +28,36 @@ pub enum Command {
     /// Check an image folder, caption and bucket it, and cache its VAE latents.
     #[command(after_help = PREPARE_EXAMPLES)]
     Prepare(PrepareArgs),
-    /// Render an image from a prompt with a fixed seed.
+    /// Train a LoRA on the prepared images (reads ./sdtune.yaml; every key has a flag).
+    #[command(after_help = TRAIN_EXAMPLES)]
+    Train(TrainArgs),
+    /// Render fixed-seed images and labelled grids; judge them against the brand set.
     #[command(after_help = SAMPLE_EXAMPLES)]
     Sample(SampleArgs),
     /// Print libtorch's version, CUDA availability and bf16 support.
     Doctor,
+    /// Describe a model or LoRA: format, architecture, dtypes, parameters, prediction type.
+    #[command(after_help = INFO_EXAMPLES)]
+    Info(InfoArgs),
+}
+
+const INFO_EXAMPLES: &str = "\
+Examples:
+  sdtune info ./v1-5-pruned-emaonly.safetensors     single-file checkpoint (A1111/civitai)
+  sdtune info ./stable-diffusion-2-1                diffusers folder
+  sdtune info stabilityai/stable-diffusion-2-1      Hub id, from the local Hugging Face cache
+  sdtune info output/brand/brand.safetensors        LoRA: format, rank, alpha, layers, base, metadata
+
+Reads only file headers and configs: nothing is loaded, pickles are never opened.";
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// A model (diffusers folder, single-file .safetensors, Hub id org/name) or a LoRA file.
+    #[arg(value_name = "PATH|ID")]
+    pub target: String,
+    /// What the UNet predicts, if you know better than the file (as for sample).
+    #[arg(long, value_name = "epsilon|v")]
+    pub prediction_type: Option<String>,
 }
 
 const SAMPLE_EXAMPLES: &str = "\
@@ -41,9 +66,19 @@ Examples:
   sdtune sample --model ./sd21 --prompt \"product shot, white background\" \\
       --negative-prompt \"blurry\" --steps 30 --guidance 7.5 --width 768 --height 768
   sdtune sample --model ./sd15 --prompt \"acme mug on a desk\" --lora output/acme/acme.safetensors:0.8
+  sdtune sample --model ./sd15 --prompt \"acme mug\" --prompt \"acme tote bag\" --seeds 1,2,3,4 --out grid.png
+  sdtune sample --model ./sd15 --prompts prompts.txt --seed 1 --count 4 --lora acme.safetensors --compare 0.5,1
+  sdtune sample                     (in a training folder: sdtune.yaml's prompts x seeds with the run's LoRA)
+  sdtune sample --from grid-p1-s2.png  (render an image again from the settings in its PNG)
 
 The same model, prompt, seed, scheduler and steps give the same image as
-diffusers' StableDiffusionPipeline with torch.Generator(\"cpu\").manual_seed(seed).";
+diffusers' StableDiffusionPipeline with torch.Generator(\"cpu\").manual_seed(seed);
+noise is drawn on the CPU, so a seed gives the same image on CUDA up to precision.
+A grid (several prompts or seeds) is written to --out with each image beside it
+as <stem>-p<row>-s<seed>.png; every PNG carries its settings (A1111's
+`parameters` text plus sdtune's own), which `--from` reads back. With a brand
+set (--brand DIR, or the images `sdtune prepare` cached here) the palette
+distance of each image to it is printed and written to <stem>.consistency.json.";
 
 const PREPARE_EXAMPLES: &str = "\
 Examples:
@@ -116,24 +151,47 @@ pub struct PrepareArgs {
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// A diffusers model folder (holding model_index.json).
-    #[arg(long, value_name = "DIR")]
-    pub model: PathBuf,
-    /// What to render.
-    #[arg(long)]
-    pub prompt: String,
+    /// The model: a diffusers folder (holding model_index.json), a single-file
+    /// .safetensors checkpoint (A1111/civitai, SD1.x or SD2.x), or a Hugging Face
+    /// id (org/name) found in the local Hugging Face cache. Pickles (.ckpt, .pt,
+    /// .bin) are refused. A single file reads configs from a folder or NAME.yaml
+    /// named like it, when present.
+    /// [default: sdtune.yaml's model, or the one the --from image was made with]
+    #[arg(long, value_name = "DIR|FILE|ID")]
+    pub model: Option<PathBuf>,
+    /// Weight variant of a diffusers folder or Hub id, e.g. fp16 (*.fp16.safetensors).
+    #[arg(long, value_name = "NAME")]
+    pub variant: Option<String>,
+    /// What the UNet predicts: epsilon or v [default: the model's config; for a
+    /// single file without one, epsilon for SD1 and v for SD2, with a warning].
+    #[arg(long, value_name = "epsilon|v")]
+    pub prediction_type: Option<String>,
+    /// What to render; repeat for more grid rows. Without any prompt, sdtune.yaml's
+    /// sample prompts and seeds are rendered with the run's trained LoRA.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Vec<String>,
+    /// A text file of prompts, one a line (blank lines and # comments skipped).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
     /// What to steer away from (used when --guidance > 1).
     #[arg(long, value_name = "TEXT")]
     pub negative_prompt: Option<String>,
     /// Seed of the initial noise; the same seed gives the same image.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = 42, conflicts_with = "seeds")]
     pub seed: u64,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    /// Classifier-free guidance scale; 1 turns guidance off.
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
+    /// Grid columns: --count seeds from --seed on (--seed 1 --count 4: seeds 1,2,3,4).
+    #[arg(long, default_value_t = 1, value_name = "N", conflicts_with = "seeds")]
+    pub count: usize,
+    /// Grid columns: these seeds, e.g. 1,2,3,4.
+    #[arg(long, value_name = "S,S,...", value_delimiter = ',')]
+    pub seeds: Vec<u64>,
+    /// Denoising steps [default: 30; sdtune.yaml's sample_steps for the run's grid].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale; 1 turns guidance off (no unconditional pass)
+    /// [default: 7.5; sdtune.yaml's sample_guidance for the run's grid].
+    #[arg(long)]
+    pub guidance: Option<f64>,
     /// Image width in pixels [default: the model's native size].
     #[arg(long)]
     pub width: Option<i64>,
@@ -153,9 +211,29 @@ pub struct SampleArgs {
     /// Fuse the LoRAs into the weights (faster; same image up to rounding).
     #[arg(long)]
     pub fuse: bool,
-    /// Where to write the PNG.
-    #[arg(long, value_name = "FILE.png", default_value = "sample.png")]
-    pub out: PathBuf,
+    /// Lay the base model beside the LoRAs in each grid cell: alone, beside the
+    /// strengths given; with values, beside those multiples of them (0.5,1).
+    #[arg(long, value_name = "M,M,...", num_args = 0.., value_delimiter = ',')]
+    pub compare: Option<Vec<f64>>,
+    /// Render the image (or grid) a PNG written by sdtune again, from the settings
+    /// it carries (A1111 PNGs too, with --model); --model and --lora replace the recorded ones.
+    #[arg(long, value_name = "IMAGE.png", conflicts_with_all = [
+        "prompt", "prompts", "negative_prompt", "seed", "count", "seeds", "steps", "guidance",
+        "width", "height", "scheduler", "clip_skip", "compare", "precision", "fuse",
+    ])]
+    pub from: Option<PathBuf>,
+    /// Folder of brand images for the consistency figures [default: the images
+    /// `sdtune prepare` cached in this folder, for grids].
+    #[arg(long, value_name = "DIR")]
+    pub brand: Option<PathBuf>,
+    /// Images per UNet batch (more is faster until memory runs out).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub batch_size: usize,
+    /// Where to write the PNG; for a grid, the grid (its images go beside it)
+    /// [default: sample.png; output/<name>/samples/final.png for the run's grid;
+    /// IMAGE-again.png with --from].
+    #[arg(long, value_name = "FILE.png")]
+    pub out: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -164,14 +242,105 @@ pub struct SampleArgs {
     pub precision: String,
 }
 
+const TRAIN_EXAMPLES: &str = "\
+Examples:
+  sdtune train                                  # settings from ./sdtune.yaml
+  sdtune train --steps 2000 --rank 32 --lr 1e-4 --precision bf16
+  sdtune train --resume                         # continue from the newest save
+  sdtune train --format diffusers --output runs --name acme-v2
+
+Writes <output>/<name>/<name>.safetensors (kohya format: loads in A1111 and ComfyUI;
+--format diffusers for load_lora_weights), lora/step-NNNNNN.safetensors and state/
+every --save-every steps, samples/step-NNNNNN.png every --sample-every steps
+(step 0 is the base model), and metrics.jsonl. Ctrl-C saves and stops cleanly.";
+
+/// Flags of `sdtune train`; each overrides the same key of `train:` in sdtune.yaml.
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// The config file; its folder is the working folder (cache, outputs) [default: ./sdtune.yaml].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Base model [default: the model the images were prepared with].
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<String>,
+    /// Optimizer steps [default: 1000].
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// LoRA rank [default: 16].
+    #[arg(long)]
+    pub rank: Option<i64>,
+    /// LoRA alpha; updates are scaled by alpha / rank [default: 16].
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Learning rate [default: 1e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant, constant_with_warmup or cosine [default: constant].
+    #[arg(long, value_name = "NAME")]
+    pub lr_schedule: Option<String>,
+    /// Warm-up steps for the schedules that have one [default: 0].
+    #[arg(long, value_name = "N")]
+    pub warmup_steps: Option<u64>,
+    /// Images per step (one bucket per batch) [default: 1].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Batches whose gradients are summed per optimizer step [default: 1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Seed of LoRA init, data order and noise [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (frozen weights; LoRA stays fp32).
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// auto, cpu, cuda or cuda:N [default: auto].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Layers that get LoRA: cross-attn, attn or transformer [default: cross-attn].
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// Save LoRA + resumable state every N steps (0: only at the end) [default: 250].
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<u64>,
+    /// Render the sample grid every N steps (0: never) [default: 250].
+    #[arg(long, value_name = "N")]
+    pub sample_every: Option<u64>,
+    /// Resumable states kept [default: 3].
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    /// Folder of runs [default: output].
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<String>,
+    /// Run name; files go to <output>/<name>/ [default: brand-lora].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// kohya or diffusers [default: kohya].
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Extra per-channel noise, e.g. 0.05 [default: 0].
+    #[arg(long)]
+    pub noise_offset: Option<f64>,
+    /// Min-SNR-gamma weighting; 0 turns it off [default: 5].
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
+    /// Fraction of steps trained on the empty caption [default: 0.05].
+    #[arg(long)]
+    pub caption_dropout: Option<f64>,
+    /// Continue from the newest saved state of this run.
+    #[arg(long)]
+    pub resume: bool,
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn run() -> i32 {
     install_panic_message();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
+        Command::Train(args) => commands::train::run(args),
         Command::Sample(args) => commands::sample::run(args),
         Command::Doctor => commands::doctor::run(),
+        Command::Info(args) => commands::info::run(args),
     };
     match result {
         Ok(()) => 0,

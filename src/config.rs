@@ -26,6 +26,8 @@ pub struct Config {
     pub data: DataConfig,
     #[serde(default)]
     pub sample: SampleConfig,
+    #[serde(default)]
+    pub train: crate::train::config::TrainConfig,
 }
 
 /// The image set and how `sdtune prepare` turns it into cached latents.
@@ -195,6 +197,7 @@ impl Config {
         }
         let config: Config = serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
         config.data.validate().with_context(|| format!("{} is not valid", path.display()))?;
+        config.train.validate().with_context(|| format!("{} is not valid", path.display()))?;
         Ok(config)
     }
 

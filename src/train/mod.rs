@@ -8,3 +8,4 @@ pub mod trainer;
 pub mod metadata;
 pub mod run;
 pub mod config;
+pub mod cache_data;

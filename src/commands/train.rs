@@ -1,0 +1,244 @@
+//! `sdtune train`: sdtune.yaml + flags -> a training run on the prepared cache.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind};
+
+use crate::cli::TrainArgs;
+use crate::config::{Config, CONFIG_FILE};
+use crate::data::cache::CacheReader;
+use crate::lora::format::LoraFormat;
+use crate::lora::targets::Targets;
+use crate::models::stable_diffusion::{Placement, StableDiffusion};
+use crate::runtime::{parse_device, supports, Precision};
+use crate::schedulers::SchedulerKind;
+use crate::train::config::TrainConfig;
+use crate::train::data::TrainingData;
+use crate::train::lr::LrSchedule;
+use crate::train::run::{self, Event, GridPlan, RunPlan};
+use crate::train::trainer::StepSettings;
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let (work_dir, config) = load_config(args.config.as_deref())?;
+    let mut train = config.train.clone();
+    apply_flags(&mut train, &args);
+    train.validate().context("the training settings are not valid")?;
+
+    let cache = CacheReader::open(&work_dir)?;
+    let dataset = cache.dataset().clone();
+    let model_spec = args.model.clone().or(config.model.clone()).unwrap_or_else(|| dataset.model.clone());
+    if model_spec != dataset.model {
+        eprintln!(
+            "warning: the images were prepared with {}; training on {model_spec} uses the cached latents and caption embeddings of the former",
+            dataset.model
+        );
+    }
+    let device = parse_device(&train.device)?;
+    let precision = choose_precision(&train.precision, device)?;
+    let placement = Placement { device, kind: precision.kind(), vae_kind: Kind::Float };
+    let model_path = resolve_against(&work_dir, &model_spec);
+    let model = StableDiffusion::from_diffusers_folder(&model_path, placement, None)?;
+    eprintln!(
+        "training {} on {} images from {} ({} on {})",
+        train.name,
+        dataset.items.len(),
+        dataset.data_dir,
+        precision.name(),
+        device_name(device)
+    );
+
+    let plan = plan(&train, &config, &work_dir, &cache, precision, &model_spec, args.resume)?;
+    let stop = ctrl_c_flag()?;
+    let bar = crate::progress::steps_bar(train.steps, "train");
+    let mut on_event = |event: Event| match event {
+        Event::Started { from, total } => {
+            bar.set_length(total);
+            bar.set_position(from);
+        }
+        Event::Step { step, outcome, smoothed_loss, .. } => {
+            bar.set_position(step);
+            let skipped = if outcome.skipped { " (fp16 overflow: step skipped)" } else { "" };
+            bar.set_message(format!("loss {smoothed_loss:.4} lr {:.2e}{skipped}", outcome.lr));
+        }
+        Event::Saved(path) => bar.suspend(|| eprintln!("saved {}", path.display())),
+        Event::Grid(path) => bar.suspend(|| eprintln!("samples {}", path.display())),
+        Event::Warning(w) => bar.suspend(|| eprintln!("{w}")),
+    };
+    let finished = run::run(&model, &cache as &dyn TrainingData, &plan, &*stop, &mut on_event)?;
+    bar.finish_and_clear();
+    if finished.interrupted {
+        println!(
+            "stopped at step {}; state saved in {} — `sdtune train --resume` continues",
+            finished.steps_done,
+            plan.state_dir().display()
+        );
+    } else if let Some(path) = finished.final_lora {
+        println!("wrote {} ({} steps)", path.display(), finished.steps_done);
+    }
+    Ok(())
+}
+
+/// The working folder and its config (defaults when there is none).
+fn load_config(path: Option<&Path>) -> Result<(PathBuf, Config)> {
+    match path {
+        Some(file) => {
+            if !file.is_file() {
+                bail!("--config {} does not exist; pass the path of an sdtune.yaml", file.display());
+            }
+            let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+            Ok((dir, Config::load(file)?))
+        }
+        None => {
+            let dir = PathBuf::from(".");
+            let config = Config::load_from_dir(&dir)?.unwrap_or_default();
+            if !dir.join(CONFIG_FILE).exists() {
+                eprintln!("no {CONFIG_FILE} here; using defaults (sdtune prepare writes one)");
+            }
+            Ok((dir, config))
+        }
+    }
+}
+
+fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
+    macro_rules! set {
+        ($field:ident) => {
+            if let Some(v) = a.$field.clone() {
+                t.$field = v;
+            }
+        };
+    }
+    set!(steps);
+    set!(rank);
+    set!(alpha);
+    set!(lr);
+    set!(lr_schedule);
+    set!(warmup_steps);
+    set!(batch_size);
+    set!(grad_accum);
+    set!(seed);
+    set!(precision);
+    set!(device);
+    set!(targets);
+    set!(save_every);
+    set!(sample_every);
+    set!(keep_last);
+    set!(output);
+    set!(name);
+    set!(format);
+    set!(noise_offset);
+    set!(caption_dropout);
+    if let Some(g) = a.min_snr_gamma {
+        t.min_snr_gamma = (g > 0.0).then_some(g);
+    }
+}
+
+/// `auto`: bf16 on CUDA, fp32 on CPU; bf16 falls back to fp16 where unsupported.
+fn choose_precision(spec: &str, device: Device) -> Result<Precision> {
+    let wanted = match spec {
+        "auto" if device.is_cuda() => Precision::Bf16,
+        "auto" => Precision::Fp32,
+        other => Precision::parse(other)?,
+    };
+    if wanted == Precision::Bf16 && !supports(device, Kind::BFloat16) {
+        eprintln!("warning: bf16 is not supported on this device; using fp16 with loss scaling");
+        return Ok(Precision::Fp16);
+    }
+    Ok(wanted)
+}
+
+fn plan(
+    t: &TrainConfig,
+    config: &Config,
+    work_dir: &Path,
+    cache: &CacheReader,
+    precision: Precision,
+    model_spec: &str,
+    resume: bool,
+) -> Result<RunPlan> {
+    let dataset = cache.dataset();
+    let dir = work_dir.join(&t.output).join(&t.name);
+    if !resume && dir.join("state").is_dir() && crate::train::checkpoint::latest(&dir.join("state"))?.is_some() {
+        bail!(
+            "{} already holds a run; pass --resume to continue it, or choose another --name",
+            dir.display()
+        );
+    }
+    let mut prompts = config.sample.prompts.clone();
+    if prompts.is_empty() {
+        prompts = dataset.items.iter().map(|i| i.caption.clone()).take(2).collect();
+    }
+    let res = dataset.resolution as i64;
+    Ok(RunPlan {
+        name: t.name.clone(),
+        dir,
+        rank: t.rank,
+        alpha: t.alpha,
+        targets: Targets::parse(&t.targets)?,
+        step: StepSettings {
+            batch_size: t.batch_size,
+            grad_accum: t.grad_accum,
+            lr: t.lr,
+            lr_schedule: LrSchedule::parse(&t.lr_schedule, t.warmup_steps)?,
+            total_steps: t.steps,
+            seed: t.seed,
+            noise_offset: t.noise_offset,
+            min_snr_gamma: t.min_snr_gamma,
+            caption_dropout: t.caption_dropout,
+            clip_norm: t.clip_norm,
+            latent_scale: dataset.scaling_factor,
+        },
+        precision,
+        save_every: t.save_every,
+        sample_every: t.sample_every,
+        keep_last: t.keep_last,
+        format: if t.format == "diffusers" { LoraFormat::Peft } else { LoraFormat::Kohya },
+        resume,
+        grid: GridPlan {
+            prompts,
+            seeds: config.sample.seeds.clone(),
+            negative_prompt: None,
+            steps: t.sample_steps,
+            guidance: t.sample_guidance,
+            width: res,
+            height: res,
+            scheduler: SchedulerKind::Ddim,
+        },
+        resolution: dataset.resolution,
+        num_images: dataset.items.len(),
+        base_model: model_spec.to_string(),
+    })
+}
+
+/// A relative model path in a config is relative to the config's folder.
+fn resolve_against(work_dir: &Path, spec: &str) -> PathBuf {
+    let p = Path::new(spec);
+    if p.is_absolute() || !work_dir.join(p).exists() {
+        p.to_path_buf()
+    } else {
+        work_dir.join(p)
+    }
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// The first Ctrl-C asks the loop to save and stop; a second one quits at once.
+fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let handler_flag = flag.clone();
+    ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopping now without saving");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: saving and stopping after this step (press again to quit now)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(flag)
+}
