@@ -126,3 +126,19 @@ fn sample_with_two_loras_matches_diffusers_image() {
     eprintln!("two-LoRA image: mean abs pixel diff {diff:.4} of 255");
     assert!(diff <= 1.0, "mean abs pixel diff {diff}");
 }
+
+/// LoRA files written by `sdtune train` (both formats) change diffusers'
+/// UNet (`load_lora_weights`, in make_lora_cases.py) exactly as sdtune's.
+#[test]
+fn sdtune_written_files_load_in_diffusers_identically() {
+    let r = common::read_tensors(&common::reference("lora_from_sdtune.safetensors"));
+    let base = reference()["base"].shallow_clone();
+    for name in ["sdtune_kohya", "sdtune_diffusers"] {
+        let m = model();
+        attach(&m, &format!("{name}.safetensors"), 1.0);
+        let ours = unet_out(&m);
+        common::assert_close(name, &ours, &r[name], 1e-4);
+        let effect = common::max_abs_diff(&ours, &base);
+        assert!(effect > 1e-2, "{name} barely changes the UNet ({effect}); the test would not discriminate");
+    }
+}
