@@ -11,6 +11,7 @@ use crate::config::{Config, CONFIG_FILE};
 use crate::data::cache::CacheReader;
 use crate::lora::format::LoraFormat;
 use crate::lora::targets::Targets;
+use crate::models::source::LoadOptions;
 use crate::models::stable_diffusion::{Placement, StableDiffusion};
 use crate::runtime::{parse_device, supports, Precision};
 use crate::schedulers::SchedulerKind;
@@ -39,7 +40,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let precision = choose_precision(&train.precision, device)?;
     let placement = Placement { device, kind: precision.kind(), vae_kind: Kind::Float };
     let model_path = resolve_against(&work_dir, &model_spec);
-    let model = StableDiffusion::from_diffusers_folder(&model_path, placement, None)?;
+    let model = StableDiffusion::load(&model_path.to_string_lossy(), placement, &LoadOptions::default())?;
     eprintln!(
         "training {} on {} images from {} ({} on {})",
         train.name,

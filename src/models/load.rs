@@ -96,16 +96,18 @@ pub fn load_var_store(
                 describe(files)
             );
         };
-        let src = file.tensor(&file_name)?;
-        if src.size() != var.size() {
-            bail!(
-                "{}: tensor {file_name} has shape {:?} but the model's config.json requires {:?}; the weights do not match the config",
-                file.path().display(),
-                src.size(),
-                var.size()
-            );
-        }
-        copy_into(var, &src).with_context(|| format!("{}: cannot load tensor {file_name}", file.path().display()))?;
+        file.with_view(&file_name, |src| {
+            if src.size() != var.size() {
+                bail!(
+                    "{}: tensor {file_name} has shape {:?} but the model's config.json requires {:?}; the weights do not match the config",
+                    file.path().display(),
+                    src.size(),
+                    var.size()
+                );
+            }
+            copy_into(var, src).with_context(|| format!("{}: cannot load tensor {file_name}", file.path().display()))
+        })?;
+        file.release(&file_name);
     }
     let mut unexpected: Vec<String> = available
         .into_iter()
@@ -125,11 +127,13 @@ pub fn load_var_store(
     Ok(())
 }
 
-fn copy_into(var: &Tensor, src: &Tensor) -> Result<()> {
+/// Copies `src` (any dtype, any device; typically a view of a memory-mapped
+/// file) into the weight `var`: `copy_` converts dtype and device in one
+/// pass, so no full-size intermediate is made.
+pub(crate) fn copy_into(var: &Tensor, src: &Tensor) -> Result<()> {
     tch::no_grad(|| -> Result<()> {
-        let src = src.f_to_kind(var.kind())?.f_to_device(var.device())?;
         let mut var = var.shallow_clone();
-        var.f_copy_(&src)?;
+        var.f_copy_(src)?;
         Ok(())
     })
 }
@@ -147,21 +151,48 @@ fn describe(files: &[TensorFile]) -> String {
 
 /// The weight files of one component folder of a diffusers model:
 /// `<stem>.safetensors`, its `--variant` (`<stem>.fp16.safetensors`), or the
-/// shards listed in `<stem>.safetensors.index.json`.
+/// shards listed in `<stem>.safetensors.index.json` (for a variant,
+/// `<stem>.safetensors.index.fp16.json` as diffusers and transformers name
+/// it). With no variant asked and no default weights, a folder holding a
+/// single variant (what `from_pretrained(..., variant="fp16")` downloads)
+/// loads that one.
 pub fn component_weights(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
-    let mut candidates = Vec::new();
+    // (single file, index files) in order of preference.
+    let mut candidates: Vec<(String, Vec<String>)> = Vec::new();
     if let Some(v) = variant {
-        candidates.push(format!("{stem}.{v}.safetensors"));
+        candidates.push((
+            format!("{stem}.{v}.safetensors"),
+            vec![format!("{stem}.safetensors.index.{v}.json"), format!("{stem}.{v}.safetensors.index.json")],
+        ));
     }
-    candidates.push(format!("{stem}.safetensors"));
-    for name in &candidates {
+    candidates.push((format!("{stem}.safetensors"), vec![format!("{stem}.safetensors.index.json")]));
+    for (name, indexes) in &candidates {
         let single = dir.join(name);
         if single.is_file() {
             return Ok(vec![single]);
         }
-        let index = dir.join(format!("{name}.index.json"));
-        if index.is_file() {
+        if let Some(index) = indexes.iter().map(|i| dir.join(i)).find(|i| i.is_file()) {
             return shards_of(&index);
+        }
+    }
+    if variant.is_none() {
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect())
+            .unwrap_or_default();
+        let mut singles: Vec<&String> = names
+            .iter()
+            .filter(|n| n.starts_with(&format!("{stem}.")) && n.ends_with(".safetensors") && n.matches('.').count() == 2)
+            .collect();
+        singles.sort();
+        if let [only] = singles.as_slice() {
+            return Ok(vec![dir.join(only)]);
+        }
+        let indexes: Vec<&String> = names
+            .iter()
+            .filter(|n| n.starts_with(&format!("{stem}.")) && n.contains(".index") && n.ends_with(".json"))
+            .collect();
+        if let [only] = indexes.as_slice() {
+            return shards_of(&dir.join(only));
         }
     }
     let pickles = ["bin", "ckpt", "pt"].iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| p.is_file());

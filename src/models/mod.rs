@@ -2,8 +2,11 @@
 //! weight name and sized from its `config.json`.
 pub mod clip;
 pub mod config;
+pub mod hub;
 pub mod layers;
 pub mod load;
+pub mod single_file;
+pub mod source;
 pub mod stable_diffusion;
 pub mod tensor_file;
 pub mod tokenizer;

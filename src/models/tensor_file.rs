@@ -54,6 +54,18 @@ impl TensorFile {
 
     /// Reads tensor `name` in its stored dtype onto the CPU.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let (range, shape, kind) = self.locate(name)?;
+        Tensor::f_from_data_size(&self.mmap[range], &shape, kind)
+            .with_context(|| format!("{}: cannot read tensor {name}", self.path.display()))
+    }
+
+    /// The stored kind of tensor `name`.
+    pub fn kind(&self, name: &str) -> Result<Kind> {
+        Ok(self.locate(name)?.2)
+    }
+
+    /// Byte range in the mapping, shape and kind of tensor `name`.
+    fn locate(&self, name: &str) -> Result<(std::ops::Range<usize>, Vec<i64>, Kind)> {
         let info = self
             .info(name)
             .with_context(|| format!("{} has no tensor {name}", self.path.display()))?;
@@ -62,9 +74,57 @@ impl TensorFile {
         })?;
         let start = 8 + self.header_len + info.data_offsets.0;
         let end = 8 + self.header_len + info.data_offsets.1;
+        if end > self.mmap.len() {
+            bail!(
+                "{}: tensor {name} lies past the end of the file; the file is truncated, download or convert it again",
+                self.path.display()
+            );
+        }
         let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        Tensor::f_from_data_size(&self.mmap[start..end], &shape, kind)
-            .with_context(|| format!("{}: cannot read tensor {name}", self.path.display()))
+        Ok((start..end, shape, kind))
+    }
+
+    /// Runs `f` on tensor `name` as a CPU tensor that borrows the file's
+    /// memory mapping: nothing is copied, so `f` can copy it straight into a
+    /// weight of another dtype or device. `f` must not keep the tensor (or a
+    /// view of it) beyond its return.
+    pub(crate) fn with_view<R>(&self, name: &str, f: impl FnOnce(&Tensor) -> Result<R>) -> Result<R> {
+        let (range, shape, kind) = self.locate(name)?;
+        let bytes = &self.mmap[range];
+        if bytes.is_empty() || !(bytes.as_ptr() as usize).is_multiple_of(kind.elt_size_in_bytes()) {
+            // Empty or misaligned data (files not written by the safetensors
+            // library): a copy is safe where a view is not.
+            let owned = Tensor::f_from_data_size(bytes, &shape, kind)
+                .with_context(|| format!("{}: cannot read tensor {name}", self.path.display()))?;
+            return f(&owned);
+        }
+        // SAFETY: `bytes` is a live, aligned, read-only mapping of exactly
+        // numel * element size bytes (validated by the header parser), kept
+        // alive by `self` for the duration of `f`, and the view is dropped
+        // before this returns; torch never writes through it.
+        let view = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &[], kind, tch::Device::Cpu) }
+            .with_context(|| format!("{}: cannot read tensor {name}", self.path.display()))?;
+        let result = f(&view);
+        drop(view);
+        result
+    }
+
+    /// Drops tensor `name`'s pages from this process's resident memory once
+    /// it has been copied (they stay in the page cache; a later read maps
+    /// them again), so loading never holds the whole file resident.
+    pub fn release(&self, name: &str) {
+        if let Ok((range, _, _)) = self.locate(name) {
+            if range.is_empty() {
+                return;
+            }
+            // SAFETY: a read-only file mapping that was never written: the
+            // dropped pages are read back from the file on the next access,
+            // and no reference into them outlives the `with_view` call that
+            // used them.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len())
+            };
+        }
     }
 }
 

@@ -1,0 +1,357 @@
+//! `sdtune info PATH|ID`: what a model or LoRA file is, from headers and
+//! configs only (no weights are loaded, no pickle is ever opened).
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::InfoArgs;
+use crate::models::config::{ClipTextConfig, Prediction, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::models::hub;
+use crate::models::load::component_weights;
+use crate::models::single_file::{self, census, detect, Family, Plan, PredictionSource, Shapes};
+use crate::models::source::{classify, not_a_model_sentence, parse, parse_prediction, FileKind, ModelSource};
+use crate::models::tensor_file::TensorFile;
+
+pub fn run(args: InfoArgs) -> Result<()> {
+    let prediction = args.prediction_type.as_deref().map(parse_prediction).transpose()?;
+    match parse(&args.target)? {
+        ModelSource::Folder(dir) => folder(&dir, None, prediction),
+        ModelSource::Hub(id) => {
+            let cache = hub::cache_dir();
+            let dir = hub::cached_snapshot(&cache, &id)
+                .filter(|d| d.join("model_index.json").is_file())
+                .with_context(|| hub::not_cached_sentence(&id, &cache, "`sdtune info` reads only the local cache"))?;
+            folder(&dir, Some(&id.to_string()), prediction)
+        }
+        ModelSource::SingleFile(path) => file(&path, prediction),
+    }
+}
+
+fn row(key: &str, value: impl std::fmt::Display) {
+    println!("{key:<13}{value}");
+}
+
+fn file(path: &Path, prediction: Option<Prediction>) -> Result<()> {
+    let file = TensorFile::open(path)?;
+    let names = file.names();
+    match classify(&names) {
+        FileKind::Checkpoint => checkpoint(path, &file, prediction),
+        FileKind::Lora(format) => lora(path, &file, format.name()),
+        kind => bail!("{}", not_a_model_sentence(path, kind, &names)),
+    }
+}
+
+fn checkpoint(path: &Path, file: &TensorFile, prediction: Option<Prediction>) -> Result<()> {
+    let shapes = Shapes::of(file);
+    let layout = detect(path, &shapes)?;
+    let c = census(file, &layout);
+    row("path", path.display());
+    row("format", "single-file checkpoint, original LDM layout (safetensors)");
+    let text = match layout.family {
+        Family::Sd1 => "OpenAI CLIP text encoder",
+        Family::Sd2 => "OpenCLIP text encoder (penultimate layer)",
+    };
+    row(
+        "architecture",
+        format!("{}: {text}, {}-wide cross-attention", layout.family.name(), layout.cross_attention_dim),
+    );
+    row("dtype", dtypes(&c.dtypes));
+    row(
+        "parameters",
+        format!(
+            "UNet {}, VAE {}, text encoder {} (total {})",
+            count(c.unet),
+            count(c.vae),
+            count(c.text_encoder),
+            count(c.unet + c.vae + c.text_encoder)
+        ),
+    );
+    row(
+        "ema",
+        if layout.ema_tensors > 0 {
+            format!(
+                "also holds an EMA copy of the UNet ({} tensors, {}); the main weights are loaded",
+                layout.ema_tensors,
+                count(c.ema)
+            )
+        } else {
+            "no separate EMA copy (pruned or EMA-only file)".into()
+        },
+    );
+    match Plan::new(path, file, prediction) {
+        Ok(plan) => {
+            let source = match &plan.prediction_source {
+                PredictionSource::Flag => "from --prediction-type".to_string(),
+                PredictionSource::Config(p) => format!("from {}", p.display()),
+                PredictionSource::Metadata(k) => format!("from the file's {k}"),
+                PredictionSource::Guess if layout.family == Family::Sd2 => {
+                    "guessed: SD2 768 models are v-prediction, SD2 base models epsilon; pass --prediction-type to be sure".into()
+                }
+                PredictionSource::Guess => "SD1 models predict epsilon".into(),
+            };
+            row("prediction", format!("{} ({source})", plan.scheduler.prediction_type));
+            unet_rows(&plan.unet, &plan.vae);
+            text_rows(&plan.text);
+            let beside = single_file::Beside::find(path)?;
+            let mut configs = Vec::new();
+            if let Some(f) = &beside.folder {
+                configs.push(format!("{}/", f.display()));
+            }
+            if let Some(y) = &beside.yaml {
+                configs.push(y.path.display().to_string());
+            }
+            row(
+                "configs",
+                if configs.is_empty() { "read from the tensors and SD's rules".into() } else { configs.join(", ") },
+            );
+        }
+        Err(e) => row("configs", format!("{e:#}")),
+    }
+    Ok(())
+}
+
+fn unet_rows(unet: &UNetConfig, vae: &VaeConfig) {
+    let size = unet.sample_size.map(|s| format!(", {} px native", s * vae.scale_factor())).unwrap_or_default();
+    row(
+        "unet",
+        format!(
+            "channels {:?}, heads {:?}, {} projection{}{size}",
+            unet.block_out_channels,
+            unet.heads_per_block(),
+            if unet.use_linear_projection { "linear" } else { "conv" },
+            if unet.upcast_attention { ", upcast attention" } else { "" }
+        ),
+    );
+}
+
+fn text_rows(text: &ClipTextConfig) {
+    row(
+        "text encoder",
+        format!(
+            "{} layers, {} wide, {} heads, {}",
+            text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.hidden_act
+        ),
+    );
+}
+
+fn folder(dir: &Path, hub_id: Option<&str>, prediction: Option<Prediction>) -> Result<()> {
+    crate::models::stable_diffusion::check_is_diffusers_folder(dir)?;
+    let unet = UNetConfig::from_file(&dir.join("unet/config.json"))?;
+    let vae = VaeConfig::from_file(&dir.join("vae/config.json"))?;
+    let text = ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?;
+    let scheduler_path = dir.join("scheduler/scheduler_config.json");
+    let scheduler = SchedulerConfig::from_file(&scheduler_path)?;
+    if let Some(id) = hub_id {
+        row("hub id", id);
+    }
+    row("path", dir.display());
+    let mut dtypes_all: BTreeMap<String, usize> = BTreeMap::new();
+    let mut params = Vec::new();
+    let mut files_used = Vec::new();
+    for (label, component, stem) in [
+        ("UNet", "unet", "diffusion_pytorch_model"),
+        ("VAE", "vae", "diffusion_pytorch_model"),
+        ("text encoder", "text_encoder", "model"),
+    ] {
+        let files = component_weights(&dir.join(component), stem, None)?;
+        let mut n = 0i64;
+        for f in &files {
+            let tf = TensorFile::open(f)?;
+            for name in tf.names() {
+                if let Some(info) = tf.info(&name) {
+                    n += info.shape.iter().map(|&d| d as i64).product::<i64>();
+                    *dtypes_all.entry(format!("{:?}", info.dtype)).or_default() += 1;
+                }
+            }
+        }
+        params.push((label, n));
+        files_used.push(describe_files(dir, &files));
+    }
+    row("format", "diffusers folder (safetensors)");
+    row("weights", files_used.join(", "));
+    let variants = variant_names(dir);
+    if !variants.is_empty() {
+        row("variants", format!("{} (choose with --variant)", variants.join(", ")));
+    }
+    let family = if text.hidden_act == "gelu" { Family::Sd2 } else { Family::Sd1 };
+    let cross = unet.cross_attention_dims()[0];
+    row("architecture", format!("{}: {}-wide cross-attention", family.name(), cross));
+    row("dtype", dtypes(&dtypes_all));
+    let total: i64 = params.iter().map(|(_, n)| n).sum();
+    row(
+        "parameters",
+        format!(
+            "{} (total {})",
+            params.iter().map(|(l, n)| format!("{l} {}", count(*n))).collect::<Vec<_>>().join(", "),
+            count(total)
+        ),
+    );
+    match prediction {
+        Some(p) => row("prediction", format!("{} (from --prediction-type)", p.as_config_str())),
+        None => row("prediction", format!("{} (from {})", scheduler.prediction_type, scheduler_path.display())),
+    }
+    unet_rows(&unet, &vae);
+    text_rows(&text);
+    Ok(())
+}
+
+fn describe_files(dir: &Path, files: &[PathBuf]) -> String {
+    let rel = |p: &PathBuf| p.strip_prefix(dir).unwrap_or(p).display().to_string();
+    match files {
+        [one] => rel(one),
+        many => format!("{} ({} shards)", rel(&many[0]), many.len()),
+    }
+}
+
+/// `fp16`, ... : variants some component folder has files for.
+fn variant_names(dir: &Path) -> Vec<String> {
+    let mut found = std::collections::BTreeSet::new();
+    for component in ["unet", "vae", "text_encoder"] {
+        let Ok(entries) = std::fs::read_dir(dir.join(component)) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let parts: Vec<&str> = name.split('.').collect();
+            if parts.len() == 3 && parts[2] == "safetensors" {
+                found.insert(parts[1].to_string());
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+fn dtypes(counts: &BTreeMap<String, usize>) -> String {
+    let mut v: Vec<(&String, &usize)> = counts.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    v.iter().map(|(d, n)| format!("{} ({n} tensors)", d.to_lowercase())).collect::<Vec<_>>().join(", ")
+}
+
+fn count(n: i64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+// ------------------------------------------------------------------- LoRA
+
+struct Module {
+    unet: bool,
+    kind: String,
+    rank: i64,
+    alpha: Option<f64>,
+    in_features: i64,
+    layer: String,
+}
+
+fn lora(path: &Path, file: &TensorFile, format: &str) -> Result<()> {
+    let names = file.names();
+    let mut modules = Vec::new();
+    for name in &names {
+        let (base, kohya) = if let Some(b) = name.strip_suffix(".lora_down.weight") {
+            (b, true)
+        } else if let Some(b) = name.strip_suffix(".lora_A.weight").or_else(|| name.strip_suffix(".lora.down.weight")) {
+            (b, false)
+        } else {
+            continue;
+        };
+        let shape = file.info(name).map(|i| i.shape.clone()).unwrap_or_default();
+        let alpha_name = format!("{base}.alpha");
+        let alpha = match file.info(&alpha_name) {
+            Some(_) => Some(file.tensor(&alpha_name)?.to_kind(tch::Kind::Double).double_value(&[])),
+            None => None,
+        };
+        let unet = if kohya { base.starts_with("lora_unet_") } else { !base.starts_with("text_encoder.") };
+        modules.push(Module {
+            unet,
+            kind: module_kind(base, kohya),
+            rank: shape.first().copied().unwrap_or(0) as i64,
+            alpha,
+            in_features: shape.get(1).copied().unwrap_or(0) as i64,
+            layer: base.to_string(),
+        });
+    }
+    let meta = file.string_metadata();
+    row("path", path.display());
+    row("format", format!("LoRA, {format}"));
+    let unet = modules.iter().filter(|m| m.unet).count();
+    row("modules", format!("{} (UNet {unet}, text encoder {})", modules.len(), modules.len() - unet));
+    let ranks: std::collections::BTreeSet<i64> = modules.iter().map(|m| m.rank).collect();
+    row("rank", join_set(&ranks));
+    let alphas: Vec<f64> = modules.iter().filter_map(|m| m.alpha).collect();
+    let alpha_text = if alphas.is_empty() {
+        match meta.get("ss_network_alpha") {
+            Some(a) => format!("{a} (from ss_network_alpha)"),
+            None => "not stored (alpha = rank, scale 1)".into(),
+        }
+    } else {
+        let mut uniq: Vec<String> = alphas.iter().map(|a| format!("{a}")).collect();
+        uniq.sort();
+        uniq.dedup();
+        let scale = ranks.iter().next().map(|&r| alphas[0] / r as f64).unwrap_or(1.0);
+        format!("{} (scale alpha/rank {scale})", uniq.join(", "))
+    };
+    row("alpha", alpha_text);
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for m in &modules {
+        *kinds.entry(m.kind.as_str()).or_default() += 1;
+    }
+    row("targets", kinds.iter().map(|(k, n)| format!("{k} x{n}")).collect::<Vec<_>>().join(", "));
+    row("base", base_version(&meta, &modules));
+    if let Some(m) = modules.first() {
+        row("first layer", &m.layer);
+    }
+    if meta.is_empty() {
+        row("metadata", "none");
+    } else {
+        println!("metadata");
+        let mut keys: Vec<&String> = meta.keys().collect();
+        keys.sort();
+        for k in keys {
+            let v = meta[k].replace('\n', " ");
+            let v = if v.chars().count() > 100 { format!("{}...", v.chars().take(100).collect::<String>()) } else { v };
+            println!("  {k} = {v}");
+        }
+    }
+    Ok(())
+}
+
+/// The layer kind a module adapts: `attn2.to_q`, `proj_in`, `self_attn.q_proj`, ...
+fn module_kind(base: &str, kohya: bool) -> String {
+    let sep = if kohya { "_" } else { "." };
+    for marker in ["transformer_blocks", "layers"] {
+        let needle = format!("{sep}{marker}{sep}");
+        if let Some(pos) = base.rfind(&needle) {
+            let rest = &base[pos + needle.len()..];
+            if let Some((_, tail)) = rest.split_once(sep) {
+                return tail.to_string();
+            }
+        }
+    }
+    base.rsplit(sep).next().unwrap_or(base).to_string()
+}
+
+fn base_version(meta: &std::collections::HashMap<String, String>, modules: &[Module]) -> String {
+    if let Some(v) = meta.get("ss_base_model_version") {
+        return format!("{v} (from ss_base_model_version)");
+    }
+    if let Some(v) = meta.get("modelspec.architecture") {
+        return format!("{v} (from modelspec.architecture)");
+    }
+    let width = modules
+        .iter()
+        .find(|m| m.unet && (m.kind.contains("attn2") && (m.kind.contains("to_k") || m.kind.contains("to_v"))))
+        .map(|m| m.in_features);
+    match width {
+        Some(768) => "Stable Diffusion 1.x (768-wide text features, read from attn2.to_k)".into(),
+        Some(1024) => "Stable Diffusion 2.x (1024-wide text features, read from attn2.to_k)".into(),
+        Some(w) => format!("unknown ({w}-wide text features)"),
+        None => "unknown (no metadata, no cross-attention key/value module)".into(),
+    }
+}
+
+fn join_set(values: &std::collections::BTreeSet<i64>) -> String {
+    values.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,269 @@
+//! What a `--model` value names, and the one entry every command loads a
+//! model through: [`StableDiffusion::load`].
+//!
+//! A value is, in this order: a diffusers folder (`model_index.json`), a
+//! Hugging Face cache repository folder (`models--org--name`), a file (a
+//! single-file `.safetensors` checkpoint; pickles are refused by extension
+//! and magic bytes without being read further), or a Hub id (`org/name`,
+//! `org/name@revision`) resolved in the local Hugging Face cache.
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::config::Prediction;
+use super::hub::{self, HubId};
+use super::single_file;
+use super::stable_diffusion::{Placement, StableDiffusion};
+use super::tensor_file::TensorFile;
+use crate::lora::format::{detect as detect_lora, LoraFormat};
+
+/// Where a model comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A diffusers pipeline folder.
+    Folder(PathBuf),
+    /// A single-file checkpoint in the original LDM layout.
+    SingleFile(PathBuf),
+    /// A Hub id, looked up in the Hugging Face cache.
+    Hub(HubId),
+}
+
+/// How to load, beyond where from.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Weight variant of a diffusers folder or Hub id (`fp16`: `*.fp16.safetensors`).
+    pub variant: Option<String>,
+    /// What the UNet predicts; overrides every config and guess.
+    pub prediction_type: Option<Prediction>,
+}
+
+/// `epsilon` / `eps` or `v` / `v_prediction`, as `--prediction-type` takes it.
+pub fn parse_prediction(value: &str) -> Result<Prediction> {
+    match value.to_ascii_lowercase().as_str() {
+        "epsilon" | "eps" => Ok(Prediction::Epsilon),
+        "v" | "v_prediction" | "v-prediction" => Ok(Prediction::V),
+        other => bail!("--prediction-type {other:?} is not one of epsilon, v"),
+    }
+}
+
+/// Extensions of pickle-based checkpoints, which sdtune never opens.
+const PICKLE_EXTENSIONS: &[&str] = &["ckpt", "pt", "pth", "bin", "pkl", "pickle"];
+
+/// Parses a `--model` value without loading anything (pickles are refused
+/// here, from their name or first bytes).
+pub fn parse(value: &str) -> Result<ModelSource> {
+    let path = Path::new(value);
+    if path.is_dir() {
+        if path.join("model_index.json").is_file() {
+            return Ok(ModelSource::Folder(path.to_path_buf()));
+        }
+        if hub::is_repo_dir(path) {
+            let snap = hub::snapshot_of_repo_dir(path, "main").with_context(|| {
+                format!("{} is a Hugging Face cache folder without a snapshot of main; pass --model its snapshots/<hash> folder", path.display())
+            })?;
+            return Ok(ModelSource::Folder(snap));
+        }
+        let checkpoints = files_with_extension(path, "safetensors");
+        if let Some(first) = checkpoints.first() {
+            bail!(
+                "{} is not a diffusers model folder (it has no model_index.json); to load a single-file checkpoint, pass the file itself, e.g. --model {}",
+                path.display(),
+                first.display()
+            );
+        }
+        bail!(
+            "{} is not a diffusers model folder (it has no model_index.json); pass --model the folder that holds model_index.json, unet/, vae/, text_encoder/ and tokenizer/",
+            path.display()
+        );
+    }
+    if path.exists() {
+        refuse_pickle(path)?;
+        return Ok(ModelSource::SingleFile(path.to_path_buf()));
+    }
+    if let Some(id) = HubId::parse(value) {
+        return Ok(ModelSource::Hub(id));
+    }
+    bail!(
+        "{value} does not exist; pass --model a diffusers folder, a single-file .safetensors checkpoint or a Hugging Face id like org/name"
+    )
+}
+
+fn files_with_extension(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir).map(|entries| entries.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    files.retain(|p| p.is_file() && p.extension().and_then(|e| e.to_str()) == Some(ext));
+    files.sort();
+    files
+}
+
+/// Refuses pickle checkpoints: by extension without opening the file, then
+/// by the first 9 bytes (zip `PK\x03\x04` of `torch.save`, pickle protocol
+/// `\x80`) unless they are a safetensors header. Errs on anything that is
+/// not a regular file.
+pub fn refuse_pickle(path: &Path) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    if let Some(ext) = ext.filter(|e| PICKLE_EXTENSIONS.contains(&e.as_str())) {
+        bail!("{}", pickle_sentence(path, &format!("a .{ext} file")));
+    }
+    if !path.is_file() {
+        bail!(
+            "{} is not a regular file; pass --model a diffusers folder, a .safetensors file or a Hub id",
+            path.display()
+        );
+    }
+    let mut head = [0u8; 9];
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let read = read_up_to(&mut file, &mut head).with_context(|| format!("cannot read {}", path.display()))?;
+    let head = &head[..read];
+    if looks_like_safetensors(head) {
+        return Ok(());
+    }
+    if head.starts_with(b"PK\x03\x04") {
+        bail!("{}", pickle_sentence(path, "a zip archive as torch.save writes"));
+    }
+    if head.len() >= 2 && head[0] == 0x80 && (1..=5).contains(&head[1]) {
+        bail!("{}", pickle_sentence(path, "a Python pickle"));
+    }
+    bail!(
+        "{} is not a safetensors file; pass --model a diffusers folder, a single-file .safetensors checkpoint or a Hugging Face id like org/name",
+        path.display()
+    )
+}
+
+fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut total = 0;
+    while total < buf.len() {
+        match file.read(&mut buf[total..])? {
+            0 => break,
+            n => total += n,
+        }
+    }
+    Ok(total)
+}
+
+/// A little-endian u64 header length followed by `{`.
+fn looks_like_safetensors(head: &[u8]) -> bool {
+    head.len() == 9 && head[8] == b'{'
+}
+
+fn pickle_sentence(path: &Path, what: &str) -> String {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    format!(
+        "{} is a pickle checkpoint ({what}), which sdtune never opens because unpickling can run arbitrary code; convert it once to safetensors, e.g. `python -c \"import torch, safetensors.torch as st; sd = torch.load('{}', weights_only=True); st.save_file(sd.get('state_dict', sd), '{stem}.safetensors')\"`, and pass the .safetensors file",
+        path.display(),
+        path.display()
+    )
+}
+
+/// What a safetensors file holds, from its tensor names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// A single-file Stable Diffusion checkpoint (LDM names).
+    Checkpoint,
+    Lora(LoraFormat),
+    /// One component of a diffusers folder (`"UNet"`, `"VAE"`, `"text encoder"`).
+    Component(&'static str),
+    Other,
+}
+
+pub fn classify(names: &[String]) -> FileKind {
+    if single_file::is_ldm(names) {
+        return FileKind::Checkpoint;
+    }
+    if let Some(format) = detect_lora(names) {
+        return FileKind::Lora(format);
+    }
+    let any = |p: &str| names.iter().any(|n| n.starts_with(p));
+    if any("down_blocks.") && any("time_embedding.") {
+        FileKind::Component("UNet")
+    } else if any("encoder.down_blocks.") || any("decoder.up_blocks.") {
+        FileKind::Component("VAE")
+    } else if any("text_model.") {
+        FileKind::Component("text encoder")
+    } else {
+        FileKind::Other
+    }
+}
+
+/// One sentence for a file that is not a loadable checkpoint.
+pub fn not_a_model_sentence(path: &Path, kind: FileKind, names: &[String]) -> String {
+    let shown = path.display();
+    match kind {
+        FileKind::Checkpoint => format!("{shown} is a checkpoint"),
+        FileKind::Lora(f) => format!(
+            "{shown} is a LoRA ({}), not a base model; pass --model the Stable Diffusion model it was trained for (see it with `sdtune info {shown}`)",
+            f.name()
+        ),
+        FileKind::Component(c) => format!(
+            "{shown} holds only the weights of a diffusers {c}; pass --model the folder that holds model_index.json"
+        ),
+        FileKind::Other => format!(
+            "{shown} is a safetensors file but neither a Stable Diffusion checkpoint nor a LoRA (its first tensor is {}); pass --model a diffusers folder, a single-file checkpoint or a Hugging Face id",
+            names.first().map(String::as_str).unwrap_or("none, it is empty")
+        ),
+    }
+}
+
+impl StableDiffusion {
+    /// Loads the model a `--model` value names (see [`parse`]), printing
+    /// warnings (a guessed prediction type) to stderr.
+    pub fn load(model: &str, placement: Placement, opts: &LoadOptions) -> Result<Self> {
+        Self::load_with(model, placement, opts, &mut |w| eprintln!("warning: {w}"))
+    }
+
+    /// [`Self::load`] with warnings passed to `warn`.
+    pub fn load_with(
+        model: &str,
+        placement: Placement,
+        opts: &LoadOptions,
+        warn: &mut dyn FnMut(String),
+    ) -> Result<Self> {
+        let variant = opts.variant.as_deref();
+        let mut loaded = match parse(model)? {
+            ModelSource::Folder(dir) => StableDiffusion::from_diffusers_folder(&dir, placement, variant)?,
+            ModelSource::Hub(id) => {
+                let dir = hub::resolve_model(&id, variant)?;
+                StableDiffusion::from_diffusers_folder(&dir, placement, variant)?
+            }
+            ModelSource::SingleFile(path) => {
+                let names = TensorFile::open(&path)?.names();
+                match classify(&names) {
+                    FileKind::Checkpoint => {}
+                    kind => bail!("{}", not_a_model_sentence(&path, kind, &names)),
+                }
+                return StableDiffusion::from_single_file(&path, placement, opts.prediction_type, warn);
+            }
+        };
+        if let Some(p) = opts.prediction_type {
+            loaded.scheduler.prediction_type = p.as_config_str().to_string();
+        }
+        Ok(loaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_and_missing_paths() {
+        assert_eq!(parse("org/name").unwrap(), ModelSource::Hub(HubId { id: "org/name".into(), revision: None }));
+        let err = parse("./no/such/folder").unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn pickles_refused_by_name_without_opening() {
+        // The file does not exist: refusal comes from the name alone.
+        let err = refuse_pickle(Path::new("/nonexistent/model.ckpt")).unwrap_err().to_string();
+        assert!(err.contains("pickle") && err.contains("safetensors"), "{err}");
+    }
+
+    #[test]
+    fn prediction_flag_values() {
+        assert_eq!(parse_prediction("v").unwrap(), Prediction::V);
+        assert_eq!(parse_prediction("epsilon").unwrap(), Prediction::Epsilon);
+        assert!(parse_prediction("x").is_err());
+    }
+}
