@@ -26,3 +26,7 @@ demo: build
 fixtures:
 	bash scripts/fixtures/setup-venv.sh
 	.venv-ref/bin/python scripts/fixtures/make_fixtures.py
+	.venv-ref/bin/python scripts/fixtures/make_prepare_reference.py
+	.venv-ref/bin/python scripts/fixtures/make_scheduler_cases.py
+	.venv-ref/bin/python scripts/fixtures/make_lora_cases.py
+	.venv-ref/bin/python scripts/fixtures/make_single_file.py

@@ -230,7 +230,10 @@ fn yaml_error(path: &Path, err: &serde_yaml::Error) -> anyhow::Error {
             loc.line(),
             loc.column()
         ),
-        None => anyhow::anyhow!("{}: {message}; fix the file or delete it to have prepare write a fresh one", path.display()),
+        None => anyhow::anyhow!(
+            "{}: {message}; fix the file or delete it to have prepare write a fresh one",
+            path.display()
+        ),
     }
 }
 
@@ -269,8 +272,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let mut c = Config::default();
-        c.model = Some("./sd15".into());
+        let mut c = Config { model: Some("./sd15".into()), ..Config::default() };
         c.data.path = Some("photos".into());
         c.data.trigger = Some("brandx".into());
         c.data.background = Background([1, 2, 3]);

@@ -42,7 +42,10 @@ fn build_corpus(d: &Path) -> Vec<&'static str> {
     );
     write_picture(&d.join("scan.tiff"), 64, 80, 8, ImageFormat::Tiff);
     write(&d.join("grey.bmp"), &encode(&DynamicImage::ImageRgb8(picture(70, 64, 9)), ImageFormat::Bmp));
-    write(&d.join("gray.png"), &encode(&DynamicImage::ImageLuma8(DynamicImage::ImageRgb8(picture(64, 64, 10)).to_luma8()), ImageFormat::Png));
+    write(
+        &d.join("gray.png"),
+        &encode(&DynamicImage::ImageLuma8(DynamicImage::ImageRgb8(picture(64, 64, 10)).to_luma8()), ImageFormat::Png),
+    );
 
     // Bad files.
     write(&d.join("empty.jpg"), b"");
@@ -145,7 +148,7 @@ fn bad_inputs_are_reported_and_good_ones_cached() {
         assert_eq!(mean.size(), [4, bh / 8, bw / 8], "{path}");
         assert_eq!(std.size(), mean.size());
         assert!(mean.isfinite().all().int64_value(&[]) == 1, "{path} latent is not finite");
-        cache.text(&item.text).unwrap();
+        assert_eq!(cache.text(&item.text).unwrap().size(), [77, 32]);
     }
     assert_eq!(items.len(), good.len(), "cached: {:?}", items.keys());
     assert_eq!(count(&report, "usable") as usize, good.len());
@@ -256,4 +259,23 @@ fn no_model_anywhere_is_one_sentence() {
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("no model given") && stderr.contains("--model"), "{stderr}");
+}
+
+#[test]
+fn the_model_comes_from_sdtune_yaml_and_the_config_is_not_an_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    write_picture(&work.join("a.png"), 64, 64, 1, ImageFormat::Png);
+    write_picture(&work.join("b.jpg"), 64, 48, 2, ImageFormat::Jpeg);
+    let yaml = format!(
+        "model: {}\ndata:\n  resolution: 64\n  min_bucket: 32\n  max_bucket: 128\n  bucket_step: 16\n  min_side: 32\n",
+        tiny_model().display()
+    );
+    write(&work.join("sdtune.yaml"), yaml.as_bytes());
+    let stdout = run_ok(work, &["prepare".to_string(), ".".to_string(), "--device".to_string(), "cpu".to_string()]);
+    let report = report(work);
+    assert_eq!(count(&report, "usable"), 2, "{stdout}");
+    assert_eq!(report["skipped"].as_array().unwrap().len(), 0, "{:#}", report["skipped"]);
+    assert!(find(&report["ignored"], "sdtune.yaml").is_some(), "{:#}", report["ignored"]);
+    assert_eq!(std::fs::read_to_string(work.join("sdtune.yaml")).unwrap(), yaml, "an existing config is left alone");
 }

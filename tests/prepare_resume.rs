@@ -60,9 +60,11 @@ fn manifest_latents(work: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Starts prepare slowed down after each shard, SIGKILLs it once the
-/// journal records at least `at_least` shards; returns what was recorded.
-fn run_and_kill(work: &Path, at_least: usize) -> BTreeMap<String, String> {
+/// Starts prepare slowed down after each shard and SIGKILLs it once its
+/// journal records at least `at_least` latents not in `before`; returns
+/// the latents it recorded. (A journal left by an earlier killed run holds
+/// only keys in `before` until the new run folds it into the manifest.)
+fn run_and_kill(work: &Path, before: &BTreeMap<String, String>, at_least: usize) -> BTreeMap<String, String> {
     let mut child = command(work, &flags())
         .env("SDTUNE_TEST_SHARD_DELAY_MS", "250")
         .stdout(Stdio::null())
@@ -70,20 +72,22 @@ fn run_and_kill(work: &Path, at_least: usize) -> BTreeMap<String, String> {
         .spawn()
         .unwrap();
     let started = Instant::now();
+    let new = |work: &Path| -> BTreeMap<String, String> {
+        journaled(work).into_iter().filter(|(k, _)| !before.contains_key(k)).collect()
+    };
     loop {
-        let lines = std::fs::read_to_string(journal(work)).map(|t| t.matches('\n').count()).unwrap_or(0);
-        if lines >= at_least {
+        if new(work).len() >= at_least {
             break;
         }
         if let Some(status) = child.try_wait().unwrap() {
             panic!("prepare ended ({status}) before it could be killed mid-encode");
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "prepare never recorded {at_least} shards");
+        assert!(started.elapsed() < Duration::from_secs(120), "prepare never recorded {at_least} latents");
         std::thread::sleep(Duration::from_millis(10));
     }
     child.kill().unwrap(); // SIGKILL on Unix
     child.wait().unwrap();
-    journaled(work)
+    new(work)
 }
 
 /// What a killed run left must be consistent: every recorded entry's shard
@@ -106,16 +110,18 @@ fn killed_runs_resume_and_edits_re_encode_only_what_changed() {
     make_images(&work.join("data"));
 
     // First run killed after a few shards.
-    let first = run_and_kill(work, 2);
+    let first = run_and_kill(work, &BTreeMap::new(), 4);
     assert!(first.len() >= 4 && first.len() < IMAGES as usize, "recorded {} latents", first.len());
     assert_consistent_after_kill(work, &first);
 
     // Second run killed later: it must not redo the first run's latents.
-    let second = run_and_kill(work, 3);
+    let second = run_and_kill(work, &first, 4);
+    let after_second = journaled(work);
     for (key, shard) in &first {
-        assert_eq!(second.get(key), None, "the second run encoded {key} again");
+        assert_eq!(after_second.get(key), None, "the second run encoded {key} again");
         assert_eq!(manifest_latents(work).get(key), Some(shard), "{key} lost its shard");
     }
+    assert_consistent_after_kill(work, &second);
     let done_before = first.len() + second.len();
     assert!(done_before < IMAGES as usize, "the second run finished before it was killed");
 
@@ -188,7 +194,15 @@ fn flip_caches_flipped_latents_and_settings_are_part_of_the_key() {
     assert!((plain - flipped).abs().max().double_value(&[]) > 0.0, "the flipped latent equals the plain one");
     drop(cache);
 
-    // Without --flip the plain latents are reused and the flipped dropped.
+    // The first run wrote sdtune.yaml with `flip: true`; a run without the
+    // flag follows it and reuses everything.
+    let yaml = std::fs::read_to_string(work.join("sdtune.yaml")).unwrap();
+    assert!(yaml.contains("flip: true"), "{yaml}");
+    run_ok(work, &small_flags(Path::new("data")));
+    assert_eq!((count(&report(work), "encoded"), count(&report(work), "reused")), (0, 6));
+
+    // With flip off the plain latents are reused and the flipped dropped.
+    write(&work.join("sdtune.yaml"), yaml.replace("flip: true", "flip: false").as_bytes());
     run_ok(work, &small_flags(Path::new("data")));
     let r = report(work);
     assert_eq!((count(&r, "encoded"), count(&r, "reused"), count(&r, "removed")), (0, 3, 3));

@@ -44,8 +44,7 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         data: config.data.clone(),
         clip_skip: 0,
     })?;
-    print!("{}", prepared.report.table());
-    println!("report: {REPORT_FILE}");
+    say(&format!("{}report: {REPORT_FILE}\n", prepared.report.table()));
 
     let usable = prepared.report.counts.usable;
     if usable == 0 {
@@ -61,9 +60,18 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         fresh.data.path = Some(data_dir);
         fresh.sample.prompts = sample_prompts(&prepared.captions, fresh.data.trigger.as_deref(), 4);
         fresh.save(&work_dir.join(CONFIG_FILE))?;
-        println!("wrote {CONFIG_FILE} (model, data folder, resolution, trigger word, sample prompts); edit it to change the defaults");
+        say(&format!(
+            "wrote {CONFIG_FILE} (model, data folder, resolution, trigger word, sample prompts); edit it to change the defaults\n"
+        ));
     }
     Ok(())
+}
+
+/// Prints to stdout; a closed pipe (`sdtune prepare | head`) is not an error.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// fp32 on the CPU; bf16 on CUDA where it works, else fp16 (non-finite

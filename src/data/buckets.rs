@@ -147,7 +147,8 @@ mod tests {
     #[test]
     fn kohya_buckets_at_512() {
         let b = sd();
-        for (w, h) in [(512, 512), (256, 1024), (1024, 256), (448, 576), (576, 448), (384, 640), (640, 384), (768, 320)] {
+        for (w, h) in [(512, 512), (256, 1024), (1024, 256), (448, 576), (576, 448), (384, 640), (640, 384), (768, 320)]
+        {
             assert!(b.list.contains(&Bucket { width: w, height: h }), "{w}x{h} missing from {:?}", b.list);
         }
         for bucket in &b.list {
@@ -166,8 +167,7 @@ mod tests {
 
     #[test]
     fn no_upscale_keeps_small_images_small() {
-        let mut cfg = DataConfig::default();
-        cfg.no_upscale = true;
+        let cfg = DataConfig { no_upscale: true, ..DataConfig::default() };
         let b = Buckets::new(&cfg);
         assert_eq!(b.assign(300, 200), Bucket { width: 256, height: 192 });
         let big = b.assign(4000, 3000);
@@ -182,6 +182,14 @@ mod tests {
         let c = crop_for(100, 300, Bucket { width: 64, height: 128 });
         assert_eq!(c, Crop { left: 0, top: 50, width: 100, height: 200 });
         let img = RgbImage::new(300, 100);
-        assert_eq!(crop_and_resize(&img, crop_for(300, 100, Bucket { width: 64, height: 64 }), Bucket { width: 64, height: 64 }).dimensions(), (64, 64));
+        assert_eq!(
+            crop_and_resize(
+                &img,
+                crop_for(300, 100, Bucket { width: 64, height: 64 }),
+                Bucket { width: 64, height: 64 }
+            )
+            .dimensions(),
+            (64, 64)
+        );
     }
 }

@@ -371,7 +371,10 @@ impl CacheReader {
             replay_journal(&dir.join(JOURNAL), &mut manifest);
         }
         if manifest.version != FORMAT_VERSION || !manifest.complete || manifest.dataset.is_none() {
-            bail!("the cache in {} is incomplete (a prepare run was stopped); run `sdtune prepare` again to finish it", dir.display());
+            bail!(
+                "the cache in {} is incomplete (a prepare run was stopped); run `sdtune prepare` again to finish it",
+                dir.display()
+            );
         }
         Ok(CacheReader { dir, manifest, shards: Mutex::new(HashMap::new()), _lock: lock })
     }
@@ -393,7 +396,8 @@ impl CacheReader {
 
     /// The caption embedding of `key`, `[77, D]` fp32 on the CPU.
     pub fn text(&self, key: &str) -> Result<Tensor> {
-        let entry = self.manifest.texts.get(key).with_context(|| format!("the cache has no caption embedding {key}"))?;
+        let entry =
+            self.manifest.texts.get(key).with_context(|| format!("the cache has no caption embedding {key}"))?;
         self.shard(&entry.shard)?.tensor(key)
     }
 
@@ -514,7 +518,8 @@ mod tests {
         let dir = tmp.path().join(CACHE_DIR);
         let mut w = CacheWriter::open(&dir).unwrap();
         w.add_latents(vec![latent("a", 1.5)]).unwrap();
-        w.add_texts(vec![("t".into(), "cap".into(), Tensor::zeros([77, 8], (tch::Kind::Float, tch::Device::Cpu)))]).unwrap();
+        w.add_texts(vec![("t".into(), "cap".into(), Tensor::zeros([77, 8], (tch::Kind::Float, tch::Device::Cpu)))])
+            .unwrap();
         drop(w);
         assert!(CacheReader::open(tmp.path()).err().unwrap().to_string().contains("incomplete"));
         let mut w = CacheWriter::open(&dir).unwrap();

@@ -25,8 +25,12 @@ pub enum Issue {
     /// No sidecar and no metadata line.
     Missing,
     /// The caption file or line is empty.
-    Empty { file: String },
-    NotUtf8 { file: String },
+    Empty {
+        file: String,
+    },
+    NotUtf8 {
+        file: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -100,10 +104,9 @@ impl Captions {
                 Some((name, Some(text))) => {
                     self.metadata.insert(normalise(&dir.join(&name)), (found.rel.clone(), text));
                 }
-                Some((name, None)) => self.problem(
-                    found,
-                    format!("line {}: the entry for {name:?} has no \"text\" string", n + 1),
-                ),
+                Some((name, None)) => {
+                    self.problem(found, format!("line {}: the entry for {name:?} has no \"text\" string", n + 1))
+                }
                 None => self.problem(
                     found,
                     format!(
@@ -127,7 +130,8 @@ impl Captions {
     /// Sidecars that belong to no image in `images` (orphans).
     pub fn orphan_sidecars<'a>(&'a self, images: &[&Path]) -> Vec<&'a Found> {
         let used: std::collections::HashSet<PathBuf> = images.iter().map(|p| p.with_extension("")).collect();
-        let mut orphans: Vec<&Found> = self.sidecars.iter().filter(|(k, _)| !used.contains(*k)).map(|(_, f)| f).collect();
+        let mut orphans: Vec<&Found> =
+            self.sidecars.iter().filter(|(k, _)| !used.contains(*k)).map(|(_, f)| f).collect();
         orphans.sort_by(|a, b| a.rel.cmp(&b.rel));
         orphans
     }
@@ -179,7 +183,11 @@ pub fn apply_trigger(caption: &str, trigger: Option<&str>) -> String {
     let holds = caption
         .split(|c: char| !c.is_alphanumeric() && c != '_' && c != '-')
         .any(|word| word.eq_ignore_ascii_case(trigger));
-    if holds { caption.to_string() } else { format!("{trigger}, {caption}") }
+    if holds {
+        caption.to_string()
+    } else {
+        format!("{trigger}, {caption}")
+    }
 }
 
 /// One line: BOM dropped, line breaks to spaces, outer whitespace trimmed;

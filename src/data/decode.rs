@@ -92,7 +92,11 @@ pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<Header, Rejection> {
         return Err(Rejection::new("is empty (0 bytes)", "copy the file again, or delete it"));
     }
     let Some(format) = sniff(bytes) else {
-        let what = if looks_like_text(bytes) { "it holds text" } else { "its content is none of JPEG, PNG, WebP, BMP, TIFF or GIF" };
+        let what = if looks_like_text(bytes) {
+            "it holds text"
+        } else {
+            "its content is none of JPEG, PNG, WebP, BMP, TIFF or GIF"
+        };
         return Err(Rejection::new(
             format!("is not an image ({what})"),
             "remove it from the image folder, or convert it to PNG or JPEG",
@@ -146,9 +150,8 @@ pub fn to_rgb8(image: DynamicImage, background: Background) -> RgbImage {
     let mut out = RgbImage::new(rgba.width(), rgba.height());
     for (dst, src) in out.pixels_mut().zip(rgba.pixels()) {
         let a = src.0[3].clamp(0.0, 1.0);
-        for c in 0..3 {
-            let v = src.0[c].clamp(0.0, 1.0) * a + bg[c] * (1.0 - a);
-            dst.0[c] = (v * 255.0).round() as u8;
+        for ((d, s), b) in dst.0.iter_mut().zip(src.0).zip(bg) {
+            *d = ((s.clamp(0.0, 1.0) * a + b * (1.0 - a)) * 255.0).round() as u8;
         }
     }
     out
@@ -179,7 +182,10 @@ fn check_pixels(w: u32, h: u32, max_pixels: u64) -> Result<(), Rejection> {
 }
 
 fn swaps_sides(o: Orientation) -> bool {
-    matches!(o, Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH)
+    matches!(
+        o,
+        Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
+    )
 }
 
 fn looks_like_text(bytes: &[u8]) -> bool {
@@ -331,7 +337,14 @@ mod tests {
         use image::codecs::gif::GifEncoder;
         use image::{Delay, Frame};
         let mut one = Vec::new();
-        let frame = |c| Frame::from_parts(RgbaImage::from_pixel(8, 8, Rgba([c, 0, 0, 255])), 0, 0, Delay::from_numer_denom_ms(100, 1));
+        let frame = |c| {
+            Frame::from_parts(
+                RgbaImage::from_pixel(8, 8, Rgba([c, 0, 0, 255])),
+                0,
+                0,
+                Delay::from_numer_denom_ms(100, 1),
+            )
+        };
         GifEncoder::new(&mut one).encode_frames([frame(255)]).unwrap();
         let mut two = Vec::new();
         GifEncoder::new(&mut two).encode_frames([frame(255), frame(0)]).unwrap();

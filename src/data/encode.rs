@@ -46,9 +46,20 @@ impl ModelFiles {
             .collect();
         tokenizer_files.sort();
         let vae_files = std::iter::once(vae_config_path).chain(vae_weights.iter().cloned()).collect();
-        let text_files =
-            tokenizer_files.into_iter().chain(std::iter::once(text_config_path)).chain(text_weights.iter().cloned()).collect();
-        Ok(ModelFiles { dir: dir.to_path_buf(), vae_config, vae_files, vae_weights, text_config, text_files, text_weights })
+        let text_files = tokenizer_files
+            .into_iter()
+            .chain(std::iter::once(text_config_path))
+            .chain(text_weights.iter().cloned())
+            .collect();
+        Ok(ModelFiles {
+            dir: dir.to_path_buf(),
+            vae_config,
+            vae_files,
+            vae_weights,
+            text_config,
+            text_files,
+            text_weights,
+        })
     }
 
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
@@ -144,13 +155,19 @@ impl Encoders {
 
     /// Caption embeddings, `[77, D]` fp32 on the CPU each (last hidden state
     /// after the final layer norm, `clip_skip` layers from the end).
-    pub fn encode_texts(&mut self, tokenizer: &ClipTokenizer, captions: &[String], clip_skip: usize) -> Result<Vec<Tensor>> {
+    pub fn encode_texts(
+        &mut self,
+        tokenizer: &ClipTokenizer,
+        captions: &[String],
+        clip_skip: usize,
+    ) -> Result<Vec<Tensor>> {
         if captions.is_empty() {
             return Ok(Vec::new());
         }
         if self.text.is_none() {
             let cfg = self.files.text_config.clone();
-            let built = build_and_load(&self.files.text_weights, self.device, self.kind, |vb| ClipTextModel::new(vb, &cfg))?;
+            let built =
+                build_and_load(&self.files.text_weights, self.device, self.kind, |vb| ClipTextModel::new(vb, &cfg))?;
             self.text = Some(built);
         }
         let model = &self.text.as_ref().expect("loaded above").model;

@@ -90,11 +90,8 @@ impl FileHashes {
     /// SHA-256 of the file, reused while its size and mtime are unchanged.
     pub fn hash(&mut self, file: &Path) -> Result<String> {
         let meta = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
-        let mtime_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
+        let mtime_ns =
+            meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         let name = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()).display().to_string();
         if let Some(r) = self.known.get(&name) {
             if r.size == meta.len() && r.mtime_ns == mtime_ns {

@@ -12,7 +12,7 @@ use tch::Device;
 
 use super::buckets::{crop_and_resize, crop_for, Bucket, Buckets, Crop};
 use super::cache::{CacheWriter, Dataset, Item, LatentEntry, NewLatent, CACHE_DIR};
-use super::captions::{Captions, Issue, Source};
+use super::captions::{Caption, Captions, Issue, Source};
 use super::decode::{self, content_hash, format_name, Header, Rejection};
 use super::encode::{Encoders, ModelFiles};
 use super::keys::{latent_key, text_key, FileHashes, LatentSettings, TextSettings};
@@ -67,10 +67,26 @@ struct Planned {
     bucket: Bucket,
     crop: Crop,
     caption: String,
+    source: Source,
+    /// Warnings about this image, reported only if it ends up used.
+    notes: Vec<Note>,
     latent: String,
     flipped: Option<String>,
     text: String,
     alive: bool,
+}
+
+/// A warning held back until the image is known to be used.
+struct Note {
+    path: String,
+    kind: &'static str,
+    message: String,
+}
+
+impl Note {
+    fn on(path: &str, kind: &'static str, message: String) -> Self {
+        Note { path: path.to_string(), kind, message }
+    }
 }
 
 /// Runs prepare; errs only when nothing can be done at all (no folder, no
@@ -83,16 +99,31 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         data_dir: opts.data_dir.display().to_string(),
         model: opts.model_dir.display().to_string(),
         resolution: cfg.resolution,
-        device: format!("{:?}", opts.device).to_lowercase(),
+        device: match opts.device {
+            Device::Cuda(n) => format!("cuda:{n}"),
+            other => format!("{other:?}").to_lowercase(),
+        },
         precision: opts.precision.name().into(),
         ..Default::default()
     };
 
     // 1. Scan.
     let spinner = spinner("scanning");
-    let scanned = scan(&opts.data_dir, &mut |n| spinner.set_message(format!("{n} files")))?;
+    let mut scanned = scan(&opts.data_dir, &mut |n| spinner.set_message(format!("{n} files")))?;
     spinner.finish_and_clear();
-    report.ignored = scanned.ignored.iter().map(|i| report::Ignored { path: i.rel.clone(), reason: i.reason.clone() }).collect();
+    // Preparing the working folder itself: its own config is not a candidate.
+    let own_config = std::fs::canonicalize(opts.work_dir.join(crate::config::CONFIG_FILE)).ok();
+    scanned.candidates.retain(|f| {
+        let ours = own_config.is_some() && std::fs::canonicalize(&f.path).ok() == own_config;
+        if ours {
+            scanned
+                .ignored
+                .push(super::scan::Ignored { rel: f.rel.clone(), reason: "sdtune's own config file".into() });
+        }
+        !ours
+    });
+    report.ignored =
+        scanned.ignored.iter().map(|i| report::Ignored { path: i.rel.clone(), reason: i.reason.clone() }).collect();
     if scanned.candidates.is_empty() {
         bail!(
             "{} holds no image files{}; put JPEG, PNG, WebP, BMP, TIFF or GIF images in it",
@@ -103,9 +134,9 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     report.counts.files = scanned.candidates.len();
 
     // 2. The model's files (the models themselves load only if there is work).
-    let model = ModelFiles::find(&opts.model_dir)?;
+    let model = ModelFiles::find(&model_folder(&opts.model_dir)?)?;
     let factor = model.vae_config.scale_factor() as u32;
-    if cfg.bucket_step % factor != 0 || cfg.resolution % factor != 0 {
+    if !cfg.bucket_step.is_multiple_of(factor) || !cfg.resolution.is_multiple_of(factor) {
         bail!(
             "the resolution ({}) and bucket step ({}) must be multiples of {factor}, the VAE's downscale factor",
             cfg.resolution,
@@ -129,7 +160,8 @@ pub fn run(opts: &Options) -> Result<Prepared> {
 
     // 4. Sort out rejects, small images and duplicates; caption and bucket the rest.
     let buckets = Buckets::new(cfg);
-    let captions = Captions::new(&scanned.sidecars, &scanned.metadata, cfg.caption_template.as_deref(), cfg.trigger.as_deref());
+    let captions =
+        Captions::new(&scanned.sidecars, &scanned.metadata, cfg.caption_template.as_deref(), cfg.trigger.as_deref());
     for p in &captions.problems {
         report.warn(Some(&p.rel), "metadata", p.message.clone());
     }
@@ -144,23 +176,36 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         precision: opts.precision.name().into(),
         clip_skip: opts.clip_skip,
     };
-    let mut first_of_hash: HashMap<String, String> = HashMap::new();
-    let mut planned = Vec::new();
+    // Of identical files, keep one with a caption, else the shortest path.
+    let mut candidates = Vec::new();
     for result in checked {
-        let c = match result {
-            Ok(c) => c,
-            Err((found, rejection)) => {
-                report.skip(&found.rel, rejection.reason, rejection.fix);
-                continue;
-            }
-        };
-        if let Some(first) = first_of_hash.get(&c.hash) {
+        match result {
+            Ok(c) => candidates.push(c),
+            Err((found, rejection)) => report.skip(&found.rel, rejection.reason, rejection.fix),
+        }
+    }
+    let mut keeper: HashMap<String, (bool, usize, String)> = HashMap::new();
+    for c in &candidates {
+        let rank = (captions.caption_for(&c.found.path).issue.is_some(), c.found.rel.len(), c.found.rel.clone());
+        let best = keeper.entry(c.hash.clone()).or_insert_with(|| rank.clone());
+        if rank < *best {
+            *best = rank;
+        }
+    }
+    let mut planned = Vec::new();
+    for c in candidates {
+        let kept = &keeper[&c.hash].2;
+        if *kept != c.found.rel {
             report.counts.duplicates += 1;
-            report.skip(&c.found.rel, format!("is an exact duplicate of {first} (same content)"), "delete one of the copies");
+            report.skip(
+                &c.found.rel,
+                format!("is an exact duplicate of {kept} (same content)"),
+                "delete one of the copies",
+            );
             continue;
         }
-        first_of_hash.insert(c.hash.clone(), c.found.rel.clone());
         let (w, h) = (c.header.width, c.header.height);
+        let mut notes = Vec::new();
         if w.min(h) < cfg.min_side {
             if !cfg.allow_upscale {
                 report.skip(
@@ -170,32 +215,60 @@ pub fn run(opts: &Options) -> Result<Prepared> {
                 );
                 continue;
             }
-            report.warn(Some(&c.found.rel), "upscaled", format!("is only {w}×{h} pixels and is scaled up (--allow-upscale); expect a softer result"));
+            notes.push(Note::on(
+                &c.found.rel,
+                "upscaled",
+                format!("is only {w}×{h} pixels and is scaled up (--allow-upscale); expect a softer result"),
+            ));
         }
-        note_header(&mut report, &c);
-        let caption = caption_of(&captions, &c.found, &mut report);
+        header_notes(&c, &mut notes);
+        let caption = captions.caption_for(&c.found.path);
+        caption_notes(&caption, &c.found, &mut notes);
+        let Caption { text: caption, source, .. } = caption;
         let tokens = tokenizer.token_count(&caption);
         if tokens > MAX_TOKENS - 2 {
-            report.captions.too_long += 1;
-            report.warn(
-                Some(&c.found.rel),
+            notes.push(Note::on(
+                &c.found.rel,
                 "long_caption",
                 format!(
                     "its caption has {tokens} tokens; CLIP reads only the first {} ({MAX_TOKENS} with its start and end tokens), the rest is cut off; shorten it",
                     MAX_TOKENS - 2
                 ),
-            );
+            ));
         }
         let bucket = buckets.assign(w, h);
         let crop = crop_for(w, h, bucket);
         let latent = latent_key(&latent_settings, &c.hash, bucket, crop, false);
         let flipped = cfg.flip.then(|| latent_key(&latent_settings, &c.hash, bucket, crop, true));
         let text = text_key(&text_settings, &caption);
-        planned.push(Planned { found: c.found, hash: c.hash, header: c.header, bucket, crop, caption, latent, flipped, text, alive: true });
+        planned.push(Planned {
+            found: c.found,
+            hash: c.hash,
+            header: c.header,
+            bucket,
+            crop,
+            caption,
+            source,
+            notes,
+            latent,
+            flipped,
+            text,
+            alive: true,
+        });
     }
     let image_paths: Vec<&Path> = scanned.candidates.iter().map(|f| f.path.as_path()).collect();
     for orphan in captions.orphan_sidecars(&image_paths) {
-        report.warn(Some(&orphan.rel), "orphan_caption", "is a caption file with no image of the same name beside it; it was not used");
+        report.warn(
+            Some(&orphan.rel),
+            "orphan_caption",
+            "is a caption file with no image of the same name beside it; it was not used",
+        );
+    }
+
+    if planned.is_empty() {
+        // Nothing usable (a wrong folder?): leave the cache as it is.
+        report.finish(&BTreeMap::new());
+        return finish_report(report, opts, started, Vec::new());
     }
 
     // 5. Open the cache, drop what the folder no longer needs.
@@ -224,10 +297,8 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     let bar = progress_bar(pending_latents as u64, "encoding");
     for (bucket, indices) in &by_bucket {
         for chunk in indices.chunks(cfg.encode_batch_size) {
-            let decoded: Vec<(usize, Result<RgbImage, Rejection>)> = chunk
-                .par_iter()
-                .map(|&i| (i, load_pixels(&planned[i], cfg, *bucket)))
-                .collect();
+            let decoded: Vec<(usize, Result<RgbImage, Rejection>)> =
+                chunk.par_iter().map(|&i| (i, load_pixels(&planned[i], cfg, *bucket))).collect();
             let mut jobs: Vec<(usize, bool, String, RgbImage)> = Vec::new();
             for (i, result) in decoded {
                 let p = &planned[i];
@@ -292,11 +363,19 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     bar.finish_and_clear();
     let live: Vec<&Planned> = planned.iter().filter(|p| p.alive).collect();
     report.counts.usable = live.len();
+    for p in &live {
+        count_caption(&mut report, p);
+        for note in &p.notes {
+            report.warn(Some(&note.path), note.kind, note.message.clone());
+        }
+    }
 
     // 7. Caption embeddings, and the empty caption's for caption dropout.
     let mut texts: Vec<(String, String)> = Vec::new();
     let mut seen = BTreeSet::new();
-    for (key, caption) in live.iter().map(|p| (&p.text, &p.caption)).chain(std::iter::once((&empty_text, &String::new()))) {
+    for (key, caption) in
+        live.iter().map(|p| (&p.text, &p.caption)).chain(std::iter::once((&empty_text, &String::new())))
+    {
         if seen.insert(key.clone()) {
             if cache.has_text(key) {
                 report.counts.texts_reused += 1;
@@ -350,15 +429,20 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         cache.finish(dataset)?;
     }
     report.finish(&histogram);
-    report.seconds = started.elapsed().as_secs_f64();
-    let json = serde_json::to_vec_pretty(&report)?;
-    crate::fsutil::write_atomic(&opts.work_dir.join(REPORT_FILE), &json)?;
     let mut captions: Vec<String> = Vec::new();
     for p in &live {
         if !p.caption.is_empty() && !captions.contains(&p.caption) {
             captions.push(p.caption.clone());
         }
     }
+    finish_report(report, opts, started, captions)
+}
+
+/// Stamps the time, writes the JSON report and returns the outcome.
+fn finish_report(mut report: Report, opts: &Options, started: Instant, captions: Vec<String>) -> Result<Prepared> {
+    report.seconds = started.elapsed().as_secs_f64();
+    let json = serde_json::to_vec_pretty(&report)?;
+    crate::fsutil::write_atomic(&opts.work_dir.join(REPORT_FILE), &json)?;
     Ok(Prepared { report, captions })
 }
 
@@ -382,30 +466,25 @@ fn load_pixels(p: &Planned, cfg: &DataConfig, bucket: Bucket) -> Result<RgbImage
     Ok(crop_and_resize(&image, p.crop, bucket))
 }
 
-/// Warnings the header gives: content that does not match the extension, animation.
-fn note_header(report: &mut Report, c: &Candidate) {
+/// Notes the header gives: content that does not match the extension, animation.
+fn header_notes(c: &Candidate, notes: &mut Vec<Note>) {
     let name = format_name(c.header.format);
     let ext = Path::new(&c.found.rel).extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
     if !decode::extensions(c.header.format).contains(&ext.as_str()) {
         let named = if ext.is_empty() { "has no extension".to_string() } else { format!("has a .{ext} name") };
-        report.warn(Some(&c.found.rel), "extension", format!("{named} but holds {name} data; it was read as {name}"));
+        notes.push(Note::on(
+            &c.found.rel,
+            "extension",
+            format!("{named} but holds {name} data; it was read as {name}"),
+        ));
     }
     if c.header.animated {
-        report.warn(Some(&c.found.rel), "animated", format!("is an animated {name}; only its first frame is used"));
+        notes.push(Note::on(&c.found.rel, "animated", format!("is an animated {name}; only its first frame is used")));
     }
 }
 
-/// The image's caption, with its counts and warnings recorded.
-fn caption_of(captions: &Captions, found: &Found, report: &mut Report) -> String {
-    let caption = captions.caption_for(&found.path);
-    let k = &mut report.captions;
-    match caption.source {
-        Source::Sidecar => k.sidecar += 1,
-        Source::Metadata => k.metadata += 1,
-        Source::Template => k.template += 1,
-        Source::Trigger => k.trigger_only += 1,
-        Source::None => k.none += 1,
-    }
+/// Notes about the image's caption (missing, empty, not UTF-8).
+fn caption_notes(caption: &Caption, found: &Found, notes: &mut Vec<Note>) {
     let uses = if caption.text.is_empty() {
         "it trains with an empty caption; add a caption, a trigger word (--trigger) or a caption template".to_string()
     } else {
@@ -413,24 +492,41 @@ fn caption_of(captions: &Captions, found: &Found, report: &mut Report) -> String
     };
     match &caption.issue {
         None => {}
-        Some(Issue::Missing) => {
-            k.missing += 1;
-            report.warn(Some(&found.rel), "no_caption", format!("has no caption (no .txt beside it, no metadata.jsonl line); {uses}"));
-        }
+        Some(Issue::Missing) => notes.push(Note::on(
+            &found.rel,
+            "no_caption",
+            format!("has no caption (no .txt beside it, no metadata.jsonl line); {uses}"),
+        )),
         Some(Issue::Empty { file }) => {
-            k.empty += 1;
-            report.warn(Some(file), "empty_caption", format!("is an empty caption for {}; {uses}", found.rel));
+            notes.push(Note::on(file, "empty_caption", format!("is an empty caption for {}; {uses}", found.rel)))
         }
-        Some(Issue::NotUtf8 { file }) => {
-            k.not_utf8 += 1;
-            report.warn(
-                Some(file),
-                "caption_not_utf8",
-                format!("is not UTF-8 text, so it was not used as the caption of {}; save it as UTF-8 ({uses})", found.rel),
-            );
+        Some(Issue::NotUtf8 { file }) => notes.push(Note::on(
+            file,
+            "caption_not_utf8",
+            format!("is not UTF-8 text, so it was not used as the caption of {}; save it as UTF-8 ({uses})", found.rel),
+        )),
+    }
+}
+
+/// Caption statistics of a used image.
+fn count_caption(report: &mut Report, p: &Planned) {
+    let k = &mut report.captions;
+    match p.source {
+        Source::Sidecar => k.sidecar += 1,
+        Source::Metadata => k.metadata += 1,
+        Source::Template => k.template += 1,
+        Source::Trigger => k.trigger_only += 1,
+        Source::None => k.none += 1,
+    }
+    for note in &p.notes {
+        match note.kind {
+            "no_caption" => k.missing += 1,
+            "empty_caption" => k.empty += 1,
+            "caption_not_utf8" => k.not_utf8 += 1,
+            "long_caption" => k.too_long += 1,
+            _ => {}
         }
     }
-    caption.text
 }
 
 fn progress_bar(total: u64, what: &str) -> ProgressBar {
@@ -457,4 +553,19 @@ pub fn sample_prompts(captions: &[String], trigger: Option<&str>, n: usize) -> V
     }
     let n = n.min(captions.len());
     (0..n).map(|i| captions[i * captions.len() / n].clone()).collect()
+}
+
+/// The diffusers folder `--model` names: a folder, or a Hub id resolved in
+/// the Hugging Face cache. prepare reads the VAE and text encoder from
+/// their own component folders, so single-file checkpoints are not taken yet.
+fn model_folder(spec: &Path) -> Result<PathBuf> {
+    use crate::models::source::{parse, ModelSource};
+    match parse(&spec.to_string_lossy())? {
+        ModelSource::Folder(dir) => Ok(dir),
+        ModelSource::Hub(id) => crate::models::hub::resolve_model(&id, None),
+        ModelSource::SingleFile(path) => anyhow::bail!(
+            "{} is a single-file checkpoint, which `sdtune prepare` cannot read yet; pass a diffusers folder or Hub id (diffusers: StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR))",
+            path.display()
+        ),
+    }
 }

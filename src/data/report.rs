@@ -8,6 +8,9 @@ use serde::Serialize;
 
 use super::buckets::Bucket;
 
+/// Warnings of one kind shown in full on the terminal.
+const WARNINGS_PER_KIND: usize = 3;
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     pub data_dir: String,
@@ -101,7 +104,9 @@ impl Report {
 
     /// Fills the histogram and adds the set-wide warnings.
     pub fn finish(&mut self, buckets: &BTreeMap<Bucket, usize>) {
-        self.buckets = buckets.iter().map(|(b, &n)| BucketCount { width: b.width, height: b.height, images: n }).collect();
+        self.buckets =
+            buckets.iter().map(|(b, &n)| BucketCount { width: b.width, height: b.height, images: n }).collect();
+        self.skipped.sort_by(|a, b| a.path.cmp(&b.path));
         self.counts.skipped = self.skipped.len();
         if self.counts.usable > 0 && self.counts.usable < 5 {
             self.warn(
@@ -136,11 +141,15 @@ impl Report {
     pub fn table(&self) -> String {
         let c = &self.counts;
         let mut out = String::new();
-        let _ = writeln!(out, "sdtune prepare  {}  (model {}, {} px, {} {})", self.data_dir, self.model, self.resolution, self.device, self.precision);
+        let _ = writeln!(
+            out,
+            "sdtune prepare  {}  (model {}, {} px, {} {})",
+            self.data_dir, self.model, self.resolution, self.device, self.precision
+        );
         let row = |out: &mut String, name: &str, value: String| {
             let _ = writeln!(out, "  {name:<22} {value}");
         };
-        row(&mut out, "image files", c.files.to_string());
+        row(&mut out, "files checked", c.files.to_string());
         row(&mut out, "usable", c.usable.to_string());
         row(&mut out, "skipped", c.skipped.to_string());
         if c.duplicates > 0 {
@@ -159,7 +168,10 @@ impl Report {
         row(
             &mut out,
             "captions from",
-            format!("{} .txt, {} metadata.jsonl, {} template, {} trigger only, {} none", k.sidecar, k.metadata, k.template, k.trigger_only, k.none),
+            format!(
+                "{} .txt, {} metadata.jsonl, {} template, {} trigger only, {} none",
+                k.sidecar, k.metadata, k.template, k.trigger_only, k.none
+            ),
         );
         if !self.buckets.is_empty() {
             let _ = writeln!(out, "\nbuckets (width×height  images)");
@@ -177,7 +189,14 @@ impl Report {
         }
         if !self.warnings.is_empty() {
             let _ = writeln!(out, "\nwarnings ({})", self.warnings.len());
+            // Per kind, the first few in full; the rest are in the JSON report.
+            let mut shown: BTreeMap<&str, usize> = BTreeMap::new();
             for w in &self.warnings {
+                let n = shown.entry(w.kind.as_str()).or_default();
+                *n += 1;
+                if *n > WARNINGS_PER_KIND {
+                    continue;
+                }
                 match &w.path {
                     Some(p) => {
                         let _ = writeln!(out, "  {p}: {}", w.message);
@@ -187,16 +206,29 @@ impl Report {
                     }
                 }
             }
+            for (kind, n) in shown.into_iter().filter(|(_, n)| *n > WARNINGS_PER_KIND) {
+                let _ =
+                    writeln!(out, "  ... and {} more {kind} warnings, all listed in the report", n - WARNINGS_PER_KIND);
+            }
         }
         if !self.ignored.is_empty() {
-            let _ = writeln!(out, "\nignored {} hidden or system file{} (listed in the report)", self.ignored.len(), plural(self.ignored.len()));
+            let _ = writeln!(
+                out,
+                "\nignored {} hidden or system file{} (listed in the report)",
+                self.ignored.len(),
+                plural(self.ignored.len())
+            );
         }
         out
     }
 }
 
 pub fn plural(n: usize) -> &'static str {
-    if n == 1 { "" } else { "s" }
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
 }
 
 #[cfg(test)]

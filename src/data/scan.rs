@@ -58,7 +58,8 @@ pub fn scan(root: &Path, on_file: &mut dyn FnMut(usize)) -> Result<Scan> {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) => {
-                scan.ignored.push(Ignored { rel: display_dir(&rel_dir), reason: format!("folder cannot be read ({e})") });
+                scan.ignored
+                    .push(Ignored { rel: display_dir(&rel_dir), reason: format!("folder cannot be read ({e})") });
                 continue;
             }
         };
@@ -89,7 +90,7 @@ pub fn scan(root: &Path, on_file: &mut dyn FnMut(usize)) -> Result<Scan> {
                     scan.ignored.push(Ignored { rel, reason: "system folder".into() });
                     continue;
                 }
-                let first_visit = dir_id(&path).map_or(true, |id| visited.insert(id));
+                let first_visit = dir_id(&path).is_none_or(|id| visited.insert(id));
                 if !first_visit {
                     let reason = if is_link {
                         "symbolic link to a folder already scanned (a loop or a repeat); not followed"
@@ -131,7 +132,11 @@ pub fn scan(root: &Path, on_file: &mut dyn FnMut(usize)) -> Result<Scan> {
 }
 
 fn display_dir(rel: &str) -> String {
-    if rel.is_empty() { ".".into() } else { format!("{rel}/") }
+    if rel.is_empty() {
+        ".".into()
+    } else {
+        format!("{rel}/")
+    }
 }
 
 /// A folder's identity (device, inode), following symlinks.

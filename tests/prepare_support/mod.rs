@@ -17,8 +17,22 @@ pub fn tiny_model() -> PathBuf {
 
 /// `sdtune prepare DATA` flags for the tiny model: 64 px, buckets 32..128 in steps of 16.
 pub fn small_flags(data: &Path) -> Vec<String> {
-    let mut flags = vec!["prepare".to_string(), data.display().to_string(), "--model".into(), tiny_model().display().to_string()];
-    for f in ["--resolution", "64", "--min-bucket", "32", "--max-bucket", "128", "--bucket-step", "16", "--min-side", "32", "--device", "cpu"] {
+    let mut flags =
+        vec!["prepare".to_string(), data.display().to_string(), "--model".into(), tiny_model().display().to_string()];
+    for f in [
+        "--resolution",
+        "64",
+        "--min-bucket",
+        "32",
+        "--max-bucket",
+        "128",
+        "--bucket-step",
+        "16",
+        "--min-side",
+        "32",
+        "--device",
+        "cpu",
+    ] {
         flags.push(f.into());
     }
     flags
@@ -65,9 +79,9 @@ pub fn picture(w: u32, h: u32, seed: u32) -> RgbImage {
     RgbImage::from_fn(w, h, |x, y| {
         let s = seed * 37;
         Rgb([
-            ((x * 255 / w.max(1)) as u32 + s) as u8,
-            ((y * 255 / h.max(1)) as u32 + 2 * s) as u8,
-            (((x + y) * 128 / (w + h)) as u32 + 3 * s) as u8,
+            (x * 255 / w.max(1) + s) as u8,
+            (y * 255 / h.max(1) + 2 * s) as u8,
+            ((x + y) * 128 / (w + h) + 3 * s) as u8,
         ])
     })
 }
