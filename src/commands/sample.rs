@@ -1,40 +1,423 @@
-//! `sdtune sample`: one image from a prompt and a seed.
-use anyhow::{Context, Result};
+//! `sdtune sample`: images from prompts and seeds, a labelled grid of them,
+//! consistency figures against the brand set; or an image rendered again
+//! from the settings in its PNG (`--from`).
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::Device;
 
 use crate::cli::SampleArgs;
+use crate::config::Config;
+use crate::models::source::{parse_prediction, LoadOptions};
 use crate::models::stable_diffusion::{Placement, StableDiffusion};
 use crate::runtime::{parse_device, Precision};
-use crate::sample::image_out::{save_png, to_rgb8};
-use crate::sample::pipeline::{text_to_image, SampleRequest};
+use crate::sample::metrics::{self, Brand};
+use crate::sample::render::{self, consistency_path, Job, LoadedLora, Rendered};
+use crate::sample::settings::{self, Found, ImageRecipe, Recipe, Settings};
 use crate::schedulers::SchedulerKind;
+
+/// What to render, decided before the model is loaded.
+enum Work {
+    /// A grid, or one image, from flags or sdtune.yaml. Width and height
+    /// of 0 mean the model's native size.
+    Job(Job),
+    /// One image again, from its recorded settings.
+    Again { recipe: ImageRecipe, out: PathBuf },
+}
+
+/// Where the brand set for the consistency figures comes from.
+enum BrandFrom {
+    None,
+    Dir(PathBuf),
+    /// The prepared cache in this folder, when there is one (skipped quietly otherwise).
+    Prepared,
+}
+
+struct Plan {
+    model: String,
+    options: LoadOptions,
+    precision: Precision,
+    fuse: bool,
+    /// `FILE[:SCALE]` each.
+    loras: Vec<String>,
+    work: Work,
+    brand: BrandFrom,
+    /// The model hash the `--from` image was made with.
+    expected_model_hash: Option<String>,
+}
 
 pub fn run(args: SampleArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let precision = Precision::parse(&args.precision)?;
-    let scheduler = SchedulerKind::parse(&args.scheduler)?;
-    let placement = Placement { device, kind: precision.kind(), vae_kind: precision.kind() };
-    let model = StableDiffusion::from_diffusers_folder(&args.model, placement, None)?;
-    let layers = crate::lora::ModelLayers { unet: &model.unet.layers, text_encoder: Some(&model.text_encoder.layers) };
-    crate::lora::apply_specs(&args.loras, &layers, args.fuse)?;
-    let native = model.unet_config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
-    let req = SampleRequest {
-        prompt: args.prompt,
-        negative_prompt: args.negative_prompt,
-        seed: args.seed,
-        steps: args.steps,
-        guidance: args.guidance,
-        width: args.width.unwrap_or(native),
-        height: args.height.unwrap_or(native),
-        scheduler,
-        clip_skip: args.clip_skip,
+    let plan = plan(&args)?;
+    let placement = Placement { device, kind: plan.precision.kind(), vae_kind: plan.precision.kind() };
+    let (model, model_hash) = load_and_hash(&plan, placement)?;
+    let layers = render::layers(&model);
+    let loras = plan.loras.iter().map(|spec| LoadedLora::read(spec, &layers)).collect::<Result<Vec<_>>>()?;
+    let shared = shared_settings(&plan, model_hash, &loras, device);
+    if let Some(want) = plan.expected_model_hash.as_ref().filter(|&h| h != &shared.model_hash) {
+        eprintln!("warning: the model's hash is {}, the image was made with {want}; the image will differ", shared.model_hash);
+    }
+    match plan.work {
+        Work::Again { recipe, out } => again(&model, recipe, shared, &loras, &out),
+        Work::Job(mut job) => {
+            fill_settings(&mut job, shared, &model);
+            run_job(&model, &job, &loras, &plan.brand)
+        }
+    }
+}
+
+/// Decides the model, LoRAs and images from `--from`, the flags or sdtune.yaml.
+fn plan(args: &SampleArgs) -> Result<Plan> {
+    let options = LoadOptions {
+        variant: args.variant.clone(),
+        prediction_type: args.prediction_type.as_deref().map(parse_prediction).transpose()?,
     };
-    let bar = crate::progress::steps_bar(req.steps as u64, "sampling");
-    let decoded = text_to_image(&model, &req, &mut |w| bar.suspend(|| eprintln!("warning: {w}")), &mut |i, _| {
+    let mut plan = Plan {
+        model: args.model.as_ref().map(|m| m.to_string_lossy().into_owned()).unwrap_or_default(),
+        options,
+        precision: Precision::parse(&args.precision)?,
+        fuse: args.fuse,
+        loras: args.loras.clone(),
+        work: Work::Job(empty_job()),
+        brand: args.brand.clone().map_or(BrandFrom::None, BrandFrom::Dir),
+        expected_model_hash: None,
+    };
+    if let Some(from) = &args.from {
+        plan_again(args, from, &mut plan)?;
+    } else if args.prompts.is_none() && args.prompt.is_empty() {
+        plan_run_grid(args, &mut plan)?;
+    } else {
+        let mut job = job_from_flags(args)?;
+        job.out = args.out.clone().unwrap_or_else(|| "sample.png".into());
+        plan.work = Work::Job(job);
+        if plan.model.is_empty() {
+            plan.model = crate::models::builtin::fallback()?.display().to_string();
+        }
+        if matches!(plan.brand, BrandFrom::None) {
+            plan.brand = BrandFrom::Prepared;
+        }
+    }
+    if matches!(&plan.work, Work::Job(job) if !job.compare.is_empty()) && plan.loras.is_empty() {
+        bail!("--compare lays the base model beside its LoRAs, but no --lora was given");
+    }
+    Ok(plan)
+}
+
+fn empty_job() -> Job {
+    Job {
+        prompts: Vec::new(),
+        negative_prompt: None,
+        seeds: Vec::new(),
+        compare: Vec::new(),
+        batch_size: 1,
+        settings: Settings {
+            steps: 30,
+            guidance: 7.5,
+            width: 0,
+            height: 0,
+            scheduler: "ddim".into(),
+            clip_skip: 0,
+            model: String::new(),
+            model_hash: String::new(),
+            variant: None,
+            prediction_type: None,
+            loras: Vec::new(),
+            fuse: false,
+            precision: "fp32".into(),
+            device: "cpu".into(),
+        },
+        out: PathBuf::new(),
+    }
+}
+
+/// Prompts, seeds and settings from the flags.
+fn job_from_flags(args: &SampleArgs) -> Result<Job> {
+    let mut prompts = args.prompt.clone();
+    if let Some(file) = &args.prompts {
+        prompts.extend(read_prompts(file)?);
+    }
+    let seeds = if args.seeds.is_empty() { (0..args.count as u64).map(|i| args.seed + i).collect() } else { args.seeds.clone() };
+    if seeds.is_empty() {
+        bail!("--count 0 renders nothing; use --count 1 or more");
+    }
+    let mut job = empty_job();
+    job.prompts = prompts;
+    job.negative_prompt = args.negative_prompt.clone();
+    job.seeds = seeds;
+    job.compare = compare_multipliers(args);
+    job.batch_size = args.batch_size;
+    job.settings.steps = args.steps.unwrap_or(30);
+    job.settings.guidance = args.guidance.unwrap_or(7.5);
+    job.settings.width = args.width.unwrap_or(0);
+    job.settings.height = args.height.unwrap_or(0);
+    job.settings.scheduler = SchedulerKind::parse(&args.scheduler)?.name().into();
+    job.settings.clip_skip = args.clip_skip;
+    Ok(job)
+}
+
+/// `--compare` alone: base beside the LoRAs as given; with values: beside
+/// the LoRAs at each multiple of their strengths.
+fn compare_multipliers(args: &SampleArgs) -> Vec<f64> {
+    match &args.compare {
+        None => Vec::new(),
+        Some(m) if m.is_empty() => vec![1.0],
+        Some(m) => m.clone(),
+    }
+}
+
+/// One prompt a line; blank lines and lines starting with `#` are skipped.
+fn read_prompts(file: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--prompts {} cannot be read; give a UTF-8 text file with one prompt a line", file.display()))?;
+    let prompts: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
+    if prompts.is_empty() {
+        bail!("--prompts {} holds no prompt; write one prompt a line", file.display());
+    }
+    Ok(prompts)
+}
+
+/// No prompt given: the run's standard grid from sdtune.yaml, with its
+/// trained LoRA, as `sdtune train` renders it.
+fn plan_run_grid(args: &SampleArgs, plan: &mut Plan) -> Result<()> {
+    let work_dir = Path::new(".");
+    let Some(config) = Config::load_from_dir(work_dir)? else {
+        bail!("no prompt given and no sdtune.yaml here; pass --prompt TEXT (or --prompts FILE), or run in the folder of a training run");
+    };
+    let dataset = crate::data::cache::CacheReader::open(work_dir).ok().map(|c| c.dataset().clone());
+    let mut job = job_from_flags(args)?;
+    job.prompts = config.sample.prompts.clone();
+    if job.prompts.is_empty() {
+        job.prompts = dataset.iter().flat_map(|d| d.items.iter().map(|i| i.caption.clone())).take(2).collect();
+    }
+    if job.prompts.is_empty() {
+        bail!("sdtune.yaml has no sample prompts and nothing is prepared; add `sample: prompts:` to sdtune.yaml or pass --prompt");
+    }
+    if args.seeds.is_empty() && args.count == 1 {
+        job.seeds = config.sample.seeds.clone();
+    }
+    let t = &config.train;
+    job.settings.steps = args.steps.unwrap_or(t.sample_steps);
+    job.settings.guidance = args.guidance.unwrap_or(t.sample_guidance);
+    let res = dataset.as_ref().map_or(config.data.resolution, |d| d.resolution) as i64;
+    job.settings.width = args.width.unwrap_or(res);
+    job.settings.height = args.height.unwrap_or(res);
+    let run_dir = work_dir.join(&t.output).join(&t.name);
+    job.out = args.out.clone().unwrap_or_else(|| run_dir.join("samples").join("final.png"));
+    if plan.loras.is_empty() {
+        let lora = run_dir.join(format!("{}.safetensors", t.name));
+        if !lora.is_file() {
+            bail!("{} does not exist yet; run `sdtune train` first, or pass --prompt to sample without the run's LoRA", lora.display());
+        }
+        plan.loras.push(lora.display().to_string());
+    }
+    if plan.model.is_empty() {
+        plan.model = config.model.clone().or_else(|| dataset.as_ref().map(|d| d.model.clone())).context(
+            "sdtune.yaml names no model and nothing is prepared; add `model:` to sdtune.yaml or pass --model",
+        )?;
+    }
+    if matches!(plan.brand, BrandFrom::None) {
+        plan.brand = BrandFrom::Prepared;
+    }
+    plan.work = Work::Job(job);
+    Ok(())
+}
+
+/// `--from IMAGE.png`: its recorded settings; `--model` and `--lora` given
+/// beside it replace the recorded ones (e.g. a model that moved).
+fn plan_again(args: &SampleArgs, from: &Path, plan: &mut Plan) -> Result<()> {
+    let out = args.out.clone().unwrap_or_else(|| again_path(from));
+    match settings::read_png(from)? {
+        Found::Recipe(recipe) => {
+            let s = match &recipe {
+                Recipe::Image(r) => &r.settings,
+                Recipe::Grid(g) => &g.settings,
+            };
+            if plan.model.is_empty() {
+                plan.model = s.model.clone();
+            }
+            if plan.loras.is_empty() {
+                plan.loras = s.loras.iter().map(|l| format!("{}:{}", l.path, l.scale)).collect();
+            }
+            plan.precision = Precision::parse(&s.precision)?;
+            plan.fuse = s.fuse;
+            plan.options.variant = plan.options.variant.take().or(s.variant.clone());
+            if plan.options.prediction_type.is_none() {
+                plan.options.prediction_type = s.prediction_type.as_deref().map(parse_prediction).transpose()?;
+            }
+            plan.expected_model_hash = Some(s.model_hash.clone());
+            plan.work = match recipe {
+                Recipe::Image(recipe) => Work::Again { recipe, out },
+                Recipe::Grid(g) => {
+                    if matches!(plan.brand, BrandFrom::None) {
+                        plan.brand = BrandFrom::Prepared;
+                    }
+                    Work::Job(Job::from_recipe(g, out))
+                }
+            };
+        }
+        Found::Parameters(p) => {
+            if plan.model.is_empty() {
+                let hash = p.model_hash.as_deref().unwrap_or("unknown");
+                bail!("{} names its model only by hash ({hash}); pass --model the model it was made with", from.display());
+            }
+            if plan.loras.is_empty() {
+                if let Some(h) = &p.lora_hashes {
+                    eprintln!("warning: {} was made with LoRAs ({h}); pass them with --lora FILE:SCALE", from.display());
+                }
+            }
+            plan.expected_model_hash = p.model_hash.clone();
+            let mut job = empty_job();
+            job.prompts = vec![p.prompt];
+            job.negative_prompt = p.negative_prompt;
+            job.seeds = vec![p.seed];
+            job.settings.steps = p.steps;
+            job.settings.guidance = p.guidance;
+            job.settings.width = p.width;
+            job.settings.height = p.height;
+            job.settings.scheduler = p.scheduler.name().into();
+            job.settings.clip_skip = p.clip_skip;
+            job.out = out;
+            plan.work = Work::Job(job);
+        }
+    }
+    Ok(())
+}
+
+/// `IMAGE-again.png` beside the image.
+fn again_path(from: &Path) -> PathBuf {
+    let stem = from.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "sample".into());
+    from.with_file_name(format!("{stem}-again.png"))
+}
+
+/// Loads the model and hashes its weights file(s) (for the PNGs' settings);
+/// a local model is hashed on another thread while it loads.
+fn load_and_hash(plan: &Plan, placement: Placement) -> Result<(StableDiffusion, String)> {
+    let variant = plan.options.variant.as_deref();
+    let local = Path::new(&plan.model);
+    let (model, early) = std::thread::scope(|s| {
+        let hasher = local.exists().then(|| s.spawn(|| settings::model_hash(local, variant)));
+        let model = StableDiffusion::load(&plan.model, placement, &plan.options);
+        (model, hasher.and_then(|h| h.join().ok()).and_then(Result::ok))
+    });
+    let model = model?;
+    let hash = match (early, &model.source) {
+        (Some(hash), _) => hash,
+        // A Hub id or cache folder: hash what it resolved to.
+        (None, Some(source)) => settings::model_hash(source, variant)?,
+        (None, None) => String::new(),
+    };
+    Ok((model, hash))
+}
+
+/// What every image records about the model, LoRAs and device.
+fn shared_settings(plan: &Plan, model_hash: String, loras: &[LoadedLora], device: Device) -> Settings {
+    let local = Path::new(&plan.model);
+    let recorded = if local.exists() { std::fs::canonicalize(local).map_or(plan.model.clone(), |p| p.display().to_string()) } else { plan.model.clone() };
+    let mut s = empty_job().settings;
+    s.model = recorded;
+    s.model_hash = model_hash;
+    s.variant = plan.options.variant.clone();
+    s.prediction_type = plan.options.prediction_type.map(|p| p.as_config_str().to_string());
+    s.loras = loras.iter().map(|l| l.usage(l.scale)).collect();
+    s.fuse = plan.fuse;
+    s.precision = plan.precision.name().into();
+    s.device = match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    };
+    s
+}
+
+/// The model's, LoRAs' and device's settings with the render's own (steps,
+/// guidance, size, scheduler, clip skip).
+fn with_render_settings(shared: Settings, own: &Settings) -> Settings {
+    Settings {
+        steps: own.steps,
+        guidance: own.guidance,
+        width: own.width,
+        height: own.height,
+        scheduler: own.scheduler.clone(),
+        clip_skip: own.clip_skip,
+        ..shared
+    }
+}
+
+/// The job's settings completed; size 0 becomes the model's native size.
+fn fill_settings(job: &mut Job, shared: Settings, model: &StableDiffusion) {
+    let native = model.unet_config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
+    job.settings = with_render_settings(shared, &job.settings);
+    for side in [&mut job.settings.width, &mut job.settings.height] {
+        if *side == 0 {
+            *side = native;
+        }
+    }
+}
+
+fn run_job(model: &StableDiffusion, job: &Job, loras: &[LoadedLora], brand: &BrandFrom) -> Result<()> {
+    let bar = crate::progress::steps_bar(0, "sampling");
+    let started = Instant::now();
+    let rendered = render::render(model, job, loras, &mut |w| bar.suspend(|| eprintln!("warning: {w}")), &mut |i, n| {
+        bar.set_length(n as u64);
         bar.set_position(i as u64)
     })?;
     bar.finish_and_clear();
-    let image = to_rgb8(&decoded)?.into_iter().next().context("the pipeline returned no image")?;
-    save_png(&image, &args.out)?;
-    println!("wrote {}", args.out.display());
+    let seconds = started.elapsed().as_secs_f64();
+    if job.is_single() {
+        println!("wrote {}", job.out.display());
+    } else {
+        println!("wrote {} ({} images beside it)", job.out.display(), rendered.len());
+    }
+    let n = rendered.len();
+    let images = if n == 1 { "1 image".to_string() } else { format!("{n} images") };
+    eprintln!("rendered {images} in {seconds:.2} s ({:.3} s/image)", seconds / n.max(1) as f64);
+    let Some(brand) = load_brand(brand, job.is_single())? else { return Ok(()) };
+    let cells: Vec<metrics::Cell> = rendered.iter().map(|r| cell(job, r)).collect();
+    let figures = metrics::consistency(&cells, &brand);
+    print!("{}", figures.table());
+    let path = consistency_path(&job.out);
+    figures.save(&path)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn cell<'a>(job: &'a Job, r: &'a Rendered) -> metrics::Cell<'a> {
+    metrics::Cell {
+        file: r.file.display().to_string(),
+        prompt: &job.prompts[r.row],
+        seed: r.seed,
+        variant: &r.variant.label,
+        image: &r.image,
+    }
+}
+
+/// The brand set, when one was named or (for a grid) prepared here.
+fn load_brand(from: &BrandFrom, single: bool) -> Result<Option<Brand>> {
+    match from {
+        BrandFrom::None => Ok(None),
+        BrandFrom::Dir(dir) => Brand::from_dir(dir).map(Some),
+        BrandFrom::Prepared if single => Ok(None),
+        BrandFrom::Prepared => match Brand::from_prepared(Path::new(".")) {
+            Ok(brand) => Ok(brand),
+            Err(e) => {
+                eprintln!("warning: no consistency figures: {}", crate::cli::one_sentence(&e));
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// Renders a recorded image again and writes it with the same recipe
+/// (model path, hash and device as used now).
+fn again(model: &StableDiffusion, mut recipe: ImageRecipe, shared: Settings, loras: &[LoadedLora], out: &Path) -> Result<()> {
+    recipe.settings = with_render_settings(shared, &recipe.settings);
+    let bar = crate::progress::steps_bar(recipe.settings.steps as u64, "sampling");
+    let image = render::render_again(model, &recipe, loras, &mut |w| bar.suspend(|| eprintln!("warning: {w}")), &mut |i, _| {
+        bar.set_position(i as u64)
+    })?;
+    bar.finish_and_clear();
+    crate::sample::image_out::save_png_with_text(&image, out, &recipe.text_chunks()?)?;
+    println!("wrote {}", out.display());
     Ok(())
 }

@@ -33,3 +33,59 @@ pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
         .with_context(|| format!("cannot encode {}", path.display()))?;
     crate::fsutil::write_atomic(path, &bytes)
 }
+
+/// Writes an RGB PNG atomically with text chunks (keyword, text) before the
+/// image data. Text that Latin-1 can hold goes in a tEXt chunk, other text in
+/// an uncompressed iTXt chunk, as Pillow's `PngInfo.add_text` (and so
+/// A1111) does.
+pub fn save_png_with_text(img: &image::RgbImage, path: &Path, texts: &[(String, String)]) -> Result<()> {
+    let mut bytes = Vec::new();
+    let cannot = || format!("cannot encode {}", path.display());
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, img.width(), img.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        for (keyword, text) in texts {
+            if text.chars().all(|c| (c as u32) <= 0xFF) {
+                encoder.add_text_chunk(keyword.clone(), text.clone()).with_context(cannot)?;
+            } else {
+                encoder.add_itxt_chunk(keyword.clone(), text.clone()).with_context(cannot)?;
+            }
+        }
+        let mut writer = encoder.write_header().with_context(cannot)?;
+        writer.write_image_data(img.as_raw()).with_context(cannot)?;
+        writer.finish().with_context(cannot)?;
+    }
+    crate::fsutil::write_atomic(path, &bytes)
+}
+
+/// The text chunks (tEXt, zTXt, iTXt) of a PNG file as (keyword, text).
+pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let not_png = || format!("{} is not a readable PNG file", path.display());
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().with_context(not_png)?;
+    // Text chunks may follow the image data; read through to the end.
+    let mut buf = vec![0; reader.output_buffer_size().with_context(not_png)?];
+    reader.next_frame(&mut buf).with_context(not_png)?;
+    reader.finish().with_context(not_png)?;
+    let info = reader.info();
+    let mut texts: Vec<(String, String)> =
+        info.uncompressed_latin1_text.iter().map(|c| (c.keyword.clone(), c.text.clone())).collect();
+    for chunk in &info.compressed_latin1_text {
+        let mut chunk = chunk.clone();
+        if chunk.decompress_text().is_ok() {
+            if let Ok(text) = chunk.get_text() {
+                texts.push((chunk.keyword.clone(), text));
+            }
+        }
+    }
+    for chunk in &info.utf8_text {
+        let mut chunk = chunk.clone();
+        if chunk.decompress_text().is_ok() {
+            if let Ok(text) = chunk.get_text() {
+                texts.push((chunk.keyword.clone(), text));
+            }
+        }
+    }
+    Ok(texts)
+}

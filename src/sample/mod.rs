@@ -1,4 +1,8 @@
-//! Rendering images: the sampling pipeline and image output.
+//! Rendering images: the sampling pipeline, grids, the settings each PNG
+//! carries, and consistency figures against the brand set.
 pub mod grid;
 pub mod image_out;
+pub mod metrics;
 pub mod pipeline;
+pub mod render;
+pub mod settings;

@@ -1,6 +1,10 @@
 //! Text to image, step for step as diffusers' `StableDiffusionPipeline`:
 //! tokenize, encode (with the negative prompt for guidance), draw the
 //! initial latents on the CPU from the seed, denoise, decode.
+//!
+//! Several images go through the UNet as one batch. Each keeps its own
+//! seed's noise, as diffusers does when given one generator per image, so an
+//! image of a batch is the image its seed gives alone.
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -22,6 +26,19 @@ pub struct SampleRequest {
     pub clip_skip: usize,
 }
 
+impl SampleRequest {
+    /// Whether `other` can share a UNet batch with this one: everything but
+    /// prompt, negative prompt and seed is the same.
+    pub fn batches_with(&self, other: &SampleRequest) -> bool {
+        self.steps == other.steps
+            && self.guidance == other.guidance
+            && self.width == other.width
+            && self.height == other.height
+            && self.scheduler == other.scheduler
+            && self.clip_skip == other.clip_skip
+    }
+}
+
 /// Messages for the user that do not stop sampling (e.g. a truncated prompt).
 pub type Warn<'a> = &'a mut dyn FnMut(String);
 
@@ -32,23 +49,52 @@ pub fn text_to_image(
     warn: Warn,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
-    check_size(model, req)?;
-    tch::no_grad(|| {
-        let guided = req.guidance > 1.0;
-        let text = encode_prompt(model, &req.prompt, req.clip_skip, "prompt", warn)?;
-        let context = if guided {
-            let negative = req.negative_prompt.as_deref().unwrap_or("");
-            let uncond = encode_prompt(model, negative, req.clip_skip, "negative prompt", warn)?;
-            Tensor::cat(&[uncond, text], 0)
-        } else {
-            text
-        };
+    text_to_images(model, std::slice::from_ref(req), warn, on_step)
+}
 
-        let mut sampler = req.scheduler.build(&model.scheduler, req.steps)?;
-        let latents = initial_latents(model, req) * sampler.init_noise_sigma();
-        let latents = denoise(model, sampler.as_mut(), latents, &context, req.guidance, on_step);
+/// Renders `reqs` as one batch; returns the VAE output [B, 3, H, W] in
+/// about [-1, 1], in the order of `reqs`. They must share everything but
+/// prompt, negative prompt and seed ([`SampleRequest::batches_with`]).
+pub fn text_to_images(
+    model: &StableDiffusion,
+    reqs: &[SampleRequest],
+    warn: Warn,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    let Some(first) = reqs.first() else { bail!("nothing to render: no prompt was given") };
+    if !reqs.iter().all(|r| first.batches_with(r)) {
+        bail!("images of one batch must share steps, guidance, size, scheduler and clip skip");
+    }
+    check_size(model, first)?;
+    tch::no_grad(|| {
+        let context = encode_batch(model, reqs, warn)?;
+        let mut sampler = first.scheduler.build(&model.scheduler, first.steps)?;
+        let mut noise = SeedNoise::new(model, reqs);
+        let latents = noise.initial() * sampler.init_noise_sigma();
+        let latents = denoise(model, sampler.as_mut(), latents, &context, first.guidance, &mut noise, on_step);
         Ok(decode(model, &latents))
     })
+}
+
+/// Renders `reqs` (which must all batch together) `batch_size` at a time;
+/// returns one VAE output [1, 3, H, W] per request, in order. `on_step`
+/// counts steps over all batches.
+pub fn text_to_images_batched(
+    model: &StableDiffusion,
+    reqs: &[SampleRequest],
+    batch_size: usize,
+    warn: Warn,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Tensor>> {
+    let batch_size = batch_size.max(1);
+    let batches = reqs.len().div_ceil(batch_size);
+    let steps = reqs.first().map_or(0, |r| r.steps);
+    let mut out = Vec::with_capacity(reqs.len());
+    for (b, chunk) in reqs.chunks(batch_size).enumerate() {
+        let decoded = text_to_images(model, chunk, warn, &mut |i, _| on_step(b * steps + i, batches * steps))?;
+        out.extend((0..chunk.len() as i64).map(|i| decoded.narrow(0, i, 1)));
+    }
+    Ok(out)
 }
 
 fn check_size(model: &StableDiffusion, req: &SampleRequest) -> Result<()> {
@@ -76,15 +122,108 @@ pub fn encode_prompt(model: &StableDiffusion, prompt: &str, clip_skip: usize, wh
     Ok(model.text_encoder.model.encode(&ids, clip_skip))
 }
 
-/// N(0, 1) latents drawn on the CPU from the seed, as diffusers does with
-/// `torch.Generator("cpu").manual_seed(seed)`, so a seed means the same
-/// image on any device.
-fn initial_latents(model: &StableDiffusion, req: &SampleRequest) -> Tensor {
-    let f = model.vae_config.scale_factor();
-    let channels = model.unet_config.in_channels;
-    tch::manual_seed(req.seed as i64);
-    Tensor::randn([1, channels, req.height / f, req.width / f], (Kind::Float, Device::Cpu))
-        .to_device(model.device())
+/// The UNet's context for a batch: [uncond.., cond..] with guidance (as
+/// diffusers concatenates them), else [cond..]. Each prompt is encoded on
+/// its own so its embedding does not depend on its batch-mates.
+fn encode_batch(model: &StableDiffusion, reqs: &[SampleRequest], warn: Warn) -> Result<Tensor> {
+    let mut cache: Vec<(String, Tensor)> = Vec::new();
+    let mut encode = |text: &str, what: &str, warn: Warn| -> Result<Tensor> {
+        if let Some((_, t)) = cache.iter().find(|(p, _)| p == text) {
+            return Ok(t.shallow_clone());
+        }
+        let t = encode_prompt(model, text, reqs[0].clip_skip, what, warn)?;
+        cache.push((text.to_string(), t.shallow_clone()));
+        Ok(t)
+    };
+    let mut cond = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        cond.push(encode(&r.prompt, "prompt", warn)?);
+    }
+    if reqs[0].guidance <= 1.0 {
+        return Ok(Tensor::cat(&cond, 0));
+    }
+    let mut all = Vec::with_capacity(2 * reqs.len());
+    for r in reqs {
+        all.push(encode(r.negative_prompt.as_deref().unwrap_or(""), "negative prompt", warn)?);
+    }
+    all.extend(cond);
+    Ok(Tensor::cat(&all, 0))
+}
+
+/// Per-image noise from per-image seeds, drawn on the CPU so a seed means
+/// the same image on any device. tch has only the global CPU generator, so
+/// each image's draws are made in one go after seeding it: the initial
+/// latents, then (only if the sampler asks) one tensor per model call, in
+/// the order diffusers' `randn_tensor` draws them from that image's generator.
+struct SeedNoise {
+    seeds: Vec<u64>,
+    /// [1, C, h, w]: one image's latents.
+    shape: [i64; 4],
+    device: Device,
+    draws_per_image: usize,
+    /// Per image, the noise of each step (filled on the first request).
+    steps: Option<Vec<Vec<Tensor>>>,
+    next_step: usize,
+}
+
+impl SeedNoise {
+    fn new(model: &StableDiffusion, reqs: &[SampleRequest]) -> Self {
+        let f = model.vae_config.scale_factor();
+        let channels = model.unet_config.in_channels;
+        let (h, w) = (reqs[0].height / f, reqs[0].width / f);
+        SeedNoise {
+            seeds: reqs.iter().map(|r| r.seed).collect(),
+            shape: [1, channels, h, w],
+            device: model.device(),
+            draws_per_image: 0,
+            steps: None,
+            next_step: 0,
+        }
+    }
+
+    fn randn(&self) -> Tensor {
+        Tensor::randn(self.shape, (Kind::Float, Device::Cpu))
+    }
+
+    /// N(0, 1) latents [B, C, h, w], each as `torch.Generator("cpu").manual_seed(seed)` draws them.
+    fn initial(&self) -> Tensor {
+        let per_image: Vec<Tensor> = self
+            .seeds
+            .iter()
+            .map(|&seed| {
+                tch::manual_seed(seed as i64);
+                self.randn()
+            })
+            .collect();
+        Tensor::cat(&per_image, 0).to_device(self.device)
+    }
+
+    /// The noise of the next ancestral step [B, C, h, w]. On the first call
+    /// every image's generator is replayed past its initial latents and
+    /// `draws_per_image` step noises are drawn.
+    fn next(&mut self) -> Tensor {
+        if self.steps.is_none() {
+            let draws = self.draws_per_image;
+            let per_image = self
+                .seeds
+                .iter()
+                .map(|&seed| {
+                    tch::manual_seed(seed as i64);
+                    let _initial = self.randn();
+                    (0..draws).map(|_| self.randn()).collect()
+                })
+                .collect();
+            self.steps = Some(per_image);
+        }
+        let per_image = self.steps.as_ref().expect("filled above");
+        let step = self.next_step;
+        self.next_step += 1;
+        let parts: Vec<Tensor> = per_image
+            .iter()
+            .map(|draws: &Vec<Tensor>| draws.get(step).map_or_else(|| self.randn(), Tensor::shallow_clone))
+            .collect();
+        Tensor::cat(&parts, 0).to_device(self.device)
+    }
 }
 
 fn denoise(
@@ -93,14 +232,16 @@ fn denoise(
     mut latents: Tensor,
     context: &Tensor,
     guidance: f64,
+    noise: &mut SeedNoise,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Tensor {
     let guided = guidance > 1.0;
     let timesteps = sampler.timesteps().to_vec();
-    let noise_shape = latents.size();
-    // Ancestral samplers keep drawing from the generator the seed started.
-    let mut fresh_noise = || Tensor::randn(&noise_shape[..], (Kind::Float, Device::Cpu)).to_device(model.device());
+    // Ancestral samplers draw once per model call at most.
+    noise.draws_per_image = timesteps.len();
+    let mut fresh_noise = || noise.next();
     for (i, &t) in timesteps.iter().enumerate() {
+        // Guidance 1 (or less) needs no unconditional pass: half the UNet work.
         let input = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
         let input = sampler.scale_model_input(&input, i);
         let t_batch = Tensor::full([input.size()[0]], t, (Kind::Float, model.device()));
