@@ -8,7 +8,7 @@ export PATH := $(ROOT)/.venv/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO ?= cargo
 
-.PHONY: bootstrap build test demo fixtures
+.PHONY: bootstrap build test demo fixtures tiny-sd
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -21,6 +21,10 @@ test: bootstrap
 
 demo: build
 	bash scripts/demo.sh
+
+# Makes models/tiny-sd/ (the built-in demo model) from scratch on the CPU; see the script.
+tiny-sd: bootstrap
+	bash scripts/make-tiny-sd.sh
 
 # Regenerates tests/fixtures with the pinned Python reference stack (not needed to test).
 fixtures:

@@ -39,6 +39,105 @@ pub enum Command {
     /// Describe a model or LoRA: format, architecture, dtypes, parameters, prediction type.
     #[command(after_help = INFO_EXAMPLES)]
     Info(InfoArgs),
+    /// Write a run's report.html again: grids over steps, loss curve, consistency, settings.
+    #[command(after_help = REPORT_EXAMPLES)]
+    Report(ReportArgs),
+    /// Measure training steps/s, sampling s/image or encoding images/s and peak memory, no weights needed.
+    #[command(after_help = BENCH_EXAMPLES)]
+    Bench(BenchArgs),
+}
+
+const BENCH_EXAMPLES: &str = "\
+Examples:
+  sdtune bench train --arch sd15 --resolution 256 --rank 16 --steps 5 --warmup 3 --device cpu
+  sdtune bench train --arch sd15 --resolution 512 --batch-size 4 --precision bf16 --device cuda
+  sdtune bench sample --arch sd15 --resolution 512 --steps 30 --guidance 7.5 --images 4 --device cuda
+  sdtune bench encode --arch sd15 --resolution 512 --batch-size 4
+  sdtune bench train --model ./stable-diffusion-v1-5 --resolution 512
+  sdtune bench train --arch tiny --dump-configs bench-configs   (write the configs, as diffusers config.json, and stop)
+
+Models are built from a config with random weights (--arch) or loaded (--model), so no
+download is needed. The training step is sdtune's own, on random cached latents and text
+states of the right shapes. A table goes to stderr and one JSON line to stdout: steps_per_s
+(or s_per_image, images_per_s), peak_mem_mb (peak RSS on CPU; on CUDA the caching
+allocator's reserved peak, an upper bound of torch's max_memory_allocated) and, on CUDA,
+model FLOP utilisation. scripts/bench-vs-diffusers.sh runs the same configs through
+diffusers+peft in the same run.";
+
+/// Flags of `sdtune bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to measure: train (LoRA optimizer steps), sample (text to image) or encode (VAE + text encoder).
+    #[arg(value_parser = ["train", "sample", "encode"])]
+    pub kind: String,
+    /// Model config with random weights: tiny (the test fixture's sizes), sd15 or sd21.
+    #[arg(long, default_value = "sd15", value_parser = ["tiny", "sd15", "sd21"], conflicts_with = "model")]
+    pub arch: String,
+    /// A diffusers model folder to load instead of random weights.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Image side in pixels (latents are 1/8 of it) [default: 512; 64 for tiny].
+    #[arg(long, value_name = "PX")]
+    pub resolution: Option<i64>,
+    /// Images per training step, UNet batch when sampling, images per encode batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// LoRA rank (alpha = rank).
+    #[arg(long, default_value_t = 16)]
+    pub rank: i64,
+    /// Layers that get LoRA: cross-attn, attn or transformer.
+    #[arg(long, default_value = "cross-attn")]
+    pub targets: String,
+    /// Timed optimizer steps (train), denoising steps (sample) or timed batches (encode)
+    /// [default: 20 train, 30 sample, 5 encode].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Untimed rounds first: optimizer steps (train), images (sample) or batches (encode) [default: 3, 1, 1].
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<usize>,
+    /// Images rendered in the timed part of `sample` [default: --batch-size].
+    #[arg(long, value_name = "N")]
+    pub images: Option<usize>,
+    /// Guidance scale of `sample` (above 1: classifier-free guidance, two UNet passes).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Sampler of `sample`.
+    #[arg(long, default_value = "ddim")]
+    pub scheduler: String,
+    /// Min-SNR-gamma of the training loss; 0 turns it off.
+    #[arg(long, default_value_t = 5.0)]
+    pub min_snr_gamma: f64,
+    /// CLIP tokenizer folder for `sample` with --arch [default: tests/fixtures/tiny-sd1/tokenizer].
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Frozen-weight precision: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
+    /// The device's peak dense TFLOP/s in this precision, for model FLOP utilisation [default: 790 on CUDA].
+    #[arg(long, value_name = "TFLOPS")]
+    pub peak_tflops: Option<f64>,
+    /// Write the model's configs as diffusers config files into DIR and stop.
+    #[arg(long, value_name = "DIR")]
+    pub dump_configs: Option<PathBuf>,
+}
+
+const REPORT_EXAMPLES: &str = "\
+Examples:
+  sdtune report                     the run named in ./sdtune.yaml (output/<name>/report.html)
+  sdtune report output/acme         any run folder
+
+`sdtune train` writes the report when it finishes; run this after adding grids to the
+run's samples/ folder (e.g. sdtune sample --compare --out output/acme/samples/before-after.png).
+One self-contained HTML file: images inlined, charts as SVG, nothing fetched.";
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// The run folder [default: <output>/<name> from ./sdtune.yaml].
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
 }
 
 const INFO_EXAMPLES: &str = "\
@@ -66,10 +165,11 @@ Examples:
   sdtune sample --model ./sd21 --prompt \"product shot, white background\" \\
       --negative-prompt \"blurry\" --steps 30 --guidance 7.5 --width 768 --height 768
   sdtune sample --model ./sd15 --prompt \"acme mug on a desk\" --lora output/acme/acme.safetensors:0.8
-  sdtune sample --model ./sd15 --prompt \"acme mug\" --prompt \"acme tote bag\" --seeds 1,2,3,4 --out grid.png
-  sdtune sample --model ./sd15 --prompts prompts.txt --seed 1 --count 4 --lora acme.safetensors --compare 0.5,1
-  sdtune sample                     (in a training folder: sdtune.yaml's prompts x seeds with the run's LoRA)
-  sdtune sample --from grid-p1-s2.png  (render an image again from the settings in its PNG)
+  sdtune sample --model ./sd15 --prompt \"acme mug\" --prompt \"acme bag\" --seeds 1,2,3,4 --out grid.png
+  sdtune sample --model ./sd15 --prompts prompts.txt --seed 1 --count 4 \\
+      --lora acme.safetensors --compare 0.5,1     (base | LoRA x0.5 | LoRA x1 for each seed)
+  sdtune sample                     in a training folder: sdtune.yaml's prompts x seeds, run's LoRA
+  sdtune sample --from grid-p1-s2.png             render an image again from its PNG's settings
 
 The same model, prompt, seed, scheduler and steps give the same image as
 diffusers' StableDiffusionPipeline with torch.Generator(\"cpu\").manual_seed(seed);
@@ -211,8 +311,8 @@ pub struct SampleArgs {
     /// Fuse the LoRAs into the weights (faster; same image up to rounding).
     #[arg(long)]
     pub fuse: bool,
-    /// Lay the base model beside the LoRAs in each grid cell: alone, beside the
-    /// strengths given; with values, beside those multiples of them (0.5,1).
+    /// Put the base model's image beside the LoRAs' for each seed: alone, the LoRAs
+    /// at the strengths given; with values (0.5,1), at those multiples of them.
     #[arg(long, value_name = "M,M,...", num_args = 0.., value_delimiter = ',')]
     pub compare: Option<Vec<f64>>,
     /// Render the image (or grid) a PNG written by sdtune again, from the settings
@@ -248,6 +348,7 @@ Examples:
   sdtune train --steps 2000 --rank 32 --lr 1e-4 --precision bf16
   sdtune train --resume                         # continue from the newest save
   sdtune train --format diffusers --output runs --name acme-v2
+  sdtune train --full --lr 1e-3 --name my-unet  # every UNet weight, not a LoRA
 
 Writes <output>/<name>/<name>.safetensors (kohya format: loads in A1111 and ComfyUI;
 --format diffusers for load_lora_weights), lora/step-NNNNNN.safetensors and state/
@@ -329,11 +430,16 @@ pub struct TrainArgs {
     /// Continue from the newest saved state of this run.
     #[arg(long)]
     pub resume: bool,
+    /// Train every UNet weight (fp32) instead of a LoRA, e.g. to make a base
+    /// model; writes a diffusers unet/ folder to <output>/<name>/unet/.
+    #[arg(long)]
+    pub full: bool,
 }
 
 /// Runs the command line; returns the process exit code.
 pub fn run() -> i32 {
     install_panic_message();
+    crate::runtime::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
@@ -341,6 +447,8 @@ pub fn run() -> i32 {
         Command::Sample(args) => commands::sample::run(args),
         Command::Doctor => commands::doctor::run(),
         Command::Info(args) => commands::info::run(args),
+        Command::Report(args) => commands::report::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     };
     match result {
         Ok(()) => 0,

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: data -> cache -> train -> LoRA file -> sample.
 //! Models know nothing of datasets; schedulers know nothing of models.
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod fsutil;
 pub mod lora;
 pub mod models;
 pub mod progress;
+pub mod report;
 pub mod runtime;
 pub mod sample;
 pub mod schedulers;

@@ -99,3 +99,28 @@ impl Doctor {
 pub fn tch_version() -> String {
     option_env!("SDTUNE_LIBTORCH_VERSION").unwrap_or("unknown").to_string()
 }
+
+/// Keeps memory glibc's malloc got from the kernel for reuse instead of
+/// handing it back after every free. Each training step or denoising step
+/// allocates and frees the same activations (gigabytes at SD sizes); by
+/// default glibc serves big blocks with fresh `mmap`s and trims the heap
+/// top, so every step page-faults its activations in again (a fifth of the
+/// CPU time of an SD1.5 LoRA step at 256 px went to the kernel). The peak
+/// resident set is unchanged: it is set by the largest step, which the
+/// process needs either way. Call once at start-up; elsewhere than glibc it
+/// does nothing.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        const M_MMAP_MAX: std::ffi::c_int = -4;
+        // SAFETY: mallopt only changes malloc's tuning; -1 disables trimming, 0 disables mmap'd chunks.
+        unsafe {
+            mallopt(M_TRIM_THRESHOLD, -1);
+            mallopt(M_MMAP_MAX, 0);
+        }
+    }
+}

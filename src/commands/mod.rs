@@ -1,6 +1,8 @@
 //! One file per command: parse nothing, call the library, print results.
+pub mod bench;
 pub mod doctor;
 pub mod info;
 pub mod prepare;
+pub mod report;
 pub mod sample;
 pub mod train;

@@ -8,12 +8,20 @@ use tch::{Device, Kind};
 use crate::cli::PrepareArgs;
 use crate::config::{Background, Config, CONFIG_FILE};
 use crate::data::prepare::{self, sample_prompts, Options, REPORT_FILE};
+use crate::models::builtin;
 use crate::runtime::{parse_device, supports, Precision};
 
-/// The model used when neither `--model` nor `sdtune.yaml` names one.
-/// sdtune embeds no default model yet.
-fn default_model() -> Option<PathBuf> {
-    None
+/// With no model named, the built-in tiny model; a folder with no
+/// sdtune.yaml and no --resolution then gets its 64-px buckets.
+fn default_model(args: &PrepareArgs, fresh: bool, data: &mut crate::config::DataConfig) -> Result<PathBuf> {
+    if fresh && args.resolution.is_none() {
+        let px = builtin::RESOLUTION;
+        data.resolution = px;
+        data.min_bucket = args.min_bucket.unwrap_or(px);
+        data.max_bucket = args.max_bucket.unwrap_or(px);
+        data.min_side = args.min_side.unwrap_or(px);
+    }
+    builtin::fallback()
 }
 
 pub fn run(args: PrepareArgs) -> Result<()> {
@@ -26,9 +34,11 @@ pub fn run(args: PrepareArgs) -> Result<()> {
     let data_dir = args.dir.clone().or_else(|| config.data.path.clone()).with_context(|| {
         format!("no image folder given; run `sdtune prepare ./your_images`, or set data.path in {CONFIG_FILE}")
     })?;
-    let model_dir = config.model.clone().map(PathBuf::from).or_else(default_model).with_context(|| {
-        format!("no model given; pass --model a diffusers model folder (the one holding model_index.json), or set model: in {CONFIG_FILE}")
-    })?;
+    let builtin_model = config.model.is_none();
+    let model_dir = match config.model.clone() {
+        Some(model) => PathBuf::from(model),
+        None => default_model(&args, existing.is_none(), &mut config.data)?,
+    };
     let device = parse_device(&args.device)?;
     let precision = match args.precision.as_str() {
         "auto" => auto_precision(device),
@@ -56,7 +66,8 @@ pub fn run(args: PrepareArgs) -> Result<()> {
     }
     if existing.is_none() {
         let mut fresh = config;
-        fresh.model = Some(model_dir.display().to_string());
+        // The built-in model stays unnamed, so later runs find it wherever it is cached.
+        fresh.model = (!builtin_model).then(|| model_dir.display().to_string());
         fresh.data.path = Some(data_dir);
         fresh.sample.prompts = sample_prompts(&prepared.captions, fresh.data.trigger.as_deref(), 4);
         fresh.save(&work_dir.join(CONFIG_FILE))?;

@@ -18,7 +18,8 @@ use crate::schedulers::SchedulerKind;
 use crate::train::config::TrainConfig;
 use crate::train::data::TrainingData;
 use crate::train::lr::LrSchedule;
-use crate::train::run::{self, Event, GridPlan, RunPlan};
+use crate::sample::metrics::Brand;
+use crate::train::run::{self, BrandPalette, Event, GridPlan, RunPlan};
 use crate::train::trainer::StepSettings;
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -29,7 +30,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     let cache = CacheReader::open(&work_dir)?;
     let dataset = cache.dataset().clone();
-    let model_spec = args.model.clone().or(config.model.clone()).unwrap_or_else(|| dataset.model.clone());
+    let mut model_spec = args.model.clone().or(config.model.clone()).unwrap_or_else(|| dataset.model.clone());
+    if crate::models::builtin::is_builtin(&model_spec) {
+        // Written again if its cached copy was removed since prepare.
+        model_spec = crate::models::builtin::fallback()?.display().to_string();
+    }
     if model_spec != dataset.model {
         eprintln!(
             "warning: the images were prepared with {}; training on {model_spec} uses the cached latents and caption embeddings of the former",
@@ -37,7 +42,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     let device = parse_device(&train.device)?;
-    let precision = choose_precision(&train.precision, device)?;
+    let precision = if args.full {
+        full_precision(&train.precision)?
+    } else {
+        choose_precision(&train.precision, device)?
+    };
     let placement = Placement { device, kind: precision.kind(), vae_kind: Kind::Float };
     let model_path = resolve_against(&work_dir, &model_spec);
     let model = StableDiffusion::load(&model_path.to_string_lossy(), placement, &LoadOptions::default())?;
@@ -50,7 +59,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         device_name(device)
     );
 
-    let plan = plan(&train, &config, &work_dir, &cache, precision, &model_spec, args.resume)?;
+    let mut plan = plan(&train, &config, &work_dir, &cache, precision, &model_spec, args.resume)?;
+    plan.full = args.full;
+    plan.grid.brand = brand_palette(&work_dir);
     let stop = ctrl_c_flag()?;
     let bar = crate::progress::steps_bar(train.steps, "train");
     let mut on_event = |event: Event| match event {
@@ -75,8 +86,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
             finished.steps_done,
             plan.state_dir().display()
         );
-    } else if let Some(path) = finished.final_lora {
+    } else if let Some(path) = finished.final_output {
         println!("wrote {} ({} steps)", path.display(), finished.steps_done);
+    }
+    if !finished.interrupted {
+        let report = crate::report::write(&plan.dir)?;
+        println!("report {}", report.display());
     }
     Ok(())
 }
@@ -132,6 +147,26 @@ fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
     set!(caption_dropout);
     if let Some(g) = a.min_snr_gamma {
         t.min_snr_gamma = (g > 0.0).then_some(g);
+    }
+}
+
+/// Full training keeps fp32 weights: they are the master weights.
+fn full_precision(spec: &str) -> Result<Precision> {
+    match spec {
+        "auto" | "fp32" => Ok(Precision::Fp32),
+        other => bail!("--full trains the UNet's own weights, which stay fp32; use --precision fp32 (or auto) instead of {other}"),
+    }
+}
+
+/// The prepared images' palette, for each grid's consistency figures
+/// (none, with a warning, when the images cannot be read).
+fn brand_palette(work_dir: &Path) -> Option<BrandPalette> {
+    match Brand::from_prepared(work_dir) {
+        Ok(brand) => brand.map(|b| BrandPalette { source: b.source, images: b.images, histogram: b.histogram }),
+        Err(e) => {
+            eprintln!("warning: no consistency figures for the grids: {}", crate::cli::one_sentence(&e));
+            None
+        }
     }
 }
 
@@ -205,10 +240,12 @@ fn plan(
             width: res,
             height: res,
             scheduler: SchedulerKind::Ddim,
+            brand: None,
         },
         resolution: dataset.resolution,
         num_images: dataset.items.len(),
         base_model: model_spec.to_string(),
+        full: false,
     })
 }
 

@@ -1,5 +1,6 @@
 //! Stable Diffusion's components in tch, each layer built by its diffusers
 //! weight name and sized from its `config.json`.
+pub mod builtin;
 pub mod clip;
 pub mod config;
 pub mod hub;

@@ -1,5 +1,6 @@
 //! Resumable training state: one safetensors file per save, written
-//! atomically, holding the LoRA masters, the optimizer moments and (in its
+//! atomically, holding the trained tensors (LoRA masters, or the UNet's
+//! weights in full training), the optimizer moments and (in its
 //! header) the step, loss scaler and the settings a resume must share.
 //! Random draws derive from (seed, step), so no RNG state is needed beyond them.
 use std::collections::HashMap;
@@ -10,7 +11,7 @@ use tch::Tensor;
 
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
-use crate::lora::network::LoraNetwork;
+use super::trainable::Trainable;
 use crate::models::tensor_file::{write_tensors, TensorFile};
 
 /// Settings that must not change between a run and its resume.
@@ -30,14 +31,8 @@ pub fn state_path(dir: &Path, step: u64) -> PathBuf {
 }
 
 /// Writes the state after `step` completed steps; keeps the newest `keep`.
-pub fn save(dir: &Path, step: u64, lora: &LoraNetwork, opt: &AdamW, scaler: &LossScaler, identity: &Identity, keep: usize) -> Result<PathBuf> {
-    let mut tensors: Vec<(String, Tensor)> = lora
-        .vs
-        .variables()
-        .into_iter()
-        .map(|(name, t)| (format!("lora.{name}"), t.detach()))
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+pub fn save(dir: &Path, step: u64, trained: &dyn Trainable, opt: &AdamW, scaler: &LossScaler, identity: &Identity, keep: usize) -> Result<PathBuf> {
+    let mut tensors: Vec<(String, Tensor)> = trained.state_tensors().into_iter().map(|(name, t)| (name, t.detach())).collect();
     tensors.push(("optimizer.exp_avg".into(), opt.exp_avg.shallow_clone()));
     tensors.push(("optimizer.exp_avg_sq".into(), opt.exp_avg_sq.shallow_clone()));
     let mut meta: HashMap<String, String> = identity.0.iter().cloned().map(|(k, v)| (format!("identity.{k}"), v)).collect();
@@ -82,10 +77,21 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Loads `path` into the LoRA and optimizer; returns step and scaler.
-pub fn load(path: &Path, lora: &LoraNetwork, opt: &mut AdamW, identity: &Identity) -> Result<Saved> {
+/// Loads `path` into the trained tensors and optimizer; returns step and scaler.
+pub fn load(path: &Path, trained: &dyn Trainable, opt: &mut AdamW, identity: &Identity) -> Result<Saved> {
     let file = TensorFile::open(path)?;
     let meta = file.string_metadata();
+    // A setting the saved run had and this one lacks (a full run's mode) also differs.
+    let mut extra: Vec<(&String, &String)> =
+        meta.iter().filter(|(k, _)| k.strip_prefix("identity.").is_some_and(|k| !identity.0.iter().any(|(n, _)| n == k))).collect();
+    extra.sort();
+    if let Some((key, got)) = extra.first() {
+        let key = key.trim_start_matches("identity.");
+        bail!(
+            "{} was saved with {key} = {got}, but this run has no {key}; resume with the same settings (e.g. --full) or start a new --output",
+            path.display()
+        );
+    }
     for (key, want) in &identity.0 {
         let got = meta.get(&format!("identity.{key}")).map(String::as_str).unwrap_or("(unset)");
         if got != want {
@@ -96,10 +102,10 @@ pub fn load(path: &Path, lora: &LoraNetwork, opt: &mut AdamW, identity: &Identit
         }
     }
     tch::no_grad(|| -> Result<()> {
-        for (name, var) in lora.vs.variables() {
-            let saved = file.tensor(&format!("lora.{name}"))?;
+        for (name, var) in trained.state_tensors() {
+            let saved = file.tensor(&name)?;
             if saved.size() != var.size() {
-                bail!("{}: LoRA tensor {name} has shape {:?}, expected {:?}", path.display(), saved.size(), var.size());
+                bail!("{}: tensor {name} has shape {:?}, expected {:?}", path.display(), saved.size(), var.size());
             }
             let mut var = var;
             var.copy_(&saved.to_device(var.device()));

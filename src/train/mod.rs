@@ -9,3 +9,4 @@ pub mod metadata;
 pub mod run;
 pub mod config;
 pub mod cache_data;
+pub mod trainable;

@@ -1,8 +1,11 @@
 //! AdamW over all LoRA tensors at once, with state that can be saved.
 //!
-//! Gradients are gathered into one flat fp32 vector, so the whole update is
-//! a handful of vector ops whatever the number of LoRA modules, and the
-//! state (first/second moments, step) is three tensors to checkpoint.
+//! The parameters are packed into one flat fp32 buffer (each parameter
+//! becomes a view of its stretch of it), and gradients are gathered into one
+//! flat vector, so the whole update is a handful of whole-vector ops whatever
+//! the number of LoRA modules (on CUDA: a handful of kernel launches, not
+//! several per tensor), and the state (first/second moments, step) is three
+//! tensors to checkpoint.
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -23,6 +26,10 @@ impl Default for AdamWConfig {
 pub struct AdamW {
     pub config: AdamWConfig,
     params: Vec<Tensor>,
+    /// All params back to back, when they could be packed (all fp32 on one
+    /// device): each param is a view of its stretch, so updating this
+    /// updates them all.
+    packed: Option<Tensor>,
     /// First and second moments, flat fp32 over all params in order.
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
@@ -35,16 +42,29 @@ impl AdamW {
         let numel: i64 = params.iter().map(|p| p.numel() as i64).sum();
         let device = params.first().map(|p| p.device()).unwrap_or(tch::Device::Cpu);
         let zeros = || Tensor::zeros([numel], (Kind::Float, device));
-        AdamW { config, exp_avg: zeros(), exp_avg_sq: zeros(), step: 0, params }
+        let packed = pack(&params, numel, device);
+        AdamW { config, exp_avg: zeros(), exp_avg_sq: zeros(), step: 0, params, packed }
+    }
+
+    /// The parameters, in order.
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
     }
 
     /// All gradients as one flat fp32 vector (zeros where a param has none).
     pub fn flat_grad(&self) -> Tensor {
+        let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
+        self.flatten(&grads)
+    }
+
+    /// `grads` (one per param, in order; undefined where a param got none)
+    /// as one flat fp32 vector, as [`Self::flat_grad`] gives it.
+    pub fn flatten(&self, grads: &[Tensor]) -> Tensor {
         let parts: Vec<Tensor> = self
             .params
             .iter()
-            .map(|p| {
-                let g = p.grad();
+            .zip(grads)
+            .map(|(p, g)| {
                 if g.defined() {
                     g.to_kind(Kind::Float).reshape([-1])
                 } else {
@@ -67,25 +87,59 @@ impl AdamW {
     /// One AdamW step with learning rate `lr` on the (already unscaled and
     /// clipped) flat gradient `grad`.
     pub fn step(&mut self, grad: &Tensor, lr: f64) {
+        self.step_if(grad, lr, None);
+    }
+
+    /// Like [`Self::step`], but when `apply` (a 0-dim bool tensor on the
+    /// params' device) is false nothing changes: moments and params keep
+    /// their values. Decided on the device, so the caller need not wait for
+    /// the gradient to know; `self.step` is counted either way, and
+    /// [`Self::unstep`] takes the count back once the caller knows the step
+    /// did not apply.
+    pub fn step_if(&mut self, grad: &Tensor, lr: f64, apply: Option<&Tensor>) {
         let c = self.config;
         self.step += 1;
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         tch::no_grad(|| {
-            let _ = self.exp_avg.g_mul_scalar_(c.beta1).g_add_(&(grad * (1.0 - c.beta1)));
-            let _ = self.exp_avg_sq.g_mul_scalar_(c.beta2).g_add_(&(grad * grad * (1.0 - c.beta2)));
-            let denom = (&self.exp_avg_sq / bias2).sqrt() + c.eps;
-            let update = (&self.exp_avg / bias1) / denom * lr;
-            let mut offset = 0i64;
-            for p in &mut self.params {
-                let n = p.numel() as i64;
-                let u = update.narrow(0, offset, n).view_(p.size()).to_kind(p.kind());
-                // Decoupled weight decay, then the Adam update.
-                let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                let _ = p.g_sub_(&u);
-                offset += n;
+            let exp_avg = &self.exp_avg * c.beta1 + grad * (1.0 - c.beta1);
+            let exp_avg_sq = &self.exp_avg_sq * c.beta2 + grad * grad * (1.0 - c.beta2);
+            let denom = (&exp_avg_sq / bias2).sqrt() + c.eps;
+            let mut update = (&exp_avg / bias1) / denom * lr;
+            // Decoupled weight decay, then the Adam update.
+            let mut decay = Tensor::from((1.0 - lr * c.weight_decay) as f32).to_device(update.device());
+            match apply {
+                Some(apply) => {
+                    self.exp_avg.copy_(&exp_avg.where_self(apply, &self.exp_avg));
+                    self.exp_avg_sq.copy_(&exp_avg_sq.where_self(apply, &self.exp_avg_sq));
+                    update = update.where_self(apply, &update.zeros_like());
+                    decay = decay.where_self(apply, &decay.ones_like());
+                }
+                None => {
+                    self.exp_avg.copy_(&exp_avg);
+                    self.exp_avg_sq.copy_(&exp_avg_sq);
+                }
+            }
+            match &mut self.packed {
+                Some(flat) => {
+                    let _ = flat.g_mul_(&decay).g_sub_(&update);
+                }
+                None => {
+                    let mut offset = 0i64;
+                    for p in &mut self.params {
+                        let n = p.numel() as i64;
+                        let u = update.narrow(0, offset, n).view_(p.size()).to_kind(p.kind());
+                        let _ = p.g_mul_(&decay.to_kind(p.kind())).g_sub_(&u);
+                        offset += n;
+                    }
+                }
             }
         });
+    }
+
+    /// Takes back the count of a [`Self::step_if`] whose `apply` was false.
+    pub fn unstep(&mut self) {
+        self.step -= 1;
     }
 
     /// Restores moments and step from a checkpoint.
@@ -108,11 +162,43 @@ impl AdamW {
 /// Scales `grad` in place so its L2 norm is at most `max_norm`; returns the
 /// norm before clipping.
 pub fn clip_grad_norm(grad: &mut Tensor, max_norm: f64) -> f64 {
-    let norm = grad.norm().double_value(&[]);
-    if max_norm > 0.0 && norm > max_norm {
-        let _ = grad.g_mul_scalar_(max_norm / (norm + 1e-6));
+    clip_grad_norm_on_device(grad, max_norm).double_value(&[])
+}
+
+/// [`clip_grad_norm`] without waiting for the device: scales `grad` by
+/// min(1, max_norm / (norm + 1e-6)) as torch's `clip_grad_norm_` does and
+/// returns the norm before clipping as a 0-dim tensor (NaN stays NaN).
+pub fn clip_grad_norm_on_device(grad: &mut Tensor, max_norm: f64) -> Tensor {
+    let norm = grad.norm();
+    if max_norm > 0.0 {
+        let coef = (max_norm / (&norm + 1e-6)).clamp_max(1.0);
+        let _ = grad.g_mul_(&coef);
     }
     norm
+}
+
+/// Packs `params` (all fp32 on `device`, contiguous) into one flat buffer
+/// and makes each a view of its stretch of it; `None` (nothing changed)
+/// when they are not all alike.
+fn pack(params: &[Tensor], numel: i64, device: tch::Device) -> Option<Tensor> {
+    let alike = params.iter().all(|p| p.kind() == Kind::Float && p.device() == device && p.is_contiguous());
+    if params.is_empty() || !alike {
+        return None;
+    }
+    let flat = Tensor::zeros([numel], (Kind::Float, device));
+    tch::no_grad(|| {
+        let mut offset = 0i64;
+        for p in params {
+            let n = p.numel() as i64;
+            let view = flat.narrow(0, offset, n).view_(p.size());
+            view.shallow_clone().copy_(p);
+            // Every handle of `p` (model adapters, the LoRA's store) now reads the buffer.
+            let mut handle = p.shallow_clone();
+            handle.set_data(&view);
+            offset += n;
+        }
+    });
+    Some(flat)
 }
 
 #[cfg(test)]
@@ -145,6 +231,32 @@ mod tests {
             assert!((got - want[i]).abs() < 1e-6, "param {i}: {got} vs {}", want[i]);
         }
         assert_eq!(opt.step, 2);
+    }
+
+    /// Packed params: updating the flat buffer updates every handle of every
+    /// param, and their gradients still arrive.
+    #[test]
+    fn packed_params_stay_views_of_the_buffer() {
+        let a = Tensor::from_slice(&[1.0f32, 2.0]).view([1, 2]).set_requires_grad(true);
+        let b = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
+        let held = a.shallow_clone();
+        let mut opt = AdamW::new(vec![a.shallow_clone(), b.shallow_clone()], AdamWConfig { weight_decay: 0.0, ..Default::default() });
+        assert!(opt.packed.is_some());
+        let loss = (&held * 2.0).sum(Kind::Float) + (&b * 3.0).sum(Kind::Float);
+        let grads = Tensor::run_backward(&[&loss], opt.params(), false, false);
+        let flat = opt.flatten(&grads);
+        assert_eq!(Vec::<f32>::try_from(&flat).unwrap(), vec![2.0, 2.0, 3.0]);
+        opt.step(&flat, 0.5);
+        // Adam's first step moves each weight by lr against its gradient's sign.
+        assert!((held.double_value(&[0, 0]) - 0.5).abs() < 1e-5);
+        assert!((b.double_value(&[0]) - 2.5).abs() < 1e-5);
+        // A step that does not apply leaves everything as it was.
+        let before = Vec::<f32>::try_from(&opt.exp_avg).unwrap();
+        opt.step_if(&(flat.ones_like() * f64::NAN), 0.5, Some(&Tensor::from(false)));
+        opt.unstep();
+        assert_eq!(opt.step, 1);
+        assert!((b.double_value(&[0]) - 2.5).abs() < 1e-5);
+        assert_eq!(Vec::<f32>::try_from(&opt.exp_avg).unwrap(), before);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! A whole training run: LoRA injected, resume, the step loop, periodic
-//! saves and sample grids, metrics, Ctrl-C, and the final file.
+//! A whole training run: LoRA injected (or, with `--full`, every UNet
+//! weight trained), resume, the step loop, periodic saves, sample grids with
+//! their consistency figures, metrics, Ctrl-C, and the final file.
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use super::data::TrainingData;
 use super::metadata::{lora_metadata, RunFacts};
 use super::optimizer::{AdamW, AdamWConfig};
 use super::precision::LossScaler;
+use super::trainable::{FullUnet, Trainable};
 use super::trainer::{StepOutcome, StepSettings, Trainer};
 use crate::lora::format::{self, LoraFormat};
 use crate::lora::network::{DownInit, LoraNetwork};
@@ -21,7 +23,8 @@ use crate::models::stable_diffusion::StableDiffusion;
 use crate::runtime::Precision;
 use crate::sample::grid;
 use crate::sample::image_out::{save_png, to_rgb8};
-use crate::sample::pipeline::{text_to_image, SampleRequest};
+use crate::sample::metrics::{self, Brand, LabHistogram};
+use crate::sample::pipeline::{text_to_images_batched, SampleRequest};
 use crate::schedulers::{NoiseSchedule, SchedulerKind};
 
 /// The fixed prompts x seeds rendered while training.
@@ -35,6 +38,16 @@ pub struct GridPlan {
     pub width: i64,
     pub height: i64,
     pub scheduler: SchedulerKind,
+    /// The brand set's palette: each grid gets its consistency figures.
+    pub brand: Option<BrandPalette>,
+}
+
+/// The pooled colour histogram of the brand set (see [`crate::sample::metrics`]).
+#[derive(Clone, Debug)]
+pub struct BrandPalette {
+    pub source: String,
+    pub images: usize,
+    pub histogram: LabHistogram,
 }
 
 /// Everything a run needs beyond the model and the data.
@@ -57,6 +70,9 @@ pub struct RunPlan {
     pub resolution: u32,
     pub num_images: usize,
     pub base_model: String,
+    /// Train every UNet weight (fp32) instead of a LoRA; the result is a
+    /// diffusers `unet/` folder.
+    pub full: bool,
 }
 
 /// Progress the command shows.
@@ -71,7 +87,8 @@ pub enum Event {
 /// How the run ended.
 pub struct Finished {
     pub steps_done: u64,
-    pub final_lora: Option<PathBuf>,
+    /// The final LoRA file, or the `unet/` folder of a full run.
+    pub final_output: Option<PathBuf>,
     pub interrupted: bool,
 }
 
@@ -81,10 +98,22 @@ impl RunPlan {
     }
 
     pub fn final_path(&self) -> PathBuf {
-        self.dir.join(format!("{}.safetensors", self.name))
+        if self.full {
+            self.dir.join("unet")
+        } else {
+            self.dir.join(format!("{}.safetensors", self.name))
+        }
     }
 
     fn identity(&self) -> Identity {
+        if self.full {
+            return Identity(vec![
+                ("mode".into(), "full".into()),
+                ("seed".into(), self.step.seed.to_string()),
+                ("batch_size".into(), self.step.batch_size.to_string()),
+                ("grad_accum".into(), self.step.grad_accum.to_string()),
+            ]);
+        }
         Identity(vec![
             ("rank".into(), self.rank.to_string()),
             ("alpha".into(), self.alpha.to_string()),
@@ -105,21 +134,26 @@ pub fn run(
 ) -> Result<Finished> {
     let device = model.device();
     tch::manual_seed(plan.step.seed as i64);
-    let lora = LoraNetwork::inject(&model.unet.layers, plan.targets, plan.rank, plan.alpha, DownInit::KaimingUniform, device)?;
-    let mut optimizer = AdamW::new(lora.parameters(), AdamWConfig::default());
+    let trained = if plan.full {
+        Trained::Full(FullUnet::new(&model.unet.vs)?)
+    } else {
+        Trained::Lora(LoraNetwork::inject(&model.unet.layers, plan.targets, plan.rank, plan.alpha, DownInit::KaimingUniform, device)?)
+    };
+    let mut optimizer = AdamW::new(trained.as_dyn().parameters(), AdamWConfig::default());
     let mut scaler = if plan.precision == Precision::Fp16 { LossScaler::fp16() } else { LossScaler::disabled() };
     let mut start = 0;
     if plan.resume {
         let Some(path) = checkpoint::latest(&plan.state_dir())? else {
             bail!("--resume found no saved state in {}; train without --resume to start a new run", plan.state_dir().display());
         };
-        let saved = checkpoint::load(&path, &lora, &mut optimizer, &plan.identity())?;
+        let saved = checkpoint::load(&path, trained.as_dyn(), &mut optimizer, &plan.identity())?;
         start = saved.step;
         scaler = saved.scaler;
         events(Event::Warning(format!("resuming from {} (step {start})", path.display())));
     }
     let total = plan.step.total_steps;
     let mut metrics = Metrics::open(&plan.dir.join("metrics.jsonl"), start)?;
+    write_settings(model, plan)?;
     if start == 0 && plan.sample_every > 0 {
         events(Event::Grid(render_grid(model, plan, 0)?));
     }
@@ -133,9 +167,9 @@ pub fn run(
     let mut step = start;
     while step < total {
         if stop.load(Ordering::SeqCst) {
-            let saved = save(model, &lora, &trainer, plan, step)?;
+            let saved = save(model, &trained, &trainer, plan, step)?;
             events(Event::Saved(saved));
-            return Ok(Finished { steps_done: step, final_lora: None, interrupted: true });
+            return Ok(Finished { steps_done: step, final_output: None, interrupted: true });
         }
         let outcome = trainer.step(step)?;
         if !outcome.loss.is_finite() && plan.precision != Precision::Fp16 {
@@ -154,7 +188,7 @@ pub fn run(
         metrics.record(step, &outcome, began.elapsed().as_secs_f64())?;
         events(Event::Step { step, outcome, smoothed_loss: smoothed, steps_per_s: rate });
         if plan.save_every > 0 && step % plan.save_every == 0 && step < total {
-            let saved = save(model, &lora, &trainer, plan, step)?;
+            let saved = save(model, &trained, &trainer, plan, step)?;
             events(Event::Saved(saved.clone()));
             last_save = Some(saved);
         }
@@ -162,19 +196,93 @@ pub fn run(
             events(Event::Grid(render_grid(model, plan, step)?));
         }
     }
-    save(model, &lora, &trainer, plan, total)?;
+    save(model, &trained, &trainer, plan, total)?;
     let final_path = plan.final_path();
-    write_lora(model, &lora, plan, total, &final_path)?;
+    match &trained {
+        Trained::Lora(lora) => write_lora(model, lora, plan, total, &final_path)?,
+        Trained::Full(unet) => unet.write_diffusers(&final_path, &model.unet_config, settings_metadata(plan, total))?,
+    }
     events(Event::Saved(final_path.clone()));
-    Ok(Finished { steps_done: total, final_lora: Some(final_path), interrupted: false })
+    Ok(Finished { steps_done: total, final_output: Some(final_path), interrupted: false })
 }
 
-/// The periodic LoRA file plus the resumable state after `step` steps.
-fn save(model: &StableDiffusion, lora: &LoraNetwork, trainer: &Trainer, plan: &RunPlan, step: u64) -> Result<PathBuf> {
+/// What the run trains.
+enum Trained {
+    Lora(LoraNetwork),
+    Full(FullUnet),
+}
+
+impl Trained {
+    fn as_dyn(&self) -> &dyn Trainable {
+        match self {
+            Trained::Lora(lora) => lora,
+            Trained::Full(unet) => unet,
+        }
+    }
+}
+
+/// The periodic LoRA file (LoRA runs) plus the resumable state after
+/// `step` steps; returns the LoRA file, or the state of a full run.
+fn save(model: &StableDiffusion, trained: &Trained, trainer: &Trainer, plan: &RunPlan, step: u64) -> Result<PathBuf> {
+    let state = checkpoint::save(&plan.state_dir(), step, trained.as_dyn(), &trainer.optimizer, &trainer.scaler, &plan.identity(), plan.keep_last)?;
+    let Trained::Lora(lora) = trained else { return Ok(state) };
     let path = plan.dir.join("lora").join(format!("step-{step:06}.safetensors"));
     write_lora(model, lora, plan, step, &path)?;
-    checkpoint::save(&plan.state_dir(), step, lora, &trainer.optimizer, &trainer.scaler, &plan.identity(), plan.keep_last)?;
     Ok(path)
+}
+
+/// The run's settings as `(key, value)` pairs, for `settings.json` and the report.
+pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
+    let s = &plan.step;
+    let mut list = vec![
+        ("mode", if plan.full { "full UNet".to_string() } else { "LoRA".to_string() }),
+        ("base model", plan.base_model.clone()),
+        ("images", plan.num_images.to_string()),
+        ("resolution", plan.resolution.to_string()),
+        ("steps", s.total_steps.to_string()),
+        ("learning rate", s.lr.to_string()),
+        ("lr schedule", match s.lr_schedule {
+            super::lr::LrSchedule::Constant => "constant".to_string(),
+            super::lr::LrSchedule::ConstantWithWarmup { warmup } => format!("constant_with_warmup, {warmup} warm-up steps"),
+            super::lr::LrSchedule::Cosine { warmup } => format!("cosine, {warmup} warm-up steps"),
+        }),
+        ("batch size", s.batch_size.to_string()),
+        ("grad accumulation", s.grad_accum.to_string()),
+        ("precision", plan.precision.name().to_string()),
+        ("seed", s.seed.to_string()),
+        ("noise offset", s.noise_offset.to_string()),
+        ("min-SNR gamma", s.min_snr_gamma.map_or("off".to_string(), |g| g.to_string())),
+        ("caption dropout", s.caption_dropout.to_string()),
+        ("grid", format!("{} prompts x {} seeds, {} DDIM steps, guidance {}", plan.grid.prompts.len(), plan.grid.seeds.len(), plan.grid.steps, plan.grid.guidance)),
+    ];
+    if !plan.full {
+        list.insert(1, ("rank / alpha", format!("{} / {}", plan.rank, plan.alpha)));
+        list.insert(2, ("targets", plan.targets.name().to_string()));
+        list.push(("format", plan.format.name().to_string()));
+    }
+    list.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// `settings.json` in the run folder: the settings in order, and the grid's prompts.
+fn write_settings(model: &StableDiffusion, plan: &RunPlan) -> Result<()> {
+    let settings: Vec<serde_json::Value> = settings_list(plan).into_iter().map(|(k, v)| serde_json::json!([k, v])).collect();
+    let device = match model.device() {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    };
+    let json = serde_json::json!({
+        "name": plan.name, "settings": settings, "device": device, "prompts": plan.grid.prompts, "seeds": plan.grid.seeds,
+    });
+    std::fs::create_dir_all(&plan.dir).with_context(|| format!("cannot create {}", plan.dir.display()))?;
+    crate::fsutil::write_atomic(&plan.dir.join("settings.json"), serde_json::to_string_pretty(&json)?.as_bytes())
+}
+
+/// The header metadata of a full run's UNet file.
+fn settings_metadata(plan: &RunPlan, step: u64) -> HashMap<String, String> {
+    let mut meta: HashMap<String, String> =
+        settings_list(plan).into_iter().map(|(k, v)| (format!("sdtune.{}", k.replace([' ', '/'], "_")), v)).collect();
+    meta.insert("sdtune.steps_done".into(), step.to_string());
+    meta
 }
 
 fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step: u64, path: &Path) -> Result<()> {
@@ -213,35 +321,64 @@ fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step:
     format::write(path, &weights, plan.format, lora_metadata(&facts))
 }
 
+/// Images per UNet batch of the training grids (bounds their memory).
+const GRID_BATCH: usize = 4;
+
 /// Renders the fixed prompts x seeds with the LoRA as it is now.
 pub fn render_grid(model: &StableDiffusion, plan: &RunPlan, step: u64) -> Result<PathBuf> {
     let g = &plan.grid;
-    let mut rows = Vec::with_capacity(g.prompts.len());
-    for prompt in &g.prompts {
-        let mut row = Vec::with_capacity(g.seeds.len());
-        for &seed in &g.seeds {
-            let req = SampleRequest {
-                prompt: prompt.clone(),
-                negative_prompt: g.negative_prompt.clone(),
-                seed,
-                steps: g.steps,
-                guidance: g.guidance,
-                width: g.width,
-                height: g.height,
-                scheduler: g.scheduler,
-                clip_skip: 0,
-            };
-            let decoded = text_to_image(model, &req, &mut |_| {}, &mut |_, _| {})?;
-            row.extend(to_rgb8(&decoded)?);
-        }
-        rows.push(row);
+    let reqs: Vec<SampleRequest> = g
+        .prompts
+        .iter()
+        .flat_map(|prompt| g.seeds.iter().map(move |&seed| (prompt, seed)))
+        .map(|(prompt, seed)| SampleRequest {
+            prompt: prompt.clone(),
+            negative_prompt: g.negative_prompt.clone(),
+            seed,
+            steps: g.steps,
+            guidance: g.guidance,
+            width: g.width,
+            height: g.height,
+            scheduler: g.scheduler,
+            clip_skip: 0,
+        })
+        .collect();
+    // Batched through the UNet; each image still equals its seed's single render.
+    let mut images = Vec::with_capacity(reqs.len());
+    for decoded in text_to_images_batched(model, &reqs, GRID_BATCH, &mut |_| {}, &mut |_, _| {})? {
+        images.extend(to_rgb8(&decoded)?);
     }
+    let rows: Vec<Vec<image::RgbImage>> = images.chunks(g.seeds.len().max(1)).map(<[_]>::to_vec).collect();
     let col_labels: Vec<String> = g.seeds.iter().map(|s| format!("seed {s}")).collect();
     let row_labels: Vec<String> = g.prompts.iter().map(|p| format!("step {step}: {p}")).collect();
     let image = grid::compose(&rows, &row_labels, &col_labels);
     let path = plan.dir.join("samples").join(format!("step-{step:06}.png"));
     save_png(&image, &path)?;
+    if let Some(brand) = &g.brand {
+        write_consistency(&rows, plan, brand, &path)?;
+    }
     Ok(path)
+}
+
+/// `samples/step-NNNNNN.consistency.json`: each grid image's palette
+/// distance to the brand set, as `sdtune sample` writes it for its grids.
+fn write_consistency(rows: &[Vec<image::RgbImage>], plan: &RunPlan, brand: &BrandPalette, grid: &Path) -> Result<()> {
+    let variant = if plan.full { "unet" } else { "lora" };
+    let cells: Vec<metrics::Cell> = rows
+        .iter()
+        .zip(&plan.grid.prompts)
+        .flat_map(|(row, prompt)| {
+            row.iter().zip(&plan.grid.seeds).map(move |(image, &seed)| metrics::Cell {
+                file: grid.display().to_string(),
+                prompt,
+                seed,
+                variant,
+                image,
+            })
+        })
+        .collect();
+    let brand = Brand { source: brand.source.clone(), images: brand.images, histogram: brand.histogram.clone() };
+    metrics::consistency(&cells, &brand).save(&crate::sample::render::consistency_path(grid))
 }
 
 /// `metrics.jsonl`: one line per step. On resume, lines past the resumed

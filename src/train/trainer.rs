@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::data::{batches_per_epoch, derive_seed, epoch_batches, TrainingData};
 use super::lr::LrSchedule;
-use super::optimizer::{clip_grad_norm, AdamW};
+use super::optimizer::AdamW;
 use super::precision::LossScaler;
 use crate::models::config::Prediction;
 use crate::models::unet::UNet2DConditionModel;
@@ -66,6 +66,10 @@ impl<'a> Trainer<'a> {
             bail!("the training cache holds no images; run `sdtune prepare DIR` first");
         }
         let empty_caption = data.empty_caption()?.to_device(device);
+        if device.is_cuda() {
+            // Each convolution shape (few: one per bucket) picks its fastest algorithm once.
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         Ok(Trainer { unet, schedule, data, optimizer, scaler, settings, device, buckets, empty_caption })
     }
 
@@ -79,32 +83,55 @@ impl<'a> Trainer<'a> {
     }
 
     /// Optimizer step `step` (0-based).
+    ///
+    /// Nothing here waits for the device until the step's work is all
+    /// queued: gradients come straight from autograd (no `.grad` to zero),
+    /// finiteness, clipping and the skip of a non-finite step are decided on
+    /// the device, and loss, gradient norm and finiteness come back together
+    /// in one read at the end.
     pub fn step(&mut self, step: u64) -> Result<StepOutcome> {
         let s = self.settings.clone();
-        let mut loss_sum = 0.0;
+        let scale = self.scaler.factor();
+        let mut loss_sum: Option<Tensor> = None;
+        let mut grad: Option<Tensor> = None;
         for micro in 0..s.grad_accum as u64 {
             let index = step * s.grad_accum as u64 + micro;
             let loss = self.micro_batch_loss(index)?;
-            loss_sum += loss.double_value(&[]);
-            let scaled = loss * (self.scaler.factor() / s.grad_accum as f64);
-            scaled.f_backward()?;
+            let scaled = &loss * (scale / s.grad_accum as f64);
+            let grads = Tensor::f_run_backward(&[&scaled], self.optimizer.params(), false, false)?;
+            let flat = self.optimizer.flatten(&grads);
+            grad = Some(match grad {
+                Some(sum) => sum + flat,
+                None => flat,
+            });
+            let loss = loss.detach();
+            loss_sum = Some(match loss_sum {
+                Some(sum) => sum + loss,
+                None => loss,
+            });
         }
-        let loss = loss_sum / s.grad_accum as f64;
+        let (Some(mut grad), Some(loss_sum)) = (grad, loss_sum) else {
+            bail!("grad_accum must be at least 1");
+        };
+        if scale != 1.0 {
+            grad /= scale;
+        }
+        let finite = grad.isfinite().all();
+        let lr = s.lr_schedule.lr(s.lr, step, s.total_steps);
+        let norm = crate::train::optimizer::clip_grad_norm_on_device(&mut grad, s.clip_norm);
+        self.optimizer.step_if(&grad, lr, Some(&finite));
 
-        let mut grad = self.optimizer.flat_grad();
-        if self.scaler.factor() != 1.0 {
-            grad /= self.scaler.factor();
-        }
-        let finite = grad.isfinite().all().int64_value(&[]) == 1;
+        // The one read of the step.
+        let loss = loss_sum / s.grad_accum as f64;
+        let facts = Tensor::stack(&[loss.to_kind(Kind::Float), norm.to_kind(Kind::Float), finite.to_kind(Kind::Float)], 0);
+        let facts = Vec::<f64>::try_from(&facts.to_kind(Kind::Double).to_device(Device::Cpu))?;
+        let (loss, grad_norm, finite) = (facts[0], facts[1], facts[2] == 1.0);
         let loss_scale = self.scaler.factor();
         let do_step = self.scaler.update(finite);
-        let lr = s.lr_schedule.lr(s.lr, step, s.total_steps);
-        let mut grad_norm = f64::NAN;
-        if do_step {
-            grad_norm = clip_grad_norm(&mut grad, s.clip_norm);
-            self.optimizer.step(&grad, lr);
+        if !finite {
+            self.optimizer.unstep();
         }
-        self.optimizer.zero_grad();
+        let grad_norm = if do_step { grad_norm } else { f64::NAN };
         Ok(StepOutcome { loss, grad_norm, lr, loss_scale, skipped: !do_step })
     }
 
@@ -145,10 +172,13 @@ impl<'a> Trainer<'a> {
             Prediction::V => self.schedule.velocity(&latents, &noise, &timesteps),
             Prediction::Sample => latents.shallow_clone(),
         };
+        // Everything the host computes is on the device before the UNet runs,
+        // so no copy waits for the forward to finish.
+        let weights = s.min_snr_gamma.map(|gamma| self.min_snr_weights(&timesteps, gamma).to_device(self.device));
         let pred = self.unet.forward(&noisy, &timesteps.to_device(self.device), &context).to_kind(Kind::Float);
         let per_sample = (pred - target).square().mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
-        let weighted = match s.min_snr_gamma {
-            Some(gamma) => per_sample * self.min_snr_weights(&timesteps, gamma).to_device(self.device),
+        let weighted = match weights {
+            Some(weights) => per_sample * weights,
             None => per_sample,
         };
         Ok(weighted.mean(Kind::Float))

@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""The diffusers+peft side of scripts/bench-vs-diffusers.sh and scripts/gpu-check.sh.
+
+Mirrors `sdtune bench train|sample|encode` on the same model, built from the
+config files `sdtune bench --dump-configs DIR` wrote (random weights):
+
+  train   diffusers' examples/text_to_image/train_text_to_image_lora.py step:
+          frozen UNet in the weight dtype, peft LoRA (rank r, alpha r) on the
+          targets, LoRA params fp32, torch.optim.AdamW (lr 1e-4, wd 1e-2),
+          cached latents = mean + std * randn of the right shape (scaled by the
+          VAE factor), cached text states, min-SNR-gamma weighting (or plain
+          MSE), clip_grad_norm_ 1.0, loss.item() each step; autocast as
+          accelerate's mixed precision does when the weights are half.
+  sample  StableDiffusionPipeline with DDIM, the same prompt, one CPU
+          generator per image, output_type="pt".
+  encode  AutoencoderKL.encode (mean and std to the CPU) and the text encoder.
+
+Prints one JSON line with the keys sdtune's JSON line has (side "diffusers").
+Peak memory: VmHWM on the CPU; on CUDA torch.cuda.max_memory_allocated (and
+max_memory_reserved beside it).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+PROMPT = "a studio photo of a red ceramic mug with a white logo on a wooden desk, soft light"
+TARGETS = {
+    "cross-attn": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
+    "attn": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+             "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
+}
+
+
+def peak_rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return None
+
+
+def rounded(x):
+    if x is None:
+        return None
+    return round(x, 1) if abs(x) >= 100 else round(x, 4)
+
+
+def read_config(path):
+    """A config file sdtune wrote, as diffusers/transformers take it: nulls
+    dropped (each side then uses the same library default)."""
+    with open(path) as f:
+        cfg = json.load(f)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def vae_config(path):
+    cfg = read_config(path)
+    n = len(cfg["block_out_channels"])
+    if not cfg.get("down_block_types"):
+        cfg["down_block_types"] = ["DownEncoderBlock2D"] * n
+    if not cfg.get("up_block_types"):
+        cfg["up_block_types"] = ["UpDecoderBlock2D"] * n
+    return cfg
+
+
+def sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Memory:
+    def __init__(self, device):
+        import torch
+        self.device = device
+        if device.type == "cuda":
+            torch.zeros(1, device=device)
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def report(self, out):
+        import torch
+        out["peak_rss_mb"] = rounded(peak_rss_mb())
+        if self.device.type == "cuda":
+            out["peak_mem_mb"] = rounded(torch.cuda.max_memory_allocated(self.device) / 2**20)
+            out["peak_reserved_mb"] = rounded(torch.cuda.max_memory_reserved(self.device) / 2**20)
+            out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+        else:
+            out["peak_mem_mb"] = out["peak_rss_mb"]
+            out["peak_mem_kind"] = "cpu peak RSS (VmHWM)"
+
+
+def unet_forward_tflop(ucfg, latent):
+    if list(ucfg["block_out_channels"]) == [320, 640, 1280, 1280]:
+        return 0.85 * latent[0] * latent[1] / (64 * 64)
+    return None
+
+
+def mfu(tflop_per_s, peak):
+    if tflop_per_s is None or not peak:
+        return None
+    return tflop_per_s / peak
+
+
+def common(args, device, dtype, kind):
+    import torch
+    return {
+        "bench": kind, "side": "diffusers", "arch": args.arch,
+        "device": str(device), "precision": args.precision, "threads": torch.get_num_threads(),
+        "resolution": args.resolution, "batch_size": args.batch_size,
+    }
+
+
+def bench_train(args, device, dtype):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from peft import LoraConfig
+
+    ucfg = read_config(os.path.join(args.configs, "unet.json"))
+    scfg = read_config(os.path.join(args.configs, "scheduler.json"))
+    vcfg = vae_config(os.path.join(args.configs, "vae.json"))
+    factor = 2 ** (len(vcfg["block_out_channels"]) - 1)
+    latent = (args.resolution // factor, args.resolution // factor)
+    memory = Memory(device)
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(ucfg)
+    unet.requires_grad_(False)
+    unet.to(device, dtype=dtype)
+    unet_params = sum(p.numel() for p in unet.parameters())
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=TARGETS[args.targets]))
+    if dtype != torch.float32:
+        cast_training_params(unet, dtype=torch.float32)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    lora_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    noise_scheduler = DDPMScheduler.from_config(scfg)
+    scaling = vcfg.get("scaling_factor", 0.18215)
+
+    torch.manual_seed(1)
+    b = args.batch_size
+    text_dim = ucfg["cross_attention_dim"]
+    text_dim = text_dim[0] if isinstance(text_dim, list) else text_dim
+    means = torch.randn(b, ucfg.get("in_channels", 4), *latent) * 5.0
+    stds = torch.full_like(means, 0.05)
+    texts = torch.randn(b, 77, text_dim)
+    autocast = dtype != torch.float32
+
+    def step():
+        latents = (means + stds * torch.randn_like(means)).to(device) * scaling
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=device).long()
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        ehs = texts.to(device)
+        if noise_scheduler.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            pred = unet(noisy.to(dtype), timesteps, ehs.to(dtype), return_dict=False)[0]
+        if args.min_snr_gamma <= 0:
+            loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+        else:
+            snr = compute_snr(noise_scheduler, timesteps)
+            weights = torch.stack([snr, args.min_snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+            if noise_scheduler.config.prediction_type == "epsilon":
+                weights = weights / snr
+            else:
+                weights = weights / (snr + 1)
+            loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+            loss = (loss.mean(dim=list(range(1, len(loss.shape)))) * weights).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()
+
+    torch.manual_seed(3)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(args.steps):
+        loss = step()
+    sync(device)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+
+    sps = args.steps / seconds
+    out = common(args, device, dtype, "train")
+    tflop = unet_forward_tflop(ucfg, latent)
+    tflop_per_step = 2.1 * tflop * b if tflop else None
+    out.update({
+        "unet_params": unet_params, "rank": args.rank, "targets": args.targets, "lora_modules": sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A")),
+        "lora_params": lora_params, "min_snr_gamma": args.min_snr_gamma if args.min_snr_gamma > 0 else None,
+        "warmup_steps": args.warmup, "steps": args.steps, "warmup_s": rounded(warmup_s),
+        "seconds": rounded(seconds), "steps_per_s": rounded(sps), "s_per_step": rounded(seconds / args.steps),
+        "cpu_s_per_step": rounded(cpu / args.steps),
+        "samples_per_s": rounded(sps * b), "loss": rounded(loss),
+        "model_tflop_per_step": rounded(tflop_per_step),
+        "mfu": rounded(mfu(tflop_per_step * sps if tflop_per_step else None, args.peak_tflops)),
+    })
+    memory.report(out)
+    return out
+
+
+def build_pipeline(args, device, dtype):
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(read_config(os.path.join(args.configs, "unet.json")))
+    vae = AutoencoderKL.from_config(vae_config(os.path.join(args.configs, "vae.json")))
+    text = CLIPTextModel(CLIPTextConfig(**read_config(os.path.join(args.configs, "text_encoder.json"))))
+    tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer)
+    scheduler = DDIMScheduler.from_config(read_config(os.path.join(args.configs, "scheduler.json")))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipe.to(device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_sample(args, device, dtype):
+    import torch
+    memory = Memory(device)
+    pipe = build_pipeline(args, device, dtype)
+    ucfg = pipe.unet.config
+
+    def render(seeds):
+        images = []
+        for i in range(0, len(seeds), args.batch_size):
+            chunk = seeds[i:i + args.batch_size]
+            gens = [torch.Generator("cpu").manual_seed(s) for s in chunk]
+            out = pipe([PROMPT] * len(chunk), num_inference_steps=args.steps, guidance_scale=args.guidance,
+                       height=args.resolution, width=args.resolution, generator=gens, output_type="pt")
+            images.append(out.images)
+        return torch.cat(images)
+
+    if args.warmup:
+        render(list(range(1000, 1000 + args.warmup)))
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    images = render(list(range(args.images)))
+    sync(device)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+
+    n = args.images
+    factor = pipe.vae_scale_factor
+    latent = (args.resolution // factor, args.resolution // factor)
+    tflop = unet_forward_tflop(ucfg, latent)
+    passes = args.steps * (2 if args.guidance > 1 else 1)
+    tflop_per_image = tflop * passes if tflop else None
+    out = common(args, device, dtype, "sample")
+    out.update({
+        "scheduler": "ddim", "steps": args.steps, "guidance": args.guidance, "warmup_images": args.warmup,
+        "images": n, "seconds": rounded(seconds), "s_per_image": rounded(seconds / n),
+        "images_per_s": rounded(n / seconds), "cpu_s_per_image": rounded(cpu / n), "finite": bool(torch.isfinite(images).all()),
+        "model_tflop_per_image": rounded(tflop_per_image),
+        "mfu": rounded(mfu(tflop_per_image * n / seconds if tflop_per_image else None, args.peak_tflops)),
+    })
+    memory.report(out)
+    return out
+
+
+def bench_encode(args, device, dtype):
+    import torch
+    memory = Memory(device)
+    pipe = build_pipeline(args, device, dtype)
+    b = args.batch_size
+    torch.manual_seed(4)
+    images = (torch.rand(b, 3, args.resolution, args.resolution) * 2 - 1).to(device, dtype=dtype)
+    ids = pipe.tokenizer([PROMPT] * b, padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+
+    @torch.no_grad()
+    def encode_images():
+        dist = pipe.vae.encode(images).latent_dist
+        return dist.mean.float().cpu(), dist.std.float().cpu()
+
+    @torch.no_grad()
+    def encode_text():
+        return pipe.text_encoder(ids)[0].float().cpu()
+
+    for _ in range(args.warmup):
+        encode_images()
+        encode_text()
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(args.steps):
+        encode_images()
+    sync(device)
+    vae_s, vae_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        encode_text()
+    sync(device)
+    text_s = time.perf_counter() - t0
+    n = args.steps * b
+    out = common(args, device, dtype, "encode")
+    out.update({
+        "batches": args.steps, "vae_seconds": rounded(vae_s), "images_per_s": rounded(n / vae_s),
+        "s_per_image": rounded(vae_s / n), "cpu_s_per_image": rounded(vae_cpu / n), "text_seconds": rounded(text_s), "captions_per_s": rounded(n / text_s),
+    })
+    memory.report(out)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=["train", "sample", "encode"])
+    p.add_argument("--configs", required=True, help="folder written by `sdtune bench --dump-configs`")
+    p.add_argument("--arch", default="?", help="name shown in the JSON line")
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="cross-attn", choices=sorted(TARGETS))
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--images", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--min-snr-gamma", type=float, default=5.0)
+    p.add_argument("--tokenizer", default="tests/fixtures/tiny-sd1/tokenizer")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    args = p.parse_args()
+
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    if args.peak_tflops is None and device.type == "cuda":
+        args.peak_tflops = 790.0
+    defaults = {"train": (20, 3), "sample": (30, 1), "encode": (5, 1)}[args.kind]
+    args.steps = args.steps or defaults[0]
+    args.warmup = defaults[1] if args.warmup is None else args.warmup
+    args.images = args.images or args.batch_size
+    run = {"train": bench_train, "sample": bench_sample, "encode": bench_encode}[args.kind]
+    out = run(args, device, dtype)
+    print(json.dumps(out, sort_keys=True))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

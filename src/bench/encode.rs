@@ -1,0 +1,76 @@
+//! `sdtune bench encode`: what `sdtune prepare` computes per image, VAE
+//! encode of a batch of images and the text encoder on their captions.
+use anyhow::Result;
+use serde_json::{Map, Value};
+use tch::{Device, Kind, Tensor};
+
+use super::measure::{num, timed, MemoryMeter};
+use super::sample::{build_model, PROMPT};
+use super::Setup;
+use crate::models::stable_diffusion::Placement;
+
+/// Encoding settings of the benchmark.
+#[derive(Clone, Debug)]
+pub struct EncodeBench {
+    pub warmup: usize,
+    /// Timed batches.
+    pub batches: usize,
+    pub tokenizer: Option<std::path::PathBuf>,
+}
+
+pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
+    let (device, precision, spec) = (setup.device, setup.precision, &setup.spec);
+    spec.latent_size(setup.resolution)?;
+    let mut memory = MemoryMeter::start(device);
+    // As prepare: the VAE in fp32 unless asked otherwise, on the device.
+    let placement = Placement { device, kind: precision.kind(), vae_kind: precision.kind() };
+    let model = build_model(spec, placement, bench.tokenizer.as_deref())?;
+    let b = setup.batch_size as i64;
+    tch::manual_seed(4);
+    let images = (Tensor::rand([b, 3, setup.resolution, setup.resolution], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
+        .to_device(device);
+    let ids = model.tokenizer()?.encode(PROMPT).ids;
+    let ids = Tensor::from_slice(&ids).view([1, -1]).repeat([b, 1]).to_device(device);
+
+    let encode_images = || {
+        tch::no_grad(|| {
+            let dist = model.vae.model.encode(&images);
+            // What the cache stores: mean and std, fp32 on the CPU.
+            let _ = (dist.mean.to_kind(Kind::Float).to_device(Device::Cpu), dist.std().to_kind(Kind::Float).to_device(Device::Cpu));
+        })
+    };
+    let encode_text = || {
+        tch::no_grad(|| {
+            let _ = model.text_encoder.model.encode(&ids, 0).to_kind(Kind::Float).to_device(Device::Cpu);
+        })
+    };
+    for _ in 0..bench.warmup {
+        encode_images();
+        encode_text();
+    }
+    memory.sample();
+    let (_, vae) = timed(device, || (0..bench.batches).for_each(|_| encode_images()));
+    let (_, text) = timed(device, || (0..bench.batches).for_each(|_| encode_text()));
+    memory.sample();
+
+    let (vae_s, text_s) = (vae.wall, text.wall);
+    let n = (bench.batches * setup.batch_size) as f64;
+    let mut out = Map::new();
+    out.insert("bench".into(), Value::from("encode"));
+    out.insert("side".into(), Value::from("sdtune"));
+    out.insert("arch".into(), Value::from(spec.name()));
+    out.insert("device".into(), Value::from(super::device_name(device)));
+    out.insert("precision".into(), Value::from(precision.name()));
+    out.insert("threads".into(), Value::from(tch::get_num_threads()));
+    out.insert("resolution".into(), Value::from(setup.resolution));
+    out.insert("batch_size".into(), Value::from(setup.batch_size));
+    out.insert("batches".into(), Value::from(bench.batches));
+    out.insert("vae_seconds".into(), num(Some(vae_s)));
+    out.insert("images_per_s".into(), num(Some(n / vae_s)));
+    out.insert("s_per_image".into(), num(Some(vae_s / n)));
+    out.insert("cpu_s_per_image".into(), num(vae.cpu.map(|c| c / n)));
+    out.insert("text_seconds".into(), num(Some(text_s)));
+    out.insert("captions_per_s".into(), num(Some(n / text_s)));
+    memory.report(&mut out);
+    Ok(out)
+}

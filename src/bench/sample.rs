@@ -1,0 +1,120 @@
+//! `sdtune bench sample`: seconds per image of text to image, the pipeline
+//! `sdtune sample` runs (tokenize, encode, denoise with guidance, VAE decode).
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{Map, Value};
+
+use super::arch::{ModelSpec, Source};
+use super::measure::{mfu, num, timed, MemoryMeter};
+use super::Setup;
+use crate::models::stable_diffusion::{Placement, StableDiffusion};
+use crate::models::tokenizer::ClipTokenizer;
+use crate::sample::pipeline::{text_to_images_batched, SampleRequest};
+use crate::schedulers::SchedulerKind;
+
+/// Sampling settings of the benchmark.
+#[derive(Clone, Debug)]
+pub struct SampleBench {
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: SchedulerKind,
+    /// Images rendered untimed first, then timed.
+    pub warmup: usize,
+    pub images: usize,
+    /// Tokenizer folder for random-weight models.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// The prompt every benchmark image uses (the diffusers side uses it too).
+pub const PROMPT: &str = "a studio photo of a red ceramic mug with a white logo on a wooden desk, soft light";
+
+/// The tokenizer folder used with `--arch` when none is given.
+pub const DEFAULT_TOKENIZER: &str = "tests/fixtures/tiny-sd1/tokenizer";
+
+/// Builds (random weights) or loads the whole pipeline.
+pub fn build_model(spec: &ModelSpec, placement: Placement, tokenizer: Option<&Path>) -> Result<StableDiffusion> {
+    match &spec.source {
+        Source::Folder(dir) => StableDiffusion::from_diffusers_folder(dir, placement, None),
+        Source::Arch(_) => {
+            tch::manual_seed(0);
+            let mut model = StableDiffusion::random(
+                spec.text.clone(),
+                spec.unet.clone(),
+                spec.vae.clone(),
+                spec.scheduler.clone(),
+                placement,
+            )?;
+            let dir = tokenizer.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEFAULT_TOKENIZER));
+            model.tokenizer = Some(ClipTokenizer::from_folder(&dir).with_context(|| {
+                format!("a CLIP tokenizer is needed to sample; pass --tokenizer DIR (a folder with vocab.json and merges.txt), not {}", dir.display())
+            })?);
+            Ok(model)
+        }
+    }
+}
+
+fn requests(bench: &SampleBench, resolution: i64, count: usize, first_seed: u64) -> Vec<SampleRequest> {
+    (0..count as u64)
+        .map(|i| SampleRequest {
+            prompt: PROMPT.into(),
+            negative_prompt: None,
+            seed: first_seed + i,
+            steps: bench.steps,
+            guidance: bench.guidance,
+            width: resolution,
+            height: resolution,
+            scheduler: bench.scheduler,
+            clip_skip: 0,
+        })
+        .collect()
+}
+
+pub fn run(setup: &Setup, bench: &SampleBench) -> Result<Map<String, Value>> {
+    let (device, precision, spec) = (setup.device, setup.precision, &setup.spec);
+    let latent = spec.latent_size(setup.resolution)?;
+    let mut memory = MemoryMeter::start(device);
+    let placement = Placement { device, kind: precision.kind(), vae_kind: precision.kind() };
+    let model = build_model(spec, placement, bench.tokenizer.as_deref())?;
+    let mut ignore = |_: String| {};
+    if bench.warmup > 0 {
+        let warm = requests(bench, setup.resolution, bench.warmup, 1000);
+        text_to_images_batched(&model, &warm, setup.batch_size, &mut ignore, &mut |_, _| {})?;
+    }
+    memory.sample();
+    let reqs = requests(bench, setup.resolution, bench.images, 0);
+    let (images, timing) = timed(device, || text_to_images_batched(&model, &reqs, setup.batch_size, &mut ignore, &mut |_, _| {}));
+    let seconds = timing.wall;
+    let images = images?;
+    memory.sample();
+    let finite = images.iter().all(|t| t.isfinite().all().int64_value(&[]) == 1);
+
+    let n = bench.images as f64;
+    let guided = bench.guidance > 1.0;
+    let unet_passes = bench.steps as f64 * if guided { 2.0 } else { 1.0 };
+    let tflop_per_image = spec.unet_forward_tflop(latent).map(|f| f * unet_passes);
+    let mut out = Map::new();
+    out.insert("bench".into(), Value::from("sample"));
+    out.insert("side".into(), Value::from("sdtune"));
+    out.insert("arch".into(), Value::from(spec.name()));
+    out.insert("device".into(), Value::from(super::device_name(device)));
+    out.insert("precision".into(), Value::from(precision.name()));
+    out.insert("threads".into(), Value::from(tch::get_num_threads()));
+    out.insert("resolution".into(), Value::from(setup.resolution));
+    out.insert("batch_size".into(), Value::from(setup.batch_size));
+    out.insert("scheduler".into(), Value::from(bench.scheduler.name()));
+    out.insert("steps".into(), Value::from(bench.steps));
+    out.insert("guidance".into(), num(Some(bench.guidance)));
+    out.insert("warmup_images".into(), Value::from(bench.warmup));
+    out.insert("images".into(), Value::from(bench.images));
+    out.insert("seconds".into(), num(Some(seconds)));
+    out.insert("s_per_image".into(), num(Some(seconds / n)));
+    out.insert("images_per_s".into(), num(Some(n / seconds)));
+    out.insert("cpu_s_per_image".into(), num(timing.cpu.map(|c| c / n)));
+    out.insert("finite".into(), Value::from(finite));
+    // UNet passes only; the text encoder and the VAE decoder are not counted.
+    out.insert("model_tflop_per_image".into(), num(tflop_per_image));
+    out.insert("mfu".into(), num(mfu(tflop_per_image.map(|t| t * n / seconds), setup.peak_tflops)));
+    memory.report(&mut out);
+    Ok(out)
+}
