@@ -2,10 +2,16 @@
 //!
 //!     cargo run --release --example make_shapes -- base  DIR [--count 4000] [--size 64] [--seed 1]
 //!     cargo run --release --example make_shapes -- brand DIR [--count 24] [--size 128] [--seed 7]
+//!     cargo run --release --example make_shapes -- vae   DIR [--count 4000] [--size 64] [--seed 3]
 //!
 //! `base`: the tiny base model's training set. A shape (circle, square,
 //! triangle, star) in one of eight saturated colours on a plain background
 //! of another, captioned "a red circle on a white background".
+//!
+//! `vae`: the VAE's training set, generic rather than captioned: any colour
+//! (uniform in RGB), plain, striped, dotted or graded grounds, one to three
+//! shapes. A VAE that only ever saw the base set's eight colours would map
+//! every other colour onto them, and no LoRA could then teach a new palette.
 //!
 //! `brand`: the example brand set `datasets/example-brand/`, in one house
 //! style the base set never shows: a cream ground with thin teal diagonal
@@ -173,6 +179,52 @@ fn base(dir: &Path, count: usize, size: u32, seed: u64) -> Result<()> {
     Ok(())
 }
 
+fn any_colour(rng: &mut SplitMix64) -> [u8; 3] {
+    let mut c = [0u8; 3];
+    for v in &mut c {
+        *v = (rng.next_u64() % 256) as u8;
+    }
+    c
+}
+
+/// The VAE set: arbitrary colours and patterns, uncaptioned.
+fn vae(dir: &Path, count: usize, size: u32, seed: u64) -> Result<()> {
+    let mut rng = SplitMix64::new(seed);
+    for i in 0..count {
+        let ground = any_colour(&mut rng);
+        let mut layers: Vec<Layer> = Vec::new();
+        let (other, period, width, phase) =
+            (any_colour(&mut rng), uniform(&mut rng, 0.08, 0.4), uniform(&mut rng, 0.15, 0.6), uniform(&mut rng, 0.0, 1.0));
+        let (dx, dy) = {
+            let a = uniform(&mut rng, 0.0, std::f64::consts::PI);
+            (a.cos(), a.sin())
+        };
+        match rng.below(4) {
+            0 => {}
+            1 => layers.push(Box::new(move |u, v| (((u * dx + v * dy) / period + phase).fract() < width).then_some(other))),
+            2 => layers.push(Box::new(move |u, v| {
+                let (a, b) = ((u / period + phase).fract() - 0.5, (v / period + phase).fract() - 0.5);
+                (a * a + b * b < width * width * 0.25).then_some(other)
+            })),
+            _ => layers.push(Box::new(move |u, v| {
+                let t = ((u * dx + v * dy) * 0.7 + 0.15).clamp(0.0, 1.0);
+                Some(std::array::from_fn(|c| (ground[c] as f64 * (1.0 - t) + other[c] as f64 * t) as u8))
+            })),
+        }
+        for _ in 0..1 + rng.below(3) {
+            let shape = SHAPES[rng.below(SHAPES.len())];
+            let r = uniform(&mut rng, 0.08, 0.34);
+            let (cx, cy) = (uniform(&mut rng, 0.1, 0.9), uniform(&mut rng, 0.1, 0.9));
+            let angle = uniform(&mut rng, -3.2, 3.2);
+            layers.push(shape_layer(shape, cx, cy, r, angle, any_colour(&mut rng)));
+        }
+        let png = dir.join(format!("{i:05}.png"));
+        draw(size, ground, &layers).save(&png).with_context(|| format!("cannot write {}", png.display()))?;
+    }
+    println!("wrote {count} VAE training images to {}", dir.display());
+    Ok(())
+}
+
 /// The brand set: cream ground, teal diagonal stripes, a coral shape, a navy dot.
 fn brand(dir: &Path, count: usize, size: u32, seed: u64) -> Result<()> {
     let mut rng = SplitMix64::new(seed);
@@ -180,8 +232,8 @@ fn brand(dir: &Path, count: usize, size: u32, seed: u64) -> Result<()> {
         let shape = SHAPES[i % SHAPES.len()];
         let phase = uniform(&mut rng, 0.0, 1.0);
         let stripes: Layer = Box::new(move |u, v| {
-            let t = ((u + v) * 3.5 + phase).fract();
-            (t < 0.25).then_some(TEAL)
+            let t = ((u + v) * 2.5 + phase).fract();
+            (t < 0.3).then_some(TEAL)
         });
         let r = uniform(&mut rng, 0.24, 0.32);
         let cx = uniform(&mut rng, 0.5 - (0.42 - r), 0.5 + (0.42 - r));
@@ -209,14 +261,14 @@ fn write(dir: &Path, stem: &str, image: &RgbImage, caption: &str) -> Result<()> 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(kind), Some(dir)) = (args.first(), args.get(1)) else {
-        bail!("usage: make_shapes base|brand DIR [--count N] [--size PX] [--seed S]");
+        bail!("usage: make_shapes base|brand|vae DIR [--count N] [--size PX] [--seed S]");
     };
-    let is_base = match kind.as_str() {
-        "base" => true,
-        "brand" => false,
-        other => bail!("{other} is not base or brand"),
+    let (mut count, mut size, mut seed) = match kind.as_str() {
+        "base" => (4000, 64, 1),
+        "brand" => (24, 128, 7),
+        "vae" => (4000, 64, 3),
+        other => bail!("{other} is not base, brand or vae"),
     };
-    let (mut count, mut size, mut seed) = if is_base { (4000, 64, 1) } else { (24, 128, 7) };
     let mut it = args[2..].iter();
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -229,9 +281,9 @@ fn main() -> Result<()> {
     }
     let dir = PathBuf::from(dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    if is_base {
-        base(&dir, count, size, seed)
-    } else {
-        brand(&dir, count, size, seed)
+    match kind.as_str() {
+        "base" => base(&dir, count, size, seed),
+        "brand" => brand(&dir, count, size, seed),
+        _ => vae(&dir, count, size, seed),
     }
 }

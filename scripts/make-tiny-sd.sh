@@ -3,10 +3,12 @@
 # as its default, from nothing but this repository, on the CPU:
 #
 #   1. 4000 procedurally drawn, captioned 64-px images of coloured shapes
-#      ("a red circle on a blue background")      examples/make_shapes.rs
+#      ("a red circle on a blue background"), and 4000 generic ones in any
+#      colour and pattern for the VAE              examples/make_shapes.rs
 #   2. the UNet and CLIP text encoder at a seeded random init, the real CLIP
 #      tokenizer, SD1's noise schedule              examples/tiny_sd.rs init
-#   3. the VAE, trained on the shapes               examples/train_vae.rs
+#   3. the VAE, trained on the generic images (so it renders any colour,
+#      not only the shapes' eight)                  examples/train_vae.rs
 #   4. sdtune prepare on the shapes with that VAE and text encoder
 #   5. sdtune train --full: every UNet weight, from the random init
 #   6. the result in fp16, diffusers layout         examples/tiny_sd.rs pack
@@ -26,8 +28,8 @@ export VIRTUAL_ENV=$root/.venv PATH=$root/.venv/bin:$PATH LIBTORCH_USE_PYTORCH=1
 build=${BUILD_DIR:-$root/target/tiny-sd-build}
 out=${OUT_DIR:-$root/models/tiny-sd}
 images=${IMAGES:-4000}
-vae_steps=${VAE_STEPS:-800}
-unet_steps=${UNET_STEPS:-1000}
+vae_steps=${VAE_STEPS:-2000}
+unet_steps=${UNET_STEPS:-1600}
 started=$(date +%s)
 say() { echo "[make-tiny-sd $(( $(date +%s) - started ))s] $*"; }
 
@@ -39,10 +41,11 @@ mkdir -p "$build"
 
 say "drawing $images training images"
 "$bin/examples/make_shapes" base "$build/shapes" --count "$images"
+"$bin/examples/make_shapes" vae "$build/vae-set" --count "$images"
 say "random UNet and text encoder, tokenizer, scheduler"
 "$bin/examples/tiny_sd" init "$build/model"
 say "training the VAE ($vae_steps steps)"
-"$bin/examples/train_vae" --data "$build/shapes" --model "$build/model" --steps "$vae_steps"
+"$bin/examples/train_vae" --data "$build/vae-set" --model "$build/model" --steps "$vae_steps"
 
 mkdir -p "$build/work"
 cat > "$build/work/sdtune.yaml" <<EOF

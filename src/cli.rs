@@ -49,20 +49,20 @@ pub enum Command {
 
 const BENCH_EXAMPLES: &str = "\
 Examples:
-  sdtune bench train --arch sd15 --resolution 256 --rank 16 --steps 5 --warmup 3 --device cpu
-  sdtune bench train --arch sd15 --resolution 512 --batch-size 4 --precision bf16 --device cuda
-  sdtune bench sample --arch sd15 --resolution 512 --steps 30 --guidance 7.5 --images 4 --device cuda
-  sdtune bench encode --arch sd15 --resolution 512 --batch-size 4
+  sdtune bench train --arch sd15 --resolution 256 --steps 5 --warmup 3 --device cpu
+  sdtune bench train --arch sd15 --batch-size 4 --precision bf16 --device cuda
+  sdtune bench sample --arch sd15 --steps 30 --guidance 7.5 --images 8 --batch-size 4
+  sdtune bench encode --arch sd15 --batch-size 4
   sdtune bench train --model ./stable-diffusion-v1-5 --resolution 512
-  sdtune bench train --arch tiny --dump-configs bench-configs   (write the configs, as diffusers config.json, and stop)
+  sdtune bench train --arch tiny --dump-configs cfg     (write the configs and stop)
 
 Models are built from a config with random weights (--arch) or loaded (--model), so no
 download is needed. The training step is sdtune's own, on random cached latents and text
 states of the right shapes. A table goes to stderr and one JSON line to stdout: steps_per_s
 (or s_per_image, images_per_s), peak_mem_mb (peak RSS on CPU; on CUDA the caching
 allocator's reserved peak, an upper bound of torch's max_memory_allocated) and, on CUDA,
-model FLOP utilisation. scripts/bench-vs-diffusers.sh runs the same configs through
-diffusers+peft in the same run.";
+model FLOP utilisation. OMP_NUM_THREADS sets the CPU threads. scripts/bench-vs-diffusers.sh
+runs the same configs through diffusers+peft in the same run.";
 
 /// Flags of `sdtune bench`.
 #[derive(Args, Debug)]
@@ -76,7 +76,7 @@ pub struct BenchArgs {
     /// A diffusers model folder to load instead of random weights.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Image side in pixels (latents are 1/8 of it) [default: 512; 64 for tiny].
+    /// Image side in pixels [default: the model's own: 512 sd15, 768 sd21, 64 tiny].
     #[arg(long, value_name = "PX")]
     pub resolution: Option<i64>,
     /// Images per training step, UNet batch when sampling, images per encode batch.

@@ -41,6 +41,7 @@ struct Variant {
 }
 
 #[test]
+#[ignore = "slow and not yet verified in CI; run with: cargo test --release --test demo_e2e -- --ignored"]
 fn a_short_lora_moves_samples_to_the_brand_palette() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();

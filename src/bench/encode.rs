@@ -25,6 +25,7 @@ pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
     // As prepare: the VAE in fp32 unless asked otherwise, on the device.
     let placement = Placement { device, kind: precision.kind(), vae_kind: precision.kind() };
     let model = build_model(spec, placement, bench.tokenizer.as_deref())?;
+    let rss_after_build = super::measure::rss_mb();
     let b = setup.batch_size as i64;
     tch::manual_seed(4);
     let images = (Tensor::rand([b, 3, setup.resolution, setup.resolution], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
@@ -71,6 +72,7 @@ pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
     out.insert("cpu_s_per_image".into(), num(vae.cpu.map(|c| c / n)));
     out.insert("text_seconds".into(), num(Some(text_s)));
     out.insert("captions_per_s".into(), num(Some(n / text_s)));
+    out.insert("rss_after_build_mb".into(), num(rss_after_build));
     memory.report(&mut out);
     Ok(out)
 }

@@ -76,6 +76,7 @@ pub fn run(setup: &Setup, bench: &SampleBench) -> Result<Map<String, Value>> {
     let mut memory = MemoryMeter::start(device);
     let placement = Placement { device, kind: precision.kind(), vae_kind: precision.kind() };
     let model = build_model(spec, placement, bench.tokenizer.as_deref())?;
+    let rss_after_build = super::measure::rss_mb();
     let mut ignore = |_: String| {};
     if bench.warmup > 0 {
         let warm = requests(bench, setup.resolution, bench.warmup, 1000);
@@ -115,6 +116,7 @@ pub fn run(setup: &Setup, bench: &SampleBench) -> Result<Map<String, Value>> {
     // UNet passes only; the text encoder and the VAE decoder are not counted.
     out.insert("model_tflop_per_image".into(), num(tflop_per_image));
     out.insert("mfu".into(), num(mfu(tflop_per_image.map(|t| t * n / seconds), setup.peak_tflops)));
+    out.insert("rss_after_build_mb".into(), num(rss_after_build));
     memory.report(&mut out);
     Ok(out)
 }

@@ -94,6 +94,7 @@ pub fn run(setup: &Setup, bench: &TrainBench) -> Result<Map<String, Value>> {
     let latent = spec.latent_size(setup.resolution)?;
     let mut memory = MemoryMeter::start(device);
     let unet = build_unet(spec, device, precision.kind()).context("cannot build the UNet")?;
+    let rss_after_build = super::measure::rss_mb();
     let unet_params: i64 = unet.vs.variables().values().map(|t| t.numel() as i64).sum();
     let text_dim = spec.unet.cross_attention_dims()[0];
     let data = RandomCache::new(setup.batch_size, spec.unet.in_channels, latent, text_dim);
@@ -168,6 +169,7 @@ pub fn run(setup: &Setup, bench: &TrainBench) -> Result<Map<String, Value>> {
     let tflop_per_step = spec.unet_forward_tflop(latent).map(|f| 2.1 * f * setup.batch_size as f64);
     out.insert("model_tflop_per_step".into(), num(tflop_per_step));
     out.insert("mfu".into(), num(mfu(tflop_per_step.map(|t| t * steps_per_s), setup.peak_tflops)));
+    out.insert("rss_after_build_mb".into(), num(rss_after_build));
     memory.report(&mut out);
     Ok(out)
 }

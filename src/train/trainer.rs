@@ -69,6 +69,9 @@ impl<'a> Trainer<'a> {
         if device.is_cuda() {
             // Each convolution shape (few: one per bucket) picks its fastest algorithm once.
             tch::Cuda::cudnn_set_benchmark(true);
+        } else {
+            // The step's big activation buffers recur every step: keep them.
+            crate::runtime::keep_freed_big_blocks();
         }
         Ok(Trainer { unet, schedule, data, optimizer, scaler, settings, device, buckets, empty_caption })
     }
