@@ -183,6 +183,7 @@ distance of each image to it is printed and written to <stem>.consistency.json."
 const PREPARE_EXAMPLES: &str = "\
 Examples:
   sdtune prepare ./brand_photos --model ./stable-diffusion-v1-5 --trigger brandx
+  sdtune prepare ./brand_photos --model ./v1-5-pruned-emaonly.safetensors --trigger brandx
   sdtune prepare ./brand_photos --resolution 768 --flip --no-upscale
   sdtune prepare                    (the folder and model named in ./sdtune.yaml)
 
@@ -199,8 +200,11 @@ pub struct PrepareArgs {
     /// The image folder, searched recursively [default: data.path in sdtune.yaml].
     #[arg(value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// A diffusers model folder (holding model_index.json) [default: model in sdtune.yaml].
-    #[arg(long, value_name = "DIR")]
+    /// The model whose VAE and text encoder encode the images and captions: a
+    /// diffusers folder (holding model_index.json), a single-file .safetensors
+    /// checkpoint (A1111/civitai, SD1.x or SD2.x) or a Hugging Face id (org/name)
+    /// found in the local Hugging Face cache [default: model in sdtune.yaml].
+    #[arg(long, value_name = "DIR|FILE|ID")]
     pub model: Option<String>,
     /// Training resolution: buckets hold about this many pixels squared [default: 512].
     #[arg(long, value_name = "PX")]
@@ -361,8 +365,9 @@ pub struct TrainArgs {
     /// The config file; its folder is the working folder (cache, outputs) [default: ./sdtune.yaml].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Base model [default: the model the images were prepared with].
-    #[arg(long, value_name = "DIR")]
+    /// Base model: a diffusers folder, a single-file .safetensors checkpoint or a
+    /// Hub id [default: the model the images were prepared with].
+    #[arg(long, value_name = "DIR|FILE|ID")]
     pub model: Option<String>,
     /// Optimizer steps [default: 1000].
     #[arg(long)]

@@ -8,11 +8,15 @@
 //! written by `scripts/fixtures/make_single_file.py` after diffusers'
 //! `from_single_file` loaded its own conversion back to the folder's exact
 //! weights. So the file loaded below is the one diffusers accepted.
+//!
+//! `sdtune prepare` on a single file caches the latents and caption
+//! embeddings the diffusers folder gives, and `sdtune train` runs on them.
 mod model_support;
 
 use std::collections::BTreeMap;
 
 use model_support::*;
+use sdtune::data::cache::CacheReader;
 use sdtune::models::config::{ClipTextConfig, Prediction, UNetConfig, VaeConfig};
 use sdtune::models::single_file::{
     detect, infer_text_config, infer_unet_config, infer_vae_config, HeadHints, Plan, PredictionSource, Shapes,
@@ -218,7 +222,7 @@ fn configs_read_from_the_tensors_match_the_folders() {
 
         // Without a config beside it, the tiny model's heads (SD2) and 8 norm
         // groups cannot be read from the tensors: one sentence says where to put one.
-        let err = format!("{:#}", Plan::new(&path, &file, None).err().expect("needs a config"));
+        let err = format!("{:#}", Plan::new(&path, &file, None).expect_err("needs a config"));
         let what = if name == "tiny-sd1" { "norm groups" } else { "attention heads" };
         assert!(err.contains(what) && err.contains("beside"), "{err}");
     }
@@ -353,4 +357,89 @@ fn broken_checkpoints_fail_in_one_sentence_naming_the_file() {
         assert!(line.contains(&path.display().to_string()), "{stem}: {line}");
         assert!(line.contains(expected), "{stem}: {line}");
     }
+}
+
+/// Largest absolute difference of two tensors.
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+#[test]
+fn prepare_and_train_take_a_single_file() {
+    const TOL: f64 = 1e-5;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = tempfile::tempdir().unwrap();
+    let path = write_single_file(dir.path(), "tiny-sd1", "tiny-sd1", None);
+    write_beside(dir.path(), "tiny-sd1", "tiny-sd1", &["unet", "vae", "text_encoder", "scheduler", "tokenizer"]);
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for (i, (w, h)) in [(64u32, 64u32), (80, 48)].into_iter().enumerate() {
+        let i = i as u32;
+        let img =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, (60 * i + x + y) as u8]));
+        img.save(images.join(format!("mug{i}.png"))).unwrap();
+        std::fs::write(images.join(format!("mug{i}.txt")), format!("a red acme mug on a desk, view {i}")).unwrap();
+    }
+    let mut caches = Vec::new();
+    for (label, model) in [("file", path.clone()), ("folder", fixture("tiny-sd1"))] {
+        let work = dir.path().join(label);
+        std::fs::create_dir_all(&work).unwrap();
+        let res = run(sdtune(hub.path())
+            .current_dir(&work)
+            .env("SDTUNE_CACHE_DIR", dir.path().join("sdtune-cache"))
+            .arg("prepare")
+            .arg(&images)
+            .args(["--device", "cpu", "--resolution", "64", "--min-bucket", "32", "--max-bucket", "128"])
+            .args(["--bucket-step", "16", "--min-side", "32", "--model"])
+            .arg(&model));
+        stdout_ok(&res);
+        caches.push(CacheReader::open(&work).unwrap_or_else(|e| panic!("{label}: {e:#}")));
+    }
+    let (file, folder) = (&caches[0], &caches[1]);
+    assert_eq!(file.dataset().model, path.display().to_string());
+    assert_eq!(file.dataset().items.len(), 2);
+    assert_eq!(file.dataset().scaling_factor, folder.dataset().scaling_factor);
+    for item in &file.dataset().items {
+        let twin = folder.dataset().items.iter().find(|i| i.path == item.path).expect("both cached the image");
+        assert_eq!((item.bucket, item.crop), (twin.bucket, twin.crop), "{}", item.path);
+        let (mean, std) = file.latent(&item.latent).unwrap();
+        let (want_mean, want_std) = folder.latent(&twin.latent).unwrap();
+        for (what, ours, theirs) in [("mean", &mean, &want_mean), ("std", &std, &want_std)] {
+            let diff = max_diff(ours, theirs);
+            eprintln!("{}: latent {what} max abs diff {diff:e}", item.path);
+            assert!(diff <= TOL, "{}: latent {what} differs by {diff:e}", item.path);
+        }
+        let diff = max_diff(&file.text(&item.text).unwrap(), &folder.text(&twin.text).unwrap());
+        eprintln!("{}: caption embedding max abs diff {diff:e}", item.path);
+        assert!(diff <= TOL, "{}: caption embedding differs by {diff:e}", item.path);
+    }
+
+    // sdtune.yaml names the file; train loads it and uses the cache prepare wrote.
+    let work = dir.path().join("file");
+    let res = run(sdtune(hub.path())
+        .current_dir(&work)
+        .env("SDTUNE_CACHE_DIR", dir.path().join("sdtune-cache"))
+        .args(["train", "--device", "cpu", "--steps", "2", "--sample-every", "0", "--rank", "4", "--alpha", "4"])
+        .args(["--name", "mug"]));
+    stdout_ok(&res);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
+    assert!(work.join("output/mug/mug.safetensors").is_file(), "train wrote no LoRA");
+
+    // A file prepare cannot use: one sentence naming it.
+    let no_vae: Vec<(String, Tensor)> =
+        export("tiny-sd1").into_iter().filter(|(n, _)| !n.starts_with("first_stage_model.")).collect();
+    let broken = write_file(dir.path(), "no-vae.safetensors", &no_vae, None);
+    write_beside(dir.path(), "no-vae", "tiny-sd1", &["unet", "vae", "text_encoder", "scheduler", "tokenizer"]);
+    let work = dir.path().join("broken");
+    std::fs::create_dir_all(&work).unwrap();
+    let res = run(sdtune(hub.path())
+        .current_dir(&work)
+        .arg("prepare")
+        .arg(&images)
+        .args(["--device", "cpu", "--model"])
+        .arg(&broken));
+    let line = one_line_error(&res);
+    assert!(line.contains(&broken.display().to_string()) && line.contains("no VAE"), "{line}");
 }

@@ -1,6 +1,7 @@
 //! The model side of prepare: the VAE turns preprocessed pixels into latent
 //! distributions, the text encoder turns captions into embeddings. Only
-//! these two components (and the tokenizer) are loaded, never the UNet.
+//! these two components (and the tokenizer) are loaded, never the UNet,
+//! from a diffusers folder or a single-file checkpoint alike.
 //! A latent that comes out non-finite in half precision is encoded again
 //! with an fp32 copy of the VAE, loaded on first need.
 use std::path::{Path, PathBuf};
@@ -12,25 +13,46 @@ use tch::{Device, Kind, Tensor};
 use crate::models::clip::ClipTextModel;
 use crate::models::config::{ClipTextConfig, VaeConfig};
 use crate::models::load::{build_and_load, component_weights, Built};
+use crate::models::single_file::{self, Beside, Plan};
+use crate::models::source::{check_checkpoint, parse, ModelSource};
+use crate::models::tensor_file::TensorFile;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::vae::AutoencoderKL;
 
+/// Where the VAE and text-encoder weights are read from.
+#[derive(Clone)]
+enum Weights {
+    /// A diffusers folder's component files.
+    Folder { vae: Vec<PathBuf>, text: Vec<PathBuf> },
+    /// A single-file LDM checkpoint, renamed as its plan says.
+    SingleFile(Box<Plan>),
+}
+
 /// The files a model's VAE and text encoder come from.
 pub struct ModelFiles {
-    pub dir: PathBuf,
     pub vae_config: VaeConfig,
-    /// `vae/config.json` and the weights.
+    /// Every file the VAE's latents depend on (configs and weights): its identity.
     pub vae_files: Vec<PathBuf>,
-    pub vae_weights: Vec<PathBuf>,
     pub text_config: ClipTextConfig,
-    /// Tokenizer files, `text_encoder/config.json` and the weights.
+    /// Every file the caption embeddings depend on (tokenizer, configs, weights).
     pub text_files: Vec<PathBuf>,
-    pub text_weights: Vec<PathBuf>,
+    tokenizer_dir: PathBuf,
+    weights: Weights,
 }
 
 impl ModelFiles {
+    /// The files of the model a `--model` value names: a diffusers folder,
+    /// a Hub id in the local Hugging Face cache, or a single-file checkpoint.
+    pub fn of(model: &Path) -> Result<Self> {
+        match parse(&model.to_string_lossy())? {
+            ModelSource::Folder(dir) => Self::folder(&dir),
+            ModelSource::Hub(id) => Self::folder(&crate::models::hub::resolve_model(&id, None)?),
+            ModelSource::SingleFile(path) => Self::single_file(&path),
+        }
+    }
+
     /// Checks `dir` is a diffusers Stable Diffusion folder and lists its files.
-    pub fn find(dir: &Path) -> Result<Self> {
+    fn folder(dir: &Path) -> Result<Self> {
         crate::models::stable_diffusion::check_is_diffusers_folder(dir)?;
         let vae_config_path = dir.join("vae/config.json");
         let vae_config = VaeConfig::from_file(&vae_config_path)?;
@@ -38,33 +60,64 @@ impl ModelFiles {
         let text_config_path = dir.join("text_encoder/config.json");
         let text_config = ClipTextConfig::from_file(&text_config_path)?;
         let text_weights = component_weights(&dir.join("text_encoder"), "model", None)?;
-        let mut tokenizer_files: Vec<PathBuf> = std::fs::read_dir(dir.join("tokenizer"))
-            .with_context(|| format!("cannot read {}", dir.join("tokenizer").display()))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .collect();
-        tokenizer_files.sort();
+        let tokenizer_dir = dir.join("tokenizer");
         let vae_files = std::iter::once(vae_config_path).chain(vae_weights.iter().cloned()).collect();
-        let text_files = tokenizer_files
+        let text_files = files_in(&tokenizer_dir)?
             .into_iter()
             .chain(std::iter::once(text_config_path))
             .chain(text_weights.iter().cloned())
             .collect();
         Ok(ModelFiles {
-            dir: dir.to_path_buf(),
             vae_config,
             vae_files,
-            vae_weights,
             text_config,
             text_files,
-            text_weights,
+            tokenizer_dir,
+            weights: Weights::Folder { vae: vae_weights, text: text_weights },
+        })
+    }
+
+    /// A single-file checkpoint: configs from the folder or `NAME.yaml`
+    /// beside it, else read from the tensors, as `sdtune sample` and
+    /// `sdtune train` load it. The whole file is the weights' identity.
+    fn single_file(path: &Path) -> Result<Self> {
+        check_checkpoint(path)?;
+        let plan = Plan::new(path, &TensorFile::open(path)?, None)?;
+        let tokenizer_dir = plan.find_tokenizer()?;
+        let beside = Beside::find(path)?;
+        let yaml = beside.yaml.as_ref().map(|y| y.path.clone());
+        let vae_files =
+            std::iter::once(path.to_path_buf()).chain(beside.file("vae/config.json")).chain(yaml.clone()).collect();
+        let text_files = files_in(&tokenizer_dir)?
+            .into_iter()
+            .chain(beside.file("text_encoder/config.json"))
+            .chain(std::iter::once(path.to_path_buf()))
+            .collect();
+        Ok(ModelFiles {
+            vae_config: plan.vae.clone(),
+            vae_files,
+            text_config: plan.text.clone(),
+            text_files,
+            tokenizer_dir,
+            weights: Weights::SingleFile(Box::new(plan)),
         })
     }
 
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
-        ClipTokenizer::from_folder(&self.dir.join("tokenizer"))
+        ClipTokenizer::from_folder(&self.tokenizer_dir)
     }
+}
+
+/// The files directly in `dir`, sorted.
+fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// One image's latent distribution, fp32 on the CPU, `[C, h, w]` each.
@@ -82,15 +135,9 @@ pub struct Encoders {
     vae: Option<Built<AutoencoderKL>>,
     vae_fp32: Option<Built<AutoencoderKL>>,
     text: Option<Built<ClipTextModel>>,
-    files: ModelFilesRef,
-}
-
-/// What the lazily loaded parts need.
-struct ModelFilesRef {
-    vae_weights: Vec<PathBuf>,
     vae_config: VaeConfig,
-    text_weights: Vec<PathBuf>,
     text_config: ClipTextConfig,
+    weights: Weights,
 }
 
 impl Encoders {
@@ -103,13 +150,28 @@ impl Encoders {
             vae: None,
             vae_fp32: None,
             text: None,
-            files: ModelFilesRef {
-                vae_weights: files.vae_weights.clone(),
-                vae_config: files.vae_config.clone(),
-                text_weights: files.text_weights.clone(),
-                text_config: files.text_config.clone(),
-            },
+            vae_config: files.vae_config.clone(),
+            text_config: files.text_config.clone(),
+            weights: files.weights.clone(),
         })
+    }
+
+    fn load_vae(&self, kind: Kind) -> Result<Built<AutoencoderKL>> {
+        match &self.weights {
+            Weights::Folder { vae, .. } => AutoencoderKL::load(vae, self.device, kind, &self.vae_config),
+            Weights::SingleFile(plan) => single_file::load_vae(&TensorFile::open(&plan.path)?, plan, self.device, kind),
+        }
+    }
+
+    fn load_text_encoder(&self) -> Result<Built<ClipTextModel>> {
+        match &self.weights {
+            Weights::Folder { text, .. } => {
+                build_and_load(text, self.device, self.kind, |vb| ClipTextModel::new(vb, &self.text_config))
+            }
+            Weights::SingleFile(plan) => {
+                single_file::load_text_encoder(&TensorFile::open(&plan.path)?, plan, self.device, self.kind)
+            }
+        }
     }
 
     /// Encodes same-sized RGB images (one batch) to latent distributions.
@@ -118,8 +180,7 @@ impl Encoders {
             return Ok(Vec::new());
         }
         if self.vae.is_none() {
-            let vae = AutoencoderKL::load(&self.files.vae_weights, self.device, self.kind, &self.files.vae_config)?;
-            self.vae = Some(vae);
+            self.vae = Some(self.load_vae(self.kind)?);
         }
         let vae = &self.vae.as_ref().expect("loaded above").model;
         let pixels = to_tensor(images)?.to_device(self.device);
@@ -143,8 +204,7 @@ impl Encoders {
 
     fn encode_fp32(&mut self, pixels: &Tensor) -> Result<(Tensor, Tensor)> {
         if self.vae_fp32.is_none() {
-            let vae = AutoencoderKL::load(&self.files.vae_weights, self.device, Kind::Float, &self.files.vae_config)?;
-            self.vae_fp32 = Some(vae);
+            self.vae_fp32 = Some(self.load_vae(Kind::Float)?);
         }
         let vae = &self.vae_fp32.as_ref().expect("loaded above").model;
         tch::no_grad(|| {
@@ -165,10 +225,7 @@ impl Encoders {
             return Ok(Vec::new());
         }
         if self.text.is_none() {
-            let cfg = self.files.text_config.clone();
-            let built =
-                build_and_load(&self.files.text_weights, self.device, self.kind, |vb| ClipTextModel::new(vb, &cfg))?;
-            self.text = Some(built);
+            self.text = Some(self.load_text_encoder()?);
         }
         let model = &self.text.as_ref().expect("loaded above").model;
         let ids: Vec<i64> = captions.iter().flat_map(|c| tokenizer.encode(c).ids).collect();

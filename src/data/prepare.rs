@@ -37,7 +37,7 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// The working folder (holds `.sdtune/`).
     pub work_dir: PathBuf,
-    /// A diffusers model folder.
+    /// The `--model` value: a diffusers folder, a single-file checkpoint or a Hub id.
     pub model_dir: PathBuf,
     pub device: Device,
     pub precision: Precision,
@@ -108,9 +108,9 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     };
 
     // 1. Scan.
-    let spinner = spinner("scanning");
-    let mut scanned = scan(&opts.data_dir, &mut |n| spinner.set_message(format!("{n} files")))?;
-    spinner.finish_and_clear();
+    let scanning = spinner("scanning");
+    let mut scanned = scan(&opts.data_dir, &mut |n| scanning.set_message(format!("{n} files")))?;
+    scanning.finish_and_clear();
     // Preparing the working folder itself: its own config is not a candidate.
     let own_config = std::fs::canonicalize(opts.work_dir.join(crate::config::CONFIG_FILE)).ok();
     scanned.candidates.retain(|f| {
@@ -134,7 +134,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     report.counts.files = scanned.candidates.len();
 
     // 2. The model's files (the models themselves load only if there is work).
-    let model = ModelFiles::find(&model_folder(&opts.model_dir)?)?;
+    let model = ModelFiles::of(&opts.model_dir)?;
     let factor = model.vae_config.scale_factor() as u32;
     if !cfg.bucket_step.is_multiple_of(factor) || !cfg.resolution.is_multiple_of(factor) {
         bail!(
@@ -165,6 +165,8 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     for p in &captions.problems {
         report.warn(Some(&p.rel), "metadata", p.message.clone());
     }
+    // Model identities hash the weights once (a whole single file), then are remembered.
+    let hashing = spinner("reading model");
     let mut cache_hashes = FileHashes::open(&opts.work_dir.join(CACHE_DIR).join("model-ids.json"));
     let latent_settings = LatentSettings {
         vae_id: cache_hashes.identity(&model.vae_files)?,
@@ -176,6 +178,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         precision: opts.precision.name().into(),
         clip_skip: opts.clip_skip,
     };
+    hashing.finish_and_clear();
     // Of identical files, keep one with a caption, else the shortest path.
     let mut candidates = Vec::new();
     for result in checked {
@@ -553,19 +556,4 @@ pub fn sample_prompts(captions: &[String], trigger: Option<&str>, n: usize) -> V
     }
     let n = n.min(captions.len());
     (0..n).map(|i| captions[i * captions.len() / n].clone()).collect()
-}
-
-/// The diffusers folder `--model` names: a folder, or a Hub id resolved in
-/// the Hugging Face cache. prepare reads the VAE and text encoder from
-/// their own component folders, so single-file checkpoints are not taken yet.
-fn model_folder(spec: &Path) -> Result<PathBuf> {
-    use crate::models::source::{parse, ModelSource};
-    match parse(&spec.to_string_lossy())? {
-        ModelSource::Folder(dir) => Ok(dir),
-        ModelSource::Hub(id) => crate::models::hub::resolve_model(&id, None),
-        ModelSource::SingleFile(path) => anyhow::bail!(
-            "{} is a single-file checkpoint, which `sdtune prepare` cannot read yet; pass a diffusers folder or Hub id (diffusers: StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR))",
-            path.display()
-        ),
-    }
 }

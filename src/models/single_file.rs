@@ -29,12 +29,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use tch::nn::VarStore;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::clip::ClipTextModel;
 use super::config::{ClipTextConfig, Prediction, SchedulerConfig, UNetConfig, VaeConfig};
 use super::layers::WeightInit;
-use super::load::{build, copy_into};
+use super::load::{build, copy_into, Built};
 use super::stable_diffusion::{Placement, StableDiffusion};
 use super::tensor_file::TensorFile;
 use super::tokenizer::ClipTokenizer;
@@ -664,7 +664,8 @@ impl Beside {
         Ok(Beside { folder, yaml: yaml.map(|y| LdmYaml::read(&y)).transpose()? })
     }
 
-    fn file(&self, relative: &str) -> Option<PathBuf> {
+    /// `relative` inside the folder beside the file, when both exist.
+    pub fn file(&self, relative: &str) -> Option<PathBuf> {
         self.folder.as_ref().map(|f| f.join(relative)).filter(|p| p.is_file())
     }
 }
@@ -723,6 +724,7 @@ pub fn choose_prediction(
 // ------------------------------------------------------------ the whole file
 
 /// Everything needed to build the model of a single file, before any weight is read.
+#[derive(Clone, Debug)]
 pub struct Plan {
     pub path: PathBuf,
     pub layout: Layout,
@@ -886,6 +888,66 @@ fn drop_unit_dims(shape: &[i64]) -> Vec<i64> {
     shape.iter().copied().filter(|&d| d != 1).collect()
 }
 
+impl Plan {
+    /// The tokenizer folder: the one beside the file, else the family's
+    /// tokenizer in the local Hugging Face cache.
+    pub fn find_tokenizer(&self) -> Result<PathBuf> {
+        if let Some(dir) = &self.tokenizer_dir {
+            return Ok(dir.clone());
+        }
+        super::hub::find_tokenizer(super::hub::tokenizer_repos(self.layout.family == Family::Sd2)).map_err(|e| {
+            e.context(format!(
+                "{} holds no tokenizer, and a folder {} with a tokenizer/ beside it would do",
+                self.path.display(),
+                self.path.with_extension("").display()
+            ))
+        })
+    }
+}
+
+/// The UNet of a single file, filled from `file` (opened from `plan.path`).
+pub fn load_unet(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> Result<Built<UNet2DConditionModel>> {
+    let layout = UnetLayout::of(&plan.unet)?;
+    let unet = build(device, kind, WeightInit::Zeros, |vb| UNet2DConditionModel::new(vb, &plan.unet))?;
+    fill(
+        &unet.vs,
+        file,
+        "UNet",
+        UNET_PREFIX,
+        &|n| unet_ldm_name(n, &layout).map(|l| Source::whole(format!("{UNET_PREFIX}{l}"))),
+        &|_| false,
+    )?;
+    Ok(unet)
+}
+
+/// The VAE of a single file.
+pub fn load_vae(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> Result<Built<AutoencoderKL>> {
+    let blocks = plan.vae.block_out_channels.len();
+    let vae = build(device, kind, WeightInit::Zeros, |vb| AutoencoderKL::new(vb, &plan.vae))?;
+    fill(
+        &vae.vs,
+        file,
+        "VAE",
+        VAE_PREFIX,
+        &|n| vae_ldm_name(n, blocks).map(|l| Source::whole(format!("{VAE_PREFIX}{l}"))),
+        &|_| false,
+    )?;
+    Ok(vae)
+}
+
+/// The text encoder of a single file (OpenAI CLIP or OpenCLIP names).
+pub fn load_text_encoder(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> Result<Built<ClipTextModel>> {
+    let layout = &plan.layout;
+    let hidden = plan.text.hidden_size;
+    let shapes = Shapes::of(file);
+    let text_encoder = build(device, kind, WeightInit::Zeros, |vb| ClipTextModel::new(vb, &plan.text))?;
+    let prefix = if layout.family == Family::Sd2 { OPEN_CLIP_PREFIX } else { CLIP_PREFIX };
+    fill(&text_encoder.vs, file, "text encoder", prefix, &|n| clip_source(n, layout, hidden), &|n| {
+        ignored_text_tensor(n, layout, &shapes)
+    })?;
+    Ok(text_encoder)
+}
+
 impl StableDiffusion {
     /// Loads a single-file LDM checkpoint (`.safetensors`), every weight read
     /// from the memory mapping straight into `placement`'s dtype and device.
@@ -901,52 +963,10 @@ impl StableDiffusion {
         for w in &plan.warnings {
             warn(w.clone());
         }
-        let tokenizer_dir = match &plan.tokenizer_dir {
-            Some(dir) => dir.clone(),
-            None => super::hub::find_tokenizer(super::hub::tokenizer_repos(plan.layout.family == Family::Sd2))
-                .map_err(|e| {
-                    e.context(format!(
-                        "{} holds no tokenizer, and a folder {} with a tokenizer/ beside it would do",
-                        path.display(),
-                        path.with_extension("").display()
-                    ))
-                })?,
-        };
-        let tokenizer = ClipTokenizer::from_folder(&tokenizer_dir)?;
-        let shapes = Shapes::of(&file);
-        let layout = plan.layout.clone();
-
-        let unet_layout = UnetLayout::of(&plan.unet)?;
-        let unet =
-            build(placement.device, placement.kind, WeightInit::Zeros, |vb| UNet2DConditionModel::new(vb, &plan.unet))?;
-        fill(
-            &unet.vs,
-            &file,
-            "UNet",
-            UNET_PREFIX,
-            &|n| unet_ldm_name(n, &unet_layout).map(|l| Source::whole(format!("{UNET_PREFIX}{l}"))),
-            &|_| false,
-        )?;
-
-        let blocks = plan.vae.block_out_channels.len();
-        let vae =
-            build(placement.device, placement.vae_kind, WeightInit::Zeros, |vb| AutoencoderKL::new(vb, &plan.vae))?;
-        fill(
-            &vae.vs,
-            &file,
-            "VAE",
-            VAE_PREFIX,
-            &|n| vae_ldm_name(n, blocks).map(|l| Source::whole(format!("{VAE_PREFIX}{l}"))),
-            &|_| false,
-        )?;
-
-        let hidden = plan.text.hidden_size;
-        let text_encoder =
-            build(placement.device, placement.kind, WeightInit::Zeros, |vb| ClipTextModel::new(vb, &plan.text))?;
-        let text_prefix = if layout.family == Family::Sd2 { OPEN_CLIP_PREFIX } else { CLIP_PREFIX };
-        fill(&text_encoder.vs, &file, "text encoder", text_prefix, &|n| clip_source(n, &layout, hidden), &|n| {
-            ignored_text_tensor(n, &layout, &shapes)
-        })?;
+        let tokenizer = ClipTokenizer::from_folder(&plan.find_tokenizer()?)?;
+        let unet = load_unet(&file, &plan, placement.device, placement.kind)?;
+        let vae = load_vae(&file, &plan, placement.device, placement.vae_kind)?;
+        let text_encoder = load_text_encoder(&file, &plan, placement.device, placement.kind)?;
         Ok(StableDiffusion {
             source: Some(path.to_path_buf()),
             tokenizer: Some(tokenizer),

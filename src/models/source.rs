@@ -205,6 +205,16 @@ pub fn not_a_model_sentence(path: &Path, kind: FileKind, names: &[String]) -> St
     }
 }
 
+/// Errs in one sentence unless the safetensors file at `path` is a
+/// single-file Stable Diffusion checkpoint (a LoRA, a diffusers component).
+pub fn check_checkpoint(path: &Path) -> Result<()> {
+    let names = TensorFile::open(path)?.names();
+    match classify(&names) {
+        FileKind::Checkpoint => Ok(()),
+        kind => bail!("{}", not_a_model_sentence(path, kind, &names)),
+    }
+}
+
 impl StableDiffusion {
     /// Loads the model a `--model` value names (see [`parse`]), printing
     /// warnings (a guessed prediction type) to stderr.
@@ -227,11 +237,7 @@ impl StableDiffusion {
                 StableDiffusion::from_diffusers_folder(&dir, placement, variant)?
             }
             ModelSource::SingleFile(path) => {
-                let names = TensorFile::open(&path)?.names();
-                match classify(&names) {
-                    FileKind::Checkpoint => {}
-                    kind => bail!("{}", not_a_model_sentence(&path, kind, &names)),
-                }
+                check_checkpoint(&path)?;
                 return StableDiffusion::from_single_file(&path, placement, opts.prediction_type, warn);
             }
         };
