@@ -182,9 +182,28 @@ fn pack(from: &Path, to: &Path) -> Result<()> {
         }
         total += std::fs::metadata(&dest)?.len();
     }
+    std::fs::write(to.join("README.md"), MODEL_CARD).with_context(|| format!("cannot write {}", to.join("README.md").display()))?;
     println!("packed {} into {} ({:.1} MB, weights in fp16)", from.display(), to.display(), total as f64 / 1e6);
     Ok(())
 }
+
+const MODEL_CARD: &str = "\
+# tiny-sd: sdtune's built-in demo model
+
+A Stable Diffusion 1.x-architecture model (diffusers layout: CLIP text
+encoder + the real CLIP BPE tokenizer, UNet2DConditionModel, AutoencoderKL,
+DDIM scheduler config) small enough to train and run on a laptop CPU. sdtune
+embeds it and uses it when no `--model` is given.
+
+- 64 px images, 4x VAE (16x16x4 latents), UNet channels 32/64/64 with
+  cross-attention, 64-wide 2-layer text encoder; weights in fp16.
+- Made from scratch by `make tiny-sd` (scripts/make-tiny-sd.sh) from
+  procedurally drawn images: 4000 captioned coloured shapes (\"a red circle
+  on a blue background\") for the UNet, 4000 generic images in any colour and
+  pattern for the VAE. The text encoder is a seeded random init, frozen.
+- It draws coloured blobs that follow the prompt's shape and background
+  colours, roughly. It is a demo and test model, not an image generator.
+";
 
 fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();

@@ -251,15 +251,27 @@ fn a_bad_config_names_the_file_and_line() {
 }
 
 #[test]
-#[ignore = "obsolete since the built-in tiny model became the default; rewrite for a broken default"]
-fn no_model_anywhere_is_one_sentence() {
+fn no_model_anywhere_uses_the_built_in_one_and_says_so() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     write_picture(&work.join("imgs/a.png"), 64, 64, 1, ImageFormat::Png);
-    let out = run(work, &["prepare".to_string(), "imgs".to_string()]);
+    let args = ["prepare".to_string(), "imgs".to_string(), "--device".to_string(), "cpu".to_string()];
+    let out = command(work, &args).env("SDTUNE_CACHE_DIR", work.join("cache")).output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.contains("built-in tiny model")).count(), 1, "{stderr}");
+    assert_eq!(count(&report(work), "usable"), 1, "the 64-px image fits the built-in model's 64-px buckets");
+    let yaml = std::fs::read_to_string(work.join("sdtune.yaml")).unwrap();
+    assert!(!yaml.contains("model:"), "the built-in model is not written into sdtune.yaml: {yaml}");
+
+    // A cache folder that cannot be made: one sentence with the fixes.
+    let blocker = work.join("a-file");
+    write(&blocker, b"not a folder");
+    let out = command(work, &args).env("SDTUNE_CACHE_DIR", blocker.join("cache")).output().unwrap();
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("no model given") && stderr.contains("--model"), "{stderr}");
+    assert_no_panic(&stderr);
+    assert!(stderr.contains("SDTUNE_CACHE_DIR") && stderr.contains("--model"), "{stderr}");
 }
 
 #[test]

@@ -223,6 +223,30 @@ fn from_renders_images_and_grids_again_bit_for_bit() {
 }
 
 #[test]
+fn the_built_in_model_is_recorded_by_name_and_replays_from_another_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let with_cache = |cache: &str, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sdtune"))
+            .current_dir(d)
+            .env("OMP_NUM_THREADS", "1")
+            .env("SDTUNE_CACHE_DIR", d.join(cache))
+            .args(["sample", "--device", "cpu"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    with_cache("cache-a", &["--prompt", "a red circle", "--seed", "3", "--steps", "2", "--out", "a.png"]);
+    let settings = chunk(&d.join("a.png"), "sdtune");
+    assert!(settings.contains("\"model\":\"sdtune-tiny-sd\""), "{settings}");
+    assert!(!settings.contains("cache-a"), "the cache folder leaked into the settings: {settings}");
+    // Another machine (another cache folder) renders it again, bit for bit.
+    with_cache("cache-b", &["--from", "a.png", "--out", "b.png"]);
+    assert!(rgb(&d.join("a.png")) == rgb(&d.join("b.png")));
+}
+
+#[test]
 fn compare_lays_base_and_lora_strengths_side_by_side() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -9,6 +9,7 @@ use tch::Device;
 
 use crate::cli::SampleArgs;
 use crate::config::Config;
+use crate::models::builtin;
 use crate::models::source::{parse_prediction, LoadOptions};
 use crate::models::stable_diffusion::{Placement, StableDiffusion};
 use crate::runtime::{parse_device, Precision};
@@ -92,7 +93,7 @@ fn plan(args: &SampleArgs) -> Result<Plan> {
         job.out = args.out.clone().unwrap_or_else(|| "sample.png".into());
         plan.work = Work::Job(job);
         if plan.model.is_empty() {
-            plan.model = crate::models::builtin::fallback()?.display().to_string();
+            plan.model = builtin::fallback()?.display().to_string();
         }
         if matches!(plan.brand, BrandFrom::None) {
             plan.brand = BrandFrom::Prepared;
@@ -235,7 +236,7 @@ fn plan_again(args: &SampleArgs, from: &Path, plan: &mut Plan) -> Result<()> {
                 Recipe::Grid(g) => &g.settings,
             };
             if plan.model.is_empty() {
-                plan.model = s.model.clone();
+                plan.model = if s.model == builtin::SPEC { builtin::path()?.display().to_string() } else { s.model.clone() };
             }
             if plan.loras.is_empty() {
                 plan.loras = s.loras.iter().map(|l| format!("{}:{}", l.path, l.scale)).collect();
@@ -314,7 +315,13 @@ fn load_and_hash(plan: &Plan, placement: Placement) -> Result<(StableDiffusion, 
 /// What every image records about the model, LoRAs and device.
 fn shared_settings(plan: &Plan, model_hash: String, loras: &[LoadedLora], device: Device) -> Settings {
     let local = Path::new(&plan.model);
-    let recorded = if local.exists() { std::fs::canonicalize(local).map_or(plan.model.clone(), |p| p.display().to_string()) } else { plan.model.clone() };
+    let recorded = if builtin::is_builtin(&plan.model) {
+        builtin::SPEC.to_string()
+    } else if local.exists() {
+        std::fs::canonicalize(local).map_or(plan.model.clone(), |p| p.display().to_string())
+    } else {
+        plan.model.clone()
+    };
     let mut s = empty_job().settings;
     s.model = recorded;
     s.model_hash = model_hash;

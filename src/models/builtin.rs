@@ -40,6 +40,10 @@ const FILES: &[(&str, &[u8])] = embed!(
 pub const RESOLUTION: u32 = 64;
 
 /// How the commands name it when they fall back to it.
+/// How images and settings name the built-in model, so a PNG made with it
+/// replays (`sample --from`) on any machine, wherever its cache is.
+pub const SPEC: &str = "sdtune-tiny-sd";
+
 pub const DESCRIPTION: &str = "sdtune's built-in tiny model (64 px, trained by sdtune on coloured shapes)";
 
 /// A short hash of the embedded files: names the cache folder, so a newer

@@ -72,6 +72,12 @@ pub fn compose(images: &[Vec<RgbImage>], row_labels: &[String], col_labels: &[St
     canvas
 }
 
+/// Characters of a column label that fit over a cell `cell_width` pixels wide.
+pub fn label_chars(cell_width: u32) -> usize {
+    let g = GridGeometry::new(cell_width, cell_width, 1, 1);
+    (cell_width / (8 * g.scale)) as usize
+}
+
 /// Draws `text` at (x, y), cut with "..." to fit `max_width` pixels.
 pub fn draw_text(canvas: &mut RgbImage, text: &str, x: u32, y: u32, max_width: u32, scale: u32) {
     let advance = 8 * scale;

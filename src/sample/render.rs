@@ -272,6 +272,20 @@ pub fn render_again(
     Ok(images.swap_remove(index))
 }
 
+/// "seed 3", or with `--compare` "seed 3 lora x0.5"; cells too narrow for
+/// that (the 64-px demo model) get "s3 x0.5" so seed and strength stay readable.
+fn column_label(seed: u64, variant: &Variant, compare: bool, room: usize) -> String {
+    if !compare {
+        return format!("seed {seed}");
+    }
+    let long = format!("seed {seed} {}", variant.label);
+    if long.chars().count() <= room {
+        return long;
+    }
+    let short = variant.label.strip_prefix("lora ").unwrap_or(&variant.label);
+    format!("s{seed} {short}")
+}
+
 /// Rows are prompts; columns seeds (times variants with `--compare`).
 fn save_grid(job: &Job, variants: &[Variant], rendered: &[Rendered]) -> Result<()> {
     let find = |row: usize, seed: u64, v: &Variant| {
@@ -288,11 +302,10 @@ fn save_grid(job: &Job, variants: &[Variant], rendered: &[Rendered]) -> Result<(
         rows.push(cells);
     }
     let compare = !job.compare.is_empty();
-    let col_labels: Vec<String> = job
-        .seeds
-        .iter()
-        .flat_map(|s| variants.iter().map(move |v| if compare { format!("seed {s} {}", v.label) } else { format!("seed {s}") }))
-        .collect();
+    let cell_width = rows.first().and_then(|r| r.first()).map_or(0, |i| i.width());
+    let room = grid::label_chars(cell_width);
+    let col_labels: Vec<String> =
+        job.seeds.iter().flat_map(|&s| variants.iter().map(move |v| column_label(s, v, compare, room))).collect();
     let image = grid::compose(&rows, &job.prompts, &col_labels);
     let first = rendered.first().context("the grid has no images")?;
     let texts = vec![
@@ -300,4 +313,22 @@ fn save_grid(job: &Job, variants: &[Variant], rendered: &[Rendered]) -> Result<(
         (SDTUNE_KEY.to_string(), Recipe::Grid(job.recipe()).to_json()),
     ];
     save_png_with_text(&image, &job.out, &texts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(label: &str) -> Variant {
+        Variant { label: label.into(), file_tag: String::new(), multiplier: 1.0 }
+    }
+
+    #[test]
+    fn column_labels_shrink_to_fit_narrow_cells() {
+        assert_eq!(column_label(3, &variant("lora x0.5"), false, 8), "seed 3");
+        assert_eq!(column_label(3, &variant("lora x0.5"), true, 32), "seed 3 lora x0.5");
+        assert_eq!(column_label(3, &variant("lora x0.5"), true, grid::label_chars(64)), "s3 x0.5");
+        assert_eq!(column_label(12, &variant("base"), true, grid::label_chars(64)), "s12 base");
+        assert!(column_label(12, &variant("base"), true, 8).chars().count() <= 8);
+    }
 }
