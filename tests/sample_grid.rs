@@ -183,7 +183,7 @@ fn every_png_carries_a1111_parameters_and_sdtune_settings() {
     let (kind, _, params) = chunks.iter().find(|(_, k, _)| k == "parameters").expect("parameters chunk");
     assert_eq!(kind, "tEXt", "parameters must be a plain tEXt chunk");
     let (first, rest) = params.split_once('\n').unwrap();
-    assert_eq!(first, "a red car, studio");
+    assert_eq!(first, "a red car, studio <lora:kohya_a:0.8>", "A1111 applies a LoRA by its prompt tag");
     let (neg, line) = rest.split_once('\n').unwrap();
     assert_eq!(neg, "Negative prompt: blurry");
     let start = "Steps: 2, Sampler: DDIM, Schedule type: Automatic, CFG scale: 7.5, Seed: 7, Size: 64x64, Model hash: ";

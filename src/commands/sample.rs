@@ -264,8 +264,10 @@ fn plan_again(args: &SampleArgs, from: &Path, plan: &mut Plan) -> Result<()> {
                 bail!("{} names its model only by hash ({hash}); pass --model the model it was made with", from.display());
             }
             if plan.loras.is_empty() {
-                if let Some(h) = &p.lora_hashes {
-                    eprintln!("warning: {} was made with LoRAs ({h}); pass them with --lora FILE:SCALE", from.display());
+                let named = p.lora_tags.iter().map(|t| format!("<lora:{t}>")).chain(p.lora_hashes.iter().map(|h| format!("hashes {h}")));
+                let named: Vec<String> = named.collect();
+                if !named.is_empty() {
+                    eprintln!("warning: {} was made with LoRAs ({}); pass them with --lora FILE:SCALE", from.display(), named.join("; "));
                 }
             }
             plan.expected_model_hash = p.model_hash.clone();

@@ -243,7 +243,9 @@ impl ImageRecipe {
             Some(n) if !n.is_empty() => format!("\nNegative prompt: {n}"),
             _ => String::new(),
         };
-        Ok(format!("{}{negative}\n{}", self.member.prompt, line.join(", ")).trim().to_string())
+        // A1111 applies a LoRA through a `<lora:NAME:SCALE>` tag in the prompt.
+        let tags: String = s.loras.iter().map(|l| format!(" <lora:{}:{}>", l.name, py_float(l.scale))).collect();
+        Ok(format!("{}{tags}{negative}\n{}", self.member.prompt, line.join(", ")).trim().to_string())
     }
 
     /// The PNG text chunks of this image.
@@ -270,6 +272,20 @@ pub struct Parameters {
     pub clip_skip: usize,
     pub model_hash: Option<String>,
     pub lora_hashes: Option<String>,
+    /// The prompt's `<lora:NAME:SCALE>` tags (taken out of `prompt`).
+    pub lora_tags: Vec<String>,
+}
+
+/// Splits A1111's `<lora:NAME:SCALE>` (and `<lyco:..>`) tags off a prompt:
+/// they choose LoRAs, they are not text for the text encoder.
+fn split_lora_tags(prompt: &str) -> (String, Vec<String>) {
+    let re = regex::Regex::new(r"<(?:lora|lyco):([^>]+)>").expect("valid regex");
+    let tags: Vec<String> = re.captures_iter(prompt).map(|c| c[1].to_string()).collect();
+    if tags.is_empty() {
+        return (prompt.to_string(), tags);
+    }
+    let text = re.replace_all(prompt, "");
+    (text.split(' ').filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ").trim().to_string(), tags)
 }
 
 /// Parses A1111's `parameters` text (as its `parse_generation_parameters`:
@@ -307,8 +323,10 @@ pub fn parse_parameters(text: &str, source: &Path) -> Result<Parameters> {
         bail!("{}: `Size: {size}` in its parameters is not WIDTHxHEIGHT", source.display());
     };
     let negative = negative.join("\n");
+    let (prompt, lora_tags) = split_lora_tags(&prompt.join("\n"));
     Ok(Parameters {
-        prompt: prompt.join("\n"),
+        prompt,
+        lora_tags,
         negative_prompt: (!negative.is_empty()).then_some(negative),
         steps: number("Steps")? as usize,
         scheduler,
@@ -448,7 +466,7 @@ mod tests {
         let version = env!("CARGO_PKG_VERSION");
         assert_eq!(
             text,
-            format!("a red car, studio\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: 42, Size: 512x768, Model hash: 0123456789, Model: sd15, Clip skip: 2, Lora hashes: \"acme: abcdefabcdef\", Version: sdtune {version}")
+            format!("a red car, studio <lora:acme:0.8>\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: 42, Size: 512x768, Model hash: 0123456789, Model: sd15, Clip skip: 2, Lora hashes: \"acme: abcdefabcdef\", Version: sdtune {version}")
         );
         let back = parse_parameters(&text, Path::new("x.png")).unwrap();
         assert_eq!(back.prompt, "a red car, studio");
@@ -457,6 +475,7 @@ mod tests {
         assert_eq!(back.scheduler, SchedulerKind::DpmPp2mKarras);
         assert_eq!(back.guidance, 7.0);
         assert_eq!(back.lora_hashes.as_deref(), Some("acme: abcdefabcdef"));
+        assert_eq!(back.lora_tags, vec!["acme:0.8".to_string()]);
     }
 
     #[test]
