@@ -4,10 +4,11 @@
 #
 # Here (no GPU needed):
 #   bash scripts/gpu-check.sh prepare
-#     builds sdtune (release), copies it to gpu-carry/sdtune, writes the bench
-#     configs to gpu-carry/configs/ and downloads the diffusers+peft wheels the
-#     GPU machine lacks into gpu-carry/wheels/ (gpu-carry/ is git-ignored;
-#     about 35 MB: keep the working tree plus it under the device's 64 MiB).
+#     builds sdtune (release), writes it stripped and xz-compressed to
+#     gpu-carry/sdtune.xz, the bench configs to gpu-carry/configs/ and the
+#     diffusers+peft wheels the GPU machine lacks to gpu-carry/wheels/
+#     (gpu-carry/ is git-ignored; about 20 MB). It checks that the working
+#     tree plus the carry fit the device tool's 64 MiB.
 #
 # There, through the device tool, carrying gpu-carry:
 #   bash scripts/gpu-check.sh run
@@ -34,24 +35,39 @@ mode="${1:-}"
 shift || true
 
 # Wheels the GPU machine's python3 (3.12, torch 2.11.0, numpy, pillow,
-# accelerate 1.15.0, huggingface_hub 1.33, tokenizers 0.23.2, ...) lacks at
-# the versions scripts/bench/requirements.txt pins. All pure Python.
-GPU_WHEELS=(diffusers==0.42.1 transformers==5.24.0 peft==0.21.2 importlib_metadata==10.2.0 lazy-importer==0.1.0)
+# accelerate 1.15.0, huggingface_hub 1.33, tokenizers 0.23.2, transformers
+# 5.17.0, ...) lacks at the versions scripts/bench/requirements.txt pins. All
+# pure Python. transformers stays at the machine's 5.17 (its wheel alone is
+# 13.5 MB, and the device tool takes 64 MiB for the working tree and the
+# carry together); the diffusers side only uses its CLIPTextModel there.
+GPU_WHEELS=(diffusers==0.42.1 peft==0.21.2 importlib_metadata==10.2.0 lazy-importer==0.1.0)
+LIMIT_BYTES=$((64 * 1024 * 1024))
 
 if [ "$mode" = prepare ]; then
   export VIRTUAL_ENV="$root/.venv" PATH="$root/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1
   cargo build --release --bin sdtune
+  rm -rf "$carry"
   mkdir -p "$carry/wheels"
+  # Stripped and xz-compressed: 33 MB -> 13 MB (the embedded tiny model included).
   strip -o "$carry/sdtune" target/release/sdtune 2>/dev/null || cp target/release/sdtune "$carry/sdtune"
   for arch in tiny sd15; do
     "$carry/sdtune" bench train --arch "$arch" --dump-configs "$carry/configs/$arch"
   done
+  xz -9 -T0 "$carry/sdtune"
   pip_py="$root/.venv-bench/bin/python"
   [ -x "$pip_py" ] || pip_py=python3
   "$pip_py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$carry/wheels" "${GPU_WHEELS[@]}"
   du -sh "$carry"
+  # What travels: tracked + untracked-not-ignored files, and the carry.
+  tree=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+  extra=$(du -sb "$carry" | cut -f1)
+  echo "working tree $((tree / 1048576)) MiB + carry $((extra / 1048576)) MiB = $(((tree + extra) / 1048576)) MiB (limit 64 MiB)"
+  if [ $((tree + extra)) -gt "$LIMIT_BYTES" ]; then
+    echo "too big for the device tool: shrink the carry or the working tree first" >&2
+    exit 1
+  fi
   echo "now: device run, carry [\"gpu-carry\"], command: bash scripts/gpu-check.sh run"
   exit 0
 fi
@@ -69,8 +85,10 @@ results="$out/results.jsonl"
 : >"$results"
 exec > >(tee -a "$log") 2>&1
 py="${PY:-python3}"
-bin="$carry/sdtune"
-[ -x "$bin" ] || { echo "no $bin: run 'bash scripts/gpu-check.sh prepare' first and carry gpu-carry"; exit 1; }
+[ -f "$carry/sdtune.xz" ] || { echo "no $carry/sdtune.xz: run 'bash scripts/gpu-check.sh prepare' first and carry gpu-carry"; exit 1; }
+bin="$(mktemp -d)/sdtune"
+xz -dc "$carry/sdtune.xz" >"$bin"
+chmod +x "$bin"
 started=$(date +%s)
 stage() { echo; echo "== $* ($(($(date +%s) - started)) s)"; }
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error HF_HUB_OFFLINE=1
