@@ -56,15 +56,7 @@ pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
 
     let (vae_s, text_s) = (vae.wall, text.wall);
     let n = (bench.batches * setup.batch_size) as f64;
-    let mut out = Map::new();
-    out.insert("bench".into(), Value::from("encode"));
-    out.insert("side".into(), Value::from("sdtune"));
-    out.insert("arch".into(), Value::from(spec.name()));
-    out.insert("device".into(), Value::from(super::device_name(device)));
-    out.insert("precision".into(), Value::from(precision.name()));
-    out.insert("threads".into(), Value::from(tch::get_num_threads()));
-    out.insert("resolution".into(), Value::from(setup.resolution));
-    out.insert("batch_size".into(), Value::from(setup.batch_size));
+    let mut out = setup.record("encode");
     out.insert("batches".into(), Value::from(bench.batches));
     out.insert("vae_seconds".into(), num(Some(vae_s)));
     out.insert("images_per_s".into(), num(Some(n / vae_s)));

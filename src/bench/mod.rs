@@ -10,6 +10,7 @@ pub mod measure;
 pub mod sample;
 pub mod train;
 
+use serde_json::{Map, Value};
 use tch::Device;
 
 use crate::runtime::Precision;
@@ -24,6 +25,22 @@ pub struct Setup {
     pub batch_size: usize,
     /// The device's peak dense TFLOP/s in `precision`, for model FLOP utilisation.
     pub peak_tflops: Option<f64>,
+}
+
+impl Setup {
+    /// The first fields of every benchmark's JSON line: what ran, where, at what size.
+    pub fn record(&self, bench: &str) -> Map<String, Value> {
+        let mut out = Map::new();
+        out.insert("bench".into(), Value::from(bench));
+        out.insert("side".into(), Value::from("sdtune"));
+        out.insert("arch".into(), Value::from(self.spec.name()));
+        out.insert("device".into(), Value::from(device_name(self.device)));
+        out.insert("precision".into(), Value::from(self.precision.name()));
+        out.insert("threads".into(), Value::from(tch::get_num_threads()));
+        out.insert("resolution".into(), Value::from(self.resolution));
+        out.insert("batch_size".into(), Value::from(self.batch_size));
+        out
+    }
 }
 
 /// `cpu` or `cuda:N`.

@@ -94,15 +94,7 @@ pub fn run(setup: &Setup, bench: &SampleBench) -> Result<Map<String, Value>> {
     let guided = bench.guidance > 1.0;
     let unet_passes = bench.steps as f64 * if guided { 2.0 } else { 1.0 };
     let tflop_per_image = spec.unet_forward_tflop(latent).map(|f| f * unet_passes);
-    let mut out = Map::new();
-    out.insert("bench".into(), Value::from("sample"));
-    out.insert("side".into(), Value::from("sdtune"));
-    out.insert("arch".into(), Value::from(spec.name()));
-    out.insert("device".into(), Value::from(super::device_name(device)));
-    out.insert("precision".into(), Value::from(precision.name()));
-    out.insert("threads".into(), Value::from(tch::get_num_threads()));
-    out.insert("resolution".into(), Value::from(setup.resolution));
-    out.insert("batch_size".into(), Value::from(setup.batch_size));
+    let mut out = setup.record("sample");
     out.insert("scheduler".into(), Value::from(bench.scheduler.name()));
     out.insert("steps".into(), Value::from(bench.steps));
     out.insert("guidance".into(), num(Some(bench.guidance)));

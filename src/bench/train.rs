@@ -140,15 +140,7 @@ pub fn run(setup: &Setup, bench: &TrainBench) -> Result<Map<String, Value>> {
 
     let seconds = timing.wall;
     let steps_per_s = bench.steps as f64 / seconds;
-    let mut out = Map::new();
-    out.insert("bench".into(), Value::from("train"));
-    out.insert("side".into(), Value::from("sdtune"));
-    out.insert("arch".into(), Value::from(spec.name()));
-    out.insert("device".into(), Value::from(super::device_name(device)));
-    out.insert("precision".into(), Value::from(precision.name()));
-    out.insert("threads".into(), Value::from(tch::get_num_threads()));
-    out.insert("resolution".into(), Value::from(setup.resolution));
-    out.insert("batch_size".into(), Value::from(setup.batch_size));
+    let mut out = setup.record("train");
     out.insert("rank".into(), Value::from(bench.rank));
     out.insert("targets".into(), Value::from(bench.targets.name()));
     out.insert("unet_params".into(), Value::from(unet_params));
