@@ -89,10 +89,10 @@ rm -rf "$build/model/unet"
 cp -r "$build/work/output/tiny-sd-unet/unet" "$build/model/unet"
 "$bin/examples/tiny_sd" pack "$build/model" "$out"
 du -sh "$out"
-say "done: $out (grids of the UNet's training in $build/work/output/tiny-sd-unet/samples/)"
 
 say "rendering samples/tiny-sd-samples.png"
 "$bin/sdtune" sample --model "$out" --prompt "a red circle on a blue background" --prompt "a yellow star on a black background" \
   --prompt "a green square on a white background" --prompt "a purple triangle on an orange background" \
   --seeds 1,2,3,4 --steps 20 --guidance 5 --out "$build/tiny-sd-samples.png"
 cp "$build/tiny-sd-samples.png" "$root/samples/tiny-sd-samples.png"
+say "done: $out (grids of the UNet's training in $build/work/output/tiny-sd-unet/samples/)"
