@@ -77,6 +77,7 @@ fn writes_final_periodic_and_state_files_with_metadata() {
     assert_eq!(meta["ss_network_module"], "networks.lora");
     assert_eq!(meta["ss_network_dim"], "4");
     assert_eq!(meta["ss_base_model_version"], "sd_v1");
+    assert_eq!(meta["ss_sd_model_name"], "tiny-sd1", "the base is named, not where it lies on this machine");
     assert_eq!(meta["modelspec.architecture"], "stable-diffusion-v1/lora");
     let names = file.names();
     assert!(names.iter().all(|n| n.starts_with("lora_unet_") && n.contains("_attn2_to_")), "{names:?}");

@@ -46,6 +46,20 @@ pub struct RunFacts<'a> {
     pub base_model: &'a str,
 }
 
+/// The base model as a LoRA file names it: the file or folder name of a
+/// local model (as kohya's `os.path.basename`: the user's folders stay on
+/// their machine), `sdtune-tiny-sd` for the built-in one, a Hub id as it is.
+pub fn shared_model_name(spec: &str) -> String {
+    let path = std::path::Path::new(spec);
+    if crate::models::builtin::is_builtin(spec) {
+        crate::models::builtin::SPEC.to_string()
+    } else if path.exists() {
+        path.file_name().map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned())
+    } else {
+        spec.to_string()
+    }
+}
+
 pub fn lora_metadata(f: &RunFacts) -> HashMap<String, String> {
     let version = base_model_version(f.unet, f.prediction);
     let mut m = HashMap::new();
@@ -73,7 +87,7 @@ pub fn lora_metadata(f: &RunFacts) -> HashMap<String, String> {
     put("ss_num_train_images", f.num_images.to_string());
     put("ss_noise_offset", f.noise_offset.to_string());
     put("ss_min_snr_gamma", f.min_snr_gamma.map_or("None".into(), |g| g.to_string()));
-    put("ss_sd_model_name", f.base_model.into());
+    put("ss_sd_model_name", shared_model_name(f.base_model));
     put("ss_network_args", serde_json::json!({ "targets": f.targets }).to_string());
     put("ss_training_comment", "trained with sdtune".into());
     put("modelspec.sai_model_spec", "1.0.0".into());
@@ -96,5 +110,19 @@ fn trim_float(v: f64) -> String {
         format!("{v:.1}")
     } else {
         v.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shared_model_name;
+
+    #[test]
+    fn lora_files_name_the_base_without_local_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("acme-sd15.safetensors");
+        std::fs::write(&model, b"").unwrap();
+        assert_eq!(shared_model_name(&model.to_string_lossy()), "acme-sd15.safetensors");
+        assert_eq!(shared_model_name("runwayml/stable-diffusion-v1-5"), "runwayml/stable-diffusion-v1-5");
     }
 }
