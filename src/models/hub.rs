@@ -128,24 +128,8 @@ pub fn resolve_model(id: &HubId, variant: Option<&str>) -> Result<PathBuf> {
         bail!("{}", not_cached_sentence(id, &cache, "HF_HUB_OFFLINE is set"));
     }
     download_model(id, variant, &cache).map_err(|e| {
-        anyhow::anyhow!("{} ({})", not_cached_sentence(id, &cache, "downloading it from the Hub failed"), causes(&e))
+        anyhow::anyhow!("{} ({})", not_cached_sentence(id, &cache, "downloading it from the Hub failed"), crate::cli::one_sentence(&e))
     })
-}
-
-/// `e` and its causes joined with `: ` like `{e:#}`, leaving out a cause its
-/// parent's message already quotes (hf-hub's errors print their source).
-fn causes(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-    }
-    out
 }
 
 /// One sentence: what is missing, where we looked, how to get it.
