@@ -20,6 +20,7 @@
 # Environment: THREADS (torch threads for both sides, default 1: on a busy
 # 2-core machine two OpenMP threads stall on each other), ROUNDS (2),
 # SD15_TRAIN_STEPS (5), SD15_TRAIN_WARMUP (3), SD15_SAMPLE_STEPS (10),
+# SD15_SAMPLE_WARMUP (1 image; 0 times both sides cold, as a user's first image),
 # DEVICE (cpu), PRECISION (auto), ONLY (train,sample,encode), QUICK, SDTUNE (a
 # prebuilt binary; otherwise cargo builds one), BENCH_PY (a python with the
 # pinned stack; otherwise .venv-bench/ is created from scripts/bench/requirements.txt).
@@ -35,6 +36,7 @@ only="${ONLY:-train,sample,encode}"
 sd15_train_steps="${SD15_TRAIN_STEPS:-5}"
 sd15_train_warmup="${SD15_TRAIN_WARMUP:-3}"
 sd15_sample_steps="${SD15_SAMPLE_STEPS:-10}"
+sd15_sample_warmup="${SD15_SAMPLE_WARMUP:-1}"
 out_dir="$root/target/bench"
 mkdir -p "$out_dir"
 results="$out_dir/results-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
@@ -100,7 +102,7 @@ else
   fi
   if want sample; then
     run_case sample tiny 64 --steps 30 --images 4 --warmup 1
-    run_case sample sd15 256 --steps "$sd15_sample_steps" --images 1 --warmup 1
+    run_case sample sd15 256 --steps "$sd15_sample_steps" --images 1 --warmup "$sd15_sample_warmup"
   fi
   if want encode; then
     run_case encode sd15 256 --steps 3 --warmup 1

@@ -3,6 +3,7 @@
 pub mod builtin;
 pub mod clip;
 pub mod config;
+pub mod conv;
 pub mod hub;
 pub mod layers;
 pub mod load;

@@ -1,0 +1,56 @@
+//! How a 2-D convolution is computed: libtorch's choice, except for wide
+//! inputs on small maps on the CPU.
+//!
+//! libtorch hands every fp32 CPU convolution with a 3x3 kernel to oneDNN.
+//! For SD's deep blocks (1280-2560 input channels on 8x8 or 4x4 latent maps)
+//! oneDNN is 2-4x slower than one GEMM over the unfolded input patches
+//! (im2col), which is PyTorch's own non-oneDNN path, forward and backward
+//! (measured on an AVX2 CPU, BENCHMARKS.md "Convolutions on the CPU").
+//! Elsewhere oneDNN wins and is kept. The two differ only in float rounding
+//! (about 1e-6 relative). The choice depends on the layer's shape alone, never
+//! on the batch size or a timing, so a run is reproducible.
+use tch::{Device, Kind, Tensor};
+
+/// Input channels from which the GEMM path is taken on small maps.
+const GEMM_MIN_IN_CHANNELS: i64 = 1280;
+/// Output maps of at most this many positions (8x8) count as small.
+const GEMM_MAX_OUTPUT_POSITIONS: i64 = 64;
+
+/// `conv2d` with square stride and padding, dilation 1, one group.
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: i64, padding: i64) -> Tensor {
+    if gemm_is_faster(x, weight, stride, padding) {
+        conv2d_as_gemm(x, weight, bias, stride, padding)
+    } else {
+        x.conv2d(weight, Some(bias), [stride, stride], [padding, padding], [1, 1], 1)
+    }
+}
+
+fn gemm_is_faster(x: &Tensor, weight: &Tensor, stride: i64, padding: i64) -> bool {
+    if x.device() != Device::Cpu || x.kind() != Kind::Float || weight.kind() != Kind::Float || x.dim() != 4 {
+        return false;
+    }
+    let (in_channels, height, width) = (x.size()[1], x.size()[2], x.size()[3]);
+    let (kh, kw) = (weight.size()[2], weight.size()[3]);
+    if kh == 1 && kw == 1 {
+        // 1x1 kernels already skip oneDNN on one thread, and gain nothing here.
+        return false;
+    }
+    let positions = output_len(height, kh, stride, padding) * output_len(width, kw, stride, padding);
+    in_channels >= GEMM_MIN_IN_CHANNELS && positions <= GEMM_MAX_OUTPUT_POSITIONS
+}
+
+fn output_len(input: i64, kernel: i64, stride: i64, padding: i64) -> i64 {
+    (input + 2 * padding - kernel) / stride + 1
+}
+
+/// The convolution as `weight[O, C*kh*kw] @ patches[B, C*kh*kw, positions]`.
+fn conv2d_as_gemm(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: i64, padding: i64) -> Tensor {
+    let size = x.size();
+    let (batch, height, width) = (size[0], size[2], size[3]);
+    let (out_channels, kh, kw) = (weight.size()[0], weight.size()[2], weight.size()[3]);
+    let patches = x.im2col([kh, kw], [1, 1], [padding, padding], [stride, stride]);
+    let y = weight.reshape([out_channels, -1]).matmul(&patches) + bias.reshape([1, out_channels, 1]);
+    let out_h = output_len(height, kh, stride, padding);
+    let out_w = output_len(width, kw, stride, padding);
+    y.reshape([batch, out_channels, out_h, out_w])
+}
