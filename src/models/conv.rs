@@ -30,8 +30,9 @@ fn gemm_is_faster(x: &Tensor, weight: &Tensor, stride: i64, padding: i64) -> boo
     if x.device() != Device::Cpu || x.kind() != Kind::Float || weight.kind() != Kind::Float || x.dim() != 4 {
         return false;
     }
-    let (in_channels, height, width) = (x.size()[1], x.size()[2], x.size()[3]);
-    let (kh, kw) = (weight.size()[2], weight.size()[3]);
+    let (size, kernel) = (x.size(), weight.size());
+    let (in_channels, height, width) = (size[1], size[2], size[3]);
+    let (kh, kw) = (kernel[2], kernel[3]);
     if kh == 1 && kw == 1 {
         // 1x1 kernels already skip oneDNN on one thread, and gain nothing here.
         return false;
@@ -48,7 +49,8 @@ fn output_len(input: i64, kernel: i64, stride: i64, padding: i64) -> i64 {
 fn conv2d_as_gemm(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: i64, padding: i64) -> Tensor {
     let size = x.size();
     let (batch, height, width) = (size[0], size[2], size[3]);
-    let (out_channels, kh, kw) = (weight.size()[0], weight.size()[2], weight.size()[3]);
+    let kernel = weight.size();
+    let (out_channels, kh, kw) = (kernel[0], kernel[2], kernel[3]);
     let patches = x.im2col([kh, kw], [1, 1], [padding, padding], [stride, stride]);
     let y = weight.reshape([out_channels, -1]).matmul(&patches) + bias.reshape([1, out_channels, 1]);
     let out_h = output_len(height, kh, stride, padding);
