@@ -16,8 +16,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, View};
 use sdtune::models::config::{ClipTextConfig, Prediction, SchedulerConfig, UNetConfig, VaeConfig};
-use sdtune::models::single_file::{to_ldm, Family};
-use sdtune::models::source::LoadOptions;
+use sdtune::loaders::single_file::{to_ldm, Family};
+use sdtune::loaders::source::LoadOptions;
 use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
 use tch::{Device, Kind, Tensor};
 
@@ -39,7 +39,7 @@ impl Out {
 
 impl View for Out {
     fn dtype(&self) -> Dtype {
-        sdtune::models::tensor_file::dtype_of(self.kind).expect("a safetensors dtype")
+        sdtune::loaders::tensor_file::dtype_of(self.kind).expect("a safetensors dtype")
     }
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -107,7 +107,7 @@ fn prepare(dir: &Path) -> Result<()> {
     for (component, stem, vs, config) in [
         ("unet", "diffusion_pytorch_model", &model.unet.vs, serde_json::to_string(&model.unet_config)?),
         ("vae", "diffusion_pytorch_model", &model.vae.vs, serde_json::to_string(&model.vae_config)?),
-        ("text_encoder", "model", &model.text_encoder.vs, serde_json::to_string(&model.text_config)?),
+        ("text_encoder", "model", &model.text.first().model.vs, serde_json::to_string(&model.text.first().config)?),
     ] {
         std::fs::create_dir_all(folder.join(component))?;
         std::fs::write(folder.join(component).join("config.json"), config)?;
@@ -141,7 +141,7 @@ fn measure(model: &str, kind: Kind) -> Result<()> {
     let sd = StableDiffusion::load(model, placement, &LoadOptions::default())?;
     let seconds = start.elapsed().as_secs_f64();
     let peak = status_kb("VmHWM:");
-    let bytes: i64 = [&sd.unet.vs, &sd.vae.vs, &sd.text_encoder.vs]
+    let bytes: i64 = [&sd.unet.vs, &sd.vae.vs, &sd.text.first().model.vs]
         .iter()
         .flat_map(|vs| vs.variables().into_values())
         .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as i64)

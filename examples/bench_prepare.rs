@@ -16,13 +16,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use rayon::prelude::*;
-use sdtune::config::{Background, DataConfig};
+use sdtune::data::config::{Background, DataConfig};
 use sdtune::data::buckets::{crop_and_resize, crop_for, Buckets};
 use sdtune::data::decode;
 use sdtune::data::encode::to_tensor;
 use sdtune::models::config::VaeConfig;
-use sdtune::models::tensor_file::write_tensors;
-use sdtune::models::vae::AutoencoderKL;
+use sdtune::loaders::tensor_file::write_tensors;
+use sdtune::loaders::folder::load_vae;
 use tch::{Device, Kind};
 
 struct Args {
@@ -137,7 +137,7 @@ fn main() -> Result<()> {
     };
     tch::set_num_threads(args.threads);
     let cfg_vae = VaeConfig::from_file(&vae_dir.join("config.json"))?;
-    let vae = AutoencoderKL::load(
+    let vae = load_vae(
         &[vae_dir.join("diffusion_pytorch_model.safetensors")],
         Device::Cpu,
         Kind::Float,

@@ -8,7 +8,8 @@ use common::{assert_close, fixtures, max_abs_diff, read_tensors, reference};
 use sdtune::models::clip::ClipTextModel;
 use sdtune::models::config::ClipTextConfig;
 use sdtune::models::layers::WeightInit;
-use sdtune::models::load::{build, build_and_load, Built};
+use sdtune::loaders::weights::build_and_load;
+use sdtune::models::built::{build, Built};
 use tch::{Device, Kind, Tensor};
 
 /// fp32 against fp32: only summation order differs.

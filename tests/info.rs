@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use model_support::*;
-use sdtune::models::tensor_file::write_tensors;
+use sdtune::loaders::tensor_file::write_tensors;
 use tch::{Device, Kind, Tensor};
 
 fn info(target: &std::path::Path) -> std::process::Output {

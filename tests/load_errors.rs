@@ -4,7 +4,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use sdtune::models::tensor_file::{write_tensors, TensorFile};
+use sdtune::loaders::tensor_file::{write_tensors, TensorFile};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use model_support::*;
-use sdtune::models::hub::{cache_dir_from, cached_snapshot, HubId};
-use sdtune::models::source::LoadOptions;
+use sdtune::loaders::hub::{cache_dir_from, cached_snapshot, HubId};
+use sdtune::loaders::source::LoadOptions;
 use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
-use sdtune::models::tensor_file::{write_tensors, TensorFile};
+use sdtune::loaders::tensor_file::{write_tensors, TensorFile};
 use tch::Kind;
 
 fn sample(cmd: &mut std::process::Command, model: &str, out: &Path, extra: &[&str]) -> Vec<u8> {
@@ -133,7 +133,7 @@ fn fp16_variant_and_sharded_weights_load() {
             .unwrap_or_else(|e| panic!("{variant:?}: {e:#}"));
         assert_same_weights("UNet", &ours.unet.vs, &folder.unet.vs, Some(Kind::Half));
         assert_same_weights("VAE", &ours.vae.vs, &folder.vae.vs, Some(Kind::Half));
-        assert_same_weights("text encoder", &ours.text_encoder.vs, &folder.text_encoder.vs, Some(Kind::Half));
+        assert_same_weights("text encoder", &ours.text.first().model.vs, &folder.text.first().model.vs, Some(Kind::Half));
     }
     let out = tempfile::tempdir().unwrap();
     let image = sample(&mut sdtune(cache.path()), "acme/tiny-fp16", &out.path().join("a.png"), &["--variant", "fp16"]);

@@ -18,12 +18,12 @@ use std::collections::BTreeMap;
 use model_support::*;
 use sdtune::data::cache::CacheReader;
 use sdtune::models::config::{ClipTextConfig, Prediction, UNetConfig, VaeConfig};
-use sdtune::models::single_file::{
+use sdtune::loaders::single_file::{
     detect, infer_text_config, infer_unet_config, infer_vae_config, HeadHints, Plan, PredictionSource, Shapes,
 };
-use sdtune::models::source::LoadOptions;
+use sdtune::loaders::source::LoadOptions;
 use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
-use sdtune::models::tensor_file::TensorFile;
+use sdtune::loaders::tensor_file::TensorFile;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
@@ -90,7 +90,7 @@ fn single_files_load_the_folder_weights_exactly() {
         let folder = load_folder(name);
         assert_same_weights("UNet", &ours.unet.vs, &folder.unet.vs, None);
         assert_same_weights("VAE", &ours.vae.vs, &folder.vae.vs, None);
-        assert_same_weights("text encoder", &ours.text_encoder.vs, &folder.text_encoder.vs, None);
+        assert_same_weights("text encoder", &ours.text.first().model.vs, &folder.text.first().model.vs, None);
         assert_eq!(ours.scheduler.prediction_type, folder.scheduler.prediction_type);
         assert_eq!(ours.source.as_deref(), Some(path.as_path()));
     }
@@ -135,7 +135,7 @@ fn fp16_and_bf16_files_load_as_the_rounded_weights() {
             StableDiffusion::load(path.to_str().unwrap(), Placement::cpu_f32(), &LoadOptions::default()).unwrap();
         assert_same_weights("UNet", &ours.unet.vs, &folder.unet.vs, Some(kind));
         assert_same_weights("VAE", &ours.vae.vs, &folder.vae.vs, Some(kind));
-        assert_same_weights("text encoder", &ours.text_encoder.vs, &folder.text_encoder.vs, Some(kind));
+        assert_same_weights("text encoder", &ours.text.first().model.vs, &folder.text.first().model.vs, Some(kind));
         // Into the file's own dtype: the weights are stored in it.
         let placement = Placement { device: Device::Cpu, kind, vae_kind: Kind::Float };
         let half = StableDiffusion::load(path.to_str().unwrap(), placement, &LoadOptions::default()).unwrap();
@@ -178,8 +178,8 @@ fn configs_read_from_the_tensors_match_the_folders() {
         // What no tensor shows: SD1's 8 heads is SD's rule; the tiny SD2's
         // 8-wide heads would come from NAME.yaml (num_head_channels).
         let hints = match family(name) {
-            sdtune::models::single_file::Family::Sd1 => HeadHints::default(),
-            sdtune::models::single_file::Family::Sd2 => HeadHints { num_heads: None, num_head_channels: Some(8) },
+            sdtune::loaders::single_file::Family::Sd1 => HeadHints::default(),
+            sdtune::loaders::single_file::Family::Sd2 => HeadHints { num_heads: None, num_head_channels: Some(8) },
         };
         let unet = infer_unet_config(&shapes, layout.family, hints).unwrap();
         assert_eq!(unet.block_out_channels, want_unet.block_out_channels);

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use sdtune::lora::{self, format, ModelLayers};
+use sdtune::models::conditioning::Conditioning;
 use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
 use tch::Tensor;
 
@@ -15,7 +16,8 @@ fn model() -> StableDiffusion {
 
 fn unet_out(m: &StableDiffusion) -> Tensor {
     let r = common::read_tensors(&common::reference("unet_sd1.safetensors"));
-    tch::no_grad(|| m.unet.model.forward(&r["sample"], &r["timestep"], &r["encoder_hidden_states"]))
+    let context = Conditioning::text_only(r["encoder_hidden_states"].shallow_clone());
+    tch::no_grad(|| m.unet.model.forward(&r["sample"], &r["timestep"], &context))
 }
 
 fn lora_file(name: &str) -> PathBuf {
@@ -23,7 +25,7 @@ fn lora_file(name: &str) -> PathBuf {
 }
 
 fn attach(m: &StableDiffusion, name: &str, strength: f64) {
-    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text_encoder.layers) };
+    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text.first().model.layers) };
     let weights = format::read(&lora_file(name), &layers).unwrap();
     lora::attach(&weights, &layers, strength, name).unwrap();
 }
@@ -57,7 +59,7 @@ fn two_loras_with_strengths_match_set_adapters() {
 fn fused_equals_attached() {
     let r = reference();
     let m = model();
-    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text_encoder.layers) };
+    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text.first().model.layers) };
     let weights = format::read(&lora_file("peft_a.safetensors"), &layers).unwrap();
     lora::fuse(&weights, &layers, 1.0, "peft_a").unwrap();
     common::assert_close("fused peft_a", &unet_out(&m), &r["lora_a"], 1e-4);
@@ -93,8 +95,8 @@ fn a_lora_for_other_layers_is_an_error_naming_the_key() {
         ("lora_unet_input_blocks_1_1_proj_in.lora_down.weight".to_string(), Tensor::zeros([4, 16], (tch::Kind::Float, tch::Device::Cpu))),
         ("lora_unet_input_blocks_1_1_proj_in.lora_up.weight".to_string(), Tensor::zeros([16, 4], (tch::Kind::Float, tch::Device::Cpu))),
     ];
-    sdtune::models::tensor_file::write_tensors(&path, &tensors, None).unwrap();
-    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text_encoder.layers) };
+    sdtune::loaders::tensor_file::write_tensors(&path, &tensors, None).unwrap();
+    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text.first().model.layers) };
     let err = format!("{:#}", format::read(&path, &layers).err().expect("must fail"));
     assert!(err.contains("lora_unet_input_blocks_1_1_proj_in") && err.contains("matches no layer"), "{err}");
 }

@@ -5,8 +5,8 @@ use sdtune::lora::network::{DownInit, LoraNetwork};
 use sdtune::lora::targets::Targets;
 use sdtune::models::config::UNetConfig;
 use sdtune::models::layers::WeightInit;
-use sdtune::models::load::build;
-use sdtune::models::tensor_file::TensorFile;
+use sdtune::models::built::build;
+use sdtune::loaders::tensor_file::TensorFile;
 use sdtune::models::unet::UNet2DConditionModel;
 use tch::{Device, Kind};
 

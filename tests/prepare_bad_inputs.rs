@@ -8,7 +8,7 @@ use std::path::Path;
 
 use image::{DynamicImage, ImageFormat};
 use prepare_support::*;
-use sdtune::config::Background;
+use sdtune::data::config::Background;
 use sdtune::data::cache::CacheReader;
 use sdtune::data::decode;
 

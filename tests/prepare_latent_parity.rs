@@ -4,10 +4,10 @@
 mod prepare_support;
 
 use prepare_support::*;
-use sdtune::config::DataConfig;
+use sdtune::data::config::DataConfig;
 use sdtune::data::cache::CacheReader;
 use sdtune::data::prepare::{self, Options};
-use sdtune::models::tensor_file::TensorFile;
+use sdtune::loaders::tensor_file::TensorFile;
 use sdtune::runtime::Precision;
 use tch::{Device, Kind};
 
@@ -38,6 +38,7 @@ fn cached_latents_match_diffusers() {
     let opts = Options {
         data_dir: data,
         work_dir: work.to_path_buf(),
+        config_file: work.join("sdtune.yaml"),
         model_dir: tiny_model(),
         device: Device::Cpu,
         precision: Precision::Fp32,

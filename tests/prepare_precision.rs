@@ -7,7 +7,7 @@ use std::path::Path;
 use image::ImageFormat;
 use prepare_support::*;
 use sdtune::data::cache::CacheReader;
-use sdtune::models::tensor_file::{write_tensors, TensorFile};
+use sdtune::loaders::tensor_file::{write_tensors, TensorFile};
 
 /// A copy of the tiny model whose VAE `conv_in` weights are scaled by
 /// `scale`: the first activations overflow fp16 (max 65504) but not fp32,

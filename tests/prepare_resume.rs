@@ -95,7 +95,7 @@ fn run_and_kill(work: &Path, before: &BTreeMap<String, String>, at_least: usize)
 fn assert_consistent_after_kill(work: &Path, recorded: &BTreeMap<String, String>) {
     let shards = work.join(".sdtune/cache/shards");
     for (key, shard) in recorded {
-        let file = sdtune::models::tensor_file::TensorFile::open(&shards.join(shard))
+        let file = sdtune::loaders::tensor_file::TensorFile::open(&shards.join(shard))
             .unwrap_or_else(|e| panic!("shard of {key} is unreadable: {e:#}"));
         assert!(file.info(&format!("{key}.mean")).is_some() && file.info(&format!("{key}.std")).is_some());
     }

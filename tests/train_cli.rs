@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sdtune::models::tensor_file::TensorFile;
+use sdtune::loaders::tensor_file::TensorFile;
 
 /// A working folder with 6 prepared images (two buckets) of the tiny model.
 fn prepared() -> tempfile::TempDir {
@@ -167,4 +167,26 @@ fn bad_settings_get_one_sentence() {
     let empty = tempfile::tempdir().unwrap();
     let err = String::from_utf8_lossy(&train(empty.path(), &["--steps", "1"]).stderr).to_string();
     assert!(err.contains("sdtune prepare"), "{err}");
+}
+
+#[test]
+fn a_training_grid_image_renders_again_bit_for_bit() {
+    let dir = prepared();
+    let out = train(dir.path(), &["--steps", "2", "--name", "grid", "--sample-every", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = run_dir(dir.path(), "grid");
+    // The grid of a step without a periodic save still has its LoRA file.
+    assert!(run.join("lora/step-000002.safetensors").is_file());
+    for image in ["step-000002-p1-s1.png", "step-000002-p2-s4.png", "step-000000-p1-s2.png"] {
+        let original = run.join("samples").join(image);
+        assert!(original.is_file(), "the training grid did not write {image}");
+        let again = dir.path().join(format!("again-{image}"));
+        let args = ["sample", "--device", "cpu", "--from", original.to_str().unwrap(), "--out", again.to_str().unwrap()];
+        let out = sdtune(dir.path(), &args, None);
+        assert!(out.status.success(), "{image}: {}", String::from_utf8_lossy(&out.stderr));
+        let a = image::open(&original).unwrap().to_rgb8();
+        let b = image::open(&again).unwrap().to_rgb8();
+        assert_eq!(a.dimensions(), b.dimensions());
+        assert!(a.as_raw() == b.as_raw(), "{image} rendered again differs from the training grid's image");
+    }
 }

@@ -6,8 +6,10 @@ mod common;
 use anyhow::Result;
 use sdtune::lora::network::{DownInit, LoraNetwork};
 use sdtune::lora::targets::Targets;
+use sdtune::models::conditioning::Conditioning;
 use sdtune::models::config::{SchedulerConfig, UNetConfig};
-use sdtune::models::load::{build_and_load, Built};
+use sdtune::loaders::weights::build_and_load;
+use sdtune::models::built::Built;
 use sdtune::models::unet::UNet2DConditionModel;
 use sdtune::schedulers::NoiseSchedule;
 use sdtune::train::checkpoint::{self, Identity};
@@ -52,14 +54,14 @@ impl TrainingData for Toy {
         Ok(TrainSample {
             latent_mean: self.means[i].shallow_clone(),
             latent_std: self.means[i].ones_like() * 0.01,
-            text: self.texts[i].shallow_clone(),
+            text: Conditioning::text_only(self.texts[i].unsqueeze(0)),
         })
     }
     fn has_flips(&self) -> bool {
         false
     }
-    fn empty_caption(&self) -> Result<Tensor> {
-        Ok(Tensor::zeros([77, 32], (Kind::Float, Device::Cpu)))
+    fn empty_caption(&self) -> Result<Conditioning> {
+        Ok(Conditioning::text_only(Tensor::zeros([1, 77, 32], (Kind::Float, Device::Cpu))))
     }
 }
 
@@ -199,3 +201,66 @@ fn bf16_training_lands_near_fp32() {
     assert!((bf16 - fp32).abs() / fp32 < 0.05, "bf16 {bf16} vs fp32 {fp32}");
 }
 
+
+/// One side of a two-process job run one after the other: rank 1 hands its
+/// gradient over, rank 0 averages it with its own, as an all-reduce would.
+struct TwoProcesses {
+    rank: usize,
+    handed_over: std::rc::Rc<std::cell::RefCell<Option<(Tensor, Tensor)>>>,
+}
+
+impl sdtune::train::sync::GradientSync for TwoProcesses {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        2
+    }
+    fn average(&mut self, grad: &mut Tensor, loss: &mut Tensor) -> Result<()> {
+        let mut slot = self.handed_over.borrow_mut();
+        match slot.take() {
+            None => *slot = Some((grad.copy(), loss.copy())),
+            Some((other_grad, other_loss)) => {
+                *grad = (&*grad + other_grad) / 2.0;
+                *loss = (&*loss + other_loss) / 2.0;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_step_split_over_two_processes_equals_one_process_accumulating_it() {
+    let _serial = serial();
+    let sched = schedule();
+    let data = Toy::new();
+    let accumulated = StepSettings { batch_size: 1, grad_accum: 2, ..settings(1) };
+    let split = StepSettings { batch_size: 1, grad_accum: 1, ..settings(1) };
+
+    let alone_model = unet(Kind::Float);
+    let alone = lora_for(&alone_model);
+    let opt = AdamW::new(alone.parameters(), AdamWConfig::default());
+    let mut t = Trainer::new(&alone_model.model, &sched, &data, opt, LossScaler::disabled(), accumulated, Device::Cpu).unwrap();
+    let alone_loss = t.step(0).unwrap().loss;
+
+    let handed_over = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let mut outcome = None;
+    for rank in [1, 0] {
+        let model = unet(Kind::Float);
+        let lora = lora_for(&model);
+        let opt = AdamW::new(lora.parameters(), AdamWConfig::default());
+        let sync = Box::new(TwoProcesses { rank, handed_over: handed_over.clone() });
+        let mut t = Trainer::new(&model.model, &sched, &data, opt, LossScaler::disabled(), split.clone(), Device::Cpu)
+            .unwrap()
+            .with_sync(sync);
+        let o = t.step(0).unwrap();
+        if rank == 0 {
+            outcome = Some((o.loss, lora_tensors(&lora)));
+        }
+    }
+    let (split_loss, split_weights) = outcome.unwrap();
+    assert_eq!(split_loss, alone_loss, "the mean loss of the step");
+    for ((name, a), (_, b)) in lora_tensors(&alone).iter().zip(&split_weights) {
+        assert!(a.equal(b), "{name}: rank 0 after the averaged step differs from one process accumulating both micro-batches");
+    }
+}

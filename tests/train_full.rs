@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use sdtune::models::config::UNetConfig;
-use sdtune::models::load::build_and_load;
+use sdtune::loaders::weights::build_and_load;
 use sdtune::models::unet::UNet2DConditionModel;
 use tch::{Device, Kind, Tensor};
 

@@ -5,9 +5,11 @@
 //! names LoRA attaches to.
 mod common;
 
+use sdtune::models::conditioning::Conditioning;
 use sdtune::models::config::UNetConfig;
 use sdtune::models::layers::WeightInit;
-use sdtune::models::load::{build, build_and_load, Built};
+use sdtune::loaders::weights::build_and_load;
+use sdtune::models::built::{build, Built};
 use sdtune::models::unet::UNet2DConditionModel;
 use tch::{Device, Kind, Tensor};
 
@@ -42,7 +44,7 @@ fn reference(name: &str) -> Reference {
 }
 
 fn run(unet: &UNet2DConditionModel, sample: &Tensor, timestep: &Tensor, context: &Tensor) -> Tensor {
-    tch::no_grad(|| unet.forward(sample, timestep, context))
+    tch::no_grad(|| unet.forward(sample, timestep, &Conditioning::text_only(context.shallow_clone())))
 }
 
 fn max_abs(t: &Tensor) -> f64 {

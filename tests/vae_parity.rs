@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 
 use common::{assert_close, fixtures, max_abs_diff, read_tensors, reference};
 use sdtune::models::config::VaeConfig;
-use sdtune::models::load::{build_and_load, Built};
-use sdtune::models::tensor_file::write_tensors;
-use sdtune::models::vae::{legacy_vae_name, vae_weight_name, AutoencoderKL};
+use sdtune::loaders::weights::build_and_load;
+use sdtune::models::built::Built;
+use sdtune::loaders::tensor_file::write_tensors;
+use sdtune::loaders::folder::{self, legacy_vae_name, vae_weight_name};
+use sdtune::models::vae::AutoencoderKL;
 use tch::{Device, Kind, Tensor};
 
 /// fp32 against fp32: only summation order differs.
@@ -46,7 +48,7 @@ fn sd1_vae_matches_diffusers() {
 #[test]
 fn sd2_vae_matches_diffusers_through_the_renaming_loader() {
     let cfg = config("tiny-sd2");
-    let built = AutoencoderKL::load(&[weights("tiny-sd2")], Device::Cpu, Kind::Float, &cfg)
+    let built = folder::load_vae(&[weights("tiny-sd2")], Device::Cpu, Kind::Float, &cfg)
         .unwrap_or_else(|e| panic!("{e:#}"));
     check_parity(&built.model, "vae_sd2.safetensors");
 }
@@ -75,7 +77,7 @@ fn to_legacy(name: &str) -> String {
 }
 
 fn load_vae(file: PathBuf, cfg: &VaeConfig) -> Built<AutoencoderKL> {
-    AutoencoderKL::load(&[file], Device::Cpu, Kind::Float, cfg).unwrap_or_else(|e| panic!("{e:#}"))
+    folder::load_vae(&[file], Device::Cpu, Kind::Float, cfg).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]

@@ -43,7 +43,7 @@ impl ModelSpec {
 
     /// The configs of a diffusers folder (its weights are loaded later).
     pub fn folder(dir: &Path) -> Result<Self> {
-        crate::models::stable_diffusion::check_is_diffusers_folder(dir)?;
+        crate::loaders::folder::check_is_diffusers_folder(dir)?;
         Ok(ModelSpec {
             source: Source::Folder(dir.to_path_buf()),
             text: ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?,

@@ -30,8 +30,8 @@ pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
     tch::manual_seed(4);
     let images = (Tensor::rand([b, 3, setup.resolution, setup.resolution], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
         .to_device(device);
-    let ids = model.tokenizer()?.encode(PROMPT).ids;
-    let ids = Tensor::from_slice(&ids).view([1, -1]).repeat([b, 1]).to_device(device);
+    model.tokenizer()?;
+    let prompts = vec![PROMPT; setup.batch_size];
 
     let encode_images = || {
         tch::no_grad(|| {
@@ -40,18 +40,22 @@ pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
             let _ = (dist.mean.to_kind(Kind::Float).to_device(Device::Cpu), dist.std().to_kind(Kind::Float).to_device(Device::Cpu));
         })
     };
-    let encode_text = || {
+    let encode_text = || -> Result<()> {
         tch::no_grad(|| {
-            let _ = model.text_encoder.model.encode(&ids, 0).to_kind(Kind::Float).to_device(Device::Cpu);
+            // As prepare: through the text stack, fp32 on the CPU.
+            let encoded = model.text.encode(&prompts, 0)?;
+            let _ = encoded.conditioning.to_kind(Kind::Float).to_device(Device::Cpu);
+            Ok(())
         })
     };
     for _ in 0..bench.warmup {
         encode_images();
-        encode_text();
+        encode_text()?;
     }
     memory.sample();
     let (_, vae) = timed(device, || (0..bench.batches).for_each(|_| encode_images()));
-    let (_, text) = timed(device, || (0..bench.batches).for_each(|_| encode_text()));
+    let (result, text) = timed(device, || (0..bench.batches).try_for_each(|_| encode_text()));
+    result?;
     memory.sample();
 
     let (vae_s, text_s) = (vae.wall, text.wall);

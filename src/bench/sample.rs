@@ -46,7 +46,7 @@ pub fn build_model(spec: &ModelSpec, placement: Placement, tokenizer: Option<&Pa
                 placement,
             )?;
             let dir = tokenizer.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEFAULT_TOKENIZER));
-            model.tokenizer = Some(ClipTokenizer::from_folder(&dir).with_context(|| {
+            model.text.encoders[0].tokenizer = Some(ClipTokenizer::from_folder(&dir).with_context(|| {
                 format!("a CLIP tokenizer is needed to sample; pass --tokenizer DIR (a folder with vocab.json and merges.txt), not {}", dir.display())
             })?);
             Ok(model)
@@ -88,7 +88,7 @@ pub fn run(setup: &Setup, bench: &SampleBench) -> Result<Map<String, Value>> {
     let seconds = timing.wall;
     let images = images?;
     memory.sample();
-    let finite = images.iter().all(|t| t.isfinite().all().int64_value(&[]) == 1);
+    let finite = images.iter().all(crate::models::finite::all_finite);
 
     let n = bench.images as f64;
     let guided = bench.guidance > 1.0;

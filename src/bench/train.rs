@@ -13,7 +13,9 @@ use super::Setup;
 use crate::lora::network::{DownInit, LoraNetwork};
 use crate::lora::targets::Targets;
 use crate::models::layers::WeightInit;
-use crate::models::load::{build, build_and_load, component_weights, Built};
+use crate::loaders::weights::{build_and_load, component_weights};
+use crate::models::built::{build, Built};
+use crate::models::conditioning::Conditioning;
 use crate::models::unet::UNet2DConditionModel;
 use crate::runtime::Precision;
 use crate::schedulers::NoiseSchedule;
@@ -64,14 +66,14 @@ impl TrainingData for RandomCache {
         Ok(TrainSample {
             latent_mean: self.means[index].shallow_clone(),
             latent_std: self.stds[index].shallow_clone(),
-            text: self.texts[index].shallow_clone(),
+            text: Conditioning::text_only(self.texts[index].unsqueeze(0)),
         })
     }
     fn has_flips(&self) -> bool {
         false
     }
-    fn empty_caption(&self) -> Result<Tensor> {
-        Ok(self.empty.shallow_clone())
+    fn empty_caption(&self) -> Result<Conditioning> {
+        Ok(Conditioning::text_only(self.empty.unsqueeze(0)))
     }
 }
 

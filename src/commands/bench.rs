@@ -7,10 +7,90 @@ use crate::bench::encode::EncodeBench;
 use crate::bench::sample::SampleBench;
 use crate::bench::train::TrainBench;
 use crate::bench::{encode, measure, sample, train, Setup};
-use crate::cli::BenchArgs;
 use crate::lora::targets::Targets;
 use crate::runtime::{parse_device, supports, Precision};
 use crate::schedulers::SchedulerKind;
+
+use std::path::PathBuf;
+
+use clap::Args;
+pub const EXAMPLES: &str = "\
+Examples:
+  sdtune bench train --arch sd15 --resolution 256 --steps 5 --warmup 3 --device cpu
+  sdtune bench train --arch sd15 --batch-size 4 --precision bf16 --device cuda
+  sdtune bench sample --arch sd15 --steps 30 --guidance 7.5 --images 8 --batch-size 4
+  sdtune bench encode --arch sd15 --batch-size 4
+  sdtune bench train --model ./stable-diffusion-v1-5 --resolution 512
+  sdtune bench train --arch tiny --dump-configs cfg     (write the configs and stop)
+
+Models are built from a config with random weights (--arch) or loaded (--model), so no
+download is needed. The training step is sdtune's own, on random cached latents and text
+states of the right shapes. A table goes to stderr and one JSON line to stdout: steps_per_s
+(or s_per_image, images_per_s), peak_mem_mb (peak RSS on CPU; on CUDA the caching
+allocator's reserved peak, an upper bound of torch's max_memory_allocated) and, on CUDA,
+model FLOP utilisation. OMP_NUM_THREADS sets the CPU threads. scripts/bench-vs-diffusers.sh
+runs the same configs through diffusers+peft in the same run.";
+
+
+/// Flags of `sdtune bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to measure: train (LoRA optimizer steps), sample (text to image) or encode (VAE + text encoder).
+    #[arg(value_parser = ["train", "sample", "encode"])]
+    pub kind: String,
+    /// Model config with random weights: tiny (the test fixture's sizes), sd15 or sd21.
+    #[arg(long, default_value = "sd15", value_parser = ["tiny", "sd15", "sd21"], conflicts_with = "model")]
+    pub arch: String,
+    /// A diffusers model folder to load instead of random weights.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Image side in pixels [default: the model's own: 512 sd15, 768 sd21, 64 tiny].
+    #[arg(long, value_name = "PX")]
+    pub resolution: Option<i64>,
+    /// Images per training step, UNet batch when sampling, images per encode batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// LoRA rank (alpha = rank).
+    #[arg(long, default_value_t = 16)]
+    pub rank: i64,
+    /// Layers that get LoRA: cross-attn, attn or transformer.
+    #[arg(long, default_value = "cross-attn")]
+    pub targets: String,
+    /// Timed optimizer steps (train), denoising steps (sample) or timed batches (encode)
+    /// [default: 20 train, 30 sample, 5 encode].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Untimed rounds first: optimizer steps (train), images (sample) or batches (encode) [default: 3, 1, 1].
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<usize>,
+    /// Images rendered in the timed part of `sample` [default: --batch-size].
+    #[arg(long, value_name = "N")]
+    pub images: Option<usize>,
+    /// Guidance scale of `sample` (above 1: classifier-free guidance, two UNet passes).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Sampler of `sample`.
+    #[arg(long, default_value = "ddim")]
+    pub scheduler: String,
+    /// Min-SNR-gamma of the training loss; 0 turns it off.
+    #[arg(long, default_value_t = 5.0)]
+    pub min_snr_gamma: f64,
+    /// CLIP tokenizer folder for `sample` with --arch [default: tests/fixtures/tiny-sd1/tokenizer].
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Frozen-weight precision: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
+    /// The device's peak dense TFLOP/s in this precision, for model FLOP utilisation [default: 790 on CUDA].
+    #[arg(long, value_name = "TFLOPS")]
+    pub peak_tflops: Option<f64>,
+    /// Write the model's configs as diffusers config files into DIR and stop.
+    #[arg(long, value_name = "DIR")]
+    pub dump_configs: Option<PathBuf>,
+}
 
 /// H200 dense bf16/fp16 throughput the design's MFU figures use.
 const DEFAULT_CUDA_PEAK_TFLOPS: f64 = 790.0;

@@ -5,13 +5,34 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::InfoArgs;
 use crate::models::config::{ClipTextConfig, Prediction, SchedulerConfig, UNetConfig, VaeConfig};
-use crate::models::hub;
-use crate::models::load::component_weights;
-use crate::models::single_file::{self, census, detect, Family, Plan, PredictionSource, Shapes};
-use crate::models::source::{classify, not_a_model_sentence, parse, parse_prediction, FileKind, ModelSource};
-use crate::models::tensor_file::TensorFile;
+use crate::loaders::hub;
+use crate::loaders::weights::component_weights;
+use crate::loaders::single_file::{self, census, detect, Family, Plan, PredictionSource, Shapes};
+use crate::loaders::file_kind::{classify, not_a_model_sentence, FileKind};
+use crate::loaders::source::{parse, parse_prediction, ModelSource};
+use crate::loaders::tensor_file::TensorFile;
+
+use clap::Args;
+pub const EXAMPLES: &str = "\
+Examples:
+  sdtune info ./v1-5-pruned-emaonly.safetensors     single-file checkpoint (A1111/civitai)
+  sdtune info ./stable-diffusion-2-1                diffusers folder
+  sdtune info stabilityai/stable-diffusion-2-1      Hub id, from the local Hugging Face cache
+  sdtune info output/brand/brand.safetensors        LoRA: format, rank, alpha, layers, base, metadata
+
+Reads only file headers and configs: nothing is loaded, pickles are never opened.";
+
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// A model (diffusers folder, single-file .safetensors, Hub id org/name) or a LoRA file.
+    #[arg(value_name = "PATH|ID")]
+    pub target: String,
+    /// What the UNet predicts, if you know better than the file (as for sample).
+    #[arg(long, value_name = "epsilon|v")]
+    pub prediction_type: Option<String>,
+}
 
 pub fn run(args: InfoArgs) -> Result<()> {
     let prediction = args.prediction_type.as_deref().map(parse_prediction).transpose()?;
@@ -136,7 +157,7 @@ fn text_rows(text: &ClipTextConfig) {
 }
 
 fn folder(dir: &Path, hub_id: Option<&str>, prediction: Option<Prediction>) -> Result<()> {
-    crate::models::stable_diffusion::check_is_diffusers_folder(dir)?;
+    crate::loaders::folder::check_is_diffusers_folder(dir)?;
     let unet = UNetConfig::from_file(&dir.join("unet/config.json"))?;
     let vae = VaeConfig::from_file(&dir.join("vae/config.json"))?;
     let text = ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?;

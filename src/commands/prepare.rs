@@ -5,15 +5,90 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
 
-use crate::cli::PrepareArgs;
-use crate::config::{Background, Config, CONFIG_FILE};
+use crate::config::{Config, CONFIG_FILE};
+use crate::data::config::Background;
 use crate::data::prepare::{self, sample_prompts, Options, REPORT_FILE};
-use crate::models::builtin;
+use crate::loaders::builtin;
 use crate::runtime::{parse_device, supports, Precision};
+
+use clap::Args;
+pub const EXAMPLES: &str = "\
+Examples:
+  sdtune prepare ./brand_photos --model ./stable-diffusion-v1-5 --trigger brandx
+  sdtune prepare ./brand_photos --model ./v1-5-pruned-emaonly.safetensors --trigger brandx
+  sdtune prepare ./brand_photos --resolution 768 --flip --no-upscale
+  sdtune prepare                    (the folder and model named in ./sdtune.yaml)
+
+Run it in your working folder: it reads ./sdtune.yaml (and writes one when there
+is none) and caches into ./.sdtune/cache. Captions come from NAME.txt beside each
+image, else metadata.jsonl (file_name, text), else --caption-template. Every file
+that is not used is listed with the reason, also in .sdtune/prepare-report.json.
+Run it again after adding, editing or removing images: only what changed is encoded.
+Exits 0 when at least one image is usable.";
+
+
+/// Flags override `sdtune.yaml`'s `data:` section for this run.
+#[derive(Args, Debug, Default)]
+pub struct PrepareArgs {
+    /// The image folder, searched recursively [default: data.path in sdtune.yaml].
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// The model whose VAE and text encoder encode the images and captions: a
+    /// diffusers folder (holding model_index.json), a single-file .safetensors
+    /// checkpoint (A1111/civitai, SD1.x or SD2.x) or a Hugging Face id (org/name)
+    /// found in the local Hugging Face cache [default: model in sdtune.yaml].
+    #[arg(long, value_name = "DIR|FILE|ID")]
+    pub model: Option<String>,
+    /// Training resolution: buckets hold about this many pixels squared [default: 512].
+    #[arg(long, value_name = "PX")]
+    pub resolution: Option<u32>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// VAE and text-encoder precision: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
+    /// Trigger word: replaces [trigger] in captions, else is prepended to them.
+    #[arg(long, value_name = "WORD")]
+    pub trigger: Option<String>,
+    /// Caption for images with none, e.g. "a photo of [trigger]".
+    #[arg(long, value_name = "TEXT")]
+    pub caption_template: Option<String>,
+    /// Also cache horizontally flipped latents (augmentation).
+    #[arg(long)]
+    pub flip: bool,
+    /// Never scale an image up to fit a bucket; small images get smaller buckets.
+    #[arg(long)]
+    pub no_upscale: bool,
+    /// Keep images whose short side is under --min-side, scaled up.
+    #[arg(long)]
+    pub allow_upscale: bool,
+    /// Skip images whose short side is under this many pixels [default: 256].
+    #[arg(long, value_name = "PX")]
+    pub min_side: Option<u32>,
+    /// Smallest bucket side [default: 256].
+    #[arg(long, value_name = "PX")]
+    pub min_bucket: Option<u32>,
+    /// Largest bucket side [default: 1024].
+    #[arg(long, value_name = "PX")]
+    pub max_bucket: Option<u32>,
+    /// Bucket sides are multiples of this [default: 64].
+    #[arg(long, value_name = "PX")]
+    pub bucket_step: Option<u32>,
+    /// Colour behind transparent pixels: white, black, gray or #rrggbb [default: white].
+    #[arg(long, value_name = "COLOUR")]
+    pub background: Option<String>,
+    /// Refuse images with more pixels than this, before decoding [default: 178956970].
+    #[arg(long, value_name = "N")]
+    pub max_pixels: Option<u64>,
+    /// Images per VAE-encode batch [default: 4].
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+}
 
 /// With no model named, the built-in tiny model; a folder with no
 /// sdtune.yaml and no --resolution then gets its 64-px buckets.
-fn default_model(args: &PrepareArgs, fresh: bool, data: &mut crate::config::DataConfig) -> Result<PathBuf> {
+fn default_model(args: &PrepareArgs, fresh: bool, data: &mut crate::data::config::DataConfig) -> Result<PathBuf> {
     if fresh && args.resolution.is_none() {
         let px = builtin::RESOLUTION;
         data.resolution = px;
@@ -48,6 +123,7 @@ pub fn run(args: PrepareArgs) -> Result<()> {
     let prepared = prepare::run(&Options {
         data_dir: data_dir.clone(),
         work_dir: work_dir.clone(),
+        config_file: work_dir.join(CONFIG_FILE),
         model_dir: model_dir.clone(),
         device,
         precision,

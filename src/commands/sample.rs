@@ -7,16 +7,131 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use tch::Device;
 
-use crate::cli::SampleArgs;
 use crate::config::Config;
-use crate::models::builtin;
-use crate::models::source::{parse_prediction, LoadOptions};
+use crate::loaders::builtin;
+use crate::loaders::source::{parse_prediction, LoadOptions};
 use crate::models::stable_diffusion::{Placement, StableDiffusion};
 use crate::runtime::{parse_device, Precision};
-use crate::sample::metrics::{self, Brand};
-use crate::sample::render::{self, consistency_path, Job, LoadedLora, Rendered};
+use crate::sample::metrics::Brand;
+use crate::sample::render::{self, consistency_path, Job, LoadedLora};
 use crate::sample::settings::{self, Found, ImageRecipe, Recipe, Settings};
 use crate::schedulers::SchedulerKind;
+
+use clap::Args;
+pub const EXAMPLES: &str = "\
+Examples:
+  sdtune sample --model ./stable-diffusion-v1-5 --prompt \"a red car by the sea\" --seed 42 --out car.png
+  sdtune sample --model ./sd21 --prompt \"product shot, white background\" \\
+      --negative-prompt \"blurry\" --steps 30 --guidance 7.5 --width 768 --height 768
+  sdtune sample --model ./sd15 --prompt \"acme mug on a desk\" --lora output/acme/acme.safetensors:0.8
+  sdtune sample --model ./sd15 --prompt \"acme mug\" --prompt \"acme bag\" --seeds 1,2,3,4 --out grid.png
+  sdtune sample --model ./sd15 --prompts prompts.txt --seed 1 --count 4 \\
+      --lora acme.safetensors --compare 0.5,1     (base | LoRA x0.5 | LoRA x1 for each seed)
+  sdtune sample                     in a training folder: sdtune.yaml's prompts x seeds, run's LoRA
+  sdtune sample --from grid-p1-s2.png             render an image again from its PNG's settings
+
+The same model, prompt, seed, scheduler and steps give the same image as
+diffusers' StableDiffusionPipeline with torch.Generator(\"cpu\").manual_seed(seed);
+noise is drawn on the CPU, so a seed gives the same image on CUDA up to precision.
+A grid (several prompts or seeds) is written to --out with each image beside it
+as <stem>-p<row>-s<seed>.png; every PNG carries its settings (A1111's
+`parameters` text plus sdtune's own), which `--from` reads back. With a brand
+set (--brand DIR, or the images `sdtune prepare` cached here) the palette
+distance of each image to it is printed and written to <stem>.consistency.json.";
+
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// The model: a diffusers folder (holding model_index.json), a single-file
+    /// .safetensors checkpoint (A1111/civitai, SD1.x or SD2.x), or a Hugging Face
+    /// id (org/name) found in the local Hugging Face cache. Pickles (.ckpt, .pt,
+    /// .bin) are refused. A single file reads configs from a folder or NAME.yaml
+    /// named like it, when present.
+    /// [default: sdtune.yaml's model, or the one the --from image was made with]
+    #[arg(long, value_name = "DIR|FILE|ID")]
+    pub model: Option<PathBuf>,
+    /// Weight variant of a diffusers folder or Hub id, e.g. fp16 (*.fp16.safetensors).
+    #[arg(long, value_name = "NAME")]
+    pub variant: Option<String>,
+    /// What the UNet predicts: epsilon or v [default: the model's config; for a
+    /// single file without one, epsilon for SD1 and v for SD2, with a warning].
+    #[arg(long, value_name = "epsilon|v")]
+    pub prediction_type: Option<String>,
+    /// What to render; repeat for more grid rows. Without any prompt, sdtune.yaml's
+    /// sample prompts and seeds are rendered with the run's trained LoRA.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Vec<String>,
+    /// A text file of prompts, one a line (blank lines and # comments skipped).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// What to steer away from (used when --guidance > 1).
+    #[arg(long, value_name = "TEXT")]
+    pub negative_prompt: Option<String>,
+    /// Seed of the initial noise; the same seed gives the same image.
+    #[arg(long, default_value_t = 42, conflicts_with = "seeds")]
+    pub seed: u64,
+    /// Grid columns: --count seeds from --seed on (--seed 1 --count 4: seeds 1,2,3,4).
+    #[arg(long, default_value_t = 1, value_name = "N", conflicts_with = "seeds")]
+    pub count: usize,
+    /// Grid columns: these seeds, e.g. 1,2,3,4.
+    #[arg(long, value_name = "S,S,...", value_delimiter = ',')]
+    pub seeds: Vec<u64>,
+    /// Denoising steps [default: 30; sdtune.yaml's sample_steps for the run's grid].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale; 1 turns guidance off (no unconditional pass)
+    /// [default: 7.5; sdtune.yaml's sample_guidance for the run's grid].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Image width in pixels [default: the model's native size].
+    #[arg(long)]
+    pub width: Option<i64>,
+    /// Image height in pixels [default: the model's native size].
+    #[arg(long)]
+    pub height: Option<i64>,
+    /// Sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, heun, lms or pndm.
+    #[arg(long, default_value = "ddim")]
+    pub scheduler: String,
+    /// Skip this many final text-encoder layers (A1111's "clip skip" minus one).
+    #[arg(long, default_value_t = 0)]
+    pub clip_skip: usize,
+    /// A LoRA to apply, with an optional strength (default 1); repeat to
+    /// stack several. kohya (A1111/ComfyUI) and diffusers/PEFT files load.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<String>,
+    /// Fuse the LoRAs into the weights (faster; same image up to rounding).
+    #[arg(long)]
+    pub fuse: bool,
+    /// Put the base model's image beside the LoRAs' for each seed: alone, the LoRAs
+    /// at the strengths given; with values (0.5,1), at those multiples of them.
+    #[arg(long, value_name = "M,M,...", num_args = 0.., value_delimiter = ',')]
+    pub compare: Option<Vec<f64>>,
+    /// Render the image (or grid) a PNG written by sdtune again, from the settings
+    /// it carries (A1111 PNGs too, with --model); --model and --lora replace the recorded ones.
+    #[arg(long, value_name = "IMAGE.png", conflicts_with_all = [
+        "prompt", "prompts", "negative_prompt", "seed", "count", "seeds", "steps", "guidance",
+        "width", "height", "scheduler", "clip_skip", "compare", "precision", "fuse",
+    ])]
+    pub from: Option<PathBuf>,
+    /// Folder of brand images for the consistency figures [default: the images
+    /// `sdtune prepare` cached in this folder, for grids].
+    #[arg(long, value_name = "DIR")]
+    pub brand: Option<PathBuf>,
+    /// Images per UNet batch (more is faster until memory runs out).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub batch_size: usize,
+    /// Where to write the PNG; for a grid, the grid (its images go beside it)
+    /// [default: sample.png; output/<name>/samples/final.png for the run's grid;
+    /// IMAGE-again.png with --from].
+    #[arg(long, value_name = "FILE.png")]
+    pub out: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Weight precision: fp32, bf16 or fp16.
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
+}
 
 /// What to render, decided before the model is loaded.
 enum Work {
@@ -316,16 +431,8 @@ fn load_and_hash(plan: &Plan, placement: Placement) -> Result<(StableDiffusion, 
 
 /// What every image records about the model, LoRAs and device.
 fn shared_settings(plan: &Plan, model_hash: String, loras: &[LoadedLora], device: Device) -> Settings {
-    let local = Path::new(&plan.model);
-    let recorded = if builtin::is_builtin(&plan.model) {
-        builtin::SPEC.to_string()
-    } else if local.exists() {
-        std::fs::canonicalize(local).map_or(plan.model.clone(), |p| p.display().to_string())
-    } else {
-        plan.model.clone()
-    };
     let mut s = empty_job().settings;
-    s.model = recorded;
+    s.model = settings::recorded_model(&plan.model);
     s.model_hash = model_hash;
     s.variant = plan.options.variant.clone();
     s.prediction_type = plan.options.prediction_type.map(|p| p.as_config_str().to_string());
@@ -382,23 +489,12 @@ fn run_job(model: &StableDiffusion, job: &Job, loras: &[LoadedLora], brand: &Bra
     let images = if n == 1 { "1 image".to_string() } else { format!("{n} images") };
     eprintln!("rendered {images} in {seconds:.2} s ({:.3} s/image)", seconds / n.max(1) as f64);
     let Some(brand) = load_brand(brand, job.is_single())? else { return Ok(()) };
-    let cells: Vec<metrics::Cell> = rendered.iter().map(|r| cell(job, r)).collect();
-    let figures = metrics::consistency(&cells, &brand);
+    let figures = render::consistency(job, &rendered, &brand);
     print!("{}", figures.table());
     let path = consistency_path(&job.out);
     figures.save(&path)?;
     println!("wrote {}", path.display());
     Ok(())
-}
-
-fn cell<'a>(job: &'a Job, r: &'a Rendered) -> metrics::Cell<'a> {
-    metrics::Cell {
-        file: r.file.display().to_string(),
-        prompt: &job.prompts[r.row],
-        seed: r.seed,
-        variant: &r.variant.label,
-        image: &r.image,
-    }
 }
 
 /// The brand set, when one was named or (for a grid) prepared here.
@@ -410,7 +506,7 @@ fn load_brand(from: &BrandFrom, single: bool) -> Result<Option<Brand>> {
         BrandFrom::Prepared => match Brand::from_prepared(Path::new(".")) {
             Ok(brand) => Ok(brand),
             Err(e) => {
-                eprintln!("warning: no consistency figures: {}", crate::cli::one_sentence(&e));
+                eprintln!("warning: no consistency figures: {}", crate::errors::one_sentence(&e));
                 Ok(None)
             }
         },

@@ -6,12 +6,11 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
 
-use crate::cli::TrainArgs;
 use crate::config::{Config, CONFIG_FILE};
 use crate::data::cache::CacheReader;
 use crate::lora::format::LoraFormat;
 use crate::lora::targets::Targets;
-use crate::models::source::LoadOptions;
+use crate::loaders::source::LoadOptions;
 use crate::models::stable_diffusion::{Placement, StableDiffusion};
 use crate::runtime::{parse_device, supports, Precision};
 use crate::schedulers::SchedulerKind;
@@ -19,8 +18,106 @@ use crate::train::config::TrainConfig;
 use crate::train::data::TrainingData;
 use crate::train::lr::LrSchedule;
 use crate::sample::metrics::Brand;
-use crate::train::run::{self, BrandPalette, Event, GridPlan, RunPlan};
+use crate::sample::settings::Settings;
+use crate::train::run::{self, Event, GridPlan, RunPlan};
 use crate::train::trainer::StepSettings;
+
+use clap::Args;
+pub const EXAMPLES: &str = "\
+Examples:
+  sdtune train                                  # settings from ./sdtune.yaml
+  sdtune train --steps 2000 --rank 32 --lr 1e-4 --precision bf16
+  sdtune train --resume                         # continue from the newest save
+  sdtune train --format diffusers --output runs --name acme-v2
+  sdtune train --full --lr 1e-3 --name my-unet  # every UNet weight, not a LoRA
+
+Writes <output>/<name>/<name>.safetensors (kohya format: loads in A1111 and ComfyUI;
+--format diffusers for load_lora_weights), lora/step-NNNNNN.safetensors and state/
+every --save-every steps, samples/step-NNNNNN.png every --sample-every steps
+(step 0 is the base model), and metrics.jsonl. Ctrl-C saves and stops cleanly.";
+
+
+/// Flags of `sdtune train`; each overrides the same key of `train:` in sdtune.yaml.
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// The config file; its folder is the working folder (cache, outputs) [default: ./sdtune.yaml].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Base model: a diffusers folder, a single-file .safetensors checkpoint or a
+    /// Hub id [default: the model the images were prepared with].
+    #[arg(long, value_name = "DIR|FILE|ID")]
+    pub model: Option<String>,
+    /// Optimizer steps [default: 1000].
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// LoRA rank [default: 16].
+    #[arg(long)]
+    pub rank: Option<i64>,
+    /// LoRA alpha; updates are scaled by alpha / rank [default: 16].
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Learning rate [default: 1e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant, constant_with_warmup or cosine [default: constant].
+    #[arg(long, value_name = "NAME")]
+    pub lr_schedule: Option<String>,
+    /// Warm-up steps for the schedules that have one [default: 0].
+    #[arg(long, value_name = "N")]
+    pub warmup_steps: Option<u64>,
+    /// Images per step (one bucket per batch) [default: 1].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Batches whose gradients are summed per optimizer step [default: 1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Seed of LoRA init, data order and noise [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (frozen weights; LoRA stays fp32).
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// auto, cpu, cuda or cuda:N [default: auto].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Layers that get LoRA: cross-attn, attn or transformer [default: cross-attn].
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// Save LoRA + resumable state every N steps (0: only at the end) [default: 250].
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<u64>,
+    /// Render the sample grid every N steps (0: never) [default: 250].
+    #[arg(long, value_name = "N")]
+    pub sample_every: Option<u64>,
+    /// Resumable states kept [default: 3].
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    /// Folder of runs [default: output].
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<String>,
+    /// Run name; files go to <output>/<name>/ [default: brand-lora].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// kohya or diffusers [default: kohya].
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Extra per-channel noise, e.g. 0.05 [default: 0].
+    #[arg(long)]
+    pub noise_offset: Option<f64>,
+    /// Min-SNR-gamma weighting; 0 turns it off [default: 5].
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
+    /// Fraction of steps trained on the empty caption [default: 0.05].
+    #[arg(long)]
+    pub caption_dropout: Option<f64>,
+    /// Continue from the newest saved state of this run.
+    #[arg(long)]
+    pub resume: bool,
+    /// Train every UNet weight (fp32) instead of a LoRA, e.g. to make a base
+    /// model; writes a diffusers unet/ folder to <output>/<name>/unet/.
+    #[arg(long)]
+    pub full: bool,
+}
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let (work_dir, config) = load_config(args.config.as_deref())?;
@@ -31,9 +128,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let cache = CacheReader::open(&work_dir)?;
     let dataset = cache.dataset().clone();
     let mut model_spec = args.model.clone().or(config.model.clone()).unwrap_or_else(|| dataset.model.clone());
-    if crate::models::builtin::is_builtin(&model_spec) {
+    if crate::loaders::builtin::is_builtin(&model_spec) {
         // Written again if its cached copy was removed since prepare.
-        model_spec = crate::models::builtin::fallback()?.display().to_string();
+        model_spec = crate::loaders::builtin::fallback()?.display().to_string();
     }
     if model_spec != dataset.model {
         eprintln!(
@@ -59,7 +156,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         device_name(device)
     );
 
-    let mut plan = plan(&train, &config, &work_dir, &cache, precision, &model_spec, args.resume)?;
+    let grid = grid_settings(&train, &cache, &model_path, &model, precision, device)?;
+    let mut plan = plan(&train, &config, &work_dir, &cache, precision, &model_spec, args.resume, grid)?;
     plan.full = args.full;
     plan.grid.brand = brand_palette(&work_dir);
     let stop = ctrl_c_flag()?;
@@ -160,11 +258,11 @@ fn full_precision(spec: &str) -> Result<Precision> {
 
 /// The prepared images' palette, for each grid's consistency figures
 /// (none, with a warning, when the images cannot be read).
-fn brand_palette(work_dir: &Path) -> Option<BrandPalette> {
+fn brand_palette(work_dir: &Path) -> Option<Brand> {
     match Brand::from_prepared(work_dir) {
-        Ok(brand) => brand.map(|b| BrandPalette { source: b.source, images: b.images, histogram: b.histogram }),
+        Ok(brand) => brand,
         Err(e) => {
-            eprintln!("warning: no consistency figures for the grids: {}", crate::cli::one_sentence(&e));
+            eprintln!("warning: no consistency figures for the grids: {}", crate::errors::one_sentence(&e));
             None
         }
     }
@@ -192,6 +290,7 @@ fn plan(
     precision: Precision,
     model_spec: &str,
     resume: bool,
+    grid: Settings,
 ) -> Result<RunPlan> {
     let dataset = cache.dataset();
     let dir = work_dir.join(&t.output).join(&t.name);
@@ -205,7 +304,6 @@ fn plan(
     if prompts.is_empty() {
         prompts = dataset.items.iter().map(|i| i.caption.clone()).take(2).collect();
     }
-    let res = dataset.resolution as i64;
     Ok(RunPlan {
         name: t.name.clone(),
         dir,
@@ -235,17 +333,46 @@ fn plan(
             prompts,
             seeds: config.sample.seeds.clone(),
             negative_prompt: None,
-            steps: t.sample_steps,
-            guidance: t.sample_guidance,
-            width: res,
-            height: res,
-            scheduler: SchedulerKind::Ddim,
+            settings: grid,
             brand: None,
         },
         resolution: dataset.resolution,
         num_images: dataset.items.len(),
         base_model: model_spec.to_string(),
         full: false,
+    })
+}
+
+/// What the training grids' images record, as `sdtune sample` would:
+/// DDIM at the training resolution, the model as loaded, this device.
+fn grid_settings(
+    t: &TrainConfig,
+    cache: &CacheReader,
+    model_path: &Path,
+    model: &StableDiffusion,
+    precision: Precision,
+    device: Device,
+) -> Result<Settings> {
+    let res = cache.dataset().resolution as i64;
+    let model_hash = match &model.source {
+        Some(source) => crate::sample::settings::model_hash(source, None)?,
+        None => String::new(),
+    };
+    Ok(Settings {
+        steps: t.sample_steps,
+        guidance: t.sample_guidance,
+        width: res,
+        height: res,
+        scheduler: SchedulerKind::Ddim.name().to_string(),
+        clip_skip: 0,
+        model: crate::sample::settings::recorded_model(&model_path.to_string_lossy()),
+        model_hash,
+        variant: None,
+        prediction_type: None,
+        loras: Vec::new(),
+        fuse: false,
+        precision: precision.name().to_string(),
+        device: device_name(device),
     })
 }
 

@@ -6,7 +6,7 @@ use image::imageops::{self, FilterType};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::config::DataConfig;
+use crate::data::config::DataConfig;
 
 /// The resize filter; part of every latent's cache key.
 pub const FILTER: FilterType = FilterType::Lanczos3;

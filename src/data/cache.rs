@@ -13,7 +13,8 @@
 //! Layout: `manifest.json`, `journal.jsonl`, `lock`, `model-ids.json`,
 //! `shards/latents-<hash>.safetensors` (`<key>.mean`, `<key>.std`, each
 //! `[C, h, w]` fp32, unscaled: multiply a sample by the VAE's
-//! `scaling_factor`), `shards/texts-<hash>.safetensors` (`<key>`, `[77, D]` fp32).
+//! `scaling_factor`), `shards/texts-<hash>.safetensors` (`<key>`, `[77, D]` fp32
+//! text states, and `<key>.pooled` for models with a pooled text embedding).
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -26,7 +27,8 @@ use tch::Tensor;
 
 use super::buckets::{Bucket, Crop};
 use super::keys::short_hash;
-use crate::models::tensor_file::{write_tensors, TensorFile};
+use crate::loaders::tensor_file::{write_tensors, TensorFile};
+use crate::models::conditioning::Conditioning;
 
 /// The cache folder inside the working folder.
 pub const CACHE_DIR: &str = ".sdtune/cache";
@@ -35,6 +37,8 @@ const JOURNAL: &str = "journal.jsonl";
 const LOCK: &str = "lock";
 const SHARDS: &str = "shards";
 pub const FORMAT_VERSION: u32 = 1;
+/// Beside a caption's text states `<key>`: its pooled embedding, if any.
+const POOLED_SUFFIX: &str = ".pooled";
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Manifest {
@@ -185,8 +189,10 @@ impl CacheWriter {
         Ok(())
     }
 
-    /// Writes one shard of caption embeddings `(key, caption, [77, D])`.
-    pub fn add_texts(&mut self, texts: Vec<(String, String, Tensor)>) -> Result<()> {
+    /// Writes one shard of caption conditionings `(key, caption, batch of one)`:
+    /// `<key>` holds the text states `[77, D]`, `<key>.pooled` the pooled
+    /// embedding of models that have one.
+    pub fn add_texts(&mut self, texts: Vec<(String, String, Conditioning)>) -> Result<()> {
         if texts.is_empty() {
             return Ok(());
         }
@@ -194,8 +200,11 @@ impl CacheWriter {
         let shard = format!("texts-{}.safetensors", short_hash(keys.join("\n").as_bytes()));
         let mut tensors = Vec::with_capacity(texts.len());
         let mut entries = BTreeMap::new();
-        for (key, caption, t) in texts {
-            tensors.push((key.clone(), t));
+        for (key, caption, c) in texts {
+            tensors.push((key.clone(), c.text.squeeze_dim(0)));
+            if let Some(pooled) = &c.pooled {
+                tensors.push((format!("{key}{POOLED_SUFFIX}"), pooled.squeeze_dim(0)));
+            }
             entries.insert(key, TextEntry { shard: shard.clone(), caption });
         }
         write_tensors(&self.dir.join(SHARDS).join(&shard), &tensors, Some(shard_metadata("texts")))?;
@@ -394,11 +403,27 @@ impl CacheReader {
         Ok((file.tensor(&format!("{key}.mean"))?, file.tensor(&format!("{key}.std"))?))
     }
 
-    /// The caption embedding of `key`, `[77, D]` fp32 on the CPU.
+    /// The caption text states of `key`, `[77, D]` fp32 on the CPU.
     pub fn text(&self, key: &str) -> Result<Tensor> {
         let entry =
             self.manifest.texts.get(key).with_context(|| format!("the cache has no caption embedding {key}"))?;
         self.shard(&entry.shard)?.tensor(key)
+    }
+
+    /// The caption conditioning of `key` as a batch of one, fp32 on the CPU.
+    /// Shards written before pooled embeddings existed (SD1/SD2) hold the
+    /// text states alone, which is all those models take.
+    pub fn conditioning(&self, key: &str) -> Result<Conditioning> {
+        let entry =
+            self.manifest.texts.get(key).with_context(|| format!("the cache has no caption embedding {key}"))?;
+        let shard = self.shard(&entry.shard)?;
+        let pooled_name = format!("{key}{POOLED_SUFFIX}");
+        let pooled = shard.info(&pooled_name).is_some().then(|| shard.tensor(&pooled_name)).transpose()?;
+        Ok(Conditioning {
+            text: shard.tensor(key)?.unsqueeze(0),
+            pooled: pooled.map(|p| p.unsqueeze(0)),
+            time_ids: None,
+        })
     }
 
     /// Item indices grouped by bucket (a batch never mixes buckets), buckets in order.
@@ -416,21 +441,41 @@ impl CacheReader {
         !items.is_empty() && items.iter().all(|i| i.flipped_latent.is_some())
     }
 
-    /// Item `index`: `(mean, std, text)`, the flipped latent when `flip`
-    /// and one was cached.
+    /// Item `index`: `(mean, std, text states)`, the flipped latent when
+    /// `flip` and one was cached.
     pub fn item(&self, index: usize, flip: bool) -> Result<(Tensor, Tensor, Tensor)> {
-        let item = self.dataset().items.get(index).with_context(|| format!("the cache has no item {index}"))?;
+        let (mean, std) = self.item_latent(index, flip)?;
+        Ok((mean, std, self.text(&self.item_at(index)?.text)?))
+    }
+
+    /// Item `index`'s latent distribution `(mean, std)`, flipped when `flip`
+    /// and a flipped one was cached.
+    pub fn item_latent(&self, index: usize, flip: bool) -> Result<(Tensor, Tensor)> {
+        let item = self.item_at(index)?;
         let key = match (&item.flipped_latent, flip) {
             (Some(flipped), true) => flipped,
             _ => &item.latent,
         };
-        let (mean, std) = self.latent(key)?;
-        Ok((mean, std, self.text(&item.text)?))
+        self.latent(key)
     }
 
-    /// The empty caption's embedding (caption dropout).
+    /// Item `index`'s caption conditioning (a batch of one).
+    pub fn item_conditioning(&self, index: usize) -> Result<Conditioning> {
+        self.conditioning(&self.item_at(index)?.text)
+    }
+
+    fn item_at(&self, index: usize) -> Result<&Item> {
+        self.dataset().items.get(index).with_context(|| format!("the cache has no item {index}"))
+    }
+
+    /// The empty caption's text states `[77, D]`.
     pub fn empty_caption(&self) -> Result<Tensor> {
         self.text(&self.dataset().empty_text)
+    }
+
+    /// The empty caption's conditioning (caption dropout).
+    pub fn empty_conditioning(&self) -> Result<Conditioning> {
+        self.conditioning(&self.dataset().empty_text)
     }
 
     fn shard(&self, name: &str) -> Result<Arc<TensorFile>> {
@@ -518,8 +563,8 @@ mod tests {
         let dir = tmp.path().join(CACHE_DIR);
         let mut w = CacheWriter::open(&dir).unwrap();
         w.add_latents(vec![latent("a", 1.5)]).unwrap();
-        w.add_texts(vec![("t".into(), "cap".into(), Tensor::zeros([77, 8], (tch::Kind::Float, tch::Device::Cpu)))])
-            .unwrap();
+        let text = Conditioning::text_only(Tensor::zeros([1, 77, 8], (tch::Kind::Float, tch::Device::Cpu)));
+        w.add_texts(vec![("t".into(), "cap".into(), text)]).unwrap();
         drop(w);
         assert!(CacheReader::open(tmp.path()).err().unwrap().to_string().contains("incomplete"));
         let mut w = CacheWriter::open(&dir).unwrap();
@@ -551,5 +596,71 @@ mod tests {
         assert_eq!(mean.double_value(&[0, 0, 0]), 1.5);
         assert_eq!(std.size(), [4, 2, 2]);
         assert_eq!(r.text("t").unwrap().size(), [77, 8]);
+    }
+
+    /// A finished one-item cache whose text shard is written by `write_texts`.
+    fn cache_with_texts(dir: &Path, write_texts: impl FnOnce(&mut CacheWriter)) {
+        let mut w = CacheWriter::open(dir).unwrap();
+        w.add_latents(vec![latent("a", 1.0)]).unwrap();
+        write_texts(&mut w);
+        let item = Item {
+            path: "a.png".into(),
+            content_hash: "a".into(),
+            width: 16,
+            height: 16,
+            bucket: Bucket { width: 16, height: 16 },
+            crop: Crop { left: 0, top: 0, width: 16, height: 16 },
+            caption: "cap".into(),
+            text: "t".into(),
+            latent: "a".into(),
+            flipped_latent: None,
+        };
+        let dataset = Dataset {
+            data_dir: "d".into(),
+            model: "m".into(),
+            resolution: 16,
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            empty_text: "t".into(),
+            items: vec![item],
+        };
+        w.finish(dataset).unwrap();
+    }
+
+    #[test]
+    fn text_shards_of_sd1_sd2_caches_read_as_text_only_conditioning() {
+        // The layout every cache had before pooled embeddings: `<key>` alone,
+        // written here by hand as the old `add_texts` wrote it.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(CACHE_DIR);
+        let states = Tensor::arange(77 * 8, (tch::Kind::Float, tch::Device::Cpu)).view([77, 8]);
+        cache_with_texts(&dir, |w| {
+            let shard = "texts-old.safetensors".to_string();
+            write_tensors(&w.dir.join(SHARDS).join(&shard), &[("t".to_string(), states.shallow_clone())], None).unwrap();
+            let entries = BTreeMap::from([("t".to_string(), TextEntry { shard: shard.clone(), caption: "cap".into() })]);
+            w.append(&Record::Texts { shard, entries: entries.clone() }).unwrap();
+            w.manifest.texts.extend(entries);
+        });
+        let r = CacheReader::open(tmp.path()).unwrap();
+        let c = r.conditioning("t").unwrap();
+        assert_eq!(c.text.size(), [1, 77, 8]);
+        assert!(c.text.squeeze_dim(0).equal(&states), "the old states must be read unchanged");
+        assert!(c.pooled.is_none() && c.time_ids.is_none());
+        assert!(r.item_conditioning(0).unwrap().text.equal(&c.text));
+    }
+
+    #[test]
+    fn pooled_embeddings_round_trip_beside_the_text_states() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(CACHE_DIR);
+        let text = Tensor::randn([1, 77, 8], (tch::Kind::Float, tch::Device::Cpu));
+        let pooled = Tensor::randn([1, 12], (tch::Kind::Float, tch::Device::Cpu));
+        let cond = Conditioning { text: text.shallow_clone(), pooled: Some(pooled.shallow_clone()), time_ids: None };
+        cache_with_texts(&dir, |w| w.add_texts(vec![("t".into(), "cap".into(), cond)]).unwrap());
+        let r = CacheReader::open(tmp.path()).unwrap();
+        let back = r.conditioning("t").unwrap();
+        assert!(back.text.equal(&text));
+        assert!(back.pooled.unwrap().equal(&pooled));
+        assert_eq!(r.text("t").unwrap().size(), [77, 8], "text() keeps giving the states alone");
     }
 }

@@ -9,7 +9,7 @@ use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use sha2::{Digest, Sha256};
 
-use crate::config::Background;
+use crate::data::config::Background;
 
 /// Why a file was not used, and what the user can do about it.
 #[derive(Clone, Debug, PartialEq, Eq)]

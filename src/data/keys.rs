@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::buckets::{Bucket, Crop, FILTER_NAME};
 use super::decode::hex;
-use crate::config::Background;
+use crate::data::config::Background;
 
 /// Bumped whenever preprocessing changes in a way that changes latents.
 const LATENT_VERSION: &str = "sdtune-latent-v1";

@@ -1,6 +1,7 @@
 //! From an image folder to cached latents: scan, decode, caption, bucket,
 //! encode, cache, report. Knows nothing of training.
 pub mod buckets;
+pub mod config;
 pub mod cache;
 pub mod captions;
 pub mod decode;

@@ -14,11 +14,13 @@ use super::buckets::{crop_and_resize, crop_for, Bucket, Buckets, Crop};
 use super::cache::{CacheWriter, Dataset, Item, LatentEntry, NewLatent, CACHE_DIR};
 use super::captions::{Caption, Captions, Issue, Source};
 use super::decode::{self, content_hash, format_name, Header, Rejection};
-use super::encode::{Encoders, ModelFiles};
+use super::encode::Encoders;
+use crate::loaders::model_files::ModelFiles;
+use crate::loaders::source::LoadOptions;
 use super::keys::{latent_key, text_key, FileHashes, LatentSettings, TextSettings};
 use super::report::{self, Report};
 use super::scan::{scan, Found};
-use crate::config::DataConfig;
+use crate::data::config::DataConfig;
 use crate::models::tokenizer::MAX_TOKENS;
 use crate::runtime::Precision;
 
@@ -37,6 +39,9 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// The working folder (holds `.sdtune/`).
     pub work_dir: PathBuf,
+    /// The run's own config file, never taken for an image when the working
+    /// folder is prepared itself.
+    pub config_file: PathBuf,
     /// The `--model` value: a diffusers folder, a single-file checkpoint or a Hub id.
     pub model_dir: PathBuf,
     pub device: Device,
@@ -112,7 +117,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     let mut scanned = scan(&opts.data_dir, &mut |n| scanning.set_message(format!("{n} files")))?;
     scanning.finish_and_clear();
     // Preparing the working folder itself: its own config is not a candidate.
-    let own_config = std::fs::canonicalize(opts.work_dir.join(crate::config::CONFIG_FILE)).ok();
+    let own_config = std::fs::canonicalize(&opts.config_file).ok();
     scanned.candidates.retain(|f| {
         let ours = own_config.is_some() && std::fs::canonicalize(&f.path).ok() == own_config;
         if ours {
@@ -134,7 +139,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     report.counts.files = scanned.candidates.len();
 
     // 2. The model's files (the models themselves load only if there is work).
-    let model = ModelFiles::of(&opts.model_dir)?;
+    let model = ModelFiles::of(&opts.model_dir.to_string_lossy(), &LoadOptions::default())?;
     let factor = model.vae_config.scale_factor() as u32;
     if !cfg.bucket_step.is_multiple_of(factor) || !cfg.resolution.is_multiple_of(factor) {
         bail!(
@@ -391,7 +396,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         let bar = progress_bar(texts.len() as u64, "captions");
         for batch in texts.chunks(TEXT_BATCH) {
             let captions: Vec<String> = batch.iter().map(|t| t.1.clone()).collect();
-            let embeddings = encoders.encode_texts(&tokenizer, &captions, opts.clip_skip)?;
+            let embeddings = encoders.encode_texts(&captions, opts.clip_skip)?;
             let entries = batch.iter().cloned().zip(embeddings).map(|((k, c), e)| (k, c, e)).collect();
             cache.add_texts(entries)?;
             report.counts.texts_encoded += batch.len();

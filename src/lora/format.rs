@@ -8,28 +8,8 @@ use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
 use super::{Component, LoraModule, LoraWeights, ModelLayers};
-use crate::models::tensor_file::{write_tensors, TensorFile};
-
-/// The on-disk layouts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LoraFormat {
-    /// `lora_unet_<path_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
-    Kohya,
-    /// `unet.<path>.lora_A.weight` / `.lora_B.weight` (what diffusers writes today).
-    Peft,
-    /// `unet.<path>.lora.down.weight` / `.lora.up.weight`, alpha = rank.
-    DiffusersLegacy,
-}
-
-impl LoraFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            LoraFormat::Kohya => "kohya",
-            LoraFormat::Peft => "diffusers (PEFT)",
-            LoraFormat::DiffusersLegacy => "diffusers (legacy lora.down/up)",
-        }
-    }
-}
+pub use crate::loaders::file_kind::{detect_lora as detect, LoraFormat};
+use crate::loaders::tensor_file::{write_tensors, TensorFile};
 
 /// `lora_unet_down_blocks_0_..._to_q` for UNet layer `down_blocks.0....to_q`.
 pub fn kohya_name(component: Component, layer: &str) -> String {
@@ -38,19 +18,6 @@ pub fn kohya_name(component: Component, layer: &str) -> String {
         Component::TextEncoder => "lora_te_",
     };
     format!("{prefix}{}", layer.replace('.', "_"))
-}
-
-/// Which layout a file uses, from its tensor names.
-pub fn detect(names: &[String]) -> Option<LoraFormat> {
-    if names.iter().any(|n| n.ends_with(".lora_down.weight") && n.starts_with("lora_")) {
-        Some(LoraFormat::Kohya)
-    } else if names.iter().any(|n| n.ends_with(".lora_A.weight")) {
-        Some(LoraFormat::Peft)
-    } else if names.iter().any(|n| n.ends_with(".lora.down.weight") || n.ends_with("_lora.down.weight")) {
-        Some(LoraFormat::DiffusersLegacy)
-    } else {
-        None
-    }
 }
 
 /// Reads a LoRA file of any supported layout, resolving names against `layers`.

@@ -169,21 +169,3 @@ pub fn parse_spec(spec: &str) -> Result<(std::path::PathBuf, f64)> {
     }
     Ok((spec.into(), 1.0))
 }
-
-/// Reads each `FILE[:SCALE]` and attaches it (or fuses it into the weights).
-pub fn apply_specs(specs: &[String], layers: &ModelLayers, fuse_into_weights: bool) -> Result<()> {
-    for spec in specs {
-        let (path, scale) = parse_spec(spec)?;
-        let source = path.display().to_string();
-        if !path.is_file() {
-            bail!("--lora {source} does not exist; give the path of a .safetensors LoRA file");
-        }
-        let weights = format::read(&path, layers)?;
-        if fuse_into_weights {
-            fuse(&weights, layers, scale, &source)?;
-        } else {
-            attach(&weights, layers, scale, &source)?;
-        }
-    }
-    Ok(())
-}

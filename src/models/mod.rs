@@ -1,16 +1,15 @@
-//! Stable Diffusion's components in tch, each layer built by its diffusers
-//! weight name and sized from its `config.json`.
-pub mod builtin;
+//! Stable Diffusion's architectures in tch, each layer built by its
+//! diffusers weight name and sized from its `config.json`. Where weights
+//! come from is `crate::loaders`' business, not this module's.
+pub mod built;
 pub mod clip;
+pub mod conditioning;
 pub mod config;
 pub mod conv;
-pub mod hub;
+pub mod finite;
 pub mod layers;
-pub mod load;
-pub mod single_file;
-pub mod source;
 pub mod stable_diffusion;
-pub mod tensor_file;
+pub mod text_stack;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -1,15 +1,16 @@
-//! A whole Stable Diffusion model: tokenizer, text encoder, UNet, VAE and
-//! the training noise schedule, loaded from a diffusers folder or built
-//! from configs with random weights.
-use std::path::{Path, PathBuf};
+//! A whole Stable Diffusion model: its text stack (tokenizers + text
+//! encoders), UNet, VAE and the training noise schedule, wherever its weights came from (see
+//! `loaders`), or built from configs with random weights.
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use tch::{Device, Kind};
 
 use super::clip::ClipTextModel;
-use super::config::{ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig};
+use super::built::{build, Built};
+use super::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use super::layers::WeightInit;
-use super::load::{build, build_and_load, component_weights, Built};
+use super::text_stack::{TextEncoder, TextStack};
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet2DConditionModel;
 use super::vae::AutoencoderKL;
@@ -31,11 +32,20 @@ impl Placement {
 }
 
 pub struct StableDiffusion {
-    /// The folder it came from, or `None` when built from configs.
+    /// The folder or file it came from, or `None` when built from configs.
     pub source: Option<PathBuf>,
-    pub tokenizer: Option<ClipTokenizer>,
-    pub text_encoder: Built<ClipTextModel>,
-    pub text_config: ClipTextConfig,
+    pub text: TextStack,
+    pub unet: Built<UNet2DConditionModel>,
+    pub unet_config: UNetConfig,
+    pub vae: Built<AutoencoderKL>,
+    pub vae_config: VaeConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+/// A model's loaded parts, before they are checked to fit each other.
+pub struct Parts {
+    pub source: Option<PathBuf>,
+    pub text: TextStack,
     pub unet: Built<UNet2DConditionModel>,
     pub unet_config: UNetConfig,
     pub vae: Built<AutoencoderKL>,
@@ -44,36 +54,32 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Loads a diffusers pipeline folder (`model_index.json` + components).
-    pub fn from_diffusers_folder(dir: &Path, placement: Placement, variant: Option<&str>) -> Result<Self> {
-        check_is_diffusers_folder(dir)?;
-        let text_config = ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?;
-        let unet_config = UNetConfig::from_file(&dir.join("unet/config.json"))?;
-        let vae_config = VaeConfig::from_file(&dir.join("vae/config.json"))?;
-        let scheduler = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
-        let tokenizer = ClipTokenizer::from_folder(&dir.join("tokenizer"))?;
-
-        let files = component_weights(&dir.join("text_encoder"), "model", variant)?;
-        let text_encoder = build_and_load(&files, placement.device, placement.kind, |vb| {
-            ClipTextModel::new(vb, &text_config)
-        })?;
-        let files = component_weights(&dir.join("unet"), "diffusion_pytorch_model", variant)?;
-        let unet = build_and_load(&files, placement.device, placement.kind, |vb| {
-            UNet2DConditionModel::new(vb, &unet_config)
-        })?;
-        let files = component_weights(&dir.join("vae"), "diffusion_pytorch_model", variant)?;
-        // Accepts both VAE attention namings (to_q/... and query/...).
-        let vae = AutoencoderKL::load(&files, placement.device, placement.vae_kind, &vae_config)?;
+    /// The one place a model is put together, wherever its parts came from
+    /// (a diffusers folder, a single file, the Hub cache, the built-in
+    /// model, random weights): errs in one sentence when they do not fit.
+    pub fn assemble(parts: Parts) -> Result<Self> {
+        let from = parts.source.as_ref().map_or("the model".to_string(), |p| p.display().to_string());
+        let text_width = parts.text.hidden_size();
+        if let Some(width) = parts.unet_config.cross_attention_dims().into_iter().find(|&w| w != text_width) {
+            bail!(
+                "{from}: the UNet's cross-attention is {width} wide but its text encoder gives {text_width}-wide states; the UNet and the text encoder come from different models"
+            );
+        }
+        if parts.unet_config.in_channels != parts.vae_config.latent_channels {
+            bail!(
+                "{from}: the UNet takes {}-channel latents but the VAE makes {}-channel ones; the UNet and the VAE come from different models",
+                parts.unet_config.in_channels,
+                parts.vae_config.latent_channels
+            );
+        }
         Ok(StableDiffusion {
-            source: Some(dir.to_path_buf()),
-            tokenizer: Some(tokenizer),
-            text_encoder,
-            text_config,
-            unet,
-            unet_config,
-            vae,
-            vae_config,
-            scheduler,
+            source: parts.source,
+            text: parts.text,
+            unet: parts.unet,
+            unet_config: parts.unet_config,
+            vae: parts.vae,
+            vae_config: parts.vae_config,
+            scheduler: parts.scheduler,
         })
     }
 
@@ -94,58 +100,16 @@ impl StableDiffusion {
         let vae = build(placement.device, placement.vae_kind, WeightInit::Random, |vb| {
             AutoencoderKL::new(vb, &vae_config)
         })?;
-        Ok(StableDiffusion {
-            source: None,
-            tokenizer: None,
-            text_encoder,
-            text_config,
-            unet,
-            unet_config,
-            vae,
-            vae_config,
-            scheduler,
-        })
+        let text = TextStack::new(vec![TextEncoder { tokenizer: None, model: text_encoder, config: text_config }])?;
+        Self::assemble(Parts { source: None, text, unet, unet_config, vae, vae_config, scheduler })
     }
 
     pub fn device(&self) -> Device {
         self.unet.vs.device()
     }
 
+    /// The tokenizer of the first text encoder.
     pub fn tokenizer(&self) -> Result<&ClipTokenizer> {
-        self.tokenizer.as_ref().context("this model was built without a tokenizer")
+        self.text.first().tokenizer()
     }
-}
-
-/// One sentence when `dir` is not a diffusers pipeline folder.
-pub fn check_is_diffusers_folder(dir: &Path) -> Result<()> {
-    if !dir.exists() {
-        bail!("{} does not exist; pass --model a diffusers model folder", dir.display());
-    }
-    if !dir.is_dir() {
-        bail!(
-            "{} is a file, but only diffusers model folders can be loaded so far; pass --model the folder that holds model_index.json",
-            dir.display()
-        );
-    }
-    let index = dir.join("model_index.json");
-    if !index.is_file() {
-        bail!(
-            "{} is not a diffusers model folder (it has no model_index.json); pass --model the folder that holds model_index.json, unet/, vae/, text_encoder/ and tokenizer/",
-            dir.display()
-        );
-    }
-    let parsed: ModelIndex = super::config::read_json(&index)?;
-    if !parsed.class_name.starts_with("StableDiffusion") || parsed.class_name.contains("XL") {
-        bail!(
-            "{} describes a {} model; sdtune supports Stable Diffusion 1.x and 2.x pipelines",
-            index.display(),
-            parsed.class_name
-        );
-    }
-    for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-        if !dir.join(part).is_dir() {
-            bail!("{} has no {part}/ folder; the model folder is incomplete", dir.display());
-        }
-    }
-    Ok(())
 }

@@ -176,6 +176,7 @@ pub fn palette_distance(images: &[RgbImage], brand: &LabHistogram) -> Vec<f64> {
 }
 
 /// The brand set: where its images came from and their pooled histogram.
+#[derive(Clone, Debug)]
 pub struct Brand {
     pub source: String,
     pub images: usize,
@@ -230,9 +231,9 @@ impl Brand {
 
 fn read_rgb(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read brand image {}", path.display()))?;
-    let header = crate::data::decode::inspect(&bytes, crate::config::DEFAULT_MAX_PIXELS)
+    let header = crate::data::decode::inspect(&bytes, crate::data::config::DEFAULT_MAX_PIXELS)
         .map_err(|r| anyhow::anyhow!("brand image {} {}; {}", path.display(), r.reason, r.fix))?;
-    crate::data::decode::decode(&bytes, &header, crate::config::Background::WHITE, crate::config::DEFAULT_MAX_PIXELS)
+    crate::data::decode::decode(&bytes, &header, crate::data::config::Background::WHITE, crate::data::config::DEFAULT_MAX_PIXELS)
         .map_err(|r| anyhow::anyhow!("brand image {} {}; {}", path.display(), r.reason, r.fix))
 }
 

@@ -8,6 +8,7 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
+use crate::models::conditioning::Conditioning;
 use crate::models::stable_diffusion::StableDiffusion;
 use crate::schedulers::{Sampler, SchedulerKind};
 
@@ -112,22 +113,27 @@ fn check_size(model: &StableDiffusion, req: &SampleRequest) -> Result<()> {
     Ok(())
 }
 
-/// Prompt -> text-encoder hidden states [1, 77, D] in the UNet's kind.
-pub fn encode_prompt(model: &StableDiffusion, prompt: &str, clip_skip: usize, what: &str, warn: Warn) -> Result<Tensor> {
-    let encoded = model.tokenizer()?.encode(prompt);
-    if encoded.truncated {
+/// Prompt -> its conditioning (a batch of one) through the model's text stack.
+pub fn encode_prompt(
+    model: &StableDiffusion,
+    prompt: &str,
+    clip_skip: usize,
+    what: &str,
+    warn: Warn,
+) -> Result<Conditioning> {
+    let encoded = model.text.encode(&[prompt], clip_skip)?;
+    if !encoded.truncated.is_empty() {
         warn(format!("the {what} is longer than 77 CLIP tokens; the rest was cut off, as diffusers does"));
     }
-    let ids = Tensor::from_slice(&encoded.ids).view([1, -1]).to_device(model.device());
-    Ok(model.text_encoder.model.encode(&ids, clip_skip))
+    Ok(encoded.conditioning)
 }
 
 /// The UNet's context for a batch: [uncond.., cond..] with guidance (as
 /// diffusers concatenates them), else [cond..]. Each prompt is encoded on
 /// its own so its embedding does not depend on its batch-mates.
-fn encode_batch(model: &StableDiffusion, reqs: &[SampleRequest], warn: Warn) -> Result<Tensor> {
-    let mut cache: Vec<(String, Tensor)> = Vec::new();
-    let mut encode = |text: &str, what: &str, warn: Warn| -> Result<Tensor> {
+fn encode_batch(model: &StableDiffusion, reqs: &[SampleRequest], warn: Warn) -> Result<Conditioning> {
+    let mut cache: Vec<(String, Conditioning)> = Vec::new();
+    let mut encode = |text: &str, what: &str, warn: Warn| -> Result<Conditioning> {
         if let Some((_, t)) = cache.iter().find(|(p, _)| p == text) {
             return Ok(t.shallow_clone());
         }
@@ -140,14 +146,14 @@ fn encode_batch(model: &StableDiffusion, reqs: &[SampleRequest], warn: Warn) -> 
         cond.push(encode(&r.prompt, "prompt", warn)?);
     }
     if reqs[0].guidance <= 1.0 {
-        return Ok(Tensor::cat(&cond, 0));
+        return Conditioning::cat(&cond);
     }
     let mut all = Vec::with_capacity(2 * reqs.len());
     for r in reqs {
         all.push(encode(r.negative_prompt.as_deref().unwrap_or(""), "negative prompt", warn)?);
     }
     all.extend(cond);
-    Ok(Tensor::cat(&all, 0))
+    Conditioning::cat(&all)
 }
 
 /// Per-image noise from per-image seeds, drawn on the CPU so a seed means
@@ -230,7 +236,7 @@ fn denoise(
     model: &StableDiffusion,
     sampler: &mut dyn Sampler,
     mut latents: Tensor,
-    context: &Tensor,
+    context: &Conditioning,
     guidance: f64,
     noise: &mut SeedNoise,
     on_step: &mut dyn FnMut(usize, usize),

@@ -8,6 +8,7 @@ use image::RgbImage;
 
 use super::grid;
 use super::image_out::{save_png_with_text, to_rgb8};
+use super::metrics::{Brand, Cell, Consistency};
 use super::pipeline::{text_to_images_batched, SampleRequest, Warn};
 use super::settings::{Batch, GridRecipe, ImageRecipe, LoraUse, Member, Recipe, Settings, PARAMETERS_KEY, SDTUNE_KEY};
 use crate::lora::{self, LoraWeights, ModelLayers};
@@ -65,7 +66,7 @@ pub fn apply_loras(model: &StableDiffusion, loras: &[LoadedLora], multiplier: f6
 }
 
 pub fn layers(model: &StableDiffusion) -> ModelLayers<'_> {
-    ModelLayers { unet: &model.unet.layers, text_encoder: Some(&model.text_encoder.layers) }
+    ModelLayers { unet: &model.unet.layers, text_encoder: Some(&model.text.first().model.layers) }
 }
 
 /// One column variant of a grid: the base model or the LoRAs at a multiplier.
@@ -202,13 +203,55 @@ pub fn render(
         bail!("--compare needs the LoRAs kept apart from the weights to switch them off; drop --fuse");
     }
     let variants = job.variants();
+    let set_up = &mut |v: &Variant| apply_loras(model, loras, v.multiplier, job.settings.fuse);
+    render_variants(model, job, &variants, set_up, Recipes::Written, warn, on_step)
+}
+
+/// Whether rendered images carry the recipe that renders them again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recipes {
+    /// Each image beside the grid with its recipe; the grid with the job's.
+    Written,
+    /// The grid alone, without a recipe: what rendered it cannot be loaded
+    /// again (a UNet in training), and a recipe would name the wrong model.
+    None,
+}
+
+/// Renders the job with the adapters the model holds now (a LoRA being
+/// trained, already attached) as its one variant, named `label` in the
+/// figures. With [`Recipes::Written`] the images and the grid are written as
+/// [`render`] writes them, their recipes naming `job.settings.loras`, which
+/// must be files holding those adapters.
+pub fn render_attached(
+    model: &StableDiffusion,
+    job: &Job,
+    label: &str,
+    recipes: Recipes,
+    warn: Warn,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Rendered>> {
+    let variant = Variant { label: label.into(), file_tag: String::new(), multiplier: 1.0 };
+    render_variants(model, job, &[variant], &mut |_| Ok(()), recipes, warn, on_step)
+}
+
+/// Each variant set up by `set_up`, then its cells rendered in batches of
+/// `job.batch_size`; the grid last.
+fn render_variants(
+    model: &StableDiffusion,
+    job: &Job,
+    variants: &[Variant],
+    set_up: &mut dyn FnMut(&Variant) -> Result<()>,
+    recipes: Recipes,
+    warn: Warn,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Rendered>> {
     let batch_size = job.batch_size.max(1);
     let per_variant = job.prompts.len() * job.seeds.len();
     let total = variants.len() * per_variant.div_ceil(batch_size) * job.settings.steps;
     let mut done = 0;
     let mut rendered = Vec::with_capacity(job.count());
-    for variant in &variants {
-        apply_loras(model, loras, variant.multiplier, job.settings.fuse)?;
+    for variant in variants {
+        set_up(variant)?;
         let settings = scaled(&job.settings, variant.multiplier);
         let member = |prompt: &String, seed: u64| Member { prompt: prompt.clone(), negative_prompt: job.negative_prompt.clone(), seed };
         let cells: Vec<(usize, Member)> = job
@@ -225,15 +268,32 @@ pub fn render(
                 let batch = (members.len() > 1).then(|| Batch { index, members: members.clone() });
                 let recipe = ImageRecipe { member: member.clone(), settings: settings.clone(), batch };
                 let file = job.image_path(*row, member.seed, variant);
-                save_png_with_text(&image, &file, &recipe.text_chunks()?)?;
+                if recipes == Recipes::Written {
+                    save_png_with_text(&image, &file, &recipe.text_chunks()?)?;
+                }
                 rendered.push(Rendered { row: *row, seed: member.seed, variant: variant.clone(), image, file, recipe });
             }
         }
     }
     if !job.is_single() {
-        save_grid(job, &variants, &rendered)?;
+        save_grid(job, variants, &rendered, recipes)?;
     }
     Ok(rendered)
+}
+
+/// Each rendered image's palette distance to `brand`, pooled per prompt and variant.
+pub fn consistency(job: &Job, rendered: &[Rendered], brand: &Brand) -> Consistency {
+    let cells: Vec<Cell> = rendered
+        .iter()
+        .map(|r| Cell {
+            file: r.file.display().to_string(),
+            prompt: &job.prompts[r.row],
+            seed: r.seed,
+            variant: &r.variant.label,
+            image: &r.image,
+        })
+        .collect();
+    super::metrics::consistency(&cells, brand)
 }
 
 /// Renders `members` as one UNet batch with `settings` (LoRAs already applied).
@@ -287,7 +347,7 @@ fn column_label(seed: u64, variant: &Variant, compare: bool, room: usize) -> Str
 }
 
 /// Rows are prompts; columns seeds (times variants with `--compare`).
-fn save_grid(job: &Job, variants: &[Variant], rendered: &[Rendered]) -> Result<()> {
+fn save_grid(job: &Job, variants: &[Variant], rendered: &[Rendered], recipes: Recipes) -> Result<()> {
     let find = |row: usize, seed: u64, v: &Variant| {
         rendered.iter().find(|r| r.row == row && r.seed == seed && &r.variant == v).map(|r| r.image.clone())
     };
@@ -308,10 +368,13 @@ fn save_grid(job: &Job, variants: &[Variant], rendered: &[Rendered]) -> Result<(
         job.seeds.iter().flat_map(|&s| variants.iter().map(move |v| column_label(s, v, compare, room))).collect();
     let image = grid::compose(&rows, &job.prompts, &col_labels);
     let first = rendered.first().context("the grid has no images")?;
-    let texts = vec![
-        (PARAMETERS_KEY.to_string(), first.recipe.to_parameters()?),
-        (SDTUNE_KEY.to_string(), Recipe::Grid(job.recipe()).to_json()),
-    ];
+    let texts = match recipes {
+        Recipes::Written => vec![
+            (PARAMETERS_KEY.to_string(), first.recipe.to_parameters()?),
+            (SDTUNE_KEY.to_string(), Recipe::Grid(job.recipe()).to_json()),
+        ],
+        Recipes::None => Vec::new(),
+    };
     save_png_with_text(&image, &job.out, &texts)
 }
 

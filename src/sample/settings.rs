@@ -395,6 +395,20 @@ fn sha256_of(mut reader: impl Read) -> std::io::Result<String> {
     Ok(crate::data::decode::hex(&hasher.finalize()))
 }
 
+/// How a recipe names the model `spec` so that `--from` finds it again:
+/// the built-in model by its name (its cache folder differs per machine),
+/// a local path made absolute, anything else (a Hub id) as given.
+pub fn recorded_model(spec: &str) -> String {
+    let local = Path::new(spec);
+    if crate::loaders::builtin::is_builtin(spec) {
+        crate::loaders::builtin::SPEC.to_string()
+    } else if local.exists() {
+        std::fs::canonicalize(local).map_or(spec.to_string(), |p| p.display().to_string())
+    } else {
+        spec.to_string()
+    }
+}
+
 /// The model hash: sha256 of the weights file for a single-file checkpoint
 /// (A1111's own model hash), else of the UNet's weight files in order (a
 /// diffusers folder has no one file; the UNet is the part that tells models
@@ -403,7 +417,7 @@ pub fn model_hash(model: &Path, variant: Option<&str>) -> Result<String> {
     let files = if model.is_file() {
         vec![model.to_path_buf()]
     } else {
-        crate::models::load::component_weights(&model.join("unet"), "diffusion_pytorch_model", variant)?
+        crate::loaders::weights::component_weights(&model.join("unet"), "diffusion_pytorch_model", variant)?
     };
     let hashes = files.iter().map(|f| file_sha256(f)).collect::<Result<Vec<_>>>()?;
     let full = match hashes.as_slice() {

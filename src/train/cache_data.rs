@@ -1,9 +1,9 @@
 //! The prepare cache as training data.
 use anyhow::Result;
-use tch::Tensor;
 
 use super::data::{TrainSample, TrainingData};
 use crate::data::cache::CacheReader;
+use crate::models::conditioning::Conditioning;
 
 impl TrainingData for CacheReader {
     fn buckets(&self) -> Vec<Vec<usize>> {
@@ -11,15 +11,15 @@ impl TrainingData for CacheReader {
     }
 
     fn sample(&self, index: usize, flip: bool) -> Result<TrainSample> {
-        let (latent_mean, latent_std, text) = self.item(index, flip)?;
-        Ok(TrainSample { latent_mean, latent_std, text })
+        let (latent_mean, latent_std) = self.item_latent(index, flip)?;
+        Ok(TrainSample { latent_mean, latent_std, text: self.item_conditioning(index)? })
     }
 
     fn has_flips(&self) -> bool {
         CacheReader::has_flips(self)
     }
 
-    fn empty_caption(&self) -> Result<Tensor> {
-        CacheReader::empty_caption(self)
+    fn empty_caption(&self) -> Result<Conditioning> {
+        self.empty_conditioning()
     }
 }

@@ -12,7 +12,7 @@ use tch::Tensor;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
 use super::trainable::Trainable;
-use crate::models::tensor_file::{write_tensors, TensorFile};
+use crate::loaders::tensor_file::{write_tensors, TensorFile};
 
 /// Settings that must not change between a run and its resume.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,13 +3,15 @@
 use anyhow::Result;
 use tch::Tensor;
 
+use crate::models::conditioning::Conditioning;
+
 /// One training image as the cache holds it.
 pub struct TrainSample {
     /// Latent distribution of the image (unscaled, as the VAE encoder gives it), [C, h, w].
     pub latent_mean: Tensor,
     pub latent_std: Tensor,
-    /// Text-encoder hidden states of its caption, [77, D].
-    pub text: Tensor,
+    /// Its caption's conditioning, a batch of one.
+    pub text: Conditioning,
 }
 
 /// A source of training samples; the loop knows nothing of files.
@@ -20,8 +22,8 @@ pub trait TrainingData {
     fn sample(&self, index: usize, flip: bool) -> Result<TrainSample>;
     /// Whether flipped copies were cached.
     fn has_flips(&self) -> bool;
-    /// Embedding of the empty caption [77, D], for caption dropout.
-    fn empty_caption(&self) -> Result<Tensor>;
+    /// Conditioning of the empty caption (a batch of one), for caption dropout.
+    fn empty_caption(&self) -> Result<Conditioning>;
 }
 
 /// SplitMix64: small, fast, and fully determined by its seed, so the data

@@ -51,8 +51,8 @@ pub struct RunFacts<'a> {
 /// their machine), `sdtune-tiny-sd` for the built-in one, a Hub id as it is.
 pub fn shared_model_name(spec: &str) -> String {
     let path = std::path::Path::new(spec);
-    if crate::models::builtin::is_builtin(spec) {
-        crate::models::builtin::SPEC.to_string()
+    if crate::loaders::builtin::is_builtin(spec) {
+        crate::loaders::builtin::SPEC.to_string()
     } else if path.exists() {
         path.file_name().map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned())
     } else {

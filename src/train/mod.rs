@@ -7,6 +7,7 @@ pub mod data;
 pub mod trainer;
 pub mod metadata;
 pub mod run;
+pub mod sync;
 pub mod config;
 pub mod cache_data;
 pub mod trainable;

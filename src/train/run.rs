@@ -15,17 +15,18 @@ use super::metadata::{lora_metadata, RunFacts};
 use super::optimizer::{AdamW, AdamWConfig};
 use super::precision::LossScaler;
 use super::trainable::{FullUnet, Trainable};
+use super::sync::{GradientSync, SingleProcess};
 use super::trainer::{StepOutcome, StepSettings, Trainer};
 use crate::lora::format::{self, LoraFormat};
 use crate::lora::network::{DownInit, LoraNetwork};
 use crate::lora::targets::Targets;
+use crate::models::finite::all_finite;
 use crate::models::stable_diffusion::StableDiffusion;
 use crate::runtime::Precision;
-use crate::sample::grid;
-use crate::sample::image_out::{save_png, to_rgb8};
-use crate::sample::metrics::{self, Brand, LabHistogram};
-use crate::sample::pipeline::{text_to_images_batched, SampleRequest};
-use crate::schedulers::{NoiseSchedule, SchedulerKind};
+use crate::sample::metrics::Brand;
+use crate::sample::render::{self, consistency_path, Job, Recipes};
+use crate::sample::settings::{lora_hash, LoraUse, Settings};
+use crate::schedulers::NoiseSchedule;
 
 /// The fixed prompts x seeds rendered while training.
 #[derive(Clone, Debug)]
@@ -33,21 +34,12 @@ pub struct GridPlan {
     pub prompts: Vec<String>,
     pub seeds: Vec<u64>,
     pub negative_prompt: Option<String>,
-    pub steps: usize,
-    pub guidance: f64,
-    pub width: i64,
-    pub height: i64,
-    pub scheduler: SchedulerKind,
+    /// What every grid image records, as `sdtune sample` records it (model,
+    /// sampler, steps, guidance, size, precision, device); the LoRA of the
+    /// step is added per grid.
+    pub settings: Settings,
     /// The brand set's palette: each grid gets its consistency figures.
-    pub brand: Option<BrandPalette>,
-}
-
-/// The pooled colour histogram of the brand set (see [`crate::sample::metrics`]).
-#[derive(Clone, Debug)]
-pub struct BrandPalette {
-    pub source: String,
-    pub images: usize,
-    pub histogram: LabHistogram,
+    pub brand: Option<Brand>,
 }
 
 /// Everything a run needs beyond the model and the data.
@@ -125,6 +117,7 @@ impl RunPlan {
     }
 }
 
+/// A run in one process.
 pub fn run(
     model: &StableDiffusion,
     data: &dyn TrainingData,
@@ -132,7 +125,26 @@ pub fn run(
     stop: &AtomicBool,
     events: &mut dyn FnMut(Event),
 ) -> Result<Finished> {
+    run_with(model, data, plan, Box::new(SingleProcess), stop, events)
+}
+
+/// A run as one process of a job whose gradients `sync` exchanges; only
+/// the main process writes files and reports events.
+pub fn run_with(
+    model: &StableDiffusion,
+    data: &dyn TrainingData,
+    plan: &RunPlan,
+    sync: Box<dyn GradientSync + '_>,
+    stop: &AtomicBool,
+    events: &mut dyn FnMut(Event),
+) -> Result<Finished> {
     let device = model.device();
+    let main = sync.is_main();
+    let mut emit = |event: Event| {
+        if main {
+            events(event)
+        }
+    };
     tch::manual_seed(plan.step.seed as i64);
     let trained = if plan.full {
         Trained::Full(FullUnet::new(&model.unet.vs)?)
@@ -149,17 +161,19 @@ pub fn run(
         let saved = checkpoint::load(&path, trained.as_dyn(), &mut optimizer, &plan.identity())?;
         start = saved.step;
         scaler = saved.scaler;
-        events(Event::Warning(format!("resuming from {} (step {start})", path.display())));
+        emit(Event::Warning(format!("resuming from {} (step {start})", path.display())));
     }
     let total = plan.step.total_steps;
-    let mut metrics = Metrics::open(&plan.dir.join("metrics.jsonl"), start)?;
-    write_settings(model, plan)?;
+    let mut outputs = Outputs::open(main, model, &trained, plan, start)?;
     if start == 0 && plan.sample_every > 0 {
-        events(Event::Grid(render_grid(model, plan, 0)?));
+        if let Some(grid) = outputs.grid(0, &mut |w| emit(Event::Warning(w)))? {
+            emit(Event::Grid(grid));
+        }
     }
     let schedule = NoiseSchedule::from_config(&model.scheduler)?;
-    let mut trainer = Trainer::new(&model.unet.model, &schedule, data, optimizer, scaler, plan.step.clone(), device)?;
-    events(Event::Started { from: start, total });
+    let mut trainer =
+        Trainer::new(&model.unet.model, &schedule, data, optimizer, scaler, plan.step.clone(), device)?.with_sync(sync);
+    emit(Event::Started { from: start, total });
 
     let began = Instant::now();
     let mut smoothed = f64::NAN;
@@ -167,8 +181,9 @@ pub fn run(
     let mut step = start;
     while step < total {
         if stop.load(Ordering::SeqCst) {
-            let saved = save(model, &trained, &trainer, plan, step)?;
-            events(Event::Saved(saved));
+            if let Some(saved) = outputs.save(&trainer, step)? {
+                emit(Event::Saved(saved));
+            }
             return Ok(Finished { steps_done: step, final_output: None, interrupted: true });
         }
         let outcome = trainer.step(step)?;
@@ -185,29 +200,88 @@ pub fn run(
             smoothed = if smoothed.is_nan() { outcome.loss } else { 0.9 * smoothed + 0.1 * outcome.loss };
         }
         let rate = (step - start) as f64 / began.elapsed().as_secs_f64().max(1e-9);
-        metrics.record(step, &outcome, began.elapsed().as_secs_f64())?;
-        events(Event::Step { step, outcome, smoothed_loss: smoothed, steps_per_s: rate });
+        outputs.record(step, &outcome, began.elapsed().as_secs_f64())?;
+        emit(Event::Step { step, outcome, smoothed_loss: smoothed, steps_per_s: rate });
         if plan.save_every > 0 && step % plan.save_every == 0 && step < total {
-            let saved = save(model, &trained, &trainer, plan, step)?;
-            events(Event::Saved(saved.clone()));
-            last_save = Some(saved);
+            if let Some(saved) = outputs.save(&trainer, step)? {
+                emit(Event::Saved(saved.clone()));
+                last_save = Some(saved);
+            }
         }
         if plan.sample_every > 0 && step % plan.sample_every == 0 {
-            events(Event::Grid(render_grid(model, plan, step)?));
+            if let Some(grid) = outputs.grid(step, &mut |w| emit(Event::Warning(w)))? {
+                emit(Event::Grid(grid));
+            }
         }
     }
-    save(model, &trained, &trainer, plan, total)?;
-    let final_path = plan.final_path();
-    match &trained {
-        Trained::Lora(lora) => write_lora(model, lora, plan, total, &final_path)?,
-        Trained::Full(unet) => unet.write_diffusers(&final_path, &model.unet_config, settings_metadata(plan, total))?,
+    let final_output = outputs.finish(&trainer, total)?;
+    if let Some(path) = &final_output {
+        emit(Event::Saved(path.clone()));
     }
-    events(Event::Saved(final_path.clone()));
-    Ok(Finished { steps_done: total, final_output: Some(final_path), interrupted: false })
+    Ok(Finished { steps_done: total, final_output: Some(plan.final_path()), interrupted: false })
+}
+
+/// Every side effect of a run (settings, metrics, saves, grids, the final
+/// file), made by the main process alone: behind this one check the other
+/// processes of a data-parallel job compute and write nothing.
+struct Outputs<'a> {
+    main: bool,
+    model: &'a StableDiffusion,
+    trained: &'a Trained,
+    plan: &'a RunPlan,
+    metrics: Option<Metrics>,
+}
+
+impl<'a> Outputs<'a> {
+    fn open(main: bool, model: &'a StableDiffusion, trained: &'a Trained, plan: &'a RunPlan, start: u64) -> Result<Self> {
+        let metrics = if main {
+            write_settings(model, plan)?;
+            Some(Metrics::open(&plan.dir.join("metrics.jsonl"), start)?)
+        } else {
+            None
+        };
+        Ok(Outputs { main, model, trained, plan, metrics })
+    }
+
+    fn record(&mut self, step: u64, outcome: &StepOutcome, seconds: f64) -> Result<()> {
+        match &mut self.metrics {
+            Some(m) => m.record(step, outcome, seconds),
+            None => Ok(()),
+        }
+    }
+
+    fn save(&self, trainer: &Trainer, step: u64) -> Result<Option<PathBuf>> {
+        if !self.main {
+            return Ok(None);
+        }
+        save(self.model, self.trained, trainer, self.plan, step).map(Some)
+    }
+
+    fn grid(&self, step: u64, warn: &mut dyn FnMut(String)) -> Result<Option<PathBuf>> {
+        if !self.main {
+            return Ok(None);
+        }
+        render_grid(self.model, self.trained, self.plan, step, warn).map(Some)
+    }
+
+    /// The last state and the final LoRA file (or `unet/` folder).
+    fn finish(&self, trainer: &Trainer, total: u64) -> Result<Option<PathBuf>> {
+        if !self.main {
+            return Ok(None);
+        }
+        let (model, plan) = (self.model, self.plan);
+        save(model, self.trained, trainer, plan, total)?;
+        let final_path = plan.final_path();
+        match self.trained {
+            Trained::Lora(lora) => write_lora(model, lora, plan, total, &final_path)?,
+            Trained::Full(unet) => unet.write_diffusers(&final_path, &model.unet_config, settings_metadata(plan, total))?,
+        }
+        Ok(Some(final_path))
+    }
 }
 
 /// What the run trains.
-enum Trained {
+pub enum Trained {
     Lora(LoraNetwork),
     Full(FullUnet),
 }
@@ -226,7 +300,7 @@ impl Trained {
 fn save(model: &StableDiffusion, trained: &Trained, trainer: &Trainer, plan: &RunPlan, step: u64) -> Result<PathBuf> {
     let state = checkpoint::save(&plan.state_dir(), step, trained.as_dyn(), &trainer.optimizer, &trainer.scaler, &plan.identity(), plan.keep_last)?;
     let Trained::Lora(lora) = trained else { return Ok(state) };
-    let path = plan.dir.join("lora").join(format!("step-{step:06}.safetensors"));
+    let path = lora_file(plan, step);
     write_lora(model, lora, plan, step, &path)?;
     Ok(path)
 }
@@ -253,7 +327,7 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
         ("noise offset", s.noise_offset.to_string()),
         ("min-SNR gamma", s.min_snr_gamma.map_or("off".to_string(), |g| g.to_string())),
         ("caption dropout", s.caption_dropout.to_string()),
-        ("grid", format!("{} prompts x {} seeds, {} DDIM steps, guidance {}", plan.grid.prompts.len(), plan.grid.seeds.len(), plan.grid.steps, plan.grid.guidance)),
+        ("grid", format!("{} prompts x {} seeds, {} {} steps, guidance {}", plan.grid.prompts.len(), plan.grid.seeds.len(), plan.grid.settings.steps, plan.grid.settings.scheduler, plan.grid.settings.guidance)),
     ];
     if !plan.full {
         list.insert(1, ("rank / alpha", format!("{} / {}", plan.rank, plan.alpha)));
@@ -288,7 +362,7 @@ fn settings_metadata(plan: &RunPlan, step: u64) -> HashMap<String, String> {
 fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step: u64, path: &Path) -> Result<()> {
     let weights = lora.to_weights();
     for m in &weights.modules {
-        let finite = m.down.isfinite().all().int64_value(&[]) == 1 && m.up.isfinite().all().int64_value(&[]) == 1;
+        let finite = all_finite(&m.down) && all_finite(&m.up);
         if !finite {
             bail!("LoRA module {} holds NaN or infinite values at step {step}; it was not saved", m.layer);
         }
@@ -324,61 +398,56 @@ fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step:
 /// Images per UNet batch of the training grids (bounds their memory).
 const GRID_BATCH: usize = 4;
 
-/// Renders the fixed prompts x seeds with the LoRA as it is now.
-pub fn render_grid(model: &StableDiffusion, plan: &RunPlan, step: u64) -> Result<PathBuf> {
+/// Renders the fixed prompts x seeds with the adapters as they are now,
+/// through `sdtune sample`'s renderer. A LoRA run's images carry their
+/// recipe with the LoRA of this step (saved for the grid when the step
+/// saves none), so `sdtune sample --from` renders any of them again; a
+/// full run's grid records the base model only and is for looking at.
+pub fn render_grid(
+    model: &StableDiffusion,
+    trained: &Trained,
+    plan: &RunPlan,
+    step: u64,
+    warn: &mut dyn FnMut(String),
+) -> Result<PathBuf> {
     let g = &plan.grid;
-    let reqs: Vec<SampleRequest> = g
-        .prompts
-        .iter()
-        .flat_map(|prompt| g.seeds.iter().map(move |&seed| (prompt, seed)))
-        .map(|(prompt, seed)| SampleRequest {
-            prompt: prompt.clone(),
-            negative_prompt: g.negative_prompt.clone(),
-            seed,
-            steps: g.steps,
-            guidance: g.guidance,
-            width: g.width,
-            height: g.height,
-            scheduler: g.scheduler,
-            clip_skip: 0,
-        })
-        .collect();
-    // Batched through the UNet; each image still equals its seed's single render.
-    let mut images = Vec::with_capacity(reqs.len());
-    for decoded in text_to_images_batched(model, &reqs, GRID_BATCH, &mut |_| {}, &mut |_, _| {})? {
-        images.extend(to_rgb8(&decoded)?);
-    }
-    let rows: Vec<Vec<image::RgbImage>> = images.chunks(g.seeds.len().max(1)).map(<[_]>::to_vec).collect();
-    let col_labels: Vec<String> = g.seeds.iter().map(|s| format!("seed {s}")).collect();
-    let row_labels: Vec<String> = g.prompts.iter().map(|p| format!("step {step}: {p}")).collect();
-    let image = grid::compose(&rows, &row_labels, &col_labels);
-    let path = plan.dir.join("samples").join(format!("step-{step:06}.png"));
-    save_png(&image, &path)?;
+    let mut settings = g.settings.clone();
+    let (label, recipes) = match trained {
+        Trained::Lora(lora) => {
+            let file = lora_file(plan, step);
+            if !file.is_file() {
+                write_lora(model, lora, plan, step, &file)?;
+            }
+            settings.loras = vec![grid_lora_use(plan, &file)?];
+            ("lora", Recipes::Written)
+        }
+        Trained::Full(_) => ("unet", Recipes::None),
+    };
+    let job = Job {
+        prompts: g.prompts.clone(),
+        negative_prompt: g.negative_prompt.clone(),
+        seeds: g.seeds.clone(),
+        compare: Vec::new(),
+        batch_size: GRID_BATCH,
+        settings,
+        out: plan.dir.join("samples").join(format!("step-{step:06}.png")),
+    };
+    let rendered = render::render_attached(model, &job, label, recipes, warn, &mut |_, _| {})?;
     if let Some(brand) = &g.brand {
-        write_consistency(&rows, plan, brand, &path)?;
+        render::consistency(&job, &rendered, brand).save(&consistency_path(&job.out))?;
     }
-    Ok(path)
+    Ok(job.out)
 }
 
-/// `samples/step-NNNNNN.consistency.json`: each grid image's palette
-/// distance to the brand set, as `sdtune sample` writes it for its grids.
-fn write_consistency(rows: &[Vec<image::RgbImage>], plan: &RunPlan, brand: &BrandPalette, grid: &Path) -> Result<()> {
-    let variant = if plan.full { "unet" } else { "lora" };
-    let cells: Vec<metrics::Cell> = rows
-        .iter()
-        .zip(&plan.grid.prompts)
-        .flat_map(|(row, prompt)| {
-            row.iter().zip(&plan.grid.seeds).map(move |(image, &seed)| metrics::Cell {
-                file: grid.display().to_string(),
-                prompt,
-                seed,
-                variant,
-                image,
-            })
-        })
-        .collect();
-    let brand = Brand { source: brand.source.clone(), images: brand.images, histogram: brand.histogram.clone() };
-    metrics::consistency(&cells, &brand).save(&crate::sample::render::consistency_path(grid))
+/// `lora/step-NNNNNN.safetensors`: the periodic LoRA file of `step`.
+fn lora_file(plan: &RunPlan, step: u64) -> PathBuf {
+    plan.dir.join("lora").join(format!("step-{step:06}.safetensors"))
+}
+
+/// How a grid image records the LoRA it was rendered with.
+fn grid_lora_use(plan: &RunPlan, file: &Path) -> Result<LoraUse> {
+    let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    Ok(LoraUse { name: plan.name.clone(), path: path.display().to_string(), scale: 1.0, hash: lora_hash(file)? })
 }
 
 /// `metrics.jsonl`: one line per step. On resume, lines past the resumed

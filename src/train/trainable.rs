@@ -9,7 +9,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::lora::network::LoraNetwork;
 use crate::models::config::UNetConfig;
-use crate::models::tensor_file::write_tensors;
+use crate::loaders::tensor_file::write_tensors;
 
 pub trait Trainable {
     /// Every trained tensor under its name in the resumable state
@@ -56,7 +56,7 @@ impl FullUnet {
     pub fn write_diffusers(&self, dir: &Path, config: &UNetConfig, metadata: HashMap<String, String>) -> Result<()> {
         let tensors: Vec<(String, Tensor)> = self.named.iter().map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu))).collect();
         for (name, t) in &tensors {
-            if t.isfinite().all().int64_value(&[]) != 1 {
+            if !crate::models::finite::all_finite(t) {
                 bail!("UNet weight {name} holds NaN or infinite values; it was not saved");
             }
         }

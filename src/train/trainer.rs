@@ -1,5 +1,7 @@
 //! One optimizer step of LoRA training: draw the micro-batches, noise them,
-//! predict, weight the loss, backpropagate into the LoRA only, update.
+//! predict, weight the loss and backpropagate into the LoRA only
+//! (accumulate); average the gradients over the processes (sync); unscale,
+//! check, clip and update (apply).
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -7,6 +9,8 @@ use super::data::{batches_per_epoch, derive_seed, epoch_batches, TrainingData};
 use super::lr::LrSchedule;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
+use super::sync::{GradientSync, SingleProcess};
+use crate::models::conditioning::Conditioning;
 use crate::models::config::Prediction;
 use crate::models::unet::UNet2DConditionModel;
 use crate::schedulers::NoiseSchedule;
@@ -39,6 +43,33 @@ pub struct StepOutcome {
     pub skipped: bool,
 }
 
+/// A step's gradients before they are applied.
+struct Accumulated {
+    /// Flat fp32 gradient of every trained parameter, times the loss scale.
+    grad: Tensor,
+    /// Mean loss over the micro-batches (on the device).
+    loss: Tensor,
+    /// The loss scale the gradient carries.
+    scale: f64,
+}
+
+/// What one training sample drew, on the CPU.
+struct SampleDraws {
+    /// A draw from the cached latent distribution, [1, C, h, w] (unscaled).
+    latent: Tensor,
+    text: Conditioning,
+    drop_caption: bool,
+    noise: Tensor,
+    /// [1]
+    timestep: Tensor,
+}
+
+/// The index of the `position`-th sample of micro-batch `micro` among all
+/// samples of the run (batches shorter than `batch_size` leave gaps).
+pub fn global_sample_index(micro: u64, position: usize, batch_size: usize) -> u64 {
+    micro * batch_size.max(1) as u64 + position as u64
+}
+
 pub struct Trainer<'a> {
     pub unet: &'a UNet2DConditionModel,
     pub schedule: &'a NoiseSchedule,
@@ -48,7 +79,8 @@ pub struct Trainer<'a> {
     pub settings: StepSettings,
     pub device: Device,
     buckets: Vec<Vec<usize>>,
-    empty_caption: Tensor,
+    empty_caption: Conditioning,
+    sync: Box<dyn GradientSync + 'a>,
 }
 
 impl<'a> Trainer<'a> {
@@ -73,7 +105,15 @@ impl<'a> Trainer<'a> {
             // The step's big activation buffers recur every step: keep them.
             crate::runtime::keep_freed_big_blocks();
         }
-        Ok(Trainer { unet, schedule, data, optimizer, scaler, settings, device, buckets, empty_caption })
+        let sync: Box<dyn GradientSync + 'a> = Box::new(SingleProcess);
+        Ok(Trainer { unet, schedule, data, optimizer, scaler, settings, device, buckets, empty_caption, sync })
+    }
+
+    /// Exchanges gradients through `sync` (data parallel) instead of
+    /// training alone.
+    pub fn with_sync(mut self, sync: Box<dyn GradientSync + 'a>) -> Self {
+        self.sync = sync;
+        self
     }
 
     /// Which batch the `micro`-th micro-batch overall is: epochs are
@@ -85,7 +125,17 @@ impl<'a> Trainer<'a> {
         batches[(micro % per_epoch) as usize].clone()
     }
 
-    /// Optimizer step `step` (0-based).
+    /// The micro-batches optimizer step `step` is made of that this process
+    /// computes: of the step's `grad_accum x world` micro-batches, every
+    /// `world`-th from its rank (all of them for a single process).
+    fn micro_batches_of(&self, step: u64) -> Vec<u64> {
+        let (rank, world) = (self.sync.rank() as u64, self.sync.world_size() as u64);
+        let accum = self.settings.grad_accum as u64;
+        (0..accum).map(|k| step * accum * world + k * world + rank).collect()
+    }
+
+    /// Optimizer step `step` (0-based): accumulate this process's
+    /// gradients, average them over the processes, apply them.
     ///
     /// Nothing here waits for the device until the step's work is all
     /// queued: gradients come straight from autograd (no `.grad` to zero),
@@ -93,14 +143,25 @@ impl<'a> Trainer<'a> {
     /// the device, and loss, gradient norm and finiteness come back together
     /// in one read at the end.
     pub fn step(&mut self, step: u64) -> Result<StepOutcome> {
-        let s = self.settings.clone();
+        let mut acc = self.accumulate(step)?;
+        self.sync.average(&mut acc.grad, &mut acc.loss)?;
+        self.apply(step, acc)
+    }
+
+    /// The loss-scaled flat gradient and the mean loss over this process's
+    /// micro-batches of `step`.
+    fn accumulate(&mut self, step: u64) -> Result<Accumulated> {
+        let micro_batches = self.micro_batches_of(step);
+        if micro_batches.is_empty() {
+            bail!("grad_accum must be at least 1");
+        }
         let scale = self.scaler.factor();
+        let share = scale / micro_batches.len() as f64;
         let mut loss_sum: Option<Tensor> = None;
         let mut grad: Option<Tensor> = None;
-        for micro in 0..s.grad_accum as u64 {
-            let index = step * s.grad_accum as u64 + micro;
+        for &index in &micro_batches {
             let loss = self.micro_batch_loss(index)?;
-            let scaled = &loss * (scale / s.grad_accum as f64);
+            let scaled = &loss * share;
             let grads = Tensor::f_run_backward(&[&scaled], self.optimizer.params(), false, false)?;
             let flat = self.optimizer.flatten(&grads);
             grad = Some(match grad {
@@ -113,9 +174,15 @@ impl<'a> Trainer<'a> {
                 None => loss,
             });
         }
-        let (Some(mut grad), Some(loss_sum)) = (grad, loss_sum) else {
-            bail!("grad_accum must be at least 1");
-        };
+        let (Some(grad), Some(loss_sum)) = (grad, loss_sum) else { bail!("grad_accum must be at least 1") };
+        Ok(Accumulated { grad, loss: loss_sum / micro_batches.len() as f64, scale })
+    }
+
+    /// Unscale, finite check, clip, optimizer step (skipped on the device
+    /// when not finite), then the step's one read.
+    fn apply(&mut self, step: u64, acc: Accumulated) -> Result<StepOutcome> {
+        let s = &self.settings;
+        let Accumulated { mut grad, loss, scale } = acc;
         if scale != 1.0 {
             grad /= scale;
         }
@@ -124,8 +191,6 @@ impl<'a> Trainer<'a> {
         let norm = crate::train::optimizer::clip_grad_norm_on_device(&mut grad, s.clip_norm);
         self.optimizer.step_if(&grad, lr, Some(&finite));
 
-        // The one read of the step.
-        let loss = loss_sum / s.grad_accum as f64;
         let facts = Tensor::stack(&[loss.to_kind(Kind::Float), norm.to_kind(Kind::Float), finite.to_kind(Kind::Float)], 0);
         let facts = Vec::<f64>::try_from(&facts.to_kind(Kind::Double).to_device(Device::Cpu))?;
         let (loss, grad_norm, finite) = (facts[0], facts[1], facts[2] == 1.0);
@@ -142,32 +207,21 @@ impl<'a> Trainer<'a> {
     fn micro_batch_loss(&self, index: u64) -> Result<Tensor> {
         let s = &self.settings;
         let batch = self.batch_for(index);
-        // Every random draw of this micro-batch comes from its own seed.
-        tch::manual_seed(derive_seed(s.seed, 2, index) as i64);
-        let mut rng = super::data::SplitMix64::new(derive_seed(s.seed, 3, index));
-        let n = batch.len() as i64;
-
         let mut latents = Vec::with_capacity(batch.len());
         let mut texts = Vec::with_capacity(batch.len());
-        for &i in &batch {
-            let flip = self.data.has_flips() && rng.below(2) == 1;
-            let sample = self.data.sample(i, flip)?;
-            // A fresh draw from the cached distribution each time the image is seen.
-            let eps = Tensor::randn(sample.latent_mean.size(), (Kind::Float, Device::Cpu));
-            latents.push(sample.latent_mean.to_kind(Kind::Float) + sample.latent_std.to_kind(Kind::Float) * eps);
-            let drop = s.caption_dropout > 0.0 && (rng.next_u64() as f64 / u64::MAX as f64) < s.caption_dropout;
-            texts.push(if drop { self.empty_caption.shallow_clone() } else { sample.text.to_device(self.device) });
+        let mut noises = Vec::with_capacity(batch.len());
+        let mut timesteps = Vec::with_capacity(batch.len());
+        for (position, &i) in batch.iter().enumerate() {
+            let draws = self.sample_draws(global_sample_index(index, position, s.batch_size), i)?;
+            latents.push(draws.latent);
+            texts.push(if draws.drop_caption { self.empty_caption.shallow_clone() } else { draws.text.to_device(self.device) });
+            noises.push(draws.noise);
+            timesteps.push(draws.timestep);
         }
-        let latents = (Tensor::stack(&latents, 0) * s.latent_scale).to_device(self.device);
-        let context = Tensor::stack(&texts, 0);
-
-        let shape = latents.size();
-        let mut noise = Tensor::randn(&shape[..], (Kind::Float, Device::Cpu));
-        if s.noise_offset > 0.0 {
-            noise += Tensor::randn([shape[0], shape[1], 1, 1], (Kind::Float, Device::Cpu)) * s.noise_offset;
-        }
-        let noise = noise.to_device(self.device);
-        let timesteps = Tensor::randint(self.schedule.num_train_timesteps, [n], (Kind::Int64, Device::Cpu));
+        let latents = (Tensor::cat(&latents, 0) * s.latent_scale).to_device(self.device);
+        let context = Conditioning::cat(&texts)?;
+        let noise = Tensor::cat(&noises, 0).to_device(self.device);
+        let timesteps = Tensor::cat(&timesteps, 0);
 
         let noisy = self.schedule.add_noise(&latents, &noise, &timesteps);
         let target = match self.schedule.prediction {
@@ -185,6 +239,30 @@ impl<'a> Trainer<'a> {
             None => per_sample,
         };
         Ok(weighted.mean(Kind::Float))
+    }
+
+    /// Every random draw of one training sample, from (seed, its global
+    /// sample index) alone: which process draws it, or after how many
+    /// restarts, does not change what it draws. On the CPU, in this order:
+    /// flip, latent draw, caption dropout, noise, noise offset, timestep.
+    fn sample_draws(&self, global: u64, item: usize) -> Result<SampleDraws> {
+        let s = &self.settings;
+        tch::manual_seed(derive_seed(s.seed, 2, global) as i64);
+        let mut rng = super::data::SplitMix64::new(derive_seed(s.seed, 3, global));
+        let flip = self.data.has_flips() && rng.below(2) == 1;
+        let sample = self.data.sample(item, flip)?;
+        // A fresh draw from the cached distribution each time the image is seen.
+        let mean = sample.latent_mean.to_kind(Kind::Float);
+        let eps = Tensor::randn(mean.size(), (Kind::Float, Device::Cpu));
+        let latent = (mean + sample.latent_std.to_kind(Kind::Float) * eps).unsqueeze(0);
+        let drop_caption = s.caption_dropout > 0.0 && (rng.next_u64() as f64 / u64::MAX as f64) < s.caption_dropout;
+        let shape = latent.size();
+        let mut noise = Tensor::randn(&shape[..], (Kind::Float, Device::Cpu));
+        if s.noise_offset > 0.0 {
+            noise += Tensor::randn([1, shape[1], 1, 1], (Kind::Float, Device::Cpu)) * s.noise_offset;
+        }
+        let timestep = Tensor::randint(self.schedule.num_train_timesteps, [1], (Kind::Int64, Device::Cpu));
+        Ok(SampleDraws { latent, text: sample.text, drop_caption, noise, timestep })
     }
 
     /// Min-SNR-gamma weights (Hang et al. 2023), as diffusers' training

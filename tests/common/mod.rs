@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use sdtune::models::tensor_file::TensorFile;
+use sdtune::loaders::tensor_file::TensorFile;
 use tch::{Kind, Tensor};
 
 pub fn fixtures() -> PathBuf {

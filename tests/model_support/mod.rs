@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use sdtune::models::single_file::{to_ldm, Family};
+use sdtune::loaders::single_file::{to_ldm, Family};
 use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
-use sdtune::models::tensor_file::write_tensors;
+use sdtune::loaders::tensor_file::write_tensors;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 

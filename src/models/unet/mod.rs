@@ -14,6 +14,7 @@ use tch::{Device, Kind, Tensor};
 use self::blocks::{AttentionSpec, BlockSpec, Common, DownBlock, MidBlock, UpBlock};
 use self::embeddings::{TimestepEmbedding, Timesteps};
 use self::resnet::group_norm;
+use super::conditioning::Conditioning;
 use super::config::UNetConfig;
 use super::layers::{Conv2d, ConvConfig, GroupNorm, Vb};
 
@@ -211,14 +212,15 @@ impl UNet2DConditionModel {
 
     /// `sample` [B, C, h, w], `timesteps` [B] (one per sample, any numeric
     /// kind; a single value is used for the whole batch),
-    /// `encoder_hidden_states` [B, 77, D] -> prediction [B, C, h, w].
+    /// `conditioning` (text states [B, 77, D]; SD1/SD2 UNets take no
+    /// added conditioning) -> prediction [B, C, h, w].
     ///
     /// Inputs in another precision than the weights (fp32 latents with bf16
     /// weights in LoRA training) are cast to it; the prediction comes back
     /// in `sample`'s kind.
-    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, conditioning: &Conditioning) -> Tensor {
         let x = sample.to_device(self.device).to_kind(self.kind);
-        let context = encoder_hidden_states.to_device(self.device).to_kind(self.kind);
+        let context = conditioning.text.to_device(self.device).to_kind(self.kind);
         let temb = self.embed_time(timesteps, x.size()[0]);
         let x = self.conv_in.forward(&x);
         let (x, skips) = self.down(x, &temb, &context);

@@ -7,16 +7,13 @@ mod blocks;
 mod decoder;
 mod encoder;
 
-use std::path::PathBuf;
-
 use anyhow::{bail, ensure, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use self::decoder::Decoder;
 use self::encoder::Encoder;
 use super::config::VaeConfig;
 use super::layers::{Conv2d, ConvConfig, Vb};
-use super::load::{build_and_load_renamed, Built};
 
 /// The encoder's diagonal Gaussian over latents (unscaled).
 pub struct LatentDist {
@@ -56,13 +53,6 @@ impl AutoencoderKL {
             post_quant_conv: vb.pp("post_quant_conv").conv2d(latent, latent, 1, ConvConfig::same(1)),
         })
     }
-
-    /// Builds the VAE and fills it from `files`, accepting both attention
-    /// namings (see [`vae_weight_name`]).
-    pub fn load(files: &[PathBuf], device: Device, kind: Kind, cfg: &VaeConfig) -> Result<Built<Self>> {
-        build_and_load_renamed(files, device, kind, &vae_weight_name, |vb| AutoencoderKL::new(vb, cfg))
-    }
-
     /// Images in [-1, 1], [B, 3, H, W] -> latent distribution [B, C, H/f, W/f],
     /// in the images' kind. Panics where [`Self::f_encode`] errs.
     pub fn encode(&self, images: &Tensor) -> LatentDist {
@@ -145,31 +135,4 @@ fn check_block_types(field: &str, types: &[String], expected: &str, blocks: usiz
         bail!("VAE {field} entry {other:?} is not supported; only {expected} is");
     }
     Ok(())
-}
-
-/// The diffusers name of a legacy VAE attention tensor, `None` for any other
-/// name. Older diffusers VAEs name the mid-block attention `query`, `key`,
-/// `value`, `proj_attn`; current ones `to_q`, `to_k`, `to_v`, `to_out.0`
-/// (diffusers converts them the same way on load).
-///
-/// `encoder.mid_block.attentions.0.proj_attn.weight` ->
-/// `encoder.mid_block.attentions.0.to_out.0.weight`
-pub fn legacy_vae_name(name: &str) -> Option<String> {
-    let (owner, rest) = name.split_once(".mid_block.attentions.")?;
-    let (index, rest) = rest.split_once('.')?;
-    let (layer, param) = rest.split_once('.')?;
-    let new_layer = match layer {
-        "query" => "to_q",
-        "key" => "to_k",
-        "value" => "to_v",
-        "proj_attn" => "to_out.0",
-        _ => return None,
-    };
-    Some(format!("{owner}.mid_block.attentions.{index}.{new_layer}.{param}"))
-}
-
-/// The rename [`crate::models::load::load_var_store`] needs for a diffusers
-/// VAE file of either naming: legacy attention names mapped, the rest kept.
-pub fn vae_weight_name(name: &str) -> Option<String> {
-    Some(legacy_vae_name(name).unwrap_or_else(|| name.to_string()))
 }

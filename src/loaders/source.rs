@@ -1,5 +1,4 @@
-//! What a `--model` value names, and the one entry every command loads a
-//! model through: [`StableDiffusion::load`].
+//! What a `--model` value names (loading is `model_files`' business).
 //!
 //! A value is, in this order: a diffusers folder (`model_index.json`), a
 //! Hugging Face cache repository folder (`models--org--name`), a file (a
@@ -11,12 +10,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::config::Prediction;
+use super::file_kind::{classify, not_a_model_sentence, FileKind};
 use super::hub::{self, HubId};
-use super::single_file;
-use super::stable_diffusion::{Placement, StableDiffusion};
 use super::tensor_file::TensorFile;
-use crate::lora::format::{detect as detect_lora, LoraFormat};
+use crate::models::config::Prediction;
 
 /// Where a model comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,55 +153,6 @@ fn pickle_sentence(path: &Path, what: &str) -> String {
     )
 }
 
-/// What a safetensors file holds, from its tensor names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileKind {
-    /// A single-file Stable Diffusion checkpoint (LDM names).
-    Checkpoint,
-    Lora(LoraFormat),
-    /// One component of a diffusers folder (`"UNet"`, `"VAE"`, `"text encoder"`).
-    Component(&'static str),
-    Other,
-}
-
-pub fn classify(names: &[String]) -> FileKind {
-    if single_file::is_ldm(names) {
-        return FileKind::Checkpoint;
-    }
-    if let Some(format) = detect_lora(names) {
-        return FileKind::Lora(format);
-    }
-    let any = |p: &str| names.iter().any(|n| n.starts_with(p));
-    if any("down_blocks.") && any("time_embedding.") {
-        FileKind::Component("UNet")
-    } else if any("encoder.down_blocks.") || any("decoder.up_blocks.") {
-        FileKind::Component("VAE")
-    } else if any("text_model.") {
-        FileKind::Component("text encoder")
-    } else {
-        FileKind::Other
-    }
-}
-
-/// One sentence for a file that is not a loadable checkpoint.
-pub fn not_a_model_sentence(path: &Path, kind: FileKind, names: &[String]) -> String {
-    let shown = path.display();
-    match kind {
-        FileKind::Checkpoint => format!("{shown} is a checkpoint"),
-        FileKind::Lora(f) => format!(
-            "{shown} is a LoRA ({}), not a base model; pass --model the Stable Diffusion model it was trained for (see it with `sdtune info {shown}`)",
-            f.name()
-        ),
-        FileKind::Component(c) => format!(
-            "{shown} holds only the weights of a diffusers {c}; pass --model the folder that holds model_index.json"
-        ),
-        FileKind::Other => format!(
-            "{shown} is a safetensors file but neither a Stable Diffusion checkpoint nor a LoRA (its first tensor is {}); pass --model a diffusers folder, a single-file checkpoint or a Hugging Face id",
-            names.first().map(String::as_str).unwrap_or("none, it is empty")
-        ),
-    }
-}
-
 /// Errs in one sentence unless the safetensors file at `path` is a
 /// single-file Stable Diffusion checkpoint (a LoRA, a diffusers component).
 pub fn check_checkpoint(path: &Path) -> Result<()> {
@@ -212,39 +160,6 @@ pub fn check_checkpoint(path: &Path) -> Result<()> {
     match classify(&names) {
         FileKind::Checkpoint => Ok(()),
         kind => bail!("{}", not_a_model_sentence(path, kind, &names)),
-    }
-}
-
-impl StableDiffusion {
-    /// Loads the model a `--model` value names (see [`parse`]), printing
-    /// warnings (a guessed prediction type) to stderr.
-    pub fn load(model: &str, placement: Placement, opts: &LoadOptions) -> Result<Self> {
-        Self::load_with(model, placement, opts, &mut |w| eprintln!("warning: {w}"))
-    }
-
-    /// [`Self::load`] with warnings passed to `warn`.
-    pub fn load_with(
-        model: &str,
-        placement: Placement,
-        opts: &LoadOptions,
-        warn: &mut dyn FnMut(String),
-    ) -> Result<Self> {
-        let variant = opts.variant.as_deref();
-        let mut loaded = match parse(model)? {
-            ModelSource::Folder(dir) => StableDiffusion::from_diffusers_folder(&dir, placement, variant)?,
-            ModelSource::Hub(id) => {
-                let dir = hub::resolve_model(&id, variant)?;
-                StableDiffusion::from_diffusers_folder(&dir, placement, variant)?
-            }
-            ModelSource::SingleFile(path) => {
-                check_checkpoint(&path)?;
-                return StableDiffusion::from_single_file(&path, placement, opts.prediction_type, warn);
-            }
-        };
-        if let Some(p) = opts.prediction_type {
-            loaded.scheduler.prediction_type = p.as_config_str().to_string();
-        }
-        Ok(loaded)
     }
 }
 

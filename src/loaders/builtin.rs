@@ -127,7 +127,7 @@ mod tests {
         let dir = path().unwrap();
         assert!(dir.starts_with(tmp.path()) && is_complete(&dir));
         assert!(is_builtin(&dir.display().to_string()));
-        crate::models::stable_diffusion::check_is_diffusers_folder(&dir).unwrap();
+        crate::loaders::folder::check_is_diffusers_folder(&dir).unwrap();
         let modified = std::fs::metadata(dir.join("model_index.json")).unwrap().modified().unwrap();
         assert_eq!(path().unwrap(), dir);
         assert_eq!(std::fs::metadata(dir.join("model_index.json")).unwrap().modified().unwrap(), modified, "written once");

@@ -1,4 +1,5 @@
-//! Building a model by its weight names and filling it from safetensors.
+//! Filling a model built by its weight names from safetensors files, and
+//! finding the weight files of a diffusers component folder.
 //!
 //! Every variable the model declares must be in the files with the same
 //! shape, and every tensor in the files must belong to the model: a
@@ -9,32 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use super::layers::{LayerIndex, Vb, WeightInit};
 use super::tensor_file::TensorFile;
-
-/// A built model with the store that owns its weights and its adaptable layers.
-pub struct Built<M> {
-    pub model: M,
-    pub vs: VarStore,
-    pub layers: LayerIndex,
-}
-
-/// Builds a model on `device` in `kind`, its weights filled per `init`.
-/// The weights are frozen: nothing of the base model ever gets a gradient.
-pub fn build<M>(
-    device: Device,
-    kind: Kind,
-    init: WeightInit,
-    make: impl FnOnce(Vb) -> Result<M>,
-) -> Result<Built<M>> {
-    let mut vs = VarStore::new(device);
-    // New variables are created directly in `kind`: no fp32 copy first.
-    vs.set_kind(kind);
-    let layers = LayerIndex::default();
-    let model = make(Vb::new(vs.root(), init, layers.clone()))?;
-    vs.freeze();
-    Ok(Built { model, vs, layers })
-}
+use crate::models::built::{build, Built};
+use crate::models::layers::{Vb, WeightInit};
 
 /// Builds a model and fills it from `files` (one file or the shards of one).
 pub fn build_and_load<M>(
@@ -210,7 +188,7 @@ fn shards_of(index: &Path) -> Result<Vec<PathBuf>> {
     struct Index {
         weight_map: HashMap<String, String>,
     }
-    let parsed: Index = super::config::read_json(index)?;
+    let parsed: Index = crate::models::config::read_json(index)?;
     let mut files: Vec<String> = parsed.weight_map.into_values().collect();
     files.sort();
     files.dedup();

@@ -128,7 +128,7 @@ pub fn resolve_model(id: &HubId, variant: Option<&str>) -> Result<PathBuf> {
         bail!("{}", not_cached_sentence(id, &cache, "HF_HUB_OFFLINE is set"));
     }
     download_model(id, variant, &cache).map_err(|e| {
-        anyhow::anyhow!("{} ({})", not_cached_sentence(id, &cache, "downloading it from the Hub failed"), crate::cli::one_sentence(&e))
+        anyhow::anyhow!("{} ({})", not_cached_sentence(id, &cache, "downloading it from the Hub failed"), crate::errors::one_sentence(&e))
     })
 }
 

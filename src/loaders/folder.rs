@@ -1,0 +1,79 @@
+//! Diffusers pipeline folders: `model_index.json` plus `unet/`, `vae/`,
+//! `text_encoder/`, `tokenizer/` and `scheduler/`, each component built by
+//! its config and filled from its weight files.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind};
+
+use super::weights::build_and_load_renamed;
+use crate::models::built::Built;
+use crate::models::config::{read_json, ModelIndex, VaeConfig};
+use crate::models::vae::AutoencoderKL;
+
+/// A diffusers VAE from `files`, whichever of the two attention namings
+/// they use (see [`vae_weight_name`]).
+pub fn load_vae(files: &[PathBuf], device: Device, kind: Kind, cfg: &VaeConfig) -> Result<Built<AutoencoderKL>> {
+    build_and_load_renamed(files, device, kind, &vae_weight_name, |vb| AutoencoderKL::new(vb, cfg))
+}
+
+/// One sentence when `dir` is not a diffusers pipeline folder.
+pub fn check_is_diffusers_folder(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        bail!("{} does not exist; pass --model a diffusers model folder", dir.display());
+    }
+    if !dir.is_dir() {
+        bail!(
+            "{} is a file, but only diffusers model folders can be loaded so far; pass --model the folder that holds model_index.json",
+            dir.display()
+        );
+    }
+    let index = dir.join("model_index.json");
+    if !index.is_file() {
+        bail!(
+            "{} is not a diffusers model folder (it has no model_index.json); pass --model the folder that holds model_index.json, unet/, vae/, text_encoder/ and tokenizer/",
+            dir.display()
+        );
+    }
+    let parsed: ModelIndex = read_json(&index)?;
+    if !parsed.class_name.starts_with("StableDiffusion") || parsed.class_name.contains("XL") {
+        bail!(
+            "{} describes a {} model; sdtune supports Stable Diffusion 1.x and 2.x pipelines",
+            index.display(),
+            parsed.class_name
+        );
+    }
+    for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        if !dir.join(part).is_dir() {
+            bail!("{} has no {part}/ folder; the model folder is incomplete", dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// The diffusers name of a legacy VAE attention tensor, `None` for any other
+/// name. Older diffusers VAEs name the mid-block attention `query`, `key`,
+/// `value`, `proj_attn`; current ones `to_q`, `to_k`, `to_v`, `to_out.0`
+/// (diffusers converts them the same way on load).
+///
+/// `encoder.mid_block.attentions.0.proj_attn.weight` ->
+/// `encoder.mid_block.attentions.0.to_out.0.weight`
+pub fn legacy_vae_name(name: &str) -> Option<String> {
+    let (owner, rest) = name.split_once(".mid_block.attentions.")?;
+    let (index, rest) = rest.split_once('.')?;
+    let (layer, param) = rest.split_once('.')?;
+    let new_layer = match layer {
+        "query" => "to_q",
+        "key" => "to_k",
+        "value" => "to_v",
+        "proj_attn" => "to_out.0",
+        _ => return None,
+    };
+    Some(format!("{owner}.mid_block.attentions.{index}.{new_layer}.{param}"))
+}
+
+/// The rename [`super::weights::load_var_store`] needs for a diffusers
+/// VAE file of either naming: legacy attention names mapped, the rest kept.
+pub fn vae_weight_name(name: &str) -> Option<String> {
+    Some(legacy_vae_name(name).unwrap_or_else(|| name.to_string()))
+}

@@ -1,0 +1,136 @@
+//! Filling the models of a single file: each diffusers weight from the LDM
+//! tensor it comes from, straight from the memory mapping into the target
+//! dtype and device.
+use std::collections::HashSet;
+
+use anyhow::{bail, ensure, Context, Result};
+use tch::nn::VarStore;
+use tch::{Device, Kind};
+
+use super::detect::{ignored_text_tensor, Family, Shapes};
+use super::plan::Plan;
+use crate::loaders::ldm_names::{clip_source, unet_ldm_name, vae_ldm_name, Source, UnetLayout, CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::loaders::tensor_file::TensorFile;
+use crate::loaders::weights::copy_into;
+use crate::models::built::{build, Built};
+use crate::models::clip::ClipTextModel;
+use crate::models::layers::WeightInit;
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::AutoencoderKL;
+
+/// Fills every variable of `vs` from `file` through `map` (diffusers name ->
+/// file tensor), then checks that every file tensor under `prefix` was used
+/// or is `ignored`: a checkpoint that does not fit the config is an error
+/// naming the tensor, never half-loaded.
+fn fill(
+    vs: &VarStore,
+    file: &TensorFile,
+    what: &str,
+    prefix: &str,
+    map: &dyn Fn(&str) -> Option<Source>,
+    ignored: &dyn Fn(&str) -> bool,
+) -> Result<()> {
+    let shown = file.path().display();
+    let variables = vs.variables();
+    let mut names: Vec<&String> = variables.keys().collect();
+    names.sort();
+    let mut used: HashSet<String> = HashSet::new();
+    for name in names {
+        let var = &variables[name];
+        let source = map(name).with_context(|| format!("sdtune has no LDM name for the {what}'s {name}"))?;
+        if file.info(&source.name).is_none() {
+            bail!(
+                "{shown} has no tensor {} (the {what}'s {name}); the checkpoint does not match the architecture read from it or the config beside it",
+                source.name
+            );
+        }
+        file.with_view(&source.name, |src| {
+            let src = match source.rows {
+                Some((start, len)) => {
+                    ensure!(
+                        src.dim() >= 1 && src.size()[0] >= start + len,
+                        "{shown}: tensor {} has shape {:?}, too small to hold rows {start}..{} (the {what}'s {name})",
+                        source.name,
+                        src.size(),
+                        start + len
+                    );
+                    src.narrow(0, start, len)
+                }
+                None => src.shallow_clone(),
+            };
+            let (have, want) = (src.size(), var.size());
+            let src = if have == want {
+                src
+            } else if drop_unit_dims(&have) == drop_unit_dims(&want) {
+                // LDM keeps the VAE's mid attention as 1x1 convs: [C, C, 1, 1] -> [C, C].
+                src.reshape(&want)
+            } else {
+                bail!(
+                    "{shown}: tensor {} has shape {have:?} but the {what}'s {name} needs {want:?}; the checkpoint does not match the architecture read from it or the config beside it",
+                    source.name
+                );
+            };
+            copy_into(var, &src).with_context(|| format!("{shown}: cannot load tensor {}", source.name))
+        })?;
+        file.release(&source.name);
+        used.insert(source.name);
+    }
+    let mut unused: Vec<String> =
+        file.names().into_iter().filter(|n| n.starts_with(prefix) && !used.contains(n) && !ignored(n)).collect();
+    if !unused.is_empty() {
+        unused.sort();
+        bail!(
+            "{shown} holds {} {what} tensor(s) the model has no place for (first: {}); the checkpoint does not match the architecture read from it or the config beside it",
+            unused.len(),
+            unused.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn drop_unit_dims(shape: &[i64]) -> Vec<i64> {
+    shape.iter().copied().filter(|&d| d != 1).collect()
+}
+
+/// The UNet of a single file, filled from `file` (opened from `plan.path`).
+pub fn load_unet(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> Result<Built<UNet2DConditionModel>> {
+    let layout = UnetLayout::of(&plan.unet)?;
+    let unet = build(device, kind, WeightInit::Zeros, |vb| UNet2DConditionModel::new(vb, &plan.unet))?;
+    fill(
+        &unet.vs,
+        file,
+        "UNet",
+        UNET_PREFIX,
+        &|n| unet_ldm_name(n, &layout).map(|l| Source::whole(format!("{UNET_PREFIX}{l}"))),
+        &|_| false,
+    )?;
+    Ok(unet)
+}
+
+/// The VAE of a single file.
+pub fn load_vae(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> Result<Built<AutoencoderKL>> {
+    let blocks = plan.vae.block_out_channels.len();
+    let vae = build(device, kind, WeightInit::Zeros, |vb| AutoencoderKL::new(vb, &plan.vae))?;
+    fill(
+        &vae.vs,
+        file,
+        "VAE",
+        VAE_PREFIX,
+        &|n| vae_ldm_name(n, blocks).map(|l| Source::whole(format!("{VAE_PREFIX}{l}"))),
+        &|_| false,
+    )?;
+    Ok(vae)
+}
+
+/// The text encoder of a single file (OpenAI CLIP or OpenCLIP names).
+pub fn load_text_encoder(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> Result<Built<ClipTextModel>> {
+    let layout = &plan.layout;
+    let hidden = plan.text.hidden_size;
+    let shapes = Shapes::of(file);
+    let text_encoder = build(device, kind, WeightInit::Zeros, |vb| ClipTextModel::new(vb, &plan.text))?;
+    let prefix = if layout.family == Family::Sd2 { OPEN_CLIP_PREFIX } else { CLIP_PREFIX };
+    fill(&text_encoder.vs, file, "text encoder", prefix, &|n| clip_source(n, layout.clip_names(), hidden), &|n| {
+        ignored_text_tensor(n, layout, &shapes)
+    })?;
+    Ok(text_encoder)
+}
