@@ -2,7 +2,7 @@
 use anyhow::{bail, Result};
 use tch::Tensor;
 
-use super::{NoiseSchedule, Sampler};
+use super::{ModelCalls, NoiseSchedule, Sampler};
 use crate::models::config::{Prediction, SchedulerConfig};
 
 pub struct Ddim {
@@ -53,16 +53,8 @@ pub fn spaced_timesteps(cfg: &SchedulerConfig, steps: usize) -> Result<(Vec<f64>
 }
 
 impl Sampler for Ddim {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Tensor {
-        sample.shallow_clone()
+    fn calls(&self) -> ModelCalls<'_> {
+        ModelCalls::Unscaled { timesteps: &self.timesteps }
     }
 
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _noise: &mut dyn FnMut() -> Tensor) -> Tensor {

@@ -6,7 +6,7 @@ use anyhow::Result;
 use tch::Tensor;
 
 use super::sigmas::{self, SigmaSchedule};
-use super::{NoiseSchedule, Sampler};
+use super::{ModelCalls, NoiseSchedule, Sampler};
 use crate::models::config::{Prediction, SchedulerConfig};
 
 pub struct Heun {
@@ -53,16 +53,8 @@ fn repeat_tail<T: Copy>(v: &[T]) -> Vec<T> {
 }
 
 impl Sampler for Heun {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor {
-        sigmas::scale_input(sample, self.sigmas[index])
+    fn calls(&self) -> ModelCalls<'_> {
+        ModelCalls::Sigmas { timesteps: &self.timesteps, sigmas: &self.sigmas, init_noise_sigma: self.init_noise_sigma }
     }
 
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _noise: &mut dyn FnMut() -> Tensor) -> Tensor {

@@ -6,7 +6,7 @@ use anyhow::Result;
 use tch::Tensor;
 
 use super::sigmas::{self, SigmaSchedule};
-use super::{NoiseSchedule, Sampler};
+use super::{ModelCalls, NoiseSchedule, Sampler};
 use crate::models::config::{Prediction, SchedulerConfig};
 
 /// `step(order=4)`, the default the pipeline uses.
@@ -55,16 +55,8 @@ fn gauss_legendre_3(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
 }
 
 impl Sampler for Lms {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor {
-        sigmas::scale_input(sample, self.schedule.sigmas[index])
+    fn calls(&self) -> ModelCalls<'_> {
+        ModelCalls::Sigmas { timesteps: &self.schedule.timesteps, sigmas: &self.schedule.sigmas, init_noise_sigma: self.init_noise_sigma }
     }
 
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _noise: &mut dyn FnMut() -> Tensor) -> Tensor {

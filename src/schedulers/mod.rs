@@ -81,19 +81,49 @@ impl SchedulerKind {
     }
 }
 
+/// What the sampling loop asks of a sampler besides its step: the model
+/// timesteps and, for the k-diffusion samplers, each model call's sigma,
+/// which scales the initial noise and the model input.
+pub enum ModelCalls<'a> {
+    /// DDIM, DPM-Solver++, PNDM: latents as drawn, inputs as they are.
+    Unscaled { timesteps: &'a [f64] },
+    /// Euler, Euler ancestral, Heun, LMS: `sigmas[i]` belongs to call `i`.
+    Sigmas { timesteps: &'a [f64], sigmas: &'a [f32], init_noise_sigma: f64 },
+}
+
 /// A sampling loop's scheduler.
 pub trait Sampler {
-    /// The model timesteps, one per model call, first to last (Heun and PNDM
-    /// call the model more than once per step; diffusers' `scheduler.timesteps`
-    /// lists those calls the same way).
-    fn timesteps(&self) -> &[f64];
-    /// Factor on the initial N(0, 1) latents.
-    fn init_noise_sigma(&self) -> f64;
-    /// The model input for `sample` at step `index`.
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor;
+    /// The model calls of the loop (see [`ModelCalls`]).
+    fn calls(&self) -> ModelCalls<'_>;
+
     /// The sample after step `index`, given the model's (guided) output.
     /// `noise` yields the fresh noise an ancestral sampler needs at this step.
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, noise: &mut dyn FnMut() -> Tensor) -> Tensor;
+
+    /// The model timesteps, one per model call, first to last (Heun and PNDM
+    /// call the model more than once per step; diffusers' `scheduler.timesteps`
+    /// lists those calls the same way).
+    fn timesteps(&self) -> &[f64] {
+        match self.calls() {
+            ModelCalls::Unscaled { timesteps } | ModelCalls::Sigmas { timesteps, .. } => timesteps,
+        }
+    }
+
+    /// Factor on the initial N(0, 1) latents.
+    fn init_noise_sigma(&self) -> f64 {
+        match self.calls() {
+            ModelCalls::Unscaled { .. } => 1.0,
+            ModelCalls::Sigmas { init_noise_sigma, .. } => init_noise_sigma,
+        }
+    }
+
+    /// The model input for `sample` at call `index`.
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor {
+        match self.calls() {
+            ModelCalls::Unscaled { .. } => sample.shallow_clone(),
+            ModelCalls::Sigmas { sigmas, .. } => sigmas::scale_input(sample, sigmas[index]),
+        }
+    }
 }
 
 #[cfg(test)]
