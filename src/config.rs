@@ -7,7 +7,7 @@
 //! (`data::config`, `train::config`); this file holds the document.
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::config::DataConfig;
@@ -38,6 +38,17 @@ pub struct SampleConfig {
     pub seeds: Vec<u64>,
 }
 
+impl SampleConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (i, seed) in self.seeds.iter().enumerate() {
+            if self.seeds[..i].contains(seed) {
+                bail!("sample.seeds lists seed {seed} more than once; the same seed gives the same image, so list each seed once");
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for SampleConfig {
     fn default() -> Self {
         SampleConfig { prompts: Vec::new(), seeds: vec![1, 2, 3, 4] }
@@ -47,6 +58,9 @@ impl Default for SampleConfig {
 impl Config {
     /// Reads `path`; an error names the file, the line and what was expected.
     pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            bail!("{} is a folder, not a file; sdtune reads its settings from a YAML file of that name, so rename or remove the folder", path.display());
+        }
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         Self::parse(&text, path)
     }
@@ -62,11 +76,14 @@ impl Config {
 
     /// Parses YAML text that came from `path` (named in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        // Windows editors save a byte-order mark; it is not part of the YAML.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
         let config: Config = serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
         config.data.validate().with_context(|| format!("{} is not valid", path.display()))?;
+        config.sample.validate().with_context(|| format!("{} is not valid", path.display()))?;
         config.train.validate().with_context(|| format!("{} is not valid", path.display()))?;
         Ok(config)
     }
@@ -107,20 +124,63 @@ fn yaml_error(path: &Path, err: &serde_yaml::Error) -> anyhow::Error {
     }
 }
 
-/// serde's Rust type names in plain words.
+/// serde's messages in plain words: no Rust type names (`u64`, `struct
+/// TrainConfig`), the value got and the kind of value the key wants.
 fn friendly_expectations(message: &str) -> String {
-    let mut out = message.to_string();
-    for (rust, plain) in [
-        ("expected u32", "expected a whole number"),
-        ("expected u64", "expected a whole number"),
-        ("expected usize", "expected a whole number"),
-        ("expected a boolean", "expected true or false"),
-        ("expected a string", "expected text"),
-        ("expected a sequence", "expected a list"),
-    ] {
-        out = out.replace(rust, plain);
+    if message.contains("more than one document") {
+        return "it holds more than one YAML document (a line of just `---` starts a second one); keep a single document".into();
     }
-    out
+    if let Some((key, field)) = message.split_once("duplicate field `") {
+        let field = field.trim_end_matches('`');
+        return format!("{key}the key {field} is given twice; keep one");
+    }
+    for marker in ["invalid type: ", "invalid value: "] {
+        let Some(at) = message.find(marker) else { continue };
+        let (key, rest) = (&message[..at], &message[at + marker.len()..]);
+        let Some((got, want)) = rest.rsplit_once(", expected ") else { continue };
+        let out_of_range = marker == "invalid value: " && (got.starts_with("integer") || got.starts_with("floating"));
+        let got = plain_value(got);
+        let got = if out_of_range { format!("{got}, which is out of range") } else { got };
+        return format!("{key}expected {}, got {got}", plain_kind(want));
+    }
+    message.to_string()
+}
+
+/// What serde calls the value it found: `string "x"`, `integer `5``, `sequence`.
+fn plain_value(got: &str) -> String {
+    let quoted = |s: &str| s.trim_matches('`').to_string();
+    if let Some(text) = got.strip_prefix("string ") {
+        return format!("the text {text}");
+    }
+    for prefix in ["integer ", "floating point ", "boolean ", "character "] {
+        if let Some(v) = got.strip_prefix(prefix) {
+            return quoted(v);
+        }
+    }
+    match got {
+        "sequence" => "a list".into(),
+        "map" => "a section of keys".into(),
+        "unit value" => "nothing".into(),
+        other => other.to_string(),
+    }
+}
+
+/// What serde says a key expects, as a kind of value.
+fn plain_kind(want: &str) -> String {
+    match want {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number of 0 or more".into(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number".into(),
+        "f32" | "f64" => "a number".into(),
+        "a boolean" => "true or false".into(),
+        "a string" | "a borrowed string" | "a character" => "text".into(),
+        "path string" => "a path (text)".into(),
+        "a sequence" => "a list".into(),
+        "struct Config" => "`key: value` lines (model, data, sample, train)".into(),
+        w if w.starts_with("struct ") || w == "a map" => "a section of `key: value` lines".into(),
+        w if w.starts_with("option") => "a value".into(),
+        // Our own messages (e.g. colours) already read as words.
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -176,5 +236,42 @@ mod tests {
         assert!(format!("{err:#}").contains("outside the bucket range"), "{err:#}");
         let err = parse("data:\n  bucket_step: 60\n").unwrap_err();
         assert!(format!("{err:#}").contains("multiple of 8"), "{err:#}");
+    }
+
+    #[test]
+    fn errors_name_kinds_of_value_not_rust_types() {
+        for yaml in [
+            "train:\n  lr: fast\n",
+            "train:\n  steps: -1\n",
+            "train:\n  rank: 1.5\n",
+            "train: 5\n",
+            "data: [1]\n",
+            "[1, 2]\n",
+            "sample:\n  seeds: {a: 1}\n",
+            "data:\n  max_pixels: 1e99\n",
+            "train:\n  steps: 1\n  steps: 2\n",
+        ] {
+            let err = parse(yaml).unwrap_err().to_string();
+            for rust in ["u32", "u64", "usize", "i64", "f64", "struct", "invalid type", "invalid value", "sequence", "map,"] {
+                assert!(!err.contains(rust), "{yaml:?}: {rust:?} in {err}");
+            }
+            assert!(err.contains("expected") || err.contains("twice"), "{yaml:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_a_second_document() {
+        let c = parse("\u{feff}data:\n  resolution: 768\n  max_bucket: 1024\n").unwrap();
+        assert_eq!(c.data.resolution, 768);
+        let err = parse("data: {}\n---\ntrain: {}\n").unwrap_err().to_string();
+        assert!(err.contains("more than one YAML document"), "{err}");
+    }
+
+    #[test]
+    fn contradicting_and_oversized_data_settings_are_refused() {
+        let err = format!("{:#}", parse("data:\n  no_upscale: true\n  allow_upscale: true\n").unwrap_err());
+        assert!(err.contains("no_upscale") && err.contains("allow_upscale"), "{err}");
+        let err = format!("{:#}", parse("data:\n  max_bucket: 65536\n").unwrap_err());
+        assert!(err.contains("at most 4096"), "{err}");
     }
 }

@@ -23,3 +23,15 @@ fn tempfile_in(dir: &Path, target: &Path) -> Result<(std::path::PathBuf, std::fs
     let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     Ok((tmp, file))
 }
+
+/// Why `path` is not a readable file, for "--flag PATH <why>; ..." sentences:
+/// a folder is named as one, never as missing.
+pub fn why_not_a_file(path: &Path) -> &'static str {
+    if path.is_dir() {
+        "is a folder, not a file"
+    } else if path.exists() {
+        "is not a regular file"
+    } else {
+        "does not exist"
+    }
+}

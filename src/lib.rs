@@ -13,6 +13,7 @@ pub mod lora;
 pub mod loaders;
 pub mod models;
 pub mod progress;
+pub mod ranges;
 pub mod report;
 pub mod runtime;
 pub mod sample;

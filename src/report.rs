@@ -61,6 +61,9 @@ struct SettingsFile {
 
 /// Writes `<run_dir>/report.html`; returns its path.
 pub fn write(run_dir: &Path) -> Result<PathBuf> {
+    if run_dir.is_file() {
+        bail!("{} is a file, not a folder; pass the folder of a training run (output/<name>)", run_dir.display());
+    }
     if !run_dir.is_dir() {
         bail!("{} does not exist; pass the folder of a training run (output/<name>)", run_dir.display());
     }

@@ -45,35 +45,35 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Image side in pixels [default: the model's own: 512 sd15, 768 sd21, 64 tiny].
-    #[arg(long, value_name = "PX")]
+    #[arg(allow_negative_numbers = true, long, value_name = "PX")]
     pub resolution: Option<i64>,
     /// Images per training step, UNet batch when sampling, images per encode batch.
-    #[arg(long, default_value_t = 1)]
+    #[arg(allow_negative_numbers = true, long, default_value_t = 1)]
     pub batch_size: usize,
     /// LoRA rank (alpha = rank).
-    #[arg(long, default_value_t = 16)]
+    #[arg(allow_negative_numbers = true, long, default_value_t = 16)]
     pub rank: i64,
     /// Layers that get LoRA: cross-attn, attn or transformer.
     #[arg(long, default_value = "cross-attn")]
     pub targets: String,
     /// Timed optimizer steps (train), denoising steps (sample) or timed batches (encode)
     /// [default: 20 train, 30 sample, 5 encode].
-    #[arg(long)]
+    #[arg(allow_negative_numbers = true, long)]
     pub steps: Option<usize>,
     /// Untimed rounds first: optimizer steps (train), images (sample) or batches (encode) [default: 3, 1, 1].
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub warmup: Option<usize>,
     /// Images rendered in the timed part of `sample` [default: --batch-size].
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub images: Option<usize>,
     /// Guidance scale of `sample` (above 1: classifier-free guidance, two UNet passes).
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(allow_hyphen_values = true, long, default_value_t = 7.5)]
     pub guidance: f64,
     /// Sampler of `sample`.
     #[arg(long, default_value = "ddim")]
     pub scheduler: String,
     /// Min-SNR-gamma of the training loss; 0 turns it off.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(allow_hyphen_values = true, long, default_value_t = 5.0)]
     pub min_snr_gamma: f64,
     /// CLIP tokenizer folder for `sample` with --arch [default: tests/fixtures/tiny-sd1/tokenizer].
     #[arg(long, value_name = "DIR")]
@@ -85,7 +85,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     pub precision: String,
     /// The device's peak dense TFLOP/s in this precision, for model FLOP utilisation [default: 790 on CUDA].
-    #[arg(long, value_name = "TFLOPS")]
+    #[arg(allow_hyphen_values = true, long, value_name = "TFLOPS")]
     pub peak_tflops: Option<f64>,
     /// Write the model's configs as diffusers config files into DIR and stop.
     #[arg(long, value_name = "DIR")]

@@ -268,6 +268,8 @@ struct Module {
 }
 
 fn lora(path: &Path, file: &TensorFile, format: &str) -> Result<()> {
+    // The same checks as loading it for sampling, so info accepts only what sample would.
+    crate::lora::format::read_stored(file)?;
     let names = file.names();
     let mut modules = Vec::new();
     for name in &names {

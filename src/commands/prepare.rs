@@ -40,7 +40,7 @@ pub struct PrepareArgs {
     #[arg(long, value_name = "DIR|FILE|ID")]
     pub model: Option<String>,
     /// Training resolution: buckets hold about this many pixels squared [default: 512].
-    #[arg(long, value_name = "PX")]
+    #[arg(allow_negative_numbers = true, long, value_name = "PX")]
     pub resolution: Option<u32>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -58,31 +58,31 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub flip: bool,
     /// Never scale an image up to fit a bucket; small images get smaller buckets.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "allow_upscale")]
     pub no_upscale: bool,
     /// Keep images whose short side is under --min-side, scaled up.
     #[arg(long)]
     pub allow_upscale: bool,
     /// Skip images whose short side is under this many pixels [default: 256].
-    #[arg(long, value_name = "PX")]
+    #[arg(allow_negative_numbers = true, long, value_name = "PX")]
     pub min_side: Option<u32>,
     /// Smallest bucket side [default: 256].
-    #[arg(long, value_name = "PX")]
+    #[arg(allow_negative_numbers = true, long, value_name = "PX")]
     pub min_bucket: Option<u32>,
     /// Largest bucket side [default: 1024].
-    #[arg(long, value_name = "PX")]
+    #[arg(allow_negative_numbers = true, long, value_name = "PX")]
     pub max_bucket: Option<u32>,
     /// Bucket sides are multiples of this [default: 64].
-    #[arg(long, value_name = "PX")]
+    #[arg(allow_negative_numbers = true, long, value_name = "PX")]
     pub bucket_step: Option<u32>,
     /// Colour behind transparent pixels: white, black, gray or #rrggbb [default: white].
     #[arg(long, value_name = "COLOUR")]
     pub background: Option<String>,
     /// Refuse images with more pixels than this, before decoding [default: 178956970].
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub max_pixels: Option<u64>,
     /// Images per VAE-encode batch [default: 4].
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub batch_size: Option<usize>,
 }
 

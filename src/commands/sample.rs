@@ -12,6 +12,8 @@ use crate::loaders::builtin;
 use crate::loaders::source::{parse_prediction, LoadOptions};
 use crate::models::stable_diffusion::{Placement, StableDiffusion};
 use crate::runtime::{parse_device, Precision};
+use crate::ranges;
+use crate::sample::limits;
 use crate::sample::metrics::Brand;
 use crate::sample::render::{self, consistency_path, Job, LoadedLora};
 use crate::sample::settings::{self, Found, ImageRecipe, Recipe, Settings};
@@ -68,35 +70,35 @@ pub struct SampleArgs {
     #[arg(long, value_name = "TEXT")]
     pub negative_prompt: Option<String>,
     /// Seed of the initial noise; the same seed gives the same image.
-    #[arg(long, default_value_t = 42, conflicts_with = "seeds")]
+    #[arg(allow_negative_numbers = true, long, default_value_t = 42, conflicts_with = "seeds")]
     pub seed: u64,
     /// Grid columns: --count seeds from --seed on (--seed 1 --count 4: seeds 1,2,3,4).
-    #[arg(long, default_value_t = 1, value_name = "N", conflicts_with = "seeds")]
+    #[arg(allow_negative_numbers = true, long, default_value_t = 1, value_name = "N", conflicts_with = "seeds")]
     pub count: usize,
     /// Grid columns: these seeds, e.g. 1,2,3,4.
-    #[arg(long, value_name = "S,S,...", value_delimiter = ',')]
+    #[arg(allow_negative_numbers = true, long, value_name = "S,S,...", value_delimiter = ',')]
     pub seeds: Vec<u64>,
     /// Denoising steps [default: 30; sdtune.yaml's sample_steps for the run's grid].
-    #[arg(long)]
+    #[arg(allow_negative_numbers = true, long)]
     pub steps: Option<usize>,
-    /// Classifier-free guidance scale; 1 turns guidance off (no unconditional pass)
+    /// Classifier-free guidance scale, 0 to 100; 1 turns guidance off (no unconditional pass)
     /// [default: 7.5; sdtune.yaml's sample_guidance for the run's grid].
-    #[arg(long)]
+    #[arg(allow_hyphen_values = true, long)]
     pub guidance: Option<f64>,
-    /// Image width in pixels [default: the model's native size].
-    #[arg(long)]
+    /// Image width in pixels, a multiple of 8 [default: the model's native size].
+    #[arg(allow_negative_numbers = true, long)]
     pub width: Option<i64>,
-    /// Image height in pixels [default: the model's native size].
-    #[arg(long)]
+    /// Image height in pixels, a multiple of 8 [default: the model's native size].
+    #[arg(allow_negative_numbers = true, long)]
     pub height: Option<i64>,
     /// Sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, heun, lms or pndm.
     #[arg(long, default_value = "ddim")]
     pub scheduler: String,
     /// Skip this many final text-encoder layers (A1111's "clip skip" minus one).
-    #[arg(long, default_value_t = 0)]
+    #[arg(allow_negative_numbers = true, long, default_value_t = 0)]
     pub clip_skip: usize,
-    /// A LoRA to apply, with an optional strength (default 1); repeat to
-    /// stack several. kohya (A1111/ComfyUI) and diffusers/PEFT files load.
+    /// A LoRA to apply, with an optional strength (default 1, at most 100 either
+    /// way); repeat to stack several. kohya (A1111/ComfyUI) and diffusers/PEFT files load.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     pub loras: Vec<String>,
     /// Fuse the LoRAs into the weights (faster; same image up to rounding).
@@ -104,7 +106,7 @@ pub struct SampleArgs {
     pub fuse: bool,
     /// Put the base model's image beside the LoRAs' for each seed: alone, the LoRAs
     /// at the strengths given; with values (0.5,1), at those multiples of them.
-    #[arg(long, value_name = "M,M,...", num_args = 0.., value_delimiter = ',')]
+    #[arg(allow_negative_numbers = true, long, value_name = "M,M,...", num_args = 0.., value_delimiter = ',')]
     pub compare: Option<Vec<f64>>,
     /// Render the image (or grid) a PNG written by sdtune again, from the settings
     /// it carries (A1111 PNGs too, with --model); --model and --lora replace the recorded ones.
@@ -118,7 +120,7 @@ pub struct SampleArgs {
     #[arg(long, value_name = "DIR")]
     pub brand: Option<PathBuf>,
     /// Images per UNet batch (more is faster until memory runs out).
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(allow_negative_numbers = true, long, value_name = "N", default_value_t = 4)]
     pub batch_size: usize,
     /// Where to write the PNG; for a grid, the grid (its images go beside it)
     /// [default: sample.png; output/<name>/samples/final.png for the run's grid;
@@ -161,6 +163,9 @@ struct Plan {
     brand: BrandFrom,
     /// The model hash the `--from` image was made with.
     expected_model_hash: Option<String>,
+    /// The LoRA files (path, hash) the `--from` image was made with, when
+    /// they are the ones loaded (no `--lora` given).
+    expected_lora_hashes: Vec<(String, String)>,
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
@@ -168,8 +173,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let plan = plan(&args)?;
     let placement = Placement { device, kind: plan.precision.kind(), vae_kind: plan.precision.kind() };
     let (model, model_hash) = load_and_hash(&plan, placement)?;
+    check_for_model(&plan.work, &model)?;
     let layers = render::layers(&model);
     let loras = plan.loras.iter().map(|spec| LoadedLora::read(spec, &layers)).collect::<Result<Vec<_>>>()?;
+    check_lora_hashes(&plan, &loras)?;
     let shared = shared_settings(&plan, model_hash, &loras, device);
     if let Some(want) = plan.expected_model_hash.as_ref().filter(|&h| h != &shared.model_hash) {
         eprintln!("warning: the model's hash is {}, the image was made with {want}; the image will differ", shared.model_hash);
@@ -181,6 +188,33 @@ pub fn run(args: SampleArgs) -> Result<()> {
             run_job(&model, &job, &loras, &plan.brand)
         }
     }
+}
+
+/// `--from`: a recorded LoRA file that changed since would silently render
+/// another image, so it is refused; `--lora` renders with the file as it is.
+fn check_lora_hashes(plan: &Plan, loras: &[LoadedLora]) -> Result<()> {
+    for ((path, want), lora) in plan.expected_lora_hashes.iter().zip(loras) {
+        if !want.is_empty() && &lora.hash != want {
+            bail!(
+                "the LoRA {path} has changed since the image was made (hash {} now, {want} then); restore that file, or pass --lora {path}:SCALE to render with it as it is now",
+                lora.hash
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What only the loaded model can judge: clip skip against its text
+/// encoder, the image size against its VAE and this machine's memory.
+fn check_for_model(work: &Work, model: &StableDiffusion) -> Result<()> {
+    let native = model.unet_config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
+    let (settings, batch) = match work {
+        Work::Job(job) => (&job.settings, job.batch_size.min(job.prompts.len() * job.seeds.len())),
+        Work::Again { recipe, .. } => (&recipe.settings, recipe.batch.as_ref().map_or(1, |b| b.members.len())),
+    };
+    limits::check_clip_skip(model, settings.clip_skip)?;
+    let side = |px: i64| if px == 0 { native } else { px };
+    limits::check_render_size(model, side(settings.width), side(settings.height), batch)
 }
 
 /// Decides the model, LoRAs and images from `--from`, the flags or sdtune.yaml.
@@ -198,6 +232,7 @@ fn plan(args: &SampleArgs) -> Result<Plan> {
         work: Work::Job(empty_job()),
         brand: args.brand.clone().map_or(BrandFrom::None, BrandFrom::Dir),
         expected_model_hash: None,
+        expected_lora_hashes: Vec::new(),
     };
     if let Some(from) = &args.from {
         plan_again(args, from, &mut plan)?;
@@ -217,7 +252,47 @@ fn plan(args: &SampleArgs) -> Result<Plan> {
     if matches!(&plan.work, Work::Job(job) if !job.compare.is_empty()) && plan.loras.is_empty() {
         bail!("--compare lays the base model beside its LoRAs, but no --lora was given");
     }
+    let origin = args.from.as_ref().map(|f| format!(" recorded in {}", f.display()));
+    check_work(&plan.work, origin.as_deref())?;
     Ok(plan)
+}
+
+/// Refuses values no image can be rendered with, naming the flag (or the
+/// PNG they were recorded in, with `--from`); prints a line for suspicious ones.
+fn check_work(work: &Work, origin: Option<&str>) -> Result<()> {
+    let name = |flag: &str| match origin {
+        Some(origin) => format!("the {} value{origin}", flag.trim_start_matches('-')),
+        None => flag.to_string(),
+    };
+    let (settings, seeds, batch_size) = match work {
+        Work::Job(job) => (&job.settings, job.seeds.as_slice(), job.batch_size),
+        Work::Again { recipe, .. } => (&recipe.settings, std::slice::from_ref(&recipe.member.seed), 1),
+    };
+    if let Some(warning) = ranges::check_guidance(settings.guidance, &name("--guidance"))? {
+        eprintln!("{warning}");
+    }
+    if settings.steps == 0 {
+        bail!("{} is 0; use 1 or more denoising steps (30 is usual)", name("--steps"));
+    }
+    if batch_size == 0 {
+        bail!("{} is 0; use 1 or more images per UNet batch", name("--batch-size"));
+    }
+    if let Work::Job(job) = work {
+        for m in &job.compare {
+            ranges::check_lora_scale(*m, &name("--compare"))?;
+        }
+    }
+    check_seeds(seeds, &name("--seeds"))
+}
+
+/// Each seed once: a repeated seed gives the same image under the same file name.
+fn check_seeds(seeds: &[u64], what: &str) -> Result<()> {
+    for (i, seed) in seeds.iter().enumerate() {
+        if seeds[..i].contains(seed) {
+            bail!("{what} lists seed {seed} more than once; the same seed gives the same image, so list each seed once");
+        }
+    }
+    Ok(())
 }
 
 fn empty_job() -> Job {
@@ -253,10 +328,22 @@ fn job_from_flags(args: &SampleArgs) -> Result<Job> {
     if let Some(file) = &args.prompts {
         prompts.extend(read_prompts(file)?);
     }
-    let seeds = if args.seeds.is_empty() { (0..args.count as u64).map(|i| args.seed + i).collect() } else { args.seeds.clone() };
-    if seeds.is_empty() {
+    if args.count == 0 {
         bail!("--count 0 renders nothing; use --count 1 or more");
     }
+    if args.count > ranges::MAX_COUNT {
+        bail!("--count {} is more seeds than one grid can hold; use at most {}", args.count, ranges::MAX_COUNT);
+    }
+    let seeds = if args.seeds.is_empty() {
+        let last = args.seed.checked_add(args.count as u64 - 1).with_context(|| {
+            format!("--seed {} --count {} runs past the largest seed {}; start from a smaller --seed", args.seed, args.count, u64::MAX)
+        })?;
+        (args.seed..=last).collect()
+    } else {
+        args.seeds.clone()
+    };
+    ranges::check_side(args.width, "--width")?;
+    ranges::check_side(args.height, "--height")?;
     let mut job = empty_job();
     job.prompts = prompts;
     job.negative_prompt = args.negative_prompt.clone();
@@ -284,6 +371,9 @@ fn compare_multipliers(args: &SampleArgs) -> Vec<f64> {
 
 /// One prompt a line; blank lines and lines starting with `#` are skipped.
 fn read_prompts(file: &Path) -> Result<Vec<String>> {
+    if !file.is_file() {
+        bail!("--prompts {} {}; give a UTF-8 text file with one prompt a line", file.display(), crate::fsutil::why_not_a_file(file));
+    }
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("--prompts {} cannot be read; give a UTF-8 text file with one prompt a line", file.display()))?;
     let prompts: Vec<String> =
@@ -355,6 +445,7 @@ fn plan_again(args: &SampleArgs, from: &Path, plan: &mut Plan) -> Result<()> {
             }
             if plan.loras.is_empty() {
                 plan.loras = s.loras.iter().map(|l| format!("{}:{}", l.path, l.scale)).collect();
+                plan.expected_lora_hashes = s.loras.iter().map(|l| (l.path.clone(), l.hash.clone())).collect();
             }
             plan.precision = Precision::parse(&s.precision)?;
             plan.fuse = s.fuse;

@@ -48,31 +48,31 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR|FILE|ID")]
     pub model: Option<String>,
     /// Optimizer steps [default: 1000].
-    #[arg(long)]
+    #[arg(allow_negative_numbers = true, long)]
     pub steps: Option<u64>,
     /// LoRA rank [default: 16].
-    #[arg(long)]
+    #[arg(allow_negative_numbers = true, long)]
     pub rank: Option<i64>,
     /// LoRA alpha; updates are scaled by alpha / rank [default: 16].
-    #[arg(long)]
+    #[arg(allow_hyphen_values = true, long)]
     pub alpha: Option<f64>,
     /// Learning rate [default: 1e-4].
-    #[arg(long)]
+    #[arg(allow_hyphen_values = true, long)]
     pub lr: Option<f64>,
     /// constant, constant_with_warmup or cosine [default: constant].
     #[arg(long, value_name = "NAME")]
     pub lr_schedule: Option<String>,
     /// Warm-up steps for the schedules that have one [default: 0].
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub warmup_steps: Option<u64>,
     /// Images per step (one bucket per batch) [default: 1].
-    #[arg(long)]
+    #[arg(allow_negative_numbers = true, long)]
     pub batch_size: Option<usize>,
     /// Batches whose gradients are summed per optimizer step [default: 1].
-    #[arg(long)]
+    #[arg(allow_negative_numbers = true, long)]
     pub grad_accum: Option<usize>,
     /// Seed of LoRA init, data order and noise [default: 42].
-    #[arg(long)]
+    #[arg(allow_negative_numbers = true, long)]
     pub seed: Option<u64>,
     /// auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (frozen weights; LoRA stays fp32).
     #[arg(long)]
@@ -84,13 +84,13 @@ pub struct TrainArgs {
     #[arg(long)]
     pub targets: Option<String>,
     /// Save LoRA + resumable state every N steps (0: only at the end) [default: 250].
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub save_every: Option<u64>,
     /// Render the sample grid every N steps (0: never) [default: 250].
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub sample_every: Option<u64>,
     /// Resumable states kept [default: 3].
-    #[arg(long, value_name = "N")]
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub keep_last: Option<usize>,
     /// Folder of runs [default: output].
     #[arg(long, value_name = "DIR")]
@@ -102,13 +102,13 @@ pub struct TrainArgs {
     #[arg(long)]
     pub format: Option<String>,
     /// Extra per-channel noise, e.g. 0.05 [default: 0].
-    #[arg(long)]
+    #[arg(allow_hyphen_values = true, long)]
     pub noise_offset: Option<f64>,
     /// Min-SNR-gamma weighting; 0 turns it off [default: 5].
-    #[arg(long)]
+    #[arg(allow_hyphen_values = true, long)]
     pub min_snr_gamma: Option<f64>,
     /// Fraction of steps trained on the empty caption [default: 0.05].
-    #[arg(long)]
+    #[arg(allow_hyphen_values = true, long)]
     pub caption_dropout: Option<f64>,
     /// Continue from the newest saved state of this run.
     #[arg(long)]
@@ -124,6 +124,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut train = config.train.clone();
     apply_flags(&mut train, &args);
     train.validate().context("the training settings are not valid")?;
+    for warning in train.warnings() {
+        eprintln!("{warning}");
+    }
 
     let cache = CacheReader::open(&work_dir)?;
     let dataset = cache.dataset().clone();
@@ -199,7 +202,7 @@ fn load_config(path: Option<&Path>) -> Result<(PathBuf, Config)> {
     match path {
         Some(file) => {
             if !file.is_file() {
-                bail!("--config {} does not exist; pass the path of an sdtune.yaml", file.display());
+                bail!("--config {} {}; pass the path of an sdtune.yaml", file.display(), crate::fsutil::why_not_a_file(file));
             }
             let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
             Ok((dir, Config::load(file)?))
@@ -243,8 +246,9 @@ fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
     set!(format);
     set!(noise_offset);
     set!(caption_dropout);
+    // 0 turns it off; anything else (negative, NaN too) is kept for validate() to judge.
     if let Some(g) = a.min_snr_gamma {
-        t.min_snr_gamma = (g > 0.0).then_some(g);
+        t.min_snr_gamma = (g != 0.0).then_some(g);
     }
 }
 
@@ -318,7 +322,7 @@ fn plan(
             total_steps: t.steps,
             seed: t.seed,
             noise_offset: t.noise_offset,
-            min_snr_gamma: t.min_snr_gamma,
+            min_snr_gamma: t.min_snr_gamma.filter(|&g| g > 0.0),
             caption_dropout: t.caption_dropout,
             clip_norm: t.clip_norm,
             latent_scale: dataset.scaling_factor,

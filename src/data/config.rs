@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The largest bucket side: a VAE encode of bigger images needs tens of GiB.
+pub const MAX_BUCKET_SIDE: u32 = 4096;
+
 /// Pillow's decompression-bomb error threshold (2 x `Image.MAX_IMAGE_PIXELS`).
 pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
 
@@ -73,6 +76,9 @@ impl DataConfig {
         if res == 0 || res % 8 != 0 {
             bail!("the resolution is {res} pixels; it must be a positive multiple of 8 (512 for SD1.x)");
         }
+        if res > MAX_BUCKET_SIDE {
+            bail!("the resolution is {res} pixels; it can be at most {MAX_BUCKET_SIDE} (512 for SD1.x, 768 for SD2.x)");
+        }
         if min == 0 || min > max {
             bail!("the bucket range {min}..{max} is empty; set min_bucket to at most max_bucket");
         }
@@ -87,6 +93,12 @@ impl DataConfig {
         }
         if self.encode_batch_size == 0 {
             bail!("encode_batch_size is 0; use 1 or more");
+        }
+        if max > MAX_BUCKET_SIDE {
+            bail!("max_bucket is {max} pixels; buckets can be at most {MAX_BUCKET_SIDE} pixels a side (1024 is usual)");
+        }
+        if self.no_upscale && self.allow_upscale {
+            bail!("no_upscale (--no-upscale) and allow_upscale (--allow-upscale) contradict each other: one forbids scaling images up, the other asks for it; keep one");
         }
         Ok(())
     }

@@ -23,27 +23,57 @@ pub fn kohya_name(component: Component, layer: &str) -> String {
 /// Reads a LoRA file of any supported layout, resolving names against `layers`.
 pub fn read(path: &Path, layers: &ModelLayers) -> Result<LoraWeights> {
     let file = TensorFile::open(path)?;
-    let names = file.names();
+    let (format, stored) = read_stored(&file)?;
     let source = path.display().to_string();
-    let format = detect(&names).with_context(|| {
-        format!("{source} is not a LoRA file sdtune knows (no lora_down/lora_A/lora.down tensors); use a kohya or diffusers LoRA")
-    })?;
-    let metadata = file.string_metadata();
     let modules = match format {
-        LoraFormat::Kohya => read_kohya(&file, &names, layers, &source)?,
-        LoraFormat::Peft => read_paired(&file, &names, ".lora_A.weight", ".lora_B.weight", peft_alpha(&metadata), &source)?,
-        LoraFormat::DiffusersLegacy => read_paired(&file, &names, ".lora.down.weight", ".lora.up.weight", None, &source)?,
+        LoraFormat::Kohya => resolve_kohya(stored, layers, &source)?,
+        LoraFormat::Peft | LoraFormat::DiffusersLegacy => stored
+            .into_iter()
+            .map(|m| {
+                let (component, layer) = split_component(&legacy_processor_path(&m.base));
+                LoraModule { component, layer, down: m.down, up: m.up, alpha: m.alpha }
+            })
+            .collect(),
     };
-    if modules.is_empty() {
-        bail!("{source} holds no LoRA modules");
-    }
-    let weights = LoraWeights { modules, metadata };
+    let weights = LoraWeights { modules, metadata: file.string_metadata() };
     super::check_fits(&weights, layers, &source)?;
     Ok(weights)
 }
 
-fn read_kohya(file: &TensorFile, names: &[String], layers: &ModelLayers, source: &str) -> Result<Vec<LoraModule>> {
-    // kohya names lose the dots, so map them back through the model's own names.
+/// One module as the file stores it, checked on its own (no model needed):
+/// `base` is its name in the file without the down/up suffix.
+pub struct StoredModule {
+    pub base: String,
+    pub down: Tensor,
+    pub up: Tensor,
+    pub alpha: f64,
+}
+
+/// Every module of an open LoRA file, each checked for what no model can
+/// repair: ranks that agree, a finite scalar alpha, finite numbers. `sdtune
+/// info` and every reader go through here, so they refuse the same files.
+pub fn read_stored(file: &TensorFile) -> Result<(LoraFormat, Vec<StoredModule>)> {
+    let names = file.names();
+    let source = file.path().display().to_string();
+    let format = detect(&names).with_context(|| {
+        format!("{source} is not a LoRA file sdtune knows (no lora_down/lora_A/lora.down tensors); use a kohya or diffusers LoRA")
+    })?;
+    let modules = match format {
+        LoraFormat::Kohya => read_kohya(file, &names, &source)?,
+        LoraFormat::Peft => {
+            let alpha = peft_alpha(&file.string_metadata(), &source)?;
+            read_paired(file, &names, ".lora_A.weight", ".lora_B.weight", alpha, &source)?
+        }
+        LoraFormat::DiffusersLegacy => read_paired(file, &names, ".lora.down.weight", ".lora.up.weight", None, &source)?,
+    };
+    if modules.is_empty() {
+        bail!("{source} holds no LoRA modules");
+    }
+    Ok((format, modules))
+}
+
+/// kohya names lose the dots, so they are mapped back through the model's own names.
+fn resolve_kohya(stored: Vec<StoredModule>, layers: &ModelLayers, source: &str) -> Result<Vec<LoraModule>> {
     let mut by_kohya: HashMap<String, (Component, String)> = HashMap::new();
     for name in layers.unet.names() {
         by_kohya.insert(kohya_name(Component::Unet, &name), (Component::Unet, name));
@@ -53,23 +83,31 @@ fn read_kohya(file: &TensorFile, names: &[String], layers: &ModelLayers, source:
             by_kohya.insert(kohya_name(Component::TextEncoder, &name), (Component::TextEncoder, name));
         }
     }
+    stored
+        .into_iter()
+        .map(|m| {
+            let Some((component, layer)) = by_kohya.get(&m.base) else {
+                bail!("{source}: LoRA module {} matches no layer of this model; the LoRA was made for a different architecture", m.base);
+            };
+            Ok(LoraModule { component: *component, layer: layer.clone(), down: m.down, up: m.up, alpha: m.alpha })
+        })
+        .collect()
+}
+
+fn read_kohya(file: &TensorFile, names: &[String], source: &str) -> Result<Vec<StoredModule>> {
     let mut modules = Vec::new();
     for name in names {
         if let Some(base) = name.strip_suffix(".lora_down.weight") {
-            let Some((component, layer)) = by_kohya.get(base) else {
-                bail!("{source}: LoRA module {base} matches no layer of this model; the LoRA was made for a different architecture");
+            let up_name = format!("{base}.lora_up.weight");
+            if file.info(&up_name).is_none() {
+                bail!("{source}: module {base} has lora_down but no lora_up");
+            }
+            let alpha_name = format!("{base}.alpha");
+            let alpha = match file.info(&alpha_name) {
+                Some(_) => Some(scalar_alpha(file, &alpha_name, source)?),
+                None => None,
             };
-            let down = file.tensor(name)?.to_kind(Kind::Float);
-            let up = file
-                .tensor(&format!("{base}.lora_up.weight"))
-                .with_context(|| format!("{source}: module {base} has lora_down but no lora_up"))?
-                .to_kind(Kind::Float);
-            let rank = down.size()[0] as f64;
-            let alpha = match file.info(&format!("{base}.alpha")) {
-                Some(_) => file.tensor(&format!("{base}.alpha"))?.to_kind(Kind::Double).double_value(&[]),
-                None => rank,
-            };
-            modules.push(LoraModule { component: *component, layer: layer.clone(), down, up, alpha });
+            modules.push(stored_module(file, base, name, &up_name, alpha, source)?);
         } else if !(name.ends_with(".lora_up.weight") || name.ends_with(".alpha")) {
             bail!("{source}: tensor {name} is not part of a kohya LoRA module (expected .lora_down.weight, .lora_up.weight or .alpha)");
         }
@@ -86,23 +124,63 @@ fn read_paired(
     up_suffix: &str,
     alpha: Option<f64>,
     source: &str,
-) -> Result<Vec<LoraModule>> {
+) -> Result<Vec<StoredModule>> {
     let mut modules = Vec::new();
     for name in names {
         if let Some(base) = name.strip_suffix(down_suffix) {
-            let (component, layer) = split_component(&legacy_processor_path(base));
-            let down = file.tensor(name)?.to_kind(Kind::Float);
-            let up = file
-                .tensor(&format!("{base}{up_suffix}"))
-                .with_context(|| format!("{source}: module {base} has no {}", up_suffix.trim_start_matches('.')))?
-                .to_kind(Kind::Float);
-            let alpha = alpha.unwrap_or(down.size()[0] as f64);
-            modules.push(LoraModule { component, layer, down, up, alpha });
+            let up_name = format!("{base}{up_suffix}");
+            if file.info(&up_name).is_none() {
+                bail!("{source}: module {base} has no {}", up_suffix.trim_start_matches('.'));
+            }
+            modules.push(stored_module(file, base, name, &up_name, alpha, source)?);
         } else if !name.ends_with(up_suffix) {
             bail!("{source}: tensor {name} is not part of a LoRA module (expected {down_suffix} / {up_suffix} pairs)");
         }
     }
     Ok(modules)
+}
+
+/// Reads and checks one down/up pair; `alpha` None means alpha = rank.
+fn stored_module(file: &TensorFile, base: &str, down_name: &str, up_name: &str, alpha: Option<f64>, source: &str) -> Result<StoredModule> {
+    let down = file.tensor(down_name)?.to_kind(Kind::Float);
+    let up = file.tensor(up_name)?.to_kind(Kind::Float);
+    let rank = check_pair(&down, &up, base, source)?;
+    for (tensor, name) in [(&down, down_name), (&up, up_name)] {
+        if tensor.isfinite().logical_not().any().int64_value(&[]) != 0 {
+            bail!("{source}: tensor {name} holds NaN or infinite numbers; the LoRA is damaged (a diverged training run?), use another file");
+        }
+    }
+    Ok(StoredModule { base: base.to_string(), down, up, alpha: alpha.unwrap_or(rank as f64) })
+}
+
+/// The module's rank, once down [r, in(, 1, 1)] and up [out, r(, 1, 1)] are
+/// shapes a LoRA can have and agree on it.
+fn check_pair(down: &Tensor, up: &Tensor, base: &str, source: &str) -> Result<i64> {
+    let (ds, us) = (down.size(), up.size());
+    if !matches!(ds.len(), 2 | 4) || us.len() != ds.len() {
+        bail!("{source}: module {base} has down {ds:?} and up {us:?} tensors, which are not LoRA shapes ([rank, in] and [out, rank], or 4-d for convs); the file is damaged or not a LoRA");
+    }
+    let (rank, up_rank) = (ds[0], us[1]);
+    if rank != up_rank {
+        bail!("{source}: module {base} has a down projection of rank {rank} but an up projection of rank {up_rank}; the two must agree, the file is damaged");
+    }
+    if rank == 0 || ds[1] == 0 || us[0] == 0 {
+        bail!("{source}: module {base} has an empty tensor (down {ds:?}, up {us:?}); the file is damaged");
+    }
+    Ok(rank)
+}
+
+/// A kohya `.alpha` tensor: one finite number.
+fn scalar_alpha(file: &TensorFile, name: &str, source: &str) -> Result<f64> {
+    let t = file.tensor(name)?;
+    if t.numel() != 1 {
+        bail!("{source}: {name} holds {} numbers (shape {:?}); a LoRA alpha is one number, the file is damaged", t.numel(), t.size());
+    }
+    let alpha = t.to_kind(Kind::Double).reshape([-1]).double_value(&[0]);
+    if !alpha.is_finite() {
+        bail!("{source}: {name} is {alpha}; a LoRA alpha must be a finite number, the file is damaged");
+    }
+    Ok(alpha)
 }
 
 /// `unet.x` / `text_encoder.x` / `base_model.model.x` / bare `x` (UNet).
@@ -121,10 +199,16 @@ fn legacy_processor_path(base: &str) -> String {
     base.strip_suffix("_lora").map(str::to_string).unwrap_or(base)
 }
 
-/// `lora_alpha` from diffusers' `lora_adapter_metadata` header entry, if any.
-fn peft_alpha(metadata: &HashMap<String, String>) -> Option<f64> {
-    let json: serde_json::Value = serde_json::from_str(metadata.get("lora_adapter_metadata")?).ok()?;
-    ["unet.lora_alpha", "lora_alpha"].iter().find_map(|k| json.get(*k).and_then(|v| v.as_f64()))
+/// `lora_alpha` from diffusers' `lora_adapter_metadata` header entry, if any;
+/// one that is there but not a finite number is refused.
+fn peft_alpha(metadata: &HashMap<String, String>, source: &str) -> Result<Option<f64>> {
+    let Some(text) = metadata.get("lora_adapter_metadata") else { return Ok(None) };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return Ok(None) };
+    let Some(value) = ["unet.lora_alpha", "lora_alpha"].iter().find_map(|k| json.get(*k)) else { return Ok(None) };
+    match value.as_f64() {
+        Some(alpha) if alpha.is_finite() => Ok(Some(alpha)),
+        _ => bail!("{source}: lora_alpha in its lora_adapter_metadata is {value}, not a finite number; the file is damaged"),
+    }
 }
 
 /// Writes `weights` in `format` atomically with `metadata` in the header.

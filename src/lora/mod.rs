@@ -157,15 +157,29 @@ pub fn fuse(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: 
     Ok(())
 }
 
-/// `FILE[:SCALE]` as `--lora` takes it: the scale after the last colon, 1 if absent.
+/// `FILE[:SCALE]` as `--lora` takes it: the scale after the last colon, 1 if
+/// absent. A strength out of range is refused; a high one is printed as a warning.
 pub fn parse_spec(spec: &str) -> Result<(std::path::PathBuf, f64)> {
     if let Some((file, scale)) = spec.rsplit_once(':') {
-        if let Ok(scale) = scale.parse::<f64>() {
-            if !scale.is_finite() {
-                bail!("--lora {spec}: the scale must be a finite number");
+        if let Ok(scale) = scale.trim().parse::<f64>() {
+            if let Some(warning) = crate::ranges::check_lora_scale(scale, &format!("--lora {spec}"))? {
+                eprintln!("{warning}");
             }
             return Ok((file.into(), scale));
         }
     }
     Ok((spec.into(), 1.0))
 }
+
+/// `--lora FILE`: a file that is there (a folder or a missing path is named as such).
+pub fn check_lora_path(path: &std::path::Path) -> Result<()> {
+    let source = path.display();
+    if path.is_dir() {
+        bail!("--lora {source} is a folder; give the path of a .safetensors LoRA file inside it");
+    }
+    if !path.is_file() {
+        bail!("--lora {source} does not exist; give the path of a .safetensors LoRA file");
+    }
+    Ok(())
+}
+

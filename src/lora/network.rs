@@ -46,6 +46,7 @@ impl LoraNetwork {
         if rank < 1 {
             bail!("--rank must be at least 1, got {rank}");
         }
+        check_rank_fits(unet_layers, targets, rank)?;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let mut modules = Vec::new();
@@ -109,5 +110,29 @@ impl LoraNetwork {
             })
             .collect();
         LoraWeights { modules, metadata: Default::default() }
+    }
+}
+
+/// A rank above a targeted layer's width adds parameters that cannot
+/// learn anything the layer could not: refused, naming the narrowest layer.
+fn check_rank_fits(unet_layers: &LayerIndex, targets: Targets, rank: i64) -> Result<()> {
+    let mut narrowest: Option<(i64, String)> = None;
+    unet_layers.for_each(|entry| {
+        if !targets.matches(&entry.name) {
+            return;
+        }
+        let width = match entry.shape {
+            LayerShape::Linear { in_features, out_features } => in_features.min(out_features),
+            LayerShape::Conv2d { in_channels, out_channels, .. } => in_channels.min(out_channels),
+        };
+        if narrowest.as_ref().is_none_or(|(w, _)| width < *w) {
+            narrowest = Some((width, entry.name.clone()));
+        }
+    });
+    match narrowest {
+        Some((width, name)) if rank > width => bail!(
+            "--rank {rank} is more than the width of the narrowest targeted layer ({name}, {width} features); use --rank {width} or less"
+        ),
+        _ => Ok(()),
     }
 }

@@ -2,6 +2,7 @@
 //! carries, and consistency figures against the brand set.
 pub mod grid;
 pub mod image_out;
+pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod render;

@@ -27,9 +27,7 @@ impl LoadedLora {
     /// Reads `FILE[:SCALE]` as `--lora` takes it.
     pub fn read(spec: &str, layers: &ModelLayers) -> Result<Self> {
         let (path, scale) = lora::parse_spec(spec)?;
-        if !path.is_file() {
-            bail!("--lora {} does not exist; give the path of a .safetensors LoRA file", path.display());
-        }
+        lora::check_lora_path(&path)?;
         let weights = lora::format::read(&path, layers)?;
         let hash = super::settings::lora_hash(&path)?;
         Ok(LoadedLora { path, scale, weights, hash })

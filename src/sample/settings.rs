@@ -365,7 +365,7 @@ pub enum Found {
 /// Reads the settings of a PNG written by sdtune (or by A1111).
 pub fn read_png(path: &Path) -> Result<Found> {
     if !path.is_file() {
-        bail!("--from {} does not exist; give a PNG written by `sdtune sample`", path.display());
+        bail!("--from {} {}; give a PNG written by `sdtune sample`", path.display(), crate::fsutil::why_not_a_file(path));
     }
     let texts = crate::sample::image_out::read_png_text(path)?;
     let text = |key: &str| texts.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::lr::LrSchedule;
 use crate::lora::targets::Targets;
 use crate::runtime::Precision;
+use crate::ranges::number;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -97,18 +98,107 @@ impl TrainConfig {
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             bail!("name {:?} must be a plain file name (no slashes, not starting with a dot)", self.name);
         }
-        let positive = [("steps", self.steps as f64), ("rank", self.rank as f64), ("batch_size", self.batch_size as f64), ("grad_accum", self.grad_accum as f64), ("lr", self.lr), ("alpha", self.alpha)];
-        for (key, value) in positive {
-            if !(value > 0.0) {
-                bail!("{key} must be positive, got {value}");
+        for (key, value) in [("steps", self.steps), ("batch_size", self.batch_size as u64), ("grad_accum", self.grad_accum as u64)] {
+            if value == 0 {
+                bail!("{} is 0; it must be a whole number of 1 or more", setting(key));
             }
         }
+        if self.rank < 1 {
+            bail!("{} is {}; a LoRA rank is a whole number of 1 or more (4 to 128 is usual)", setting("rank"), self.rank);
+        }
+        positive_finite("lr", self.lr, "1e-4 is usual for a LoRA")?;
+        positive_finite("alpha", self.alpha, "the rank, or half of it, is usual")?;
+        in_range("noise_offset", self.noise_offset, 0.0, 1.0, "0 turns it off, 0.05 to 0.1 is usual")?;
+        if let Some(gamma) = self.min_snr_gamma {
+            in_range("min_snr_gamma", gamma, 0.0, 1000.0, "0 turns it off, 5 is usual")?;
+        }
+        in_range("clip_norm", self.clip_norm, 0.0, f64::MAX, "0 turns clipping off, 1 is usual")?;
+        if self.sample_steps == 0 {
+            bail!("{} is 0; grids need 1 or more sampler steps (20 is usual)", setting("sample_steps"));
+        }
+        crate::ranges::check_guidance(self.sample_guidance, "train.sample_guidance in sdtune.yaml")?;
         if !(0.0..1.0).contains(&self.caption_dropout) {
-            bail!("caption_dropout must be in [0, 1), got {}", self.caption_dropout);
+            bail!("{} is {}; it is a fraction of steps from 0 up to (not including) 1", setting("caption_dropout"), self.caption_dropout);
         }
         if self.keep_last == 0 {
-            bail!("keep_last must be at least 1");
+            bail!("{} is 0; at least 1 resumable state must be kept", setting("keep_last"));
         }
         Ok(())
+    }
+
+    /// Legal but suspicious settings, one line each, for the run to print.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.warmup_steps > self.steps {
+            let effect = if self.lr_schedule == "constant" {
+                "the constant schedule ignores it".to_string()
+            } else {
+                format!("the learning rate never reaches {}", self.lr)
+            };
+            out.push(format!(
+                "warning: the warm-up ({} steps) is longer than the run ({} steps), so {effect}; lower --warmup-steps",
+                self.warmup_steps, self.steps
+            ));
+        }
+        if self.lr > 1e-2 {
+            out.push(format!("warning: lr {} is far above the usual 1e-4 for a LoRA; training may diverge", self.lr));
+        }
+        if self.noise_offset > 0.2 {
+            out.push(format!("warning: noise_offset {} is far above the usual 0.05 to 0.1; images may come out washed out or too dark", self.noise_offset));
+        }
+        out
+    }
+}
+
+/// A key as both places name it: `train.lr in sdtune.yaml (--lr)`.
+fn setting(key: &str) -> String {
+    format!("train.{key} (--{})", key.replace('_', "-"))
+}
+
+fn positive_finite(key: &str, value: f64, usual: &str) -> Result<()> {
+    if !(value.is_finite() && value > 0.0) {
+        bail!("{} is {}; it must be a finite number above 0 ({usual})", setting(key), number(value));
+    }
+    Ok(())
+}
+
+fn in_range(key: &str, value: f64, low: f64, high: f64, usual: &str) -> Result<()> {
+    if !(value.is_finite() && (low..=high).contains(&value)) {
+        let range = if high == f64::MAX { format!("a finite number of {low} or more") } else { format!("a number from {low} to {high}") };
+        bail!("{} is {}; it must be {range} ({usual})", setting(key), number(value));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_name_key_and_flag() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut TrainConfig)>)> = vec![
+            ("train.noise_offset (--noise-offset)", Box::new(|t| t.noise_offset = f64::NAN)),
+            ("train.noise_offset (--noise-offset)", Box::new(|t| t.noise_offset = -0.1)),
+            ("train.min_snr_gamma (--min-snr-gamma)", Box::new(|t| t.min_snr_gamma = Some(-1.0))),
+            ("train.lr (--lr)", Box::new(|t| t.lr = f64::INFINITY)),
+            ("train.batch_size (--batch-size)", Box::new(|t| t.batch_size = 0)),
+            ("train.grad_accum (--grad-accum)", Box::new(|t| t.grad_accum = 0)),
+            ("train.sample_guidance", Box::new(|t| t.sample_guidance = 1e30)),
+        ];
+        for (key, change) in cases {
+            let mut t = TrainConfig::default();
+            change(&mut t);
+            let err = t.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        assert!(TrainConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn a_warm_up_longer_than_the_run_is_warned() {
+        let t = TrainConfig { steps: 10, warmup_steps: 50, lr_schedule: "cosine".into(), ..TrainConfig::default() };
+        let warnings = t.warnings();
+        assert!(warnings.iter().any(|w| w.contains("warm-up") && w.contains("50 steps")), "{warnings:?}");
+        assert!(TrainConfig::default().warnings().is_empty());
     }
 }
