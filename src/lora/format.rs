@@ -146,7 +146,7 @@ fn stored_module(file: &TensorFile, base: &str, down_name: &str, up_name: &str, 
     let up = file.tensor(up_name)?.to_kind(Kind::Float);
     let rank = check_pair(&down, &up, base, source)?;
     for (tensor, name) in [(&down, down_name), (&up, up_name)] {
-        if tensor.isfinite().logical_not().any().int64_value(&[]) != 0 {
+        if !crate::models::finite::all_finite(tensor) {
             bail!("{source}: tensor {name} holds NaN or infinite numbers; the LoRA is damaged (a diverged training run?), use another file");
         }
     }
