@@ -306,10 +306,12 @@ fn concept_summary(cache: &CacheReader) -> Option<String> {
         .iter()
         .enumerate()
         .filter(|(_, c)| !c.is_class)
-        .map(|(i, c)| {
-            let images = dataset.items.iter().filter(|item| item.concept == Some(i)).count();
+        .map(|(i, c)| (c, dataset.items.iter().filter(|item| item.concept == Some(i)).count()))
+        .filter(|&(_, images)| images > 0)
+        .map(|(c, images)| {
             let weight = if c.loss_weight == 1.0 { String::new() } else { format!(", loss weight {}", c.loss_weight) };
-            format!("{} ({images} images x {} repeats{weight})", c.name, c.repeats)
+            let plural = |n: usize| if n == 1 { "" } else { "s" };
+            format!("{} ({images} image{} x {} repeat{}{weight})", c.name, plural(images), c.repeats, plural(c.repeats as usize))
         })
         .collect();
     (!parts.is_empty()).then(|| parts.join(", "))

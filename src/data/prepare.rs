@@ -260,7 +260,11 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         }
         header_notes(&c, &mut notes);
         let caption = captions_of(c.concept).caption_for(&c.found.path);
-        caption_notes(&caption, &c.found, &mut notes);
+        // In a kohya tree the folder's name is the caption by convention, not a gap.
+        let folder_caption = cfg.concepts.is_empty() && c.concept.is_some() && caption.issue == Some(Issue::Missing);
+        if !folder_caption {
+            caption_notes(&caption, &c.found, &mut notes);
+        }
         let Caption { text: caption, source, .. } = caption;
         let tokens = tokenizer.token_count(&caption);
         if tokens > MAX_TOKENS - 2 {

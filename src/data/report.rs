@@ -206,7 +206,7 @@ impl Report {
             self.warn(
                 None,
                 "class_concept",
-                format!("{named} is a regularisation (class) set: its {} images are cached for prior preservation, which sdtune does not train yet, so training leaves them out", c.images),
+                format!("{named} is a regularisation (class) set: its {} image{} cached for prior preservation, which sdtune does not train yet, so training leaves {}", c.images, if c.images == 1 { " is" } else { "s are" }, if c.images == 1 { "it out" } else { "them out" }),
             );
         } else if c.share < SMALL_SHARE {
             self.warn(
