@@ -16,8 +16,9 @@ use image::{ImageFormat, Rgb, RgbImage};
 use sdtune::data::cache::CacheReader;
 use sdtune::lora::network::{DownInit, LoraNetwork};
 use sdtune::lora::targets::Targets;
+use sdtune::loaders::weights::build_and_load;
+use sdtune::models::conditioning::Conditioning;
 use sdtune::models::config::{SchedulerConfig, UNetConfig};
-use sdtune::models::load::build_and_load;
 use sdtune::models::unet::UNet2DConditionModel;
 use sdtune::schedulers::NoiseSchedule;
 use sdtune::train::data::{epoch_batches, with_repeats, TrainSample, TrainingData};
@@ -208,14 +209,14 @@ impl TrainingData for Weighted {
         Ok(TrainSample {
             latent_mean: self.means[i].shallow_clone(),
             latent_std: self.means[i].ones_like() * 0.01,
-            text: self.texts[i].shallow_clone(),
+            text: Conditioning::text_only(self.texts[i].unsqueeze(0)),
         })
     }
     fn has_flips(&self) -> bool {
         false
     }
-    fn empty_caption(&self) -> Result<Tensor> {
-        Ok(Tensor::zeros([77, 32], (Kind::Float, Device::Cpu)))
+    fn empty_caption(&self) -> Result<Conditioning> {
+        Ok(Conditioning::text_only(Tensor::zeros([1, 77, 32], (Kind::Float, Device::Cpu))))
     }
     fn loss_weight(&self, _index: usize) -> f64 {
         self.weight

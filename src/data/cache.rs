@@ -634,6 +634,7 @@ mod tests {
             text: "t".into(),
             latent: "a".into(),
             flipped_latent: None,
+            concept: None,
         };
         let dataset = Dataset {
             data_dir: "d".into(),
@@ -642,6 +643,7 @@ mod tests {
             scaling_factor: 0.18215,
             shift_factor: None,
             empty_text: "t".into(),
+            concepts: Vec::new(),
             items: vec![item],
         };
         w.finish(dataset).unwrap();
