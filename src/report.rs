@@ -22,6 +22,8 @@ struct Grid {
     step: u64,
     png: PathBuf,
     figures: Option<StepFigures>,
+    /// Per concept: its prompts against its own images.
+    concepts: Vec<(String, StepFigures)>,
 }
 
 /// The palette distances of one grid (all its images, one variant).
@@ -34,6 +36,14 @@ struct StepFigures {
 
 #[derive(Deserialize)]
 struct ConsistencyFile {
+    variants: Vec<VariantFigure>,
+    #[serde(default)]
+    concepts: Vec<ConceptFigure>,
+}
+
+#[derive(Deserialize)]
+struct ConceptFigure {
+    concept: String,
     variants: Vec<VariantFigure>,
 }
 
@@ -114,8 +124,12 @@ fn read_samples(dir: &Path) -> Result<(Vec<Grid>, Vec<PathBuf>)> {
         }
         match file.strip_prefix("step-").and_then(|r| r.strip_suffix(".png")).and_then(|s| s.parse().ok()) {
             Some(step) => {
-                let figures = read_figures(&path.with_extension("consistency.json"));
-                grids.push(Grid { step, png: path, figures });
+                let file = read_consistency(&path.with_extension("consistency.json"));
+                let figures = file.as_ref().and_then(|f| trained_variant(&f.variants));
+                let concepts = file.map_or(Vec::new(), |f| {
+                    f.concepts.iter().filter_map(|c| trained_variant(&c.variants).map(|v| (c.concept.clone(), v))).collect()
+                });
+                grids.push(Grid { step, png: path, figures, concepts });
             }
             // Images of a grid sit beside it as <grid>-p<row>-s<seed>.png; only grids are shown.
             None if !is_grid_member(&file) => others.push(path),
@@ -136,10 +150,14 @@ fn is_grid_member(file: &str) -> bool {
     })
 }
 
-fn read_figures(path: &Path) -> Option<StepFigures> {
+fn read_consistency(path: &Path) -> Option<ConsistencyFile> {
     let text = std::fs::read_to_string(path).ok()?;
-    let file: ConsistencyFile = serde_json::from_str(&text).ok()?;
-    let v = file.variants.iter().find(|v| v.variant != "base").or(file.variants.first())?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The figures of the trained model (not the base beside it).
+fn trained_variant(variants: &[VariantFigure]) -> Option<StepFigures> {
+    let v = variants.iter().find(|v| v.variant != "base").or(variants.first())?;
     Some(StepFigures { mean: v.mean, seed_std: v.seed_std, seed_pairwise: v.seed_pairwise })
 }
 
@@ -181,6 +199,8 @@ fn render(name: &str, settings: &SettingsFile, losses: &[(u64, f64)], grids: &[G
         h.push_str("</table>\n<p class=\"note\">Palette distance: sliced Earth mover's distance between CIE Lab colour histograms of each grid image and of the brand set, in ΔE-like units (lower is closer to the brand), averaged over the grid. Step 0 is the base model.</p>\n");
     }
 
+    h.push_str(&concept_section(grids)?);
+
     h.push_str("<h2>Samples over training</h2>\n");
     if grids.is_empty() {
         h.push_str("<p>No grids were rendered (sample_every was 0).</p>\n");
@@ -209,6 +229,51 @@ fn render(name: &str, settings: &SettingsFile, losses: &[(u64, f64)], grids: &[G
     h.push_str("</table>\n<p class=\"note\">Written by sdtune ");
     h.push_str(env!("CARGO_PKG_VERSION"));
     h.push_str(".</p>\n</body></html>\n");
+    Ok(h)
+}
+
+/// The concepts learned and not: each concept's prompts against its own
+/// images, per grid; nothing for a set without concepts.
+fn concept_section(grids: &[Grid]) -> Result<String> {
+    let mut names: Vec<&str> = Vec::new();
+    for g in grids {
+        for (name, _) in &g.concepts {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    if names.is_empty() {
+        return Ok(String::new());
+    }
+    let mut h = String::from("<h2>Consistency per concept</h2>\n<ul class=\"concepts\">\n");
+    for name in &names {
+        let series: Vec<(u64, f64)> =
+            grids.iter().filter_map(|g| g.concepts.iter().find(|(n, _)| n == name).map(|(_, f)| (g.step, f.mean))).collect();
+        let (Some(first), Some(last)) = (series.first(), series.last()) else { continue };
+        let change = if first.0 < last.0 && first.1 > 0.0 {
+            format!("{:.1} at step {} → {:.1} at step {} ({:+.0}%)", first.1, first.0, last.1, last.0, 100.0 * (last.1 - first.1) / first.1)
+        } else {
+            format!("{:.1} at step {}", last.1, last.0)
+        };
+        writeln!(h, "<li><b>{}</b>: palette distance to its own images {change}</li>", escape(name))?;
+    }
+    h.push_str("</ul>\n<table><tr><th>step</th>");
+    for name in &names {
+        write!(h, "<th>{}</th>", escape(name))?;
+    }
+    h.push_str("</tr>\n");
+    for g in grids.iter().filter(|g| !g.concepts.is_empty()) {
+        write!(h, "<tr><td>{}</td>", g.step)?;
+        for name in &names {
+            match g.concepts.iter().find(|(n, _)| n == name) {
+                Some((_, f)) => write!(h, "<td>{:.2} ± {:.2}</td>", f.mean, f.seed_std)?,
+                None => h.push_str("<td>–</td>"),
+            }
+        }
+        h.push_str("</tr>\n");
+    }
+    h.push_str("</table>\n<p class=\"note\">Each concept's grid prompts (the rows whose caption, trigger word or name is the concept's) measured against that concept's own prepared images: mean palette distance ± its spread across seeds. A concept whose distance does not fall has not been learned yet; raise its repeats.</p>\n");
     Ok(h)
 }
 
@@ -395,6 +460,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn concepts_get_their_own_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        std::fs::create_dir_all(run.join("samples")).unwrap();
+        for (step, circle, star) in [(0, 80.0, 60.0), (10, 20.0, 59.0)] {
+            image::RgbImage::new(4, 4).save(run.join(format!("samples/step-{step:06}.png"))).unwrap();
+            let v = |m: f64| format!("[{{\"variant\":\"lora\",\"mean\":{m},\"seed_std\":0.5,\"seed_pairwise\":1.0}}]");
+            let json = format!(
+                "{{\"variants\":{},\"concepts\":[{{\"concept\":\"circle\",\"variants\":{}}},{{\"concept\":\"star <x>\",\"variants\":{}}}]}}",
+                v(70.0),
+                v(circle),
+                v(star)
+            );
+            std::fs::write(run.join(format!("samples/step-{step:06}.consistency.json")), json).unwrap();
+        }
+        let page = std::fs::read_to_string(write(run).unwrap()).unwrap();
+        assert!(page.contains("Consistency per concept"), "{page}");
+        assert!(page.contains("<b>circle</b>: palette distance to its own images 80.0 at step 0 → 20.0 at step 10 (-75%)"), "{page}");
+        assert!(page.contains("<b>star &lt;x&gt;</b>: palette distance to its own images 60.0 at step 0 → 59.0 at step 10 (-2%)"), "{page}");
+        assert!(page.contains("<td>20.00 ± 0.50</td>"), "{page}");
+    }
+
+    #[test]
     fn base64_matches_rfc_4648() {
         assert_eq!(base64(b""), "");
         assert_eq!(base64(b"f"), "Zg==");
@@ -429,6 +517,7 @@ mod tests {
         assert!(page.contains("data:image/png;base64,"), "images are inlined");
         assert_eq!(page.matches("<svg").count(), 2, "loss and consistency charts");
         assert!(page.contains("40.0 → 10.0 (-75%)"), "{page}");
+        assert!(!page.contains("Consistency per concept"), "a set without concepts has no such section");
         assert!(page.contains("a &lt;b&gt;") && page.contains("rank / alpha"));
         assert!(!page.contains("src=\"http"), "nothing is fetched");
     }

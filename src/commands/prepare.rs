@@ -106,9 +106,20 @@ pub fn run(args: PrepareArgs) -> Result<()> {
     apply_flags(&args, &mut config)?;
     config.data.validate()?;
 
-    let data_dir = args.dir.clone().or_else(|| config.data.path.clone()).with_context(|| {
-        format!("no image folder given; run `sdtune prepare ./your_images`, or set data.path in {CONFIG_FILE}")
-    })?;
+    let data_dir = if config.data.concepts.is_empty() {
+        args.dir.clone().or_else(|| config.data.path.clone()).with_context(|| {
+            format!("no image folder given; run `sdtune prepare ./your_images`, or set data.path in {CONFIG_FILE}")
+        })?
+    } else {
+        if let Some(dir) = &args.dir {
+            bail!(
+                "{CONFIG_FILE} lists the image folders in data.concepts, so {} would not be used; run `sdtune prepare` without a folder, or remove data.concepts",
+                dir.display()
+            );
+        }
+        // Concept paths are relative to the config's folder, the working folder.
+        PathBuf::from(".")
+    };
     let builtin_model = config.model.is_none();
     let model_dir = match config.model.clone() {
         Some(model) => PathBuf::from(model),
@@ -145,7 +156,11 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         // The built-in model stays unnamed, so later runs find it wherever it is cached.
         fresh.model = (!builtin_model).then(|| model_dir.display().to_string());
         fresh.data.path = Some(data_dir);
-        fresh.sample.prompts = sample_prompts(&prepared.captions, fresh.data.trigger.as_deref(), 4);
+        fresh.sample.prompts = if prepared.concept_prompts.is_empty() {
+            sample_prompts(&prepared.captions, fresh.data.trigger.as_deref(), 4)
+        } else {
+            prepared.concept_prompts.clone()
+        };
         fresh.save(&work_dir.join(CONFIG_FILE))?;
         say(&format!(
             "wrote {CONFIG_FILE} (model, data folder, resolution, trigger word, sample prompts); edit it to change the defaults\n"

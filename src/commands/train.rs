@@ -17,6 +17,7 @@ use crate::schedulers::SchedulerKind;
 use crate::train::config::TrainConfig;
 use crate::train::data::TrainingData;
 use crate::train::lr::LrSchedule;
+use crate::sample::concept_figures::{palettes, prepared_concepts, ConceptPalette};
 use crate::sample::metrics::Brand;
 use crate::sample::settings::Settings;
 use crate::train::run::{self, Event, GridPlan, RunPlan};
@@ -130,6 +131,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     let cache = CacheReader::open(&work_dir)?;
     let dataset = cache.dataset().clone();
+    check_concepts(&cache)?;
     let mut model_spec = args.model.clone().or(config.model.clone()).unwrap_or_else(|| dataset.model.clone());
     if crate::loaders::builtin::is_builtin(&model_spec) {
         // Written again if its cached copy was removed since prepare.
@@ -163,6 +165,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut plan = plan(&train, &config, &work_dir, &cache, precision, &model_spec, args.resume, grid)?;
     plan.full = args.full;
     plan.grid.brand = brand_palette(&work_dir);
+    if plan.grid.brand.is_some() {
+        plan.grid.concepts = concept_palettes(&work_dir, &plan.grid.prompts);
+    }
     let stop = ctrl_c_flag()?;
     let bar = crate::progress::steps_bar(train.steps, "train");
     let mut on_event = |event: Event| match event {
@@ -272,6 +277,70 @@ fn brand_palette(work_dir: &Path) -> Option<Brand> {
     }
 }
 
+/// Says which concepts train how often; refuses a set with nothing to train.
+fn check_concepts(cache: &CacheReader) -> Result<()> {
+    let dataset = cache.dataset();
+    if dataset.concepts.is_empty() {
+        return Ok(());
+    }
+    for c in dataset.concepts.iter().filter(|c| c.is_class) {
+        eprintln!(
+            "note: concept {:?} is a regularisation (class) set; it is kept for prior preservation, which sdtune does not train yet, so this run leaves it out",
+            c.name
+        );
+    }
+    if cache.items_by_bucket().iter().all(Vec::is_empty) {
+        bail!("every prepared image belongs to a regularisation (class) concept; add a concept without is_class (or a kohya N_name folder outside reg/) and run `sdtune prepare` again");
+    }
+    if let Some(summary) = concept_summary(cache) {
+        eprintln!("concepts: {summary}");
+    }
+    Ok(())
+}
+
+/// `roadster 4 images x 10 repeats, logo 2 x 1 (weight 0.5)`: the training concepts in words.
+fn concept_summary(cache: &CacheReader) -> Option<String> {
+    let dataset = cache.dataset();
+    let parts: Vec<String> = dataset
+        .concepts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !c.is_class)
+        .map(|(i, c)| (c, dataset.items.iter().filter(|item| item.concept == Some(i)).count()))
+        .filter(|&(_, images)| images > 0)
+        .map(|(c, images)| {
+            let weight = if c.loss_weight == 1.0 { String::new() } else { format!(", loss weight {}", c.loss_weight) };
+            let plural = |n: usize| if n == 1 { "" } else { "s" };
+            format!("{} ({images} image{} x {} repeat{}{weight})", c.name, plural(images), c.repeats, plural(c.repeats as usize))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// Each training concept's palette and grid rows (none, with a warning,
+/// when its images cannot be read).
+fn concept_palettes(work_dir: &Path, prompts: &[String]) -> Vec<ConceptPalette> {
+    match prepared_concepts(work_dir) {
+        Ok(concepts) => palettes(prompts, concepts),
+        Err(e) => {
+            eprintln!("warning: no per-concept consistency figures: {}", crate::errors::one_sentence(&e));
+            Vec::new()
+        }
+    }
+}
+
+/// The first caption of each training concept: one grid row per concept.
+fn concept_prompts(cache: &CacheReader) -> Vec<String> {
+    let dataset = cache.dataset();
+    let mut prompts: Vec<String> = Vec::new();
+    for (i, _) in dataset.concepts.iter().enumerate().filter(|(_, c)| !c.is_class) {
+        if let Some(item) = dataset.items.iter().find(|item| item.concept == Some(i) && !prompts.contains(&item.caption)) {
+            prompts.push(item.caption.clone());
+        }
+    }
+    prompts
+}
+
 /// `auto`: bf16 on CUDA, fp32 on CPU; bf16 falls back to fp16 where unsupported.
 fn choose_precision(spec: &str, device: Device) -> Result<Precision> {
     let wanted = match spec {
@@ -306,6 +375,9 @@ fn plan(
     }
     let mut prompts = config.sample.prompts.clone();
     if prompts.is_empty() {
+        prompts = concept_prompts(cache);
+    }
+    if prompts.is_empty() {
         prompts = dataset.items.iter().map(|i| i.caption.clone()).take(2).collect();
     }
     Ok(RunPlan {
@@ -339,9 +411,11 @@ fn plan(
             negative_prompt: None,
             settings: grid,
             brand: None,
+            concepts: Vec::new(),
         },
         resolution: dataset.resolution,
         num_images: dataset.items.len(),
+        concepts: concept_summary(cache),
         base_model: model_spec.to_string(),
         full: false,
     })

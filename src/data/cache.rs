@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::buckets::{Bucket, Crop};
+use super::concepts::Concept;
 use super::keys::short_hash;
 use crate::loaders::tensor_file::{write_tensors, TensorFile};
 use crate::models::conditioning::Conditioning;
@@ -81,6 +82,9 @@ pub struct Dataset {
     pub shift_factor: Option<f64>,
     /// Key of the empty caption's embedding (for caption dropout).
     pub empty_text: String,
+    /// The concepts of a kohya tree or of `data.concepts`; empty for a flat folder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub concepts: Vec<Concept>,
     pub items: Vec<Item>,
 }
 
@@ -98,6 +102,10 @@ pub struct Item {
     pub latent: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flipped_latent: Option<String>,
+    /// Index into the dataset's concepts (an image in two concepts is two
+    /// items sharing its latents); `None` for a flat folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concept: Option<usize>,
 }
 
 /// One journal line: a shard and the entries it holds.
@@ -426,19 +434,29 @@ impl CacheReader {
         })
     }
 
-    /// Item indices grouped by bucket (a batch never mixes buckets), buckets in order.
+    /// Item indices grouped by bucket (a batch never mixes buckets), buckets
+    /// in order. Items of regularisation (class) concepts are left out: they
+    /// wait for the prior-preservation loss.
     pub fn items_by_bucket(&self) -> Vec<Vec<usize>> {
         let mut groups: BTreeMap<Bucket, Vec<usize>> = BTreeMap::new();
         for (i, item) in self.dataset().items.iter().enumerate() {
-            groups.entry(item.bucket).or_default().push(i);
+            if !self.concept_of(i).is_some_and(|c| c.is_class) {
+                groups.entry(item.bucket).or_default().push(i);
+            }
         }
         groups.into_values().collect()
     }
 
-    /// Whether flipped latents were cached for every item.
+    /// The concept item `index` belongs to (`None` for a flat folder).
+    pub fn concept_of(&self, index: usize) -> Option<&Concept> {
+        let dataset = self.dataset();
+        dataset.items.get(index)?.concept.and_then(|c| dataset.concepts.get(c))
+    }
+
+    /// Whether flipped latents were cached for any item (concepts choose
+    /// flipping each for itself; a flat folder has them for all or none).
     pub fn has_flips(&self) -> bool {
-        let items = &self.dataset().items;
-        !items.is_empty() && items.iter().all(|i| i.flipped_latent.is_some())
+        self.dataset().items.iter().any(|i| i.flipped_latent.is_some())
     }
 
     /// Item `index`: `(mean, std, text states)`, the flipped latent when
@@ -579,6 +597,7 @@ mod tests {
             text: "t".into(),
             latent: "a".into(),
             flipped_latent: None,
+            concept: None,
         };
         w.finish(Dataset {
             data_dir: "d".into(),
@@ -587,6 +606,7 @@ mod tests {
             scaling_factor: 0.18215,
             shift_factor: None,
             empty_text: "t".into(),
+            concepts: Vec::new(),
             items: vec![item],
         })
         .unwrap();
@@ -614,6 +634,7 @@ mod tests {
             text: "t".into(),
             latent: "a".into(),
             flipped_latent: None,
+            concept: None,
         };
         let dataset = Dataset {
             data_dir: "d".into(),
@@ -622,6 +643,7 @@ mod tests {
             scaling_factor: 0.18215,
             shift_factor: None,
             empty_text: "t".into(),
+            concepts: Vec::new(),
             items: vec![item],
         };
         w.finish(dataset).unwrap();

@@ -76,6 +76,18 @@ impl Captions {
         captions
     }
 
+    /// The same caption sources with another template and trigger (a
+    /// concept's); problems with the source files stay with `self`.
+    pub fn with_rules(&self, template: Option<&str>, trigger: Option<&str>) -> Self {
+        Captions {
+            sidecars: self.sidecars.clone(),
+            metadata: self.metadata.clone(),
+            problems: Vec::new(),
+            template: template.map(str::trim).filter(|t| !t.is_empty()).map(String::from),
+            trigger: trigger.map(str::trim).filter(|t| !t.is_empty()).map(String::from),
+        }
+    }
+
     fn read_metadata(&mut self, found: &Found) {
         let bytes = match std::fs::read(&found.path) {
             Ok(b) => b,

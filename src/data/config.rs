@@ -43,6 +43,9 @@ pub struct DataConfig {
     pub max_pixels: u64,
     /// Images per VAE-encode batch.
     pub encode_batch_size: usize,
+    /// Several subjects, each its own folder and settings (instead of `path`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub concepts: Vec<super::concepts::ConceptConfig>,
 }
 
 impl Default for DataConfig {
@@ -62,6 +65,7 @@ impl Default for DataConfig {
             allow_upscale: false,
             max_pixels: DEFAULT_MAX_PIXELS,
             encode_batch_size: 4,
+            concepts: Vec::new(),
         }
     }
 }
@@ -100,7 +104,7 @@ impl DataConfig {
         if self.no_upscale && self.allow_upscale {
             bail!("no_upscale (--no-upscale) and allow_upscale (--allow-upscale) contradict each other: one forbids scaling images up, the other asks for it; keep one");
         }
-        Ok(())
+        super::concepts::validate(&self.concepts)
     }
 }
 

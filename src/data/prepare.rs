@@ -13,13 +13,14 @@ use tch::Device;
 use super::buckets::{crop_and_resize, crop_for, Bucket, Buckets, Crop};
 use super::cache::{CacheWriter, Dataset, Item, LatentEntry, NewLatent, CACHE_DIR};
 use super::captions::{Caption, Captions, Issue, Source};
+use super::concepts::{self, Defaults, Layout};
 use super::decode::{self, content_hash, format_name, Header, Rejection};
 use super::encode::Encoders;
 use crate::loaders::model_files::ModelFiles;
 use crate::loaders::source::LoadOptions;
 use super::keys::{latent_key, text_key, FileHashes, LatentSettings, TextSettings};
 use super::report::{self, Report};
-use super::scan::{scan, Found};
+use super::scan::Found;
 use crate::data::config::DataConfig;
 use crate::models::tokenizer::MAX_TOKENS;
 use crate::runtime::Precision;
@@ -55,11 +56,15 @@ pub struct Prepared {
     pub report: Report,
     /// Distinct captions of usable images, for sample prompts.
     pub captions: Vec<String>,
+    /// The first caption of each training concept that has images (empty
+    /// for a flat folder): a sample prompt per concept.
+    pub concept_prompts: Vec<String>,
 }
 
 /// A file that passed the header checks.
 struct Candidate {
     found: Found,
+    concept: Option<usize>,
     hash: String,
     header: Header,
 }
@@ -67,6 +72,8 @@ struct Candidate {
 /// A usable image and everything its cache entries depend on.
 struct Planned {
     found: Found,
+    /// Index into the layout's concepts (`None`: a flat folder).
+    concept: Option<usize>,
     hash: String,
     header: Header,
     bucket: Bucket,
@@ -112,31 +119,43 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         ..Default::default()
     };
 
-    // 1. Scan.
+    // 1. Scan: a flat folder, a kohya tree or the configured concepts.
     let scanning = spinner("scanning");
-    let mut scanned = scan(&opts.data_dir, &mut |n| scanning.set_message(format!("{n} files")))?;
+    let mut scanned = scan_layout(opts, &mut |n| scanning.set_message(format!("{n} files")))?;
     scanning.finish_and_clear();
+    if !cfg.concepts.is_empty() {
+        report.data_dir = scanned.concepts.iter().map(|c| c.path.as_str()).collect::<Vec<_>>().join(", ");
+    }
     // Preparing the working folder itself: its own config is not a candidate.
     let own_config = std::fs::canonicalize(&opts.config_file).ok();
-    scanned.candidates.retain(|f| {
-        let ours = own_config.is_some() && std::fs::canonicalize(&f.path).ok() == own_config;
+    scanned.candidates.retain(|s| {
+        let ours = own_config.is_some() && std::fs::canonicalize(&s.found.path).ok() == own_config;
         if ours {
             scanned
                 .ignored
-                .push(super::scan::Ignored { rel: f.rel.clone(), reason: "sdtune's own config file".into() });
+                .push(super::scan::Ignored { rel: s.found.rel.clone(), reason: "sdtune's own config file".into() });
         }
         !ours
     });
     report.ignored =
         scanned.ignored.iter().map(|i| report::Ignored { path: i.rel.clone(), reason: i.reason.clone() }).collect();
+    for o in &scanned.outside {
+        report.skip(&o.rel, o.reason.clone(), o.fix.clone());
+    }
     if scanned.candidates.is_empty() {
+        if !scanned.outside.is_empty() {
+            bail!(
+                "{} holds no image files inside its concept folders (kohya-style N_name sub-folders); move the images into them",
+                opts.data_dir.display()
+            );
+        }
         bail!(
             "{} holds no image files{}; put JPEG, PNG, WebP, BMP, TIFF or GIF images in it",
-            opts.data_dir.display(),
+            if cfg.concepts.is_empty() { opts.data_dir.display().to_string() } else { format!("data.concepts ({})", report.data_dir) },
             if scanned.sidecars.is_empty() && scanned.ignored.is_empty() { " (it is empty)" } else { "" }
         );
     }
-    report.counts.files = scanned.candidates.len();
+    report.counts.files = scanned.candidates.len() + scanned.outside.len();
 
     // 2. The model's files (the models themselves load only if there is work).
     let model = ModelFiles::of(&opts.model_dir.to_string_lossy(), &LoadOptions::default())?;
@@ -155,8 +174,9 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     let checked: Vec<Result<Candidate, (Found, Rejection)>> = scanned
         .candidates
         .par_iter()
-        .map(|found| {
-            let result = check_file(found, cfg.max_pixels);
+        .map(|source| {
+            let result = check_file(&source.found, cfg.max_pixels)
+                .map(|c| Candidate { concept: source.concept, ..c });
             bar.inc(1);
             result
         })
@@ -170,6 +190,13 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     for p in &captions.problems {
         report.warn(Some(&p.rel), "metadata", p.message.clone());
     }
+    // Each concept captions its images with its own template and trigger.
+    let concept_captions: Vec<Captions> = scanned
+        .concepts
+        .iter()
+        .map(|c| captions.with_rules(c.caption_template.as_deref(), c.trigger.as_deref()))
+        .collect();
+    let captions_of = |concept: Option<usize>| concept.map_or(&captions, |i| &concept_captions[i]);
     // Model identities hash the weights once (a whole single file), then are remembered.
     let hashing = spinner("reading model");
     let mut cache_hashes = FileHashes::open(&opts.work_dir.join(CACHE_DIR).join("model-ids.json"));
@@ -184,7 +211,8 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         clip_skip: opts.clip_skip,
     };
     hashing.finish_and_clear();
-    // Of identical files, keep one with a caption, else the shortest path.
+    // Of identical files in one concept, keep one with a caption, else the
+    // shortest path; copies in different concepts are all kept (and share latents).
     let mut candidates = Vec::new();
     for result in checked {
         match result {
@@ -192,17 +220,18 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             Err((found, rejection)) => report.skip(&found.rel, rejection.reason, rejection.fix),
         }
     }
-    let mut keeper: HashMap<String, (bool, usize, String)> = HashMap::new();
+    let mut keeper: HashMap<(Option<usize>, String), (bool, usize, String)> = HashMap::new();
     for c in &candidates {
-        let rank = (captions.caption_for(&c.found.path).issue.is_some(), c.found.rel.len(), c.found.rel.clone());
-        let best = keeper.entry(c.hash.clone()).or_insert_with(|| rank.clone());
+        let caption = captions_of(c.concept).caption_for(&c.found.path);
+        let rank = (caption.issue.is_some(), c.found.rel.len(), c.found.rel.clone());
+        let best = keeper.entry((c.concept, c.hash.clone())).or_insert_with(|| rank.clone());
         if rank < *best {
             *best = rank;
         }
     }
     let mut planned = Vec::new();
     for c in candidates {
-        let kept = &keeper[&c.hash].2;
+        let kept = &keeper[&(c.concept, c.hash.clone())].2;
         if *kept != c.found.rel {
             report.counts.duplicates += 1;
             report.skip(
@@ -230,8 +259,12 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             ));
         }
         header_notes(&c, &mut notes);
-        let caption = captions.caption_for(&c.found.path);
-        caption_notes(&caption, &c.found, &mut notes);
+        let caption = captions_of(c.concept).caption_for(&c.found.path);
+        // In a kohya tree the folder's name is the caption by convention, not a gap.
+        let folder_caption = cfg.concepts.is_empty() && c.concept.is_some() && caption.issue == Some(Issue::Missing);
+        if !folder_caption {
+            caption_notes(&caption, &c.found, &mut notes);
+        }
         let Caption { text: caption, source, .. } = caption;
         let tokens = tokenizer.token_count(&caption);
         if tokens > MAX_TOKENS - 2 {
@@ -247,10 +280,12 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         let bucket = buckets.assign(w, h);
         let crop = crop_for(w, h, bucket);
         let latent = latent_key(&latent_settings, &c.hash, bucket, crop, false);
-        let flipped = cfg.flip.then(|| latent_key(&latent_settings, &c.hash, bucket, crop, true));
+        let flip = scanned.concept(c.concept).map_or(cfg.flip, |k| k.flip);
+        let flipped = flip.then(|| latent_key(&latent_settings, &c.hash, bucket, crop, true));
         let text = text_key(&text_settings, &caption);
         planned.push(Planned {
             found: c.found,
+            concept: c.concept,
             hash: c.hash,
             header: c.header,
             bucket,
@@ -264,7 +299,12 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             alive: true,
         });
     }
-    let image_paths: Vec<&Path> = scanned.candidates.iter().map(|f| f.path.as_path()).collect();
+    let image_paths: Vec<&Path> = scanned
+        .candidates
+        .iter()
+        .map(|s| s.found.path.as_path())
+        .chain(scanned.outside.iter().map(|o| o.path.as_path()))
+        .collect();
     for orphan in captions.orphan_sidecars(&image_paths) {
         report.warn(
             Some(&orphan.rel),
@@ -276,7 +316,8 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     if planned.is_empty() {
         // Nothing usable (a wrong folder?): leave the cache as it is.
         report.finish(&BTreeMap::new());
-        return finish_report(report, opts, started, Vec::new());
+        report.add_concepts(&scanned.concepts, &vec![Vec::new(); scanned.concepts.len()]);
+        return finish_report(report, opts, started, Vec::new(), Vec::new());
     }
 
     // 5. Open the cache, drop what the folder no longer needs.
@@ -291,16 +332,39 @@ pub fn run(opts: &Options) -> Result<Prepared> {
 
     // 6. Encode the latents the cache lacks, bucket by bucket.
     let mut encoders = Encoders::new(&model, opts.device, opts.precision.kind())?;
+    // An image in several concepts is decoded and encoded once, by the first
+    // of them (its owner), with a flipped copy if any of them flips.
+    let mut sharers: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, p) in planned.iter().enumerate() {
+        sharers.entry(p.latent.clone()).or_default().push(i);
+    }
+    let flip_key: Vec<Option<String>> = planned
+        .iter()
+        .map(|p| sharers[&p.latent].iter().find_map(|&j| planned[j].flipped.clone()))
+        .collect();
     let mut by_bucket: BTreeMap<Bucket, Vec<usize>> = BTreeMap::new();
     let mut pending_latents = 0;
     for (i, p) in planned.iter().enumerate() {
-        let missing = std::iter::once(&p.latent).chain(p.flipped.as_ref()).filter(|k| !cache.has_latent(k)).count();
-        report.counts.reused += 1 + p.flipped.is_some() as usize - missing;
+        if sharers[&p.latent][0] != i {
+            continue;
+        }
+        let keys = std::iter::once(&p.latent).chain(flip_key[i].as_ref());
+        let missing = keys.clone().filter(|k| !cache.has_latent(k)).count();
+        report.counts.reused += keys.count() - missing;
         if missing > 0 {
             pending_latents += missing;
             by_bucket.entry(p.bucket).or_default().push(i);
         }
     }
+    let kill = |planned: &mut Vec<Planned>, report: &mut Report, owner: usize, reason: String, fix: String| {
+        let mut named = BTreeSet::new();
+        for &j in &sharers[&planned[owner].latent] {
+            if planned[j].alive && named.insert(planned[j].found.rel.clone()) {
+                report.skip(&planned[j].found.rel, reason.clone(), fix.clone());
+            }
+            planned[j].alive = false;
+        }
+    };
     let delay = std::env::var(SHARD_DELAY_ENV).ok().and_then(|v| v.parse::<u64>().ok());
     let bar = progress_bar(pending_latents as u64, "encoding");
     for (bucket, indices) in &by_bucket {
@@ -311,12 +375,9 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             for (i, result) in decoded {
                 let p = &planned[i];
                 match result {
-                    Err(rejection) => {
-                        report.skip(&p.found.rel, rejection.reason, rejection.fix);
-                        planned[i].alive = false;
-                    }
+                    Err(rejection) => kill(&mut planned, &mut report, i, rejection.reason, rejection.fix),
                     Ok(pixels) => {
-                        if let Some(key) = &p.flipped {
+                        if let Some(key) = &flip_key[i] {
                             if !cache.has_latent(key) {
                                 jobs.push((i, true, key.clone(), image::imageops::flip_horizontal(&pixels)));
                             }
@@ -332,18 +393,17 @@ pub fn run(opts: &Options) -> Result<Prepared> {
                 let images: Vec<&RgbImage> = batch.iter().map(|j| &j.3).collect();
                 let latents = encoders.encode_images(&images)?;
                 for ((i, flipped, key, _), latent) in batch.iter().zip(latents) {
-                    let p = &planned[*i];
                     if !latent.finite {
-                        if p.alive {
-                            report.skip(
-                                &p.found.rel,
-                                "gives NaN or infinite latents even in fp32",
-                                "check the image opens correctly, or remove it",
-                            );
-                        }
-                        planned[*i].alive = false;
+                        kill(
+                            &mut planned,
+                            &mut report,
+                            *i,
+                            "gives NaN or infinite latents even in fp32".into(),
+                            "check the image opens correctly, or remove it".into(),
+                        );
                         continue;
                     }
+                    let p = &planned[*i];
                     report.counts.fp32_fallbacks += latent.fp32_fallback as usize;
                     new.push(NewLatent {
                         key: key.clone(),
@@ -418,6 +478,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             scaling_factor: model.vae_config.scaling_factor,
             shift_factor: model.vae_config.shift_factor,
             empty_text,
+            concepts: scanned.concepts.clone(),
             items: live
                 .iter()
                 .map(|p| Item {
@@ -431,27 +492,55 @@ pub fn run(opts: &Options) -> Result<Prepared> {
                     text: p.text.clone(),
                     latent: p.latent.clone(),
                     flipped_latent: p.flipped.clone(),
+                    concept: p.concept,
                 })
                 .collect(),
         };
         cache.finish(dataset)?;
     }
     report.finish(&histogram);
+    let per_concept: Vec<Vec<Bucket>> = (0..scanned.concepts.len())
+        .map(|i| live.iter().filter(|p| p.concept == Some(i)).map(|p| p.bucket).collect())
+        .collect();
+    report.add_concepts(&scanned.concepts, &per_concept);
     let mut captions: Vec<String> = Vec::new();
     for p in &live {
         if !p.caption.is_empty() && !captions.contains(&p.caption) {
             captions.push(p.caption.clone());
         }
     }
-    finish_report(report, opts, started, captions)
+    let concept_prompts = (0..scanned.concepts.len())
+        .filter(|&i| !scanned.concepts[i].is_class)
+        .filter_map(|i| live.iter().find(|p| p.concept == Some(i) && !p.caption.is_empty()).map(|p| p.caption.clone()))
+        .collect();
+    finish_report(report, opts, started, captions, concept_prompts)
+}
+
+/// The images and their concepts: the configured concepts, else the data
+/// folder (flat or kohya-style).
+fn scan_layout(opts: &Options, on_file: &mut dyn FnMut(usize)) -> Result<Layout> {
+    let cfg = &opts.data;
+    let defaults =
+        Defaults { trigger: cfg.trigger.as_deref(), caption_template: cfg.caption_template.as_deref(), flip: cfg.flip };
+    if cfg.concepts.is_empty() {
+        concepts::from_folder(&opts.data_dir, &defaults, on_file)
+    } else {
+        concepts::from_config(&cfg.concepts, &opts.work_dir, &defaults, on_file)
+    }
 }
 
 /// Stamps the time, writes the JSON report and returns the outcome.
-fn finish_report(mut report: Report, opts: &Options, started: Instant, captions: Vec<String>) -> Result<Prepared> {
+fn finish_report(
+    mut report: Report,
+    opts: &Options,
+    started: Instant,
+    captions: Vec<String>,
+    concept_prompts: Vec<String>,
+) -> Result<Prepared> {
     report.seconds = started.elapsed().as_secs_f64();
     let json = serde_json::to_vec_pretty(&report)?;
     crate::fsutil::write_atomic(&opts.work_dir.join(REPORT_FILE), &json)?;
-    Ok(Prepared { report, captions })
+    Ok(Prepared { report, captions, concept_prompts })
 }
 
 /// Reads, hashes and header-checks one file.
@@ -460,7 +549,7 @@ fn check_file(found: &Found, max_pixels: u64) -> Result<Candidate, (Found, Rejec
         (found.clone(), Rejection::new(format!("cannot be read ({e})"), "check the file's permissions"))
     })?;
     let header = decode::inspect(&bytes, max_pixels).map_err(|r| (found.clone(), r))?;
-    Ok(Candidate { found: found.clone(), hash: content_hash(&bytes), header })
+    Ok(Candidate { found: found.clone(), concept: None, hash: content_hash(&bytes), header })
 }
 
 /// Decodes and crops/resizes one planned image to its bucket.

@@ -7,6 +7,10 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::buckets::Bucket;
+use super::concepts::{epoch_shares, Concept};
+
+/// A training concept under this share of an epoch is warned about.
+pub const SMALL_SHARE: f64 = 0.05;
 
 /// Warnings of one kind shown in full on the terminal.
 const WARNINGS_PER_KIND: usize = 3;
@@ -20,6 +24,9 @@ pub struct Report {
     pub precision: String,
     pub counts: Counts,
     pub buckets: Vec<BucketCount>,
+    /// Per concept (kohya folders or `data.concepts`); empty for a flat folder.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub concepts: Vec<ConceptRow>,
     pub captions: CaptionCounts,
     /// Files that are not used, each with why and what to do.
     pub skipped: Vec<Skipped>,
@@ -54,6 +61,26 @@ pub struct BucketCount {
     pub width: u32,
     pub height: u32,
     pub images: usize,
+}
+
+/// One concept's part of the set.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConceptRow {
+    pub name: String,
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// Usable images.
+    pub images: usize,
+    pub repeats: u32,
+    pub loss_weight: f64,
+    /// A regularisation set (kept for prior preservation, not trained yet).
+    pub is_class: bool,
+    /// Its fraction of an epoch's draws: images x repeats over every training concept's.
+    pub share: f64,
+    pub buckets: Vec<BucketCount>,
+    /// Files under its folder that are not used.
+    pub skipped: usize,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -137,6 +164,90 @@ impl Report {
         }
     }
 
+    /// The per-concept rows and their warnings: a concept with no usable
+    /// image, one under 5% of the epoch, a class set that waits for prior
+    /// preservation. `buckets[i]`: the bucket of each usable image of concept i.
+    pub fn add_concepts(&mut self, concepts: &[Concept], buckets: &[Vec<Bucket>]) {
+        let images: Vec<usize> = buckets.iter().map(Vec::len).collect();
+        let shares = epoch_shares(concepts, &images);
+        for ((c, share), in_concept) in concepts.iter().zip(shares).zip(buckets) {
+            let mut histogram: BTreeMap<Bucket, usize> = BTreeMap::new();
+            for b in in_concept {
+                *histogram.entry(*b).or_default() += 1;
+            }
+            let skipped = self.skipped.iter().filter(|s| s.path.starts_with(&c.path)).count();
+            let row = ConceptRow {
+                name: c.name.clone(),
+                path: c.path.clone(),
+                trigger: c.trigger.clone(),
+                images: in_concept.len(),
+                repeats: c.repeats,
+                loss_weight: c.loss_weight,
+                is_class: c.is_class,
+                share,
+                buckets: histogram.iter().map(|(b, &n)| BucketCount { width: b.width, height: b.height, images: n }).collect(),
+                skipped,
+            };
+            self.concept_warnings(&row);
+            self.concepts.push(row);
+        }
+    }
+
+    fn concept_warnings(&mut self, c: &ConceptRow) {
+        let named = format!("concept {:?} ({})", c.name, c.path);
+        if c.images == 0 {
+            let files = if c.skipped == 0 {
+                "holds no image files".to_string()
+            } else {
+                format!("has no usable image ({} file{} skipped, reasons listed above)", c.skipped, plural(c.skipped))
+            };
+            self.warn(None, "empty_concept", format!("{named} {files}; it is left out and the other concepts train"));
+        } else if c.is_class {
+            self.warn(
+                None,
+                "class_concept",
+                format!("{named} is a regularisation (class) set: its {} image{} cached for prior preservation, which sdtune does not train yet, so training leaves {}", c.images, if c.images == 1 { " is" } else { "s are" }, if c.images == 1 { "it out" } else { "them out" }),
+            );
+        } else if c.share < SMALL_SHARE {
+            self.warn(
+                None,
+                "small_concept",
+                format!(
+                    "{named} has only {:.1}% of an epoch ({} image{} x {} repeat{}); raise its repeats so the other concepts do not drown it",
+                    100.0 * c.share,
+                    c.images,
+                    plural(c.images),
+                    c.repeats,
+                    plural(c.repeats as usize)
+                ),
+            );
+        }
+    }
+
+    /// The concepts as table rows: images, repeats, share, buckets, skipped.
+    fn concept_table(&self, out: &mut String) {
+        let width = self.concepts.iter().map(|c| c.name.chars().count()).max().unwrap_or(0).clamp(7, 32);
+        let _ = writeln!(out, "\nconcepts");
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {:>6}  {:>7}  {:>6}  {:>7}  buckets",
+            "concept", "images", "repeats", "share", "skipped"
+        );
+        for c in &self.concepts {
+            let buckets: Vec<String> = c.buckets.iter().map(|b| format!("{}×{} ({})", b.width, b.height, b.images)).collect();
+            let share = if c.is_class { "class".to_string() } else { format!("{:.1}%", 100.0 * c.share) };
+            let name: String = c.name.chars().take(width).collect();
+            let _ = writeln!(
+                out,
+                "  {name:<width$}  {:>6}  {:>7}  {share:>6}  {:>7}  {}",
+                c.images,
+                c.repeats,
+                c.skipped,
+                buckets.join(", ")
+            );
+        }
+    }
+
     /// The terminal summary.
     pub fn table(&self) -> String {
         let c = &self.counts;
@@ -180,6 +291,9 @@ impl Report {
                 let bar = "#".repeat(((b.images * 30).div_ceil(most)).max(1));
                 let _ = writeln!(out, "  {:>11}  {:>5}  {bar}", format!("{}×{}", b.width, b.height), b.images);
             }
+        }
+        if !self.concepts.is_empty() {
+            self.concept_table(&mut out);
         }
         if !self.skipped.is_empty() {
             let _ = writeln!(out, "\nskipped ({})", self.skipped.len());
@@ -248,5 +362,33 @@ mod tests {
         assert!(r.warnings[1].message.contains("48×80 (1 image)"));
         let table = r.table();
         assert!(table.contains("64×64"), "{table}");
+    }
+
+    #[test]
+    fn concept_rows_and_their_warnings() {
+        let concept = |name: &str, repeats, is_class| Concept {
+            name: name.into(),
+            path: format!("{repeats}_{name}/"),
+            trigger: None,
+            caption_template: None,
+            repeats,
+            loss_weight: 1.0,
+            flip: false,
+            is_class,
+        };
+        let mut r = Report::default();
+        r.skip("3_broken/a.png", "is not an image", "remove it");
+        r.skip("3_broken/b.png", "is not an image", "remove it");
+        let b = Bucket { width: 64, height: 64 };
+        let concepts = [concept("big", 20, false), concept("tiny", 1, false), concept("broken", 3, false), concept("dog", 1, true)];
+        r.add_concepts(&concepts, &[vec![b; 10], vec![b], vec![], vec![b; 4]]);
+        let shares: Vec<f64> = r.concepts.iter().map(|c| c.share).collect();
+        assert_eq!(shares, [200.0 / 201.0, 1.0 / 201.0, 0.0, 0.0]);
+        assert_eq!(r.concepts[2].skipped, 2);
+        let kinds: Vec<_> = r.warnings.iter().map(|w| w.kind.as_str()).collect();
+        assert_eq!(kinds, ["small_concept", "empty_concept", "class_concept"]);
+        assert!(r.warnings[1].message.starts_with("concept \"broken\" (3_broken/) has no usable image (2 files skipped"), "{}", r.warnings[1].message);
+        let table = r.table();
+        assert!(table.contains("concepts") && table.contains("99.5%") && table.contains("64×64 (10)"), "{table}");
     }
 }

@@ -286,6 +286,9 @@ pub struct Consistency {
     pub variants: Vec<VariantFigure>,
     pub prompts: Vec<PromptFigure>,
     pub images: Vec<ImageFigure>,
+    /// Per concept: its prompts against its own images (sets with concepts).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub concepts: Vec<super::concept_figures::ConceptFigures>,
 }
 
 fn mean(xs: &[f64]) -> f64 {
@@ -344,6 +347,7 @@ pub fn consistency(cells: &[Cell], brand: &Brand) -> Consistency {
         variants,
         prompts,
         images,
+        concepts: Vec::new(),
     }
 }
 

@@ -281,7 +281,12 @@ fn render_variants(
 
 /// Each rendered image's palette distance to `brand`, pooled per prompt and variant.
 pub fn consistency(job: &Job, rendered: &[Rendered], brand: &Brand) -> Consistency {
-    let cells: Vec<Cell> = rendered
+    super::metrics::consistency(&cells(job, rendered), brand)
+}
+
+/// The rendered images as the consistency figures take them.
+pub fn cells<'a>(job: &'a Job, rendered: &'a [Rendered]) -> Vec<Cell<'a>> {
+    rendered
         .iter()
         .map(|r| Cell {
             file: r.file.display().to_string(),
@@ -290,8 +295,7 @@ pub fn consistency(job: &Job, rendered: &[Rendered], brand: &Brand) -> Consisten
             variant: &r.variant.label,
             image: &r.image,
         })
-        .collect();
-    super::metrics::consistency(&cells, brand)
+        .collect()
 }
 
 /// Renders `members` as one UNet batch with `settings` (LoRAs already applied).

@@ -15,6 +15,14 @@ impl TrainingData for CacheReader {
         Ok(TrainSample { latent_mean, latent_std, text: self.item_conditioning(index)? })
     }
 
+    fn repeats(&self, index: usize) -> usize {
+        self.concept_of(index).map_or(1, |c| c.repeats as usize)
+    }
+
+    fn loss_weight(&self, index: usize) -> f64 {
+        self.concept_of(index).map_or(1.0, |c| c.loss_weight)
+    }
+
     fn has_flips(&self) -> bool {
         CacheReader::has_flips(self)
     }

@@ -24,6 +24,14 @@ pub trait TrainingData {
     fn has_flips(&self) -> bool;
     /// Conditioning of the empty caption (a batch of one), for caption dropout.
     fn empty_caption(&self) -> Result<Conditioning>;
+    /// Times sample `index` is seen per epoch (its concept's repeats).
+    fn repeats(&self, _index: usize) -> usize {
+        1
+    }
+    /// Multiplies the loss of sample `index` (its concept's loss weight).
+    fn loss_weight(&self, _index: usize) -> f64 {
+        1.0
+    }
 }
 
 /// SplitMix64: small, fast, and fully determined by its seed, so the data
@@ -82,6 +90,26 @@ pub fn epoch_batches(buckets: &[Vec<usize>], batch_size: usize, seed: u64, epoch
     batches
 }
 
+/// Each bucket with every index `repeats(index)` times, as kohya lays out
+/// an epoch: an image of N repeats is drawn N times, each bucket still
+/// apart. With every repeat 1 the buckets are returned as they are.
+pub fn with_repeats(buckets: &[Vec<usize>], repeats: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    buckets
+        .iter()
+        .map(|bucket| bucket.iter().flat_map(|&i| std::iter::repeat_n(i, repeats(i))).collect())
+        .collect()
+}
+
+/// Per-sample losses `[n]` times each sample's loss weight, untouched
+/// (not even multiplied by 1) when every weight is 1.
+pub fn weight_samples(per_sample: Tensor, weights: &[f64]) -> Tensor {
+    if weights.iter().all(|&w| w == 1.0) {
+        return per_sample;
+    }
+    let weights = Tensor::from_slice(weights).to_kind(per_sample.kind()).to_device(per_sample.device());
+    per_sample * weights
+}
+
 /// Batches per epoch (independent of the shuffle).
 pub fn batches_per_epoch(buckets: &[Vec<usize>], batch_size: usize) -> usize {
     buckets.iter().map(|b| b.len().div_ceil(batch_size.max(1))).sum()
@@ -104,5 +132,46 @@ mod tests {
         for batch in &a {
             assert!(batch.iter().all(|&i| i < 7) || batch.iter().all(|&i| i >= 7), "a batch mixed buckets");
         }
+    }
+
+    #[test]
+    fn repeats_are_honoured_exactly_in_every_epoch() {
+        // Two concepts: images 0..4 with 10 repeats, 4..9 with 2, over two buckets.
+        let buckets = vec![vec![0, 1, 4, 5, 6], vec![2, 3, 7, 8]];
+        let repeats = |i: usize| if i < 4 { 10 } else { 2 };
+        let epoch = with_repeats(&buckets, repeats);
+        assert_eq!(batches_per_epoch(&epoch, 3), 9 + 8);
+        let mut draws = [0usize; 9];
+        for e in 0..2 {
+            let batches = epoch_batches(&epoch, 3, 7, e);
+            for batch in &batches {
+                let first = buckets.iter().position(|b| b.contains(&batch[0])).unwrap();
+                assert!(batch.iter().all(|i| buckets[first].contains(i)), "a batch mixed buckets: {batch:?}");
+                for &i in batch {
+                    draws[i] += 1;
+                }
+            }
+        }
+        assert_eq!(draws, [20, 20, 20, 20, 4, 4, 4, 4, 4]);
+        let (big, small): (usize, usize) = (draws[..4].iter().sum(), draws[4..].iter().sum());
+        assert_eq!((big, small), (80, 20), "concept draws are images x repeats");
+    }
+
+    #[test]
+    fn single_repeats_leave_the_epoch_as_it_was() {
+        let buckets = vec![(0..7).collect::<Vec<_>>(), (7..12).collect()];
+        let same = with_repeats(&buckets, |_| 1);
+        assert_eq!(same, buckets);
+        assert_eq!(epoch_batches(&same, 2, 5, 3), epoch_batches(&buckets, 2, 5, 3));
+    }
+
+    #[test]
+    fn loss_weights_scale_each_sample() {
+        let per_sample = Tensor::from_slice(&[1.0f32, 2.0, 4.0]);
+        let weighted = weight_samples(per_sample.shallow_clone(), &[1.0, 3.0, 0.5]);
+        assert_eq!(Vec::<f32>::try_from(&weighted).unwrap(), [1.0, 6.0, 2.0]);
+        assert_eq!(weighted.mean(tch::Kind::Float).double_value(&[]), 3.0);
+        let untouched = weight_samples(per_sample.shallow_clone(), &[1.0, 1.0, 1.0]);
+        assert_eq!(untouched.data_ptr(), per_sample.data_ptr(), "weights of 1 add no work");
     }
 }

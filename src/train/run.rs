@@ -23,6 +23,7 @@ use crate::lora::targets::Targets;
 use crate::models::finite::all_finite;
 use crate::models::stable_diffusion::StableDiffusion;
 use crate::runtime::Precision;
+use crate::sample::concept_figures::{self, ConceptPalette};
 use crate::sample::metrics::Brand;
 use crate::sample::render::{self, consistency_path, Job, Recipes};
 use crate::sample::settings::{lora_hash, LoraUse, Settings};
@@ -40,6 +41,8 @@ pub struct GridPlan {
     pub settings: Settings,
     /// The brand set's palette: each grid gets its consistency figures.
     pub brand: Option<Brand>,
+    /// Each concept's own palette and prompts, for per-concept figures.
+    pub concepts: Vec<ConceptPalette>,
 }
 
 /// Everything a run needs beyond the model and the data.
@@ -61,6 +64,8 @@ pub struct RunPlan {
     pub grid: GridPlan,
     pub resolution: u32,
     pub num_images: usize,
+    /// The concepts with their images and repeats, in words (sets with concepts).
+    pub concepts: Option<String>,
     pub base_model: String,
     /// Train every UNet weight (fp32) instead of a LoRA; the result is a
     /// diffusers `unet/` folder.
@@ -312,6 +317,7 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
         ("mode", if plan.full { "full UNet".to_string() } else { "LoRA".to_string() }),
         ("base model", plan.base_model.clone()),
         ("images", plan.num_images.to_string()),
+        ("concepts", plan.concepts.clone().unwrap_or_default()),
         ("resolution", plan.resolution.to_string()),
         ("steps", s.total_steps.to_string()),
         ("learning rate", s.lr.to_string()),
@@ -334,7 +340,7 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
         list.insert(2, ("targets", plan.targets.name().to_string()));
         list.push(("format", plan.format.name().to_string()));
     }
-    list.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    list.into_iter().filter(|(k, v)| *k != "concepts" || !v.is_empty()).map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// `settings.json` in the run folder: the settings in order, and the grid's prompts.
@@ -434,7 +440,9 @@ pub fn render_grid(
     };
     let rendered = render::render_attached(model, &job, label, recipes, warn, &mut |_, _| {})?;
     if let Some(brand) = &g.brand {
-        render::consistency(&job, &rendered, brand).save(&consistency_path(&job.out))?;
+        let mut figures = render::consistency(&job, &rendered, brand);
+        figures.concepts = concept_figures::per_concept(&render::cells(&job, &rendered), &job.prompts, &g.concepts);
+        figures.save(&consistency_path(&job.out))?;
     }
     Ok(job.out)
 }

@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::data::{batches_per_epoch, derive_seed, epoch_batches, TrainingData};
+use super::data::{batches_per_epoch, derive_seed, epoch_batches, weight_samples, with_repeats, TrainingData};
 use super::lr::LrSchedule;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
@@ -93,7 +93,9 @@ impl<'a> Trainer<'a> {
         settings: StepSettings,
         device: Device,
     ) -> Result<Self> {
-        let buckets: Vec<Vec<usize>> = data.buckets().into_iter().filter(|b| !b.is_empty()).collect();
+        // Each concept's images as many times as its repeats say.
+        let buckets: Vec<Vec<usize>> =
+            with_repeats(&data.buckets(), |i| data.repeats(i)).into_iter().filter(|b| !b.is_empty()).collect();
         if buckets.is_empty() {
             bail!("the training cache holds no images; run `sdtune prepare DIR` first");
         }
@@ -234,6 +236,8 @@ impl<'a> Trainer<'a> {
         let weights = s.min_snr_gamma.map(|gamma| self.min_snr_weights(&timesteps, gamma).to_device(self.device));
         let pred = self.unet.forward(&noisy, &timesteps.to_device(self.device), &context).to_kind(Kind::Float);
         let per_sample = (pred - target).square().mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
+        let loss_weights: Vec<f64> = batch.iter().map(|&i| self.data.loss_weight(i)).collect();
+        let per_sample = weight_samples(per_sample, &loss_weights);
         let weighted = match weights {
             Some(weights) => per_sample * weights,
             None => per_sample,
