@@ -9,9 +9,8 @@
 use std::path::Path;
 
 use anyhow::Result;
-use serde::Serialize;
 
-use super::metrics::{self, Brand, Cell, LabHistogram, PromptFigure, VariantFigure};
+use super::metrics::{self, Brand, Cell, ConceptFigures, LabHistogram};
 
 /// A training concept's palette and the grid rows (prompts) that are its.
 #[derive(Clone, Debug)]
@@ -22,16 +21,6 @@ pub struct ConceptPalette {
     pub histogram: LabHistogram,
     /// Indices of the grid's prompts that belong to the concept.
     pub rows: Vec<usize>,
-}
-
-/// One concept's figures in `<grid>.consistency.json`.
-#[derive(Clone, Debug, Serialize)]
-pub struct ConceptFigures {
-    pub concept: String,
-    pub brand: String,
-    pub brand_images: usize,
-    pub variants: Vec<VariantFigure>,
-    pub prompts: Vec<PromptFigure>,
 }
 
 /// A prepared concept's images, for its palette.

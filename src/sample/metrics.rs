@@ -288,7 +288,17 @@ pub struct Consistency {
     pub images: Vec<ImageFigure>,
     /// Per concept: its prompts against its own images (sets with concepts).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub concepts: Vec<super::concept_figures::ConceptFigures>,
+    pub concepts: Vec<ConceptFigures>,
+}
+
+/// One concept's figures in `<grid>.consistency.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConceptFigures {
+    pub concept: String,
+    pub brand: String,
+    pub brand_images: usize,
+    pub variants: Vec<VariantFigure>,
+    pub prompts: Vec<PromptFigure>,
 }
 
 fn mean(xs: &[f64]) -> f64 {
