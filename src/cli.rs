@@ -12,7 +12,14 @@ The job in three commands:
   sdtune train                      train a LoRA on the UNet attention layers
   sdtune sample --prompt \"...\"      render fixed-seed images to judge consistency
 
-Check the set-up with `sdtune doctor`.";
+Check the set-up with `sdtune doctor`.
+
+Exit codes:
+  0    done
+  1    error: one sentence on stderr says what is wrong and what to do
+  2    the command line itself is wrong (unknown flag, missing value)
+  130  interrupted (Ctrl-C or SIGTERM); `train` saved its state first, and
+       `sdtune train --resume` continues from it";
 
 #[derive(Parser, Debug)]
 #[command(name = "sdtune", version, about = ABOUT, after_help = AFTER_HELP, args_override_self = true)]
@@ -49,7 +56,15 @@ pub enum Command {
 pub fn run() -> i32 {
     install_panic_message();
     crate::runtime::keep_freed_memory();
+    crate::interrupt::report_file_size_limits_as_errors();
     let cli = Cli::parse();
+    let mode = match cli.command {
+        Command::Train(_) => crate::interrupt::Mode::SaveThenStop,
+        _ => crate::interrupt::Mode::Now,
+    };
+    if let Err(err) = crate::interrupt::install(mode) {
+        eprintln!("warning: {}; Ctrl-C will stop sdtune without cleaning up", crate::errors::one_sentence(&err));
+    }
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Train(args) => commands::train::run(args),
@@ -61,6 +76,8 @@ pub fn run() -> i32 {
     };
     match result {
         Ok(()) => 0,
+        // The command already said where it stopped and what was kept.
+        Err(err) if err.is::<crate::interrupt::Interrupted>() => crate::interrupt::EXIT_INTERRUPTED,
         Err(err) => {
             eprintln!("error: {}", crate::errors::one_sentence(&err));
             1

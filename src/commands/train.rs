@@ -1,7 +1,5 @@
 //! `sdtune train`: sdtune.yaml + flags -> a training run on the prepared cache.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
@@ -37,6 +35,9 @@ Writes <output>/<name>/<name>.safetensors (kohya format: loads in A1111 and Comf
 every --save-every steps, samples/step-NNNNNN.png every --sample-every steps
 (step 0 is the base model), and metrics.jsonl. Ctrl-C saves and stops cleanly.";
 
+
+/// The lock file inside a run folder (`output/<name>/.lock`).
+const RUN_LOCK: &str = ".lock";
 
 /// Flags of `sdtune train`; each overrides the same key of `train:` in sdtune.yaml.
 #[derive(Args, Debug, Default)]
@@ -130,8 +131,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
 
     let cache = CacheReader::open(&work_dir)?;
+    if cache.unfinished_prepare() {
+        eprintln!("warning: a later `sdtune prepare` did not finish; training uses the images of the last one that did (run prepare again to include the rest)");
+    }
     let dataset = cache.dataset().clone();
     check_concepts(&cache)?;
+    // Held for the whole run: two runs in one folder would mix their files.
+    let _run_lock = crate::lock::exclusive(
+        &work_dir.join(&train.output).join(&train.name),
+        RUN_LOCK,
+        "sdtune train",
+        "wait for it to finish, or pass another --name",
+    )?;
     let mut model_spec = args.model.clone().or(config.model.clone()).unwrap_or_else(|| dataset.model.clone());
     if crate::loaders::builtin::is_builtin(&model_spec) {
         // Written again if its cached copy was removed since prepare.
@@ -168,7 +179,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if plan.grid.brand.is_some() {
         plan.grid.concepts = concept_palettes(&work_dir, &plan.grid.prompts);
     }
-    let stop = ctrl_c_flag()?;
+    crate::interrupt::install(crate::interrupt::Mode::SaveThenStop)?;
+    let stop = crate::interrupt::flag();
     let bar = crate::progress::steps_bar(train.steps, "train");
     let mut on_event = |event: Event| match event {
         Event::Started { from, total } => {
@@ -184,21 +196,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Event::Grid(path) => bar.suspend(|| eprintln!("samples {}", path.display())),
         Event::Warning(w) => bar.suspend(|| eprintln!("{w}")),
     };
-    let finished = run::run(&model, &cache as &dyn TrainingData, &plan, &*stop, &mut on_event)?;
+    let finished = run::run(&model, &cache as &dyn TrainingData, &plan, stop, &mut on_event)?;
     bar.finish_and_clear();
     if finished.interrupted {
-        println!(
-            "stopped at step {}; state saved in {} — `sdtune train --resume` continues",
+        // stderr, and exit 130: the final LoRA was not written.
+        eprintln!(
+            "stopped at step {} of {}; state saved in {} — `sdtune train --resume` continues",
             finished.steps_done,
+            train.steps,
             plan.state_dir().display()
         );
-    } else if let Some(path) = finished.final_output {
+        return Err(crate::interrupt::Interrupted.into());
+    }
+    if let Some(path) = finished.final_output {
         println!("wrote {} ({} steps)", path.display(), finished.steps_done);
     }
-    if !finished.interrupted {
-        let report = crate::report::write(&plan.dir)?;
-        println!("report {}", report.display());
-    }
+    let report = crate::report::write(&plan.dir)?;
+    println!("report {}", report.display());
     Ok(())
 }
 
@@ -469,19 +483,4 @@ fn device_name(d: Device) -> String {
         Device::Cuda(i) => format!("cuda:{i}"),
         _ => "cpu".into(),
     }
-}
-
-/// The first Ctrl-C asks the loop to save and stop; a second one quits at once.
-fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let handler_flag = flag.clone();
-    ctrlc::set_handler(move || {
-        if handler_flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nstopping now without saving");
-            std::process::exit(130);
-        }
-        eprintln!("\nCtrl-C: saving and stopping after this step (press again to quit now)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
-    Ok(flag)
 }
