@@ -7,8 +7,15 @@
 //! Opening the cache replays the journal up to its last whole line, drops
 //! entries whose shard is missing or unreadable and deletes files no entry
 //! lists, so a run killed at any point leaves a consistent cache and the
-//! next run continues from what was recorded. `complete` is true only after
-//! a run finished; training reads only a complete cache.
+//! next run continues from what was recorded. `complete` is true once a run
+//! finished; training reads only a complete cache. A later run that fails
+//! or is killed leaves that finished dataset as it was: entries it no longer
+//! needs are dropped only when it finishes in turn.
+//!
+//! Integrity: every shard's SHA-256 is recorded with it (journal line and
+//! manifest). Opening the cache for writing checks them and drops the
+//! entries of a damaged shard, so the next prepare encodes them again;
+//! training checks each shard as it first reads it and names a bad one.
 //!
 //! Layout: `manifest.json`, `journal.jsonl`, `lock`, `model-ids.json`,
 //! `shards/latents-<hash>.safetensors` (`<key>.mean`, `<key>.std`, each
@@ -28,7 +35,8 @@ use tch::Tensor;
 use super::buckets::{Bucket, Crop};
 use super::concepts::Concept;
 use super::keys::short_hash;
-use crate::loaders::tensor_file::{write_tensors, TensorFile};
+use crate::loaders::tensor_file::{serialize_tensors, TensorFile};
+use crate::lock::FolderLock;
 use crate::models::conditioning::Conditioning;
 
 /// The cache folder inside the working folder.
@@ -50,6 +58,10 @@ pub struct Manifest {
     pub texts: BTreeMap<String, TextEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<Dataset>,
+    /// SHA-256 (hex) of each shard file, by shard name. Caches written
+    /// before checksums have none; their shards are only checked to parse.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checksums: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -112,8 +124,18 @@ pub struct Item {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Record {
-    Latents { shard: String, entries: BTreeMap<String, LatentEntry> },
-    Texts { shard: String, entries: BTreeMap<String, TextEntry> },
+    Latents {
+        shard: String,
+        entries: BTreeMap<String, LatentEntry>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+    },
+    Texts {
+        shard: String,
+        entries: BTreeMap<String, TextEntry>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+    },
 }
 
 /// A latent distribution to store.
@@ -129,22 +151,27 @@ pub struct CacheWriter {
     dir: PathBuf,
     manifest: Manifest,
     journal: Option<File>,
-    _lock: File,
+    /// The entries this run wants ([`Self::retain`]), applied at finish.
+    wanted: Option<(BTreeSet<String>, BTreeSet<String>)>,
+    /// Shards found damaged when opened (their entries were dropped).
+    damaged: Vec<String>,
+    _lock: FolderLock,
 }
 
 impl CacheWriter {
     /// Opens (or creates) the cache in `dir`, recovering from any earlier crash.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir.join(SHARDS)).with_context(|| format!("cannot create {}", dir.display()))?;
-        let lock = lock_file(dir, false)?;
+        let lock = crate::lock::exclusive(dir, LOCK, "sdtune prepare", "wait for it to finish")?;
         let mut manifest = read_manifest(dir)?.unwrap_or_default();
         if manifest.version != FORMAT_VERSION {
             // An older layout (or none): start afresh; its shards are collected below.
             manifest = Manifest { version: FORMAT_VERSION, ..Default::default() };
         }
         replay_journal(&dir.join(JOURNAL), &mut manifest);
-        drop_unreadable(dir, &mut manifest);
-        let mut writer = CacheWriter { dir: dir.to_path_buf(), manifest, journal: None, _lock: lock };
+        let damaged = drop_unreadable(dir, &mut manifest);
+        let mut writer =
+            CacheWriter { dir: dir.to_path_buf(), manifest, journal: None, wanted: None, damaged, _lock: lock };
         writer.compact()?;
         Ok(writer)
     }
@@ -165,16 +192,20 @@ impl CacheWriter {
         self.manifest.texts.contains_key(key)
     }
 
-    /// Keeps only the entries `latents` and `texts` name, marks the cache
-    /// incomplete until [`Self::finish`], deletes shards nothing uses.
-    /// Returns how many latent entries were dropped.
+    /// Shards that were damaged (checksum, truncation) when the cache was
+    /// opened; their images are encoded again.
+    pub fn damaged_shards(&self) -> &[String] {
+        &self.damaged
+    }
+
+    /// Keeps only the entries `latents` and `texts` name once this run
+    /// finishes ([`Self::finish`]); until then the last finished dataset
+    /// stays whole, so a run that fails leaves it usable. Returns how many
+    /// latent entries will be dropped.
     pub fn retain(&mut self, latents: &BTreeSet<String>, texts: &BTreeSet<String>) -> Result<usize> {
-        let before = self.manifest.latents.len();
-        self.manifest.latents.retain(|k, _| latents.contains(k));
-        self.manifest.texts.retain(|k, _| texts.contains(k));
-        self.manifest.complete = false;
-        self.compact()?;
-        Ok(before - self.manifest.latents.len())
+        let dropped = self.manifest.latents.keys().filter(|k| !latents.contains(*k)).count();
+        self.wanted = Some((latents.clone(), texts.clone()));
+        Ok(dropped)
     }
 
     /// Writes one shard of latents, then records it in the journal.
@@ -191,9 +222,10 @@ impl CacheWriter {
             tensors.push((format!("{}.std", l.key), l.std));
             entries.insert(l.key, LatentEntry { shard: shard.clone(), ..l.entry });
         }
-        write_tensors(&self.dir.join(SHARDS).join(&shard), &tensors, Some(shard_metadata("latents")))?;
-        self.append(&Record::Latents { shard, entries: entries.clone() })?;
+        let sha256 = self.write_shard(&shard, &tensors, "latents")?;
+        self.append(&Record::Latents { shard: shard.clone(), entries: entries.clone(), sha256: Some(sha256.clone()) })?;
         self.manifest.latents.extend(entries);
+        self.manifest.checksums.insert(shard, sha256);
         Ok(())
     }
 
@@ -215,10 +247,18 @@ impl CacheWriter {
             }
             entries.insert(key, TextEntry { shard: shard.clone(), caption });
         }
-        write_tensors(&self.dir.join(SHARDS).join(&shard), &tensors, Some(shard_metadata("texts")))?;
-        self.append(&Record::Texts { shard, entries: entries.clone() })?;
+        let sha256 = self.write_shard(&shard, &tensors, "texts")?;
+        self.append(&Record::Texts { shard: shard.clone(), entries: entries.clone(), sha256: Some(sha256.clone()) })?;
         self.manifest.texts.extend(entries);
+        self.manifest.checksums.insert(shard, sha256);
         Ok(())
+    }
+
+    /// Writes one shard whole; returns its SHA-256.
+    fn write_shard(&self, shard: &str, tensors: &[(String, Tensor)], what: &str) -> Result<String> {
+        let bytes = serialize_tensors(tensors, Some(shard_metadata(what)))?;
+        crate::fsutil::write_atomic(&self.dir.join(SHARDS).join(shard), &bytes)?;
+        Ok(sha256_hex(&bytes))
     }
 
     /// Records the finished dataset and marks the cache complete.
@@ -232,6 +272,10 @@ impl CacheWriter {
             if !self.has_text(&item.text) {
                 bail!("internal: {} has no cached caption embedding", item.path);
             }
+        }
+        if let Some((latents, texts)) = self.wanted.take() {
+            self.manifest.latents.retain(|k, _| latents.contains(k));
+            self.manifest.texts.retain(|k, _| texts.contains(k));
         }
         self.manifest.dataset = Some(dataset);
         self.manifest.complete = true;
@@ -257,6 +301,8 @@ impl CacheWriter {
 
     /// Folds the journal into the manifest and deletes unlisted shards.
     fn compact(&mut self) -> Result<()> {
+        let used: BTreeSet<String> = used_shards(&self.manifest).into_iter().map(str::to_string).collect();
+        self.manifest.checksums.retain(|shard, _| used.contains(shard));
         let bytes = serde_json::to_vec(&self.manifest)?;
         crate::fsutil::write_atomic(&self.dir.join(MANIFEST), &bytes)?;
         self.journal = None;
@@ -270,13 +316,7 @@ impl CacheWriter {
 
     /// Removes shard files no entry lists, and temp files of killed writes.
     fn collect_garbage(&self) {
-        let used: BTreeSet<&str> = self
-            .manifest
-            .latents
-            .values()
-            .map(|e| e.shard.as_str())
-            .chain(self.manifest.texts.values().map(|e| e.shard.as_str()))
-            .collect();
+        let used = used_shards(&self.manifest);
         let Ok(entries) = std::fs::read_dir(self.dir.join(SHARDS)) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -300,25 +340,9 @@ fn shard_metadata(what: &str) -> HashMap<String, String> {
     HashMap::from([("format".to_string(), format!("sdtune-cache-{what}-v{FORMAT_VERSION}"))])
 }
 
-/// Takes the cache's lock file: exclusive for writing, shared for reading.
-fn lock_file(dir: &Path, shared: bool) -> Result<File> {
-    let path = dir.join(LOCK);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    let taken = if shared { file.try_lock_shared() } else { file.try_lock() };
-    match taken {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "another sdtune process is using {} (it holds {}); wait for it to finish",
-            dir.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
-    }
+/// Every shard an entry lists.
+fn used_shards(manifest: &Manifest) -> BTreeSet<&str> {
+    manifest.latents.values().map(|e| e.shard.as_str()).chain(manifest.texts.values().map(|e| e.shard.as_str())).collect()
 }
 
 fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
@@ -335,35 +359,61 @@ fn replay_journal(path: &Path, manifest: &mut Manifest) {
     for line in BufReader::new(file).split(b'\n') {
         let Ok(line) = line else { break };
         let Ok(record) = serde_json::from_slice::<Record>(&line) else { break };
-        match record {
-            Record::Latents { entries, .. } => manifest.latents.extend(entries),
-            Record::Texts { entries, .. } => manifest.texts.extend(entries),
+        // New entries beside a finished dataset leave it whole (and complete).
+        let (shard, sha256) = match record {
+            Record::Latents { shard, entries, sha256 } => {
+                manifest.latents.extend(entries);
+                (shard, sha256)
+            }
+            Record::Texts { shard, entries, sha256 } => {
+                manifest.texts.extend(entries);
+                (shard, sha256)
+            }
+        };
+        if let Some(sum) = sha256 {
+            manifest.checksums.insert(shard, sum);
         }
-        manifest.complete = false;
     }
 }
 
-/// Drops entries whose shard is missing, unreadable or lacks their tensors.
-fn drop_unreadable(dir: &Path, manifest: &mut Manifest) {
-    let shards: BTreeSet<String> = manifest
-        .latents
-        .values()
-        .map(|e| e.shard.clone())
-        .chain(manifest.texts.values().map(|e| e.shard.clone()))
-        .collect();
+/// Drops entries whose shard is missing, unreadable, fails its checksum or
+/// lacks their tensors; returns the shards that exist but are damaged. A
+/// finished dataset that loses an entry is no longer complete.
+fn drop_unreadable(dir: &Path, manifest: &mut Manifest) -> Vec<String> {
+    let shards: BTreeSet<String> = used_shards(manifest).into_iter().map(str::to_string).collect();
     let mut names: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut damaged = Vec::new();
     for shard in shards {
-        if let Ok(file) = TensorFile::open(&dir.join(SHARDS).join(&shard)) {
-            names.insert(shard, file.names().into_iter().collect());
+        let path = dir.join(SHARDS).join(&shard);
+        match TensorFile::open(&path) {
+            Ok(file) if manifest.checksums.get(&shard).is_none_or(|sum| file.sha256() == *sum) => {
+                names.insert(shard, file.names().into_iter().collect());
+            }
+            _ if path.exists() => damaged.push(shard),
+            _ => {}
         }
     }
     let has = |shard: &str, name: &str| names.get(shard).is_some_and(|n| n.contains(name));
-    let before = (manifest.latents.len(), manifest.texts.len());
     manifest.latents.retain(|k, e| has(&e.shard, &format!("{k}.mean")) && has(&e.shard, &format!("{k}.std")));
     manifest.texts.retain(|k, e| has(&e.shard, k));
-    if before != (manifest.latents.len(), manifest.texts.len()) {
+    if manifest.dataset.as_ref().is_some_and(|d| !dataset_is_whole(d, manifest)) {
         manifest.complete = false;
     }
+    damaged
+}
+
+/// Whether every entry the dataset's items name is in the manifest.
+fn dataset_is_whole(dataset: &Dataset, manifest: &Manifest) -> bool {
+    dataset.items.iter().all(|item| {
+        std::iter::once(&item.latent).chain(item.flipped_latent.as_ref()).all(|k| manifest.latents.contains_key(k))
+            && manifest.texts.contains_key(&item.text)
+    }) && manifest.texts.contains_key(&dataset.empty_text)
+}
+
+/// SHA-256 of `bytes` in lowercase hex.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The cache opened for reading (training): complete, with tensors read on demand.
@@ -371,7 +421,9 @@ pub struct CacheReader {
     dir: PathBuf,
     manifest: Manifest,
     shards: Mutex<HashMap<String, Arc<TensorFile>>>,
-    _lock: File,
+    /// A later prepare started and did not finish (its journal is there).
+    unfinished_prepare: bool,
+    _lock: FolderLock,
 }
 
 impl CacheReader {
@@ -381,19 +433,27 @@ impl CacheReader {
         if !dir.join(MANIFEST).is_file() {
             bail!("{} holds no cache; run `sdtune prepare DIR` first", work_dir.display());
         }
-        let lock = lock_file(&dir, true)?;
+        let lock = crate::lock::shared(&dir, LOCK, "sdtune prepare")?;
         let mut manifest = read_manifest(&dir)?
             .with_context(|| format!("{} is damaged; run `sdtune prepare` again", dir.join(MANIFEST).display()))?;
-        if dir.join(JOURNAL).exists() {
+        let unfinished_prepare = dir.join(JOURNAL).exists();
+        if unfinished_prepare {
             replay_journal(&dir.join(JOURNAL), &mut manifest);
         }
-        if manifest.version != FORMAT_VERSION || !manifest.complete || manifest.dataset.is_none() {
+        let whole = manifest.dataset.as_ref().is_some_and(|d| dataset_is_whole(d, &manifest));
+        if manifest.version != FORMAT_VERSION || !manifest.complete || !whole {
             bail!(
                 "the cache in {} is incomplete (a prepare run was stopped); run `sdtune prepare` again to finish it",
                 dir.display()
             );
         }
-        Ok(CacheReader { dir, manifest, shards: Mutex::new(HashMap::new()), _lock: lock })
+        Ok(CacheReader { dir, manifest, shards: Mutex::new(HashMap::new()), unfinished_prepare, _lock: lock })
+    }
+
+    /// Whether a prepare began after the last finished one and did not
+    /// finish: training then reads the last finished dataset.
+    pub fn unfinished_prepare(&self) -> bool {
+        self.unfinished_prepare
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -501,7 +561,12 @@ impl CacheReader {
         if let Some(f) = shards.get(name) {
             return Ok(f.clone());
         }
-        let file = Arc::new(TensorFile::open(&self.dir.join(SHARDS).join(name))?);
+        let path = self.dir.join(SHARDS).join(name);
+        const AGAIN: &str = "run `sdtune prepare` again to encode its images afresh";
+        let file = Arc::new(TensorFile::open_with_advice(&path, AGAIN)?);
+        if self.manifest.checksums.get(name).is_some_and(|sum| file.sha256() != *sum) {
+            bail!("the cached shard {} is damaged (its SHA-256 no longer matches what prepare wrote); {AGAIN}", path.display());
+        }
         shards.insert(name.to_string(), file.clone());
         Ok(file)
     }
@@ -510,6 +575,7 @@ impl CacheReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loaders::tensor_file::write_tensors;
 
     fn latent(key: &str, v: f64) -> NewLatent {
         NewLatent {
@@ -549,22 +615,106 @@ mod tests {
         assert!(!dir.join(JOURNAL).exists());
     }
 
+    /// A dataset of one item, `a.png`, with latent `latent` and caption key `text`.
+    fn dataset_of(latent: &str, text: &str) -> Dataset {
+        let item = Item {
+            path: "a.png".into(),
+            content_hash: latent.into(),
+            width: 16,
+            height: 16,
+            bucket: Bucket { width: 16, height: 16 },
+            crop: Crop { left: 0, top: 0, width: 16, height: 16 },
+            caption: "cap".into(),
+            text: text.into(),
+            latent: latent.into(),
+            flipped_latent: None,
+            concept: None,
+        };
+        Dataset {
+            data_dir: "d".into(),
+            model: "m".into(),
+            resolution: 16,
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            empty_text: text.into(),
+            concepts: Vec::new(),
+            items: vec![item],
+        }
+    }
+
+    fn text(key: &str) -> (String, String, Conditioning) {
+        let states = Tensor::zeros([1, 77, 8], (tch::Kind::Float, tch::Device::Cpu));
+        (key.into(), "cap".into(), Conditioning::text_only(states))
+    }
+
     #[test]
-    fn missing_shards_drop_their_entries_and_retain_collects() {
+    fn missing_shards_drop_their_entries_and_retain_collects_at_finish() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cache");
         let mut w = CacheWriter::open(&dir).unwrap();
         w.add_latents(vec![latent("a", 1.0)]).unwrap();
         w.add_latents(vec![latent("b", 2.0)]).unwrap();
+        w.add_texts(vec![text("t")]).unwrap();
         let shard_a = w.manifest().latents["a"].shard.clone();
-        let removed = w.retain(&BTreeSet::from(["b".to_string()]), &BTreeSet::new()).unwrap();
+        let removed = w.retain(&BTreeSet::from(["b".to_string()]), &BTreeSet::from(["t".to_string()])).unwrap();
         assert_eq!(removed, 1);
+        assert!(dir.join(SHARDS).join(&shard_a).exists(), "dropped before the run finished");
+        w.finish(dataset_of("b", "t")).unwrap();
         assert!(!dir.join(SHARDS).join(&shard_a).exists());
+        assert!(!w.manifest().checksums.contains_key(&shard_a));
         let shard_b = w.manifest().latents["b"].shard.clone();
         drop(w);
         std::fs::remove_file(dir.join(SHARDS).join(&shard_b)).unwrap();
         let w = CacheWriter::open(&dir).unwrap();
         assert!(w.manifest().latents.is_empty());
+        assert!(!w.manifest().complete, "a dataset that lost a latent is not complete");
+    }
+
+    #[test]
+    fn a_run_that_does_not_finish_leaves_the_finished_dataset_readable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(CACHE_DIR);
+        let mut w = CacheWriter::open(&dir).unwrap();
+        w.add_latents(vec![latent("a", 1.0)]).unwrap();
+        w.add_texts(vec![text("t")]).unwrap();
+        w.finish(dataset_of("a", "t")).unwrap();
+        drop(w);
+        // A second run wants none of it, adds a shard, and dies (or fails).
+        let mut w = CacheWriter::open(&dir).unwrap();
+        w.retain(&BTreeSet::new(), &BTreeSet::new()).unwrap();
+        w.add_latents(vec![latent("z", 9.0)]).unwrap();
+        drop(w);
+        let r = CacheReader::open(tmp.path()).unwrap();
+        assert!(r.unfinished_prepare());
+        assert_eq!(r.latent("a").unwrap().0.double_value(&[0, 0, 0]), 1.0);
+        drop(r);
+        let w = CacheWriter::open(&dir).unwrap();
+        assert!(w.manifest().complete && w.manifest().latents.contains_key("a") && w.manifest().latents.contains_key("z"));
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_shard_is_named_by_the_reader_and_re_encoded_by_the_writer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(CACHE_DIR);
+        let mut w = CacheWriter::open(&dir).unwrap();
+        w.add_latents(vec![latent("a", 1.0)]).unwrap();
+        w.add_texts(vec![text("t")]).unwrap();
+        w.finish(dataset_of("a", "t")).unwrap();
+        let shard = w.manifest().latents["a"].shard.clone();
+        drop(w);
+        let path = dir.join(SHARDS).join(&shard);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x01; // inside the tensor data: the file still parses
+        std::fs::write(&path, &bytes).unwrap();
+
+        let r = CacheReader::open(tmp.path()).unwrap();
+        let err = format!("{:#}", r.latent("a").unwrap_err());
+        assert!(err.contains(&shard) && err.contains("damaged") && err.contains("sdtune prepare"), "{err}");
+        drop(r);
+        let w = CacheWriter::open(&dir).unwrap();
+        assert_eq!(w.damaged_shards(), [shard]);
+        assert!(!w.has_latent("a") && !w.manifest().complete, "the damaged entry must be encoded again");
     }
 
     #[test]
@@ -572,7 +722,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let _w = CacheWriter::open(tmp.path()).unwrap();
         let err = CacheWriter::open(tmp.path()).err().unwrap().to_string();
-        assert!(err.contains("another sdtune process"), "{err}");
+        assert!(err.contains("another sdtune prepare"), "{err}");
     }
 
     #[test]
@@ -660,7 +810,7 @@ mod tests {
             let shard = "texts-old.safetensors".to_string();
             write_tensors(&w.dir.join(SHARDS).join(&shard), &[("t".to_string(), states.shallow_clone())], None).unwrap();
             let entries = BTreeMap::from([("t".to_string(), TextEntry { shard: shard.clone(), caption: "cap".into() })]);
-            w.append(&Record::Texts { shard, entries: entries.clone() }).unwrap();
+            w.append(&Record::Texts { shard, entries: entries.clone(), sha256: None }).unwrap();
             w.manifest.texts.extend(entries);
         });
         let r = CacheReader::open(tmp.path()).unwrap();

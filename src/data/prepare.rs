@@ -320,8 +320,15 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         return finish_report(report, opts, started, Vec::new(), Vec::new());
     }
 
-    // 5. Open the cache, drop what the folder no longer needs.
+    // 5. Open the cache; what the folder no longer needs goes when this run finishes.
     let mut cache = CacheWriter::open(&opts.work_dir.join(CACHE_DIR))?;
+    for shard in cache.damaged_shards() {
+        report.warn(
+            None,
+            "damaged_cache",
+            format!("the cached shard {shard} was damaged (its checksum no longer matches); its images are encoded again"),
+        );
+    }
     cache_hashes.save()?;
     let empty_text = text_key(&text_settings, "");
     let wanted_latents: BTreeSet<String> =
