@@ -69,11 +69,15 @@ fn cache_root() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("sdtune"))
 }
 
-/// The built-in model as a diffusers folder, written on first use.
+/// The built-in model as a diffusers folder, written on first use; a
+/// copy whose files were damaged since is repaired in place.
 pub fn path() -> Result<PathBuf> {
     let root = cache_root();
     let dir = root.join(format!("tiny-sd-{}", content_hash()));
-    if is_complete(&dir) {
+    if dir.is_dir() {
+        repair(&dir).with_context(|| {
+            format!("the built-in model's copy in {} is damaged and cannot be rewritten; delete that folder, or set SDTUNE_CACHE_DIR to a writable folder", dir.display())
+        })?;
         return Ok(dir);
     }
     let tmp = root.join(format!(".tiny-sd-{}.tmp-{}", content_hash(), std::process::id()));
@@ -103,7 +107,25 @@ pub fn is_builtin(spec: &str) -> bool {
 }
 
 fn is_complete(dir: &Path) -> bool {
-    FILES.iter().all(|(name, bytes)| std::fs::metadata(dir.join(name)).is_ok_and(|m| m.len() == bytes.len() as u64))
+    FILES.iter().all(|(name, bytes)| is_intact(&dir.join(name), bytes))
+}
+
+/// Whether the file at `path` holds exactly `bytes` (the files are a few
+/// MB in all: comparing them costs less than loading them).
+fn is_intact(path: &Path, bytes: &[u8]) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.len() == bytes.len() as u64) && std::fs::read(path).is_ok_and(|b| b == bytes)
+}
+
+/// Rewrites every file of the copy in `dir` that differs from the binary's.
+fn repair(dir: &Path) -> Result<()> {
+    for (name, bytes) in FILES {
+        let path = dir.join(name);
+        if !is_intact(&path, bytes) {
+            crate::fsutil::write_atomic(&path, bytes)?;
+            eprintln!("repaired {} (it differed from the built-in model sdtune carries)", path.display());
+        }
+    }
+    Ok(())
 }
 
 fn write_all(dir: &Path) -> Result<()> {
@@ -131,6 +153,17 @@ mod tests {
         let modified = std::fs::metadata(dir.join("model_index.json")).unwrap().modified().unwrap();
         assert_eq!(path().unwrap(), dir);
         assert_eq!(std::fs::metadata(dir.join("model_index.json")).unwrap().modified().unwrap(), modified, "written once");
+
+        // One flipped byte (same size) and one missing file are repaired.
+        let weights = dir.join("unet/diffusion_pytorch_model.safetensors");
+        let mut bytes = std::fs::read(&weights).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&weights, &bytes).unwrap();
+        std::fs::remove_file(dir.join("vae/config.json")).unwrap();
+        assert!(!is_complete(&dir));
+        assert_eq!(path().unwrap(), dir);
+        assert!(is_complete(&dir), "the damaged copy was not repaired");
         std::env::remove_var("SDTUNE_CACHE_DIR");
     }
 }

@@ -18,7 +18,14 @@ pub struct TensorFile {
 }
 
 impl TensorFile {
+    /// Opens a model's or LoRA's file; a damaged one is to be fetched again.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_advice(path, "download or convert it again")
+    }
+
+    /// Opens `path`; `advice` says what to do if it is damaged (a cache
+    /// shard is encoded again, a state falls back to an earlier one).
+    pub fn open_with_advice(path: &Path, advice: &str) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the mapping is read-only; a file changed underneath us while
         // loading gives wrong numbers, not memory unsafety on Linux.
@@ -26,7 +33,7 @@ impl TensorFile {
             .with_context(|| format!("cannot memory-map {}", path.display()))?;
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             anyhow::anyhow!(
-                "{} is not a readable safetensors file ({e}); it may be truncated or corrupt, download or convert it again",
+                "{} is not a readable safetensors file ({e}); it may be truncated or corrupt, {advice}",
                 path.display()
             )
         })?;
@@ -35,6 +42,12 @@ impl TensorFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// SHA-256 of the whole file, lowercase hex.
+    pub fn sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(&self.mmap[..]).iter().map(|b| format!("{b:02x}")).collect()
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -166,6 +179,13 @@ pub fn write_tensors(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    let bytes = serialize_tensors(tensors, metadata).with_context(|| format!("cannot write {}", path.display()))?;
+    crate::fsutil::write_atomic(path, &bytes)
+}
+
+/// The bytes of a safetensors file holding `tensors`. The same tensors and
+/// metadata always give the same bytes: the header's keys are sorted.
+pub fn serialize_tensors(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let mut buffers = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.to_device(tch::Device::Cpu).contiguous();
@@ -185,7 +205,46 @@ pub fn write_tensors(
             Ok((name.clone(), view))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, metadata)
-        .with_context(|| format!("cannot serialize tensors for {}", path.display()))?;
-    crate::fsutil::write_atomic(path, &bytes)
+    let bytes = safetensors::serialize(views, metadata).context("cannot serialize the tensors")?;
+    sort_header(bytes)
+}
+
+/// Rewrites the JSON header with its keys in sorted order (the library
+/// writes `__metadata__` in hash-map order, which differs run to run),
+/// padded with spaces to 8 bytes as the format asks. Offsets are absolute
+/// within the data, so the order of the header's entries is free.
+fn sort_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).context("the header just written does not parse")?;
+    // serde_json's map is a BTreeMap here: serializing sorts the keys.
+    let mut json = serde_json::to_vec(&header)?;
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_tensors_and_metadata_give_the_same_bytes() {
+        let t = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([2, 3]);
+        let tensors = vec![("b".to_string(), t.shallow_clone()), ("a".to_string(), t.shallow_clone())];
+        let meta: HashMap<String, String> = (0..40).map(|i| (format!("key{i}"), i.to_string())).collect();
+        let first = serialize_tensors(&tensors, Some(meta.clone())).unwrap();
+        for _ in 0..5 {
+            // A fresh map each time: another hash seed, another iteration order.
+            let again: HashMap<String, String> = meta.clone().into_iter().collect();
+            assert_eq!(serialize_tensors(&tensors, Some(again)).unwrap(), first);
+        }
+        let back = SafeTensors::deserialize(&first).unwrap();
+        assert_eq!(back.tensor("a").unwrap().shape(), [2, 3]);
+        let (n, header) = SafeTensors::read_metadata(&first).unwrap();
+        assert_eq!(n % 8, 0);
+        assert_eq!(header.metadata().as_ref().unwrap()["key7"], "7");
+    }
 }

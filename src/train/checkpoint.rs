@@ -3,7 +3,10 @@
 //! weights in full training), the optimizer moments and (in its
 //! header) the step, loss scaler and the settings a resume must share.
 //! Random draws derive from (seed, step), so no RNG state is needed beyond them.
-use std::collections::HashMap;
+//!
+//! `index.json` beside the states records each one's SHA-256; a resume
+//! takes the newest state that is whole and falls back past damaged ones.
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -12,7 +15,13 @@ use tch::Tensor;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
 use super::trainable::Trainable;
-use crate::loaders::tensor_file::{write_tensors, TensorFile};
+use crate::loaders::tensor_file::{serialize_tensors, TensorFile};
+
+/// The states' checksums: `{"state-000250.safetensors": "<sha256>", ...}`.
+const INDEX: &str = "index.json";
+
+/// What to do about a damaged state, said after its name.
+const DAMAGED: &str = "the state is damaged; sdtune resumes from an earlier one if there is one";
 
 /// Settings that must not change between a run and its resume.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,9 +51,61 @@ pub fn save(dir: &Path, step: u64, trained: &dyn Trainable, opt: &AdamW, scaler:
     meta.insert("scaler.good_steps".into(), scaler.good_steps.to_string());
     meta.insert("scaler.enabled".into(), scaler.enabled.to_string());
     let path = state_path(dir, step);
-    write_tensors(&path, &tensors, Some(meta))?;
-    prune(dir, keep)?;
+    let bytes = serialize_tensors(&tensors, Some(meta)).with_context(|| format!("cannot write {}", path.display()))?;
+    crate::fsutil::write_atomic(&path, &bytes)?;
+    let mut index = read_index(dir);
+    index.insert(file_name(&path), sha256_hex(&bytes));
+    prune(dir, keep, &mut index)?;
+    write_index(dir, &index)?;
     Ok(path)
+}
+
+/// The newest state that opens and matches its recorded checksum, with a
+/// line for each newer one passed over as damaged.
+pub fn latest_good(dir: &Path) -> Result<Option<(PathBuf, Vec<String>)>> {
+    let index = read_index(dir);
+    let mut passed = Vec::new();
+    for (_, path) in states(dir)?.into_iter().rev() {
+        match check(&path, index.get(&file_name(&path))) {
+            Ok(()) => return Ok(Some((path, passed))),
+            Err(why) => passed.push(format!("{} {why}", path.display())),
+        }
+    }
+    if passed.is_empty() {
+        return Ok(None);
+    }
+    bail!(
+        "every saved state in {} is damaged ({}); delete that folder and train without --resume to start again",
+        dir.display(),
+        passed.join("; ")
+    )
+}
+
+/// Why the state at `path` cannot be resumed from, if it cannot.
+fn check(path: &Path, recorded: Option<&String>) -> std::result::Result<(), String> {
+    let file = TensorFile::open_with_advice(path, DAMAGED).map_err(|_| "is truncated or not a state file".to_string())?;
+    match recorded {
+        Some(sum) if file.sha256() != *sum => Err("does not match its recorded checksum".into()),
+        _ => Ok(()),
+    }
+}
+
+fn read_index(dir: &Path) -> BTreeMap<String, String> {
+    // A lost or damaged index only costs the checksums: states still parse-check.
+    std::fs::read(dir.join(INDEX)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+fn write_index(dir: &Path, index: &BTreeMap<String, String>) -> Result<()> {
+    crate::fsutil::write_atomic(&dir.join(INDEX), serde_json::to_string_pretty(index)?.as_bytes())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The newest state file in `dir`, if any.
@@ -68,18 +129,20 @@ fn states(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-fn prune(dir: &Path, keep: usize) -> Result<()> {
+fn prune(dir: &Path, keep: usize, index: &mut BTreeMap<String, String>) -> Result<()> {
     let all = states(dir)?;
     let excess = all.len().saturating_sub(keep.max(1));
     for (_, path) in &all[..excess] {
         std::fs::remove_file(path).with_context(|| format!("cannot remove old state {}", path.display()))?;
     }
+    let kept: Vec<String> = all[excess..].iter().map(|(_, p)| file_name(p)).collect();
+    index.retain(|name, _| kept.contains(name));
     Ok(())
 }
 
 /// Loads `path` into the trained tensors and optimizer; returns step and scaler.
 pub fn load(path: &Path, trained: &dyn Trainable, opt: &mut AdamW, identity: &Identity) -> Result<Saved> {
-    let file = TensorFile::open(path)?;
+    let file = TensorFile::open_with_advice(path, DAMAGED)?;
     let meta = file.string_metadata();
     // A setting the saved run had and this one lacks (a full run's mode) also differs.
     let mut extra: Vec<(&String, &String)> =

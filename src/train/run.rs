@@ -160,10 +160,23 @@ pub fn run_with(
     let mut scaler = if plan.precision == Precision::Fp16 { LossScaler::fp16() } else { LossScaler::disabled() };
     let mut start = 0;
     if plan.resume {
-        let Some(path) = checkpoint::latest(&plan.state_dir())? else {
+        let Some((path, damaged)) = checkpoint::latest_good(&plan.state_dir())? else {
             bail!("--resume found no saved state in {}; train without --resume to start a new run", plan.state_dir().display());
         };
+        for line in damaged {
+            emit(Event::Warning(format!("warning: {line}; passing over it")));
+        }
         let saved = checkpoint::load(&path, trained.as_dyn(), &mut optimizer, &plan.identity())?;
+        if saved.step > plan.step.total_steps {
+            bail!(
+                "{} was saved after {} steps, more than --steps {}; pass --steps above {} to train further (a run is never cut back: the LoRA files of earlier steps are in {})",
+                path.display(),
+                saved.step,
+                plan.step.total_steps,
+                saved.step,
+                plan.dir.join("lora").display()
+            );
+        }
         start = saved.step;
         scaler = saved.scaler;
         emit(Event::Warning(format!("resuming from {} (step {start})", path.display())));
