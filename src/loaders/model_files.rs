@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use tch::{Device, Kind};
 
-use super::folder::{check_is_diffusers_folder, load_vae};
+use super::folder::{check_is_diffusers_folder, load_text_encoder, load_vae};
 use super::single_file::{self, Beside, Plan};
 use super::source::{check_checkpoint, parse, LoadOptions, ModelSource};
 use super::tensor_file::TensorFile;
@@ -158,9 +158,7 @@ impl ModelFiles {
     /// The tokenizer and text encoder as the model's text stack.
     pub fn load_text_stack(&self, device: Device, kind: Kind) -> Result<TextStack> {
         let model: Built<ClipTextModel> = match &self.weights {
-            Weights::Folder { text, .. } => {
-                build_and_load(text, device, kind, |vb| ClipTextModel::new(vb, &self.text_config))?
-            }
+            Weights::Folder { text, .. } => load_text_encoder(text, device, kind, &self.text_config)?,
             Weights::SingleFile(plan) => {
                 single_file::load_text_encoder(&TensorFile::open(&plan.path)?, plan, device, kind)?
             }
