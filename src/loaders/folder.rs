@@ -50,7 +50,10 @@ pub fn text_encoder_layout_of(files: &[PathBuf]) -> Result<TextEncoderLayout> {
     }
     let shown = match files {
         [one] => one.display().to_string(),
-        many => format!("the {} shards {}", many.len(), many.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")),
+        many => {
+            let all: Vec<String> = many.iter().map(|f| f.display().to_string()).collect();
+            format!("the {} shards {}", many.len(), all.join(", "))
+        }
     };
     bail!(
         "{shown} is not a CLIP text encoder: it has neither text_model.embeddings.token_embedding.weight (transformers 4) nor embeddings.token_embedding.weight (transformers 5); put the model's CLIPTextModel weights in text_encoder/"
