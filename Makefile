@@ -34,3 +34,4 @@ fixtures:
 	.venv-ref/bin/python scripts/fixtures/make_scheduler_cases.py
 	.venv-ref/bin/python scripts/fixtures/make_lora_cases.py
 	.venv-ref/bin/python scripts/fixtures/make_single_file.py
+	.venv-ref/bin/python scripts/fixtures/make_tf5_fixture.py

@@ -159,12 +159,19 @@ fn single_file_tokenizer_comes_from_the_cache() {
             .arg("--out")
             .arg(dir.path().join("x.png")))
     };
-    let line = one_line_error(&run_sample(cache.path()));
-    assert!(line.contains("tokenizer") && line.contains(&cache.path().display().to_string()), "{line}");
-    assert!(line.contains("huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5"), "{line}");
-    // diffusers' SD1 repository in the cache, tokenizer only.
+    // None in the cache either: the bundled CLIP files, said in one line.
+    let res = run_sample(cache.path());
+    stdout_ok(&res);
+    let stderr = String::from_utf8_lossy(&res.stderr).to_string();
+    let shown = cache.path().display().to_string();
+    assert!(stderr.contains("bundled CLIP tokenizer") && stderr.contains(&shown), "{stderr}");
+    let bundled = pixels(&dir.path().join("x.png"));
+    // diffusers' SD1 repository in the cache, tokenizer only: used, silently, for the same image.
     fake_hub_repo(cache.path(), "stable-diffusion-v1-5/stable-diffusion-v1-5", &fixture("tiny-sd1"), &|files| {
         files.retain(|rel, _| rel.starts_with("tokenizer/"))
     });
-    stdout_ok(&run_sample(cache.path()));
+    let res = run_sample(cache.path());
+    stdout_ok(&res);
+    assert!(!String::from_utf8_lossy(&res.stderr).contains("bundled"), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(pixels(&dir.path().join("x.png")) == bundled, "the cached tokenizer's image differs from the bundled one's");
 }

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::models::config::{ClipTextConfig, Prediction, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::loaders::folder::text_encoder_layout_of;
 use crate::loaders::hub;
 use crate::loaders::weights::component_weights;
 use crate::loaders::single_file::{self, census, detect, Family, Plan, PredictionSource, Shapes};
-use crate::loaders::file_kind::{classify, not_a_model_sentence, FileKind};
+use crate::loaders::file_kind::{classify, not_a_model_sentence, FileKind, TextEncoderLayout};
 use crate::loaders::source::{parse, parse_prediction, ModelSource};
 use crate::loaders::tensor_file::TensorFile;
 
@@ -113,7 +114,7 @@ fn checkpoint(path: &Path, file: &TensorFile, prediction: Option<Prediction>) ->
             };
             row("prediction", format!("{} ({source})", plan.scheduler.prediction_type));
             unet_rows(&plan.unet, &plan.vae);
-            text_rows(&plan.text);
+            text_rows(&plan.text, "");
             let beside = single_file::Beside::find(path)?;
             let mut configs = Vec::new();
             if let Some(f) = &beside.folder {
@@ -146,11 +147,12 @@ fn unet_rows(unet: &UNetConfig, vae: &VaeConfig) {
     );
 }
 
-fn text_rows(text: &ClipTextConfig) {
+/// `naming` follows the sizes (a folder's tensor naming, or nothing).
+fn text_rows(text: &ClipTextConfig, naming: &str) {
     row(
         "text encoder",
         format!(
-            "{} layers, {} wide, {} heads, {}",
+            "{} layers, {} wide, {} heads, {}{naming}",
             text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.hidden_act
         ),
     );
@@ -170,12 +172,17 @@ fn folder(dir: &Path, hub_id: Option<&str>, prediction: Option<Prediction>) -> R
     let mut dtypes_all: BTreeMap<String, usize> = BTreeMap::new();
     let mut params = Vec::new();
     let mut files_used = Vec::new();
+    let mut text_layout = None;
     for (label, component, stem) in [
         ("UNet", "unet", "diffusion_pytorch_model"),
         ("VAE", "vae", "diffusion_pytorch_model"),
         ("text encoder", "text_encoder", "model"),
     ] {
         let files = component_weights(&dir.join(component), stem, None)?;
+        if component == "text_encoder" {
+            // The same check loading makes, so info accepts only what sample would.
+            text_layout = Some(text_encoder_layout_of(&files)?);
+        }
         let mut n = 0i64;
         for f in &files {
             let tf = TensorFile::open(f)?;
@@ -213,7 +220,11 @@ fn folder(dir: &Path, hub_id: Option<&str>, prediction: Option<Prediction>) -> R
         None => row("prediction", format!("{} (from {})", scheduler.prediction_type, scheduler_path.display())),
     }
     unet_rows(&unet, &vae);
-    text_rows(&text);
+    let naming = match text_layout {
+        Some(TextEncoderLayout::Unprefixed) => ", transformers 5 tensor names (no text_model. prefix)",
+        _ => "",
+    };
+    text_rows(&text, naming);
     Ok(())
 }
 

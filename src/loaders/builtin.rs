@@ -46,6 +46,11 @@ pub const SPEC: &str = "sdtune-tiny-sd";
 
 pub const DESCRIPTION: &str = "sdtune's built-in tiny model (64 px, trained by sdtune on coloured shapes)";
 
+/// The embedded file at `name` inside the model folder (`tokenizer/vocab.json`).
+pub fn embedded(name: &str) -> Option<&'static [u8]> {
+    FILES.iter().find(|(n, _)| *n == name).map(|(_, bytes)| *bytes)
+}
+
 /// A short hash of the embedded files: names the cache folder, so a newer
 /// binary never reads an older model.
 fn content_hash() -> &'static str {

@@ -45,6 +45,33 @@ pub fn is_ldm(names: &[String]) -> bool {
     names.iter().any(|n| n.starts_with(UNET_PREFIX))
 }
 
+/// How a diffusers folder's CLIP text encoder names its tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextEncoderLayout {
+    /// `text_model.embeddings.token_embedding.weight`, ...: transformers 4.x,
+    /// so nearly every SD folder published.
+    Prefixed,
+    /// `embeddings.token_embedding.weight`, ...: transformers 5.x, which
+    /// diffusers' `save_pretrained` writes today.
+    Unprefixed,
+}
+
+/// The prefix transformers 4.x puts before every text-encoder tensor.
+pub const TEXT_MODEL_PREFIX: &str = "text_model.";
+
+/// The text-encoder layout of a file's (or its shards') tensor names, by
+/// where the token embedding is; `None` when it has none.
+pub fn text_encoder_layout(names: &[String]) -> Option<TextEncoderLayout> {
+    let token_embedding = "embeddings.token_embedding.weight";
+    if names.iter().any(|n| n.strip_prefix(TEXT_MODEL_PREFIX) == Some(token_embedding)) {
+        Some(TextEncoderLayout::Prefixed)
+    } else if names.iter().any(|n| n == token_embedding) {
+        Some(TextEncoderLayout::Unprefixed)
+    } else {
+        None
+    }
+}
+
 /// What a safetensors file holds, from its tensor names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
@@ -68,7 +95,7 @@ pub fn classify(names: &[String]) -> FileKind {
         FileKind::Component("UNet")
     } else if any("encoder.down_blocks.") || any("decoder.up_blocks.") {
         FileKind::Component("VAE")
-    } else if any("text_model.") {
+    } else if any(TEXT_MODEL_PREFIX) || text_encoder_layout(names).is_some() {
         FileKind::Component("text encoder")
     } else {
         FileKind::Other

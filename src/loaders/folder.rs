@@ -6,15 +6,58 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use tch::{Device, Kind};
 
+use super::file_kind::{text_encoder_layout, TextEncoderLayout, TEXT_MODEL_PREFIX};
+use super::tensor_file::TensorFile;
 use super::weights::build_and_load_renamed;
 use crate::models::built::Built;
-use crate::models::config::{read_json, ModelIndex, VaeConfig};
+use crate::models::clip::ClipTextModel;
+use crate::models::config::{read_json, ClipTextConfig, ModelIndex, VaeConfig};
 use crate::models::vae::AutoencoderKL;
 
 /// A diffusers VAE from `files`, whichever of the two attention namings
 /// they use (see [`vae_weight_name`]).
 pub fn load_vae(files: &[PathBuf], device: Device, kind: Kind, cfg: &VaeConfig) -> Result<Built<AutoencoderKL>> {
     build_and_load_renamed(files, device, kind, &vae_weight_name, |vb| AutoencoderKL::new(vb, cfg))
+}
+
+/// A diffusers CLIP text encoder from `files`, saved by transformers 4 or
+/// 5 (see [`TextEncoderLayout`]). The model is built with the prefixed
+/// names either way, so LoRA layer names do not depend on who saved it.
+pub fn load_text_encoder(
+    files: &[PathBuf],
+    device: Device,
+    kind: Kind,
+    cfg: &ClipTextConfig,
+) -> Result<Built<ClipTextModel>> {
+    let prefix = match text_encoder_layout_of(files)? {
+        TextEncoderLayout::Prefixed => "",
+        TextEncoderLayout::Unprefixed => TEXT_MODEL_PREFIX,
+    };
+    build_and_load_renamed(files, device, kind, &|name| Some(format!("{prefix}{name}")), |vb| {
+        ClipTextModel::new(vb, cfg)
+    })
+}
+
+/// The layout of a text encoder's weight files (one file or its shards),
+/// from their headers; one sentence naming them when it is neither.
+pub fn text_encoder_layout_of(files: &[PathBuf]) -> Result<TextEncoderLayout> {
+    let mut names = Vec::new();
+    for file in files {
+        names.extend(TensorFile::open(file)?.names());
+    }
+    if let Some(layout) = text_encoder_layout(&names) {
+        return Ok(layout);
+    }
+    let shown = match files {
+        [one] => one.display().to_string(),
+        many => {
+            let all: Vec<String> = many.iter().map(|f| f.display().to_string()).collect();
+            format!("the {} shards {}", many.len(), all.join(", "))
+        }
+    };
+    bail!(
+        "{shown} is not a CLIP text encoder: it has neither text_model.embeddings.token_embedding.weight (transformers 4) nor embeddings.token_embedding.weight (transformers 5); put the model's CLIPTextModel weights in text_encoder/"
+    )
 }
 
 /// One sentence when `dir` is not a diffusers pipeline folder.

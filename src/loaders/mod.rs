@@ -3,6 +3,7 @@
 //! under all of them. Loaders know files; the architectures they fill are
 //! in `crate::models`.
 pub mod builtin;
+pub mod bundled_tokenizer;
 pub mod file_kind;
 pub mod folder;
 pub mod hub;

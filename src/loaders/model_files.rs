@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use tch::{Device, Kind};
 
-use super::folder::{check_is_diffusers_folder, load_vae};
-use super::single_file::{self, Beside, Plan};
+use super::bundled_tokenizer;
+use super::folder::{check_is_diffusers_folder, load_text_encoder, load_vae};
+use super::single_file::{self, Beside, Family, Plan};
 use super::source::{check_checkpoint, parse, LoadOptions, ModelSource};
 use super::tensor_file::TensorFile;
 use super::weights::{build_and_load, component_weights};
+use super::hub;
 use crate::models::built::Built;
 use crate::models::clip::ClipTextModel;
 use crate::models::config::{ClipTextConfig, Prediction, SchedulerConfig, UNetConfig, VaeConfig};
@@ -32,6 +34,15 @@ enum Weights {
     SingleFile(Box<Plan>),
 }
 
+/// Where the tokenizer is read from.
+#[derive(Clone)]
+enum TokenizerFiles {
+    /// A `tokenizer/` folder (the model's, beside a single file, or the cache's).
+    Folder(PathBuf),
+    /// The CLIP files built into sdtune, padded as this family pads.
+    Bundled(Family),
+}
+
 /// The parts of one model and the files behind each.
 #[derive(Clone)]
 pub struct ModelFiles {
@@ -47,7 +58,7 @@ pub struct ModelFiles {
     pub text_files: Vec<PathBuf>,
     /// What the user should know before loading (a guessed prediction type).
     pub warnings: Vec<String>,
-    tokenizer_dir: PathBuf,
+    tokenizer: TokenizerFiles,
     weights: Weights,
 }
 
@@ -94,7 +105,7 @@ impl ModelFiles {
             vae_files,
             text_files,
             warnings: Vec::new(),
-            tokenizer_dir,
+            tokenizer: TokenizerFiles::Folder(tokenizer_dir),
             weights: Weights::Folder {
                 dir: dir.to_path_buf(),
                 variant: variant.map(str::to_string),
@@ -110,12 +121,32 @@ impl ModelFiles {
     pub fn single_file(path: &Path, prediction: Option<Prediction>) -> Result<Self> {
         check_checkpoint(path)?;
         let plan = Plan::new(path, &TensorFile::open(path)?, prediction)?;
-        let tokenizer_dir = plan.find_tokenizer()?;
+        let tokenizer = match plan.find_tokenizer() {
+            Ok(dir) => TokenizerFiles::Folder(dir),
+            // No tokenizer anywhere the file's own would be: the binary's
+            // copy of CLIP's files gives the same ids, so say so and go on.
+            Err(_) => {
+                let family = plan.layout.family;
+                let cache = hub::cache_dir();
+                let why = if hub::offline() {
+                    format!("none is in the Hugging Face cache ({}) with HF_HUB_OFFLINE set", cache.display())
+                } else {
+                    format!("none is in the Hugging Face cache ({}) and downloading one failed", cache.display())
+                };
+                eprintln!("{}", bundled_tokenizer::notice(path, family, &why));
+                TokenizerFiles::Bundled(family)
+            }
+        };
+        let tokenizer_files = match &tokenizer {
+            TokenizerFiles::Folder(dir) => files_in(dir)?,
+            // Its identity is the binary's; the checkpoint says which padding.
+            TokenizerFiles::Bundled(_) => Vec::new(),
+        };
         let beside = Beside::find(path)?;
         let yaml = beside.yaml.as_ref().map(|y| y.path.clone());
         let vae_files =
             std::iter::once(path.to_path_buf()).chain(beside.file("vae/config.json")).chain(yaml).collect();
-        let text_files = files_in(&tokenizer_dir)?
+        let text_files = tokenizer_files
             .into_iter()
             .chain(beside.file("text_encoder/config.json"))
             .chain(std::iter::once(path.to_path_buf()))
@@ -129,13 +160,16 @@ impl ModelFiles {
             vae_files,
             text_files,
             warnings: plan.warnings.clone(),
-            tokenizer_dir,
+            tokenizer,
             weights: Weights::SingleFile(Box::new(plan)),
         })
     }
 
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
-        ClipTokenizer::from_folder(&self.tokenizer_dir)
+        match &self.tokenizer {
+            TokenizerFiles::Folder(dir) => ClipTokenizer::from_folder(dir),
+            TokenizerFiles::Bundled(family) => bundled_tokenizer::tokenizer(*family),
+        }
     }
 
     pub fn load_unet(&self, device: Device, kind: Kind) -> Result<Built<UNet2DConditionModel>> {
@@ -158,9 +192,7 @@ impl ModelFiles {
     /// The tokenizer and text encoder as the model's text stack.
     pub fn load_text_stack(&self, device: Device, kind: Kind) -> Result<TextStack> {
         let model: Built<ClipTextModel> = match &self.weights {
-            Weights::Folder { text, .. } => {
-                build_and_load(text, device, kind, |vb| ClipTextModel::new(vb, &self.text_config))?
-            }
+            Weights::Folder { text, .. } => load_text_encoder(text, device, kind, &self.text_config)?,
             Weights::SingleFile(plan) => {
                 single_file::load_text_encoder(&TensorFile::open(&plan.path)?, plan, device, kind)?
             }

@@ -86,6 +86,18 @@ impl ClipTokenizer {
         Self::build(files, config)
     }
 
+    /// From CLIP's `vocab.json` and `merges.txt` as text (`shown` names them
+    /// in errors), with CLIP's special tokens and `pad` as the pad token, as
+    /// transformers' `CLIPTokenizer(vocab, merges, pad_token=pad)` builds it.
+    pub fn from_bpe(vocab_json: &str, merges_txt: &str, pad: &str, shown: &Path) -> Result<Self> {
+        let vocab_value: Value = serde_json::from_str(vocab_json)
+            .with_context(|| format!("{} is not valid JSON", shown.join("vocab.json").display()))?;
+        let vocab = parse_vocab(&shown.join("vocab.json"), &vocab_value)?;
+        let merges = parse_merges(merges_txt, &shown.join("merges.txt"))?;
+        let config = SpecialTokens::clip_with_pad(pad);
+        Self::build(ModelFiles { vocab, merges, added: Vec::new() }, config)
+    }
+
     /// The prompt as BOS, at most 75 tokens, EOS and padding: 77 ids.
     pub fn encode(&self, prompt: &str) -> Encoded {
         let tokens = self.token_ids(prompt);
@@ -432,6 +444,11 @@ fn parse_vocab(path: &Path, vocab: &Value) -> Result<HashMap<String, i64>> {
 fn read_merges_txt(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("could not read {} (a vocab.json folder needs merges.txt beside it)", path.display()))?;
+    parse_merges(&text, path)
+}
+
+/// The merges of a `merges.txt` read from `path`.
+fn parse_merges(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
     let mut lines = text.trim().lines().peekable();
     if lines.peek().is_some_and(|l| l.starts_with("#version")) {
         lines.next();
@@ -514,6 +531,18 @@ impl SpecialTokens {
             pad: spec("pad_token", EOS),
             decoder,
         })
+    }
+
+    /// CLIP's BOS, EOS and UNK (EOS) with `pad` as the pad token: what a
+    /// tokenizer folder with only `pad_token` in its config gives.
+    fn clip_with_pad(pad: &str) -> Self {
+        Self {
+            bos: TokenSpec::plain(BOS),
+            eos: TokenSpec::plain(EOS),
+            unk: TokenSpec::plain(EOS),
+            pad: TokenSpec::plain(pad),
+            decoder: Vec::new(),
+        }
     }
 }
 
