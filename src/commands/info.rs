@@ -51,7 +51,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
 }
 
 fn row(key: &str, value: impl std::fmt::Display) {
-    println!("{key:<13}{value}");
+    println!("{key:<15}{value}");
 }
 
 fn file(path: &Path, prediction: Option<Prediction>) -> Result<()> {
@@ -114,7 +114,7 @@ fn checkpoint(path: &Path, file: &TensorFile, prediction: Option<Prediction>) ->
             };
             row("prediction", format!("{} ({source})", plan.scheduler.prediction_type));
             unet_rows(&plan.unet, &plan.vae);
-            text_rows(&plan.text, "");
+            text_rows("text encoder", &plan.text, "");
             let beside = single_file::Beside::find(path)?;
             let mut configs = Vec::new();
             if let Some(f) = &beside.folder {
@@ -148,18 +148,22 @@ fn unet_rows(unet: &UNetConfig, vae: &VaeConfig) {
 }
 
 /// `naming` follows the sizes (a folder's tensor naming, or nothing).
-fn text_rows(text: &ClipTextConfig, naming: &str) {
+fn text_rows(label: &str, text: &ClipTextConfig, naming: &str) {
     row(
-        "text encoder",
+        label,
         format!(
-            "{} layers, {} wide, {} heads, {}{naming}",
-            text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.hidden_act
+            "{} layers, {} wide, {} heads, {}{}{naming}",
+            text.num_hidden_layers,
+            text.hidden_size,
+            text.num_attention_heads,
+            text.hidden_act,
+            text.projection_dim.filter(|_| text.with_projection()).map_or(String::new(), |d| format!(", projection {d}"))
         ),
     );
 }
 
 fn folder(dir: &Path, hub_id: Option<&str>, prediction: Option<Prediction>) -> Result<()> {
-    crate::loaders::folder::check_is_diffusers_folder(dir)?;
+    let index = crate::loaders::folder::check_is_diffusers_folder(dir)?;
     let unet = UNetConfig::from_file(&dir.join("unet/config.json"))?;
     let vae = VaeConfig::from_file(&dir.join("vae/config.json"))?;
     let text = ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?;
@@ -172,16 +176,20 @@ fn folder(dir: &Path, hub_id: Option<&str>, prediction: Option<Prediction>) -> R
     let mut dtypes_all: BTreeMap<String, usize> = BTreeMap::new();
     let mut params = Vec::new();
     let mut files_used = Vec::new();
-    let mut text_layout = None;
-    for (label, component, stem) in [
+    let mut text_layouts = Vec::new();
+    let mut components = vec![
         ("UNet", "unet", "diffusion_pytorch_model"),
         ("VAE", "vae", "diffusion_pytorch_model"),
         ("text encoder", "text_encoder", "model"),
-    ] {
+    ];
+    if index.is_sdxl() {
+        components.push(("text encoder 2", "text_encoder_2", "model"));
+    }
+    for (label, component, stem) in components {
         let files = component_weights(&dir.join(component), stem, None)?;
-        if component == "text_encoder" {
+        if component.starts_with("text_encoder") {
             // The same check loading makes, so info accepts only what sample would.
-            text_layout = Some(text_encoder_layout_of(&files)?);
+            text_layouts.push(text_encoder_layout_of(&files)?);
         }
         let mut n = 0i64;
         for f in &files {
@@ -202,9 +210,15 @@ fn folder(dir: &Path, hub_id: Option<&str>, prediction: Option<Prediction>) -> R
     if !variants.is_empty() {
         row("variants", format!("{} (choose with --variant)", variants.join(", ")));
     }
-    let family = if text.hidden_act == "gelu" { Family::Sd2 } else { Family::Sd1 };
+    let family = if index.is_sdxl() {
+        "Stable Diffusion XL"
+    } else if text.hidden_act == "gelu" {
+        Family::Sd2.name()
+    } else {
+        Family::Sd1.name()
+    };
     let cross = unet.cross_attention_dims()[0];
-    row("architecture", format!("{}: {}-wide cross-attention", family.name(), cross));
+    row("architecture", format!("{family}: {cross}-wide cross-attention"));
     row("dtype", dtypes(&dtypes_all));
     let total: i64 = params.iter().map(|(_, n)| n).sum();
     row(
@@ -220,11 +234,15 @@ fn folder(dir: &Path, hub_id: Option<&str>, prediction: Option<Prediction>) -> R
         None => row("prediction", format!("{} (from {})", scheduler.prediction_type, scheduler_path.display())),
     }
     unet_rows(&unet, &vae);
-    let naming = match text_layout {
+    let naming = |layout: Option<&TextEncoderLayout>| match layout {
         Some(TextEncoderLayout::Unprefixed) => ", transformers 5 tensor names (no text_model. prefix)",
         _ => "",
     };
-    text_rows(&text, naming);
+    text_rows("text encoder", &text, naming(text_layouts.first()));
+    if index.is_sdxl() {
+        let second = ClipTextConfig::from_file(&dir.join("text_encoder_2/config.json"))?;
+        text_rows("text encoder 2", &second, naming(text_layouts.get(1)));
+    }
     Ok(())
 }
 

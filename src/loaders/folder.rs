@@ -60,8 +60,8 @@ pub fn text_encoder_layout_of(files: &[PathBuf]) -> Result<TextEncoderLayout> {
     )
 }
 
-/// One sentence when `dir` is not a diffusers pipeline folder.
-pub fn check_is_diffusers_folder(dir: &Path) -> Result<()> {
+/// One sentence when `dir` is not a diffusers pipeline folder; its index otherwise.
+pub fn check_is_diffusers_folder(dir: &Path) -> Result<ModelIndex> {
     if !dir.exists() {
         bail!("{} does not exist; pass --model a diffusers model folder", dir.display());
     }
@@ -79,19 +79,30 @@ pub fn check_is_diffusers_folder(dir: &Path) -> Result<()> {
         );
     }
     let parsed: ModelIndex = read_json(&index)?;
-    if !parsed.class_name.starts_with("StableDiffusion") || parsed.class_name.contains("XL") {
+    if parsed.class_name.starts_with("StableDiffusionXL") && !parsed.is_sdxl() {
         bail!(
-            "{} describes a {} model; sdtune supports Stable Diffusion 1.x and 2.x pipelines",
+            "{} describes a {}, such as the SDXL refiner (image to image, with aesthetic-score conditioning); sdtune supports SDXL base models (StableDiffusionXLPipeline) and SD 1.x/2.x",
             index.display(),
             parsed.class_name
         );
     }
-    for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+    if !parsed.class_name.starts_with("StableDiffusion") || parsed.class_name.starts_with("StableDiffusion3") {
+        bail!(
+            "{} describes a {} model; sdtune supports Stable Diffusion 1.x, 2.x and XL pipelines",
+            index.display(),
+            parsed.class_name
+        );
+    }
+    let mut parts = vec!["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
+    if parsed.is_sdxl() {
+        parts.extend(["text_encoder_2", "tokenizer_2"]);
+    }
+    for part in parts {
         if !dir.join(part).is_dir() {
             bail!("{} has no {part}/ folder; the model folder is incomplete", dir.display());
         }
     }
-    Ok(())
+    Ok(parsed)
 }
 
 /// The diffusers name of a legacy VAE attention tensor, `None` for any other

@@ -29,7 +29,7 @@ use crate::models::vae::AutoencoderKL;
 #[derive(Clone)]
 enum Weights {
     /// A diffusers folder's component folders (weights found on load).
-    Folder { dir: PathBuf, variant: Option<String>, vae: Vec<PathBuf>, text: Vec<PathBuf> },
+    Folder { dir: PathBuf, variant: Option<String>, vae: Vec<PathBuf>, text: Vec<PathBuf>, text_2: Vec<PathBuf> },
     /// A single-file LDM checkpoint, renamed as its plan says.
     SingleFile(Box<Plan>),
 }
@@ -51,6 +51,10 @@ pub struct ModelFiles {
     pub unet_config: UNetConfig,
     pub vae_config: VaeConfig,
     pub text_config: ClipTextConfig,
+    /// SDXL's second text encoder (`text_encoder_2`, with projection).
+    pub text_config_2: Option<ClipTextConfig>,
+    /// SDXL: zero unconditional conditioning when there is no negative prompt.
+    pub zeros_for_no_negative: bool,
     pub scheduler: SchedulerConfig,
     /// Every file the VAE's latents depend on (configs and weights): its identity.
     pub vae_files: Vec<PathBuf>,
@@ -59,6 +63,8 @@ pub struct ModelFiles {
     /// What the user should know before loading (a guessed prediction type).
     pub warnings: Vec<String>,
     tokenizer: TokenizerFiles,
+    /// SDXL's `tokenizer_2`.
+    tokenizer_2: Option<TokenizerFiles>,
     weights: Weights,
 }
 
@@ -80,7 +86,7 @@ impl ModelFiles {
 
     /// A diffusers pipeline folder (`model_index.json` + components).
     pub fn folder(dir: &Path, variant: Option<&str>) -> Result<Self> {
-        check_is_diffusers_folder(dir)?;
+        let index = check_is_diffusers_folder(dir)?;
         let text_config_path = dir.join("text_encoder/config.json");
         let vae_config_path = dir.join("vae/config.json");
         let text_config = ClipTextConfig::from_file(&text_config_path)?;
@@ -91,26 +97,48 @@ impl ModelFiles {
         let text_weights = component_weights(&dir.join("text_encoder"), "model", variant)?;
         let vae_weights = component_weights(&dir.join("vae"), "diffusion_pytorch_model", variant)?;
         let vae_files = std::iter::once(vae_config_path).chain(vae_weights.iter().cloned()).collect();
-        let text_files = files_in(&tokenizer_dir)?
+        let mut text_files: Vec<PathBuf> = files_in(&tokenizer_dir)?
             .into_iter()
             .chain(std::iter::once(text_config_path))
             .chain(text_weights.iter().cloned())
             .collect();
+        let (mut text_config_2, mut tokenizer_2, mut text_weights_2) = (None, None, Vec::new());
+        if index.is_sdxl() {
+            let config_path = dir.join("text_encoder_2/config.json");
+            let config = ClipTextConfig::from_file(&config_path)?;
+            if !config.with_projection() {
+                anyhow::bail!(
+                    "{} describes a {:?} model; SDXL's second text encoder is a CLIPTextModelWithProjection",
+                    config_path.display(),
+                    config.architectures
+                );
+            }
+            text_weights_2 = component_weights(&dir.join("text_encoder_2"), "model", variant)?;
+            text_files.extend(files_in(&dir.join("tokenizer_2"))?);
+            text_files.push(config_path);
+            text_files.extend(text_weights_2.iter().cloned());
+            text_config_2 = Some(config);
+            tokenizer_2 = Some(TokenizerFiles::Folder(dir.join("tokenizer_2")));
+        }
         Ok(ModelFiles {
             source: dir.to_path_buf(),
             unet_config,
             vae_config,
             text_config,
+            text_config_2,
+            zeros_for_no_negative: index.is_sdxl() && index.force_zeros_for_empty_prompt.unwrap_or(true),
             scheduler,
             vae_files,
             text_files,
             warnings: Vec::new(),
             tokenizer: TokenizerFiles::Folder(tokenizer_dir),
+            tokenizer_2,
             weights: Weights::Folder {
                 dir: dir.to_path_buf(),
                 variant: variant.map(str::to_string),
                 vae: vae_weights,
                 text: text_weights,
+                text_2: text_weights_2,
             },
         })
     }
@@ -156,20 +184,20 @@ impl ModelFiles {
             unet_config: plan.unet.clone(),
             vae_config: plan.vae.clone(),
             text_config: plan.text.clone(),
+            text_config_2: None,
+            zeros_for_no_negative: false,
             scheduler: plan.scheduler.clone(),
             vae_files,
             text_files,
             warnings: plan.warnings.clone(),
             tokenizer,
+            tokenizer_2: None,
             weights: Weights::SingleFile(Box::new(plan)),
         })
     }
 
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
-        match &self.tokenizer {
-            TokenizerFiles::Folder(dir) => ClipTokenizer::from_folder(dir),
-            TokenizerFiles::Bundled(family) => bundled_tokenizer::tokenizer(*family),
-        }
+        self.tokenizer.load()
     }
 
     pub fn load_unet(&self, device: Device, kind: Kind) -> Result<Built<UNet2DConditionModel>> {
@@ -189,7 +217,7 @@ impl ModelFiles {
         }
     }
 
-    /// The tokenizer and text encoder as the model's text stack.
+    /// The tokenizers and text encoders as the model's text stack.
     pub fn load_text_stack(&self, device: Device, kind: Kind) -> Result<TextStack> {
         let model: Built<ClipTextModel> = match &self.weights {
             Weights::Folder { text, .. } => load_text_encoder(text, device, kind, &self.text_config)?,
@@ -197,8 +225,14 @@ impl ModelFiles {
                 single_file::load_text_encoder(&TensorFile::open(&plan.path)?, plan, device, kind)?
             }
         };
-        let encoder = TextEncoder { tokenizer: Some(self.tokenizer()?), model, config: self.text_config.clone() };
-        TextStack::new(vec![encoder])
+        let first = TextEncoder { tokenizer: Some(self.tokenizer()?), model, config: self.text_config.clone() };
+        let (Some(config_2), Some(tokenizer_2), Weights::Folder { text_2, .. }) = (&self.text_config_2, &self.tokenizer_2, &self.weights)
+        else {
+            return TextStack::new(vec![first]);
+        };
+        let model = load_text_encoder(text_2, device, kind, config_2)?;
+        let second = TextEncoder { tokenizer: Some(tokenizer_2.load()?), model, config: config_2.clone() };
+        TextStack::sdxl(vec![first, second], self.zeros_for_no_negative)
     }
 
     /// Every part loaded into `placement` and assembled; `warn` receives
@@ -209,7 +243,11 @@ impl ModelFiles {
         }
         let text = self.load_text_stack(placement.device, placement.kind)?;
         let unet = self.load_unet(placement.device, placement.kind)?;
-        let vae = self.load_vae(placement.device, placement.vae_kind)?;
+        // An fp16 VAE overflows (black images) unless its config says it
+        // does not (`force_upcast: false`, the fp16-fix VAE), as diffusers.
+        let upcast = placement.vae_kind == Kind::Half && self.vae_config.force_upcast != Some(false);
+        let vae_kind = if upcast { Kind::Float } else { placement.vae_kind };
+        let vae = self.load_vae(placement.device, vae_kind)?;
         StableDiffusion::assemble(Parts {
             source: Some(self.source.clone()),
             text,
@@ -254,6 +292,15 @@ impl StableDiffusion {
         warn: &mut dyn FnMut(String),
     ) -> Result<Self> {
         ModelFiles::of(model, opts)?.load(placement, warn)
+    }
+}
+
+impl TokenizerFiles {
+    fn load(&self) -> Result<ClipTokenizer> {
+        match self {
+            TokenizerFiles::Folder(dir) => ClipTokenizer::from_folder(dir),
+            TokenizerFiles::Bundled(family) => bundled_tokenizer::tokenizer(*family),
+        }
     }
 }
 

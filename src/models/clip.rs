@@ -1,4 +1,6 @@
-//! CLIP text encoder, numerically transformers' `CLIPTextModel`.
+//! CLIP text encoder, numerically transformers' `CLIPTextModel` (and
+//! `CLIPTextModelWithProjection`, SDXL's second encoder, whose pooled
+//! output goes through `text_projection`).
 //!
 //! Pre-norm transformer: token + position embeddings, `num_hidden_layers`
 //! causal self-attention layers, a final layer norm. Every layer is built by
@@ -162,13 +164,28 @@ pub struct ClipTextModel {
     embeddings: Embeddings,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `text_projection` (no bias), beside `text_model`, when the config has one.
+    text_projection: Option<Linear>,
     eos_token_id: i64,
+}
+
+/// What SDXL takes from one of its encoders: the hidden state some layers
+/// before the last without the final layer norm, and (second encoder) the
+/// projected pooled output.
+pub struct SdxlTextOutput {
+    pub hidden: Tensor,
+    pub pooled: Option<Tensor>,
 }
 
 impl ClipTextModel {
     pub fn new(vb: Vb, cfg: &ClipTextConfig) -> Result<Self> {
         check_sizes(cfg)?;
         let act = Activation::parse(&cfg.hidden_act)?;
+        let text_projection = match (cfg.with_projection(), cfg.projection_dim) {
+            (true, Some(dim)) => Some(vb.pp("text_projection").linear(cfg.hidden_size, dim, false)),
+            (true, None) => bail!("the text encoder config names CLIPTextModelWithProjection but has no projection_dim"),
+            (false, _) => None,
+        };
         let vb = vb.pp("text_model");
         let layers_vb = vb.pp("encoder").pp("layers");
         let layers = (0..cfg.num_hidden_layers).map(|i| EncoderLayer::new(layers_vb.pp(i), cfg, act)).collect();
@@ -176,8 +193,28 @@ impl ClipTextModel {
             embeddings: Embeddings::new(vb.pp("embeddings"), cfg),
             layers,
             final_layer_norm: vb.pp("final_layer_norm").layer_norm(cfg.hidden_size, cfg.layer_norm_eps),
+            text_projection,
             eos_token_id: cfg.eos_token_id,
         })
+    }
+
+    /// SDXL's use of an encoder (diffusers' `encode_prompt`):
+    /// `hidden_states[-(clip_skip + 2)]` without the final layer norm, and
+    /// with a projection the pooled output (final-normed last layer at the
+    /// EOS) through it. Errs when `clip_skip` leaves no layer.
+    pub fn f_encode_sdxl(&self, input_ids: &Tensor, clip_skip: usize) -> Result<SdxlTextOutput> {
+        let layers = self.layers.len();
+        ensure!(
+            clip_skip < layers,
+            "clip skip {clip_skip} is more than this text encoder allows ({}) with SDXL's penultimate layer",
+            layers - 1
+        );
+        let keep = layers - 1 - clip_skip;
+        let hidden = self.run_layers(input_ids, keep)?;
+        let Some(projection) = &self.text_projection else { return Ok(SdxlTextOutput { hidden, pooled: None }) };
+        let last = self.layers[keep..].iter().fold(hidden.shallow_clone(), |x, layer| layer.forward(&x));
+        let pooled = projection.forward(&self.pool(&self.final_layer_norm.forward(&last), input_ids));
+        Ok(SdxlTextOutput { hidden, pooled: Some(pooled) })
     }
 
     /// The last and penultimate hidden states and the pooled output.

@@ -157,8 +157,17 @@ impl UNetConfig {
 
     /// Rejects what this UNet code does not implement, in words.
     pub fn check(&self) -> Result<()> {
-        if self.addition_embed_type.is_some() || self.class_embed_type.is_some() {
-            bail!("added time/text embeddings (SDXL and similar) are not supported yet");
+        if let Some(kind) = self.class_embed_type.as_deref() {
+            bail!("class embeddings (class_embed_type {kind:?}) are not supported");
+        }
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                if self.addition_time_embed_dim.is_none_or(|d| d <= 0) || self.projection_class_embeddings_input_dim.is_none_or(|d| d <= 0) {
+                    bail!("addition_embed_type \"text_time\" needs positive addition_time_embed_dim and projection_class_embeddings_input_dim");
+                }
+            }
+            Some(other) => bail!("addition_embed_type {other:?} is not supported (only SDXL's \"text_time\")"),
         }
         if self.dual_cross_attention {
             bail!("dual cross-attention is not supported");
@@ -219,6 +228,12 @@ impl UNetConfig {
 
     pub fn transformer_layers(&self) -> Vec<i64> {
         self.transformer_layers_per_block.expand(self.block_out_channels.len())
+    }
+
+    /// Whether the UNet takes SDXL's added conditioning (a pooled text
+    /// embedding and six size/crop time ids) besides the text states.
+    pub fn takes_text_time(&self) -> bool {
+        self.addition_embed_type.as_deref() == Some("text_time")
     }
 
     /// The SD1.5 UNet, for random-weight benchmarks.
@@ -335,11 +350,21 @@ pub struct ClipTextConfig {
     /// else at the argmax of the ids.
     #[serde(default = "default_eos")]
     pub eos_token_id: i64,
+    /// `["CLIPTextModelWithProjection"]` for SDXL's second encoder, whose
+    /// pooled output goes through `text_projection`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
 }
 
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         read_json(path)
+    }
+
+    /// Whether the model has a `text_projection` (transformers'
+    /// `CLIPTextModelWithProjection`).
+    pub fn with_projection(&self) -> bool {
+        self.architectures.iter().any(|a| a == "CLIPTextModelWithProjection")
     }
 
     /// The SD1 text encoder (OpenAI CLIP ViT-L/14), for random-weight benchmarks.
@@ -462,4 +487,14 @@ impl Prediction {
 pub struct ModelIndex {
     #[serde(rename = "_class_name")]
     pub class_name: String,
+    /// SDXL pipelines: with no negative prompt, guidance uses zero
+    /// conditioning (diffusers' default for them is true).
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: Option<bool>,
+}
+
+impl ModelIndex {
+    pub fn is_sdxl(&self) -> bool {
+        self.class_name == "StableDiffusionXLPipeline"
+    }
 }

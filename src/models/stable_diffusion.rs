@@ -65,6 +65,14 @@ impl StableDiffusion {
                 "{from}: the UNet's cross-attention is {width} wide but its text encoder gives {text_width}-wide states; the UNet and the text encoder come from different models"
             );
         }
+        if parts.unet.model.pooled_dim() != parts.text.pooled_size() {
+            let said = |d: Option<i64>| d.map_or("none".to_string(), |d| format!("{d} wide"));
+            bail!(
+                "{from}: the UNet takes a pooled text embedding of {} but the text encoders give {}; the UNet and the text encoders come from different models",
+                said(parts.unet.model.pooled_dim()),
+                said(parts.text.pooled_size())
+            );
+        }
         if parts.unet_config.in_channels != parts.vae_config.latent_channels {
             bail!(
                 "{from}: the UNet takes {}-channel latents but the VAE makes {}-channel ones; the UNet and the VAE come from different models",

@@ -26,9 +26,25 @@ impl TextEncoder {
     }
 }
 
+/// How a model reads its encoders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextStyle {
+    /// SD1/SD2: the state `clip_skip` layers from the end, through the
+    /// final layer norm; no pooled embedding.
+    FinalNormed,
+    /// SDXL: each encoder's `hidden_states[-(clip_skip + 2)]` without the
+    /// final layer norm, joined; pooled = the last encoder's projected pooled output.
+    Sdxl,
+}
+
 /// Every text encoder of a model, in the order their states are joined.
 pub struct TextStack {
     pub encoders: Vec<TextEncoder>,
+    pub style: TextStyle,
+    /// With no negative prompt, guidance uses zero states and pooled
+    /// embedding instead of the empty prompt's (SDXL's
+    /// `force_zeros_for_empty_prompt`).
+    pub zeros_for_no_negative: bool,
 }
 
 /// What one prompt became, per batch element.
@@ -39,11 +55,31 @@ pub struct Encoded {
 }
 
 impl TextStack {
+    /// SD1/SD2's single encoder (or several read the same way).
     pub fn new(encoders: Vec<TextEncoder>) -> Result<Self> {
         if encoders.is_empty() {
             bail!("a model needs at least one text encoder");
         }
-        Ok(TextStack { encoders })
+        Ok(TextStack { encoders, style: TextStyle::FinalNormed, zeros_for_no_negative: false })
+    }
+
+    /// SDXL's two encoders; the last must have a projection for the pooled embedding.
+    pub fn sdxl(encoders: Vec<TextEncoder>, zeros_for_no_negative: bool) -> Result<Self> {
+        match encoders.last() {
+            None => bail!("a model needs at least one text encoder"),
+            Some(last) if !last.config.with_projection() => {
+                bail!("SDXL's last text encoder must be a CLIPTextModelWithProjection (its pooled embedding feeds the UNet)")
+            }
+            Some(_) => Ok(TextStack { encoders, style: TextStyle::Sdxl, zeros_for_no_negative }),
+        }
+    }
+
+    /// Width of the pooled embedding, for SDXL-style stacks.
+    pub fn pooled_size(&self) -> Option<i64> {
+        match self.style {
+            TextStyle::FinalNormed => None,
+            TextStyle::Sdxl => self.encoders.last().and_then(|e| e.config.projection_dim),
+        }
     }
 
     /// The first (for SD1/SD2 the only) encoder.
@@ -60,9 +96,14 @@ impl TextStack {
         self.first().model.vs.device()
     }
 
-    /// The fewest layers any encoder has: the largest clip skip that applies to all.
+    /// The largest clip skip that applies to every encoder (SDXL already
+    /// starts one layer before the last).
     pub fn max_clip_skip(&self) -> usize {
-        self.encoders.iter().map(|e| e.config.num_hidden_layers as usize).min().unwrap_or(0)
+        let fewest = self.encoders.iter().map(|e| e.config.num_hidden_layers as usize).min().unwrap_or(0);
+        match self.style {
+            TextStyle::FinalNormed => fewest,
+            TextStyle::Sdxl => fewest.saturating_sub(1),
+        }
     }
 
     /// The adaptable layers of each encoder, for text-encoder LoRA.
@@ -71,9 +112,9 @@ impl TextStack {
     }
 
     /// `prompts` as one batch of conditioning, in the encoders' kind on
-    /// their device: each encoder's hidden state `clip_skip` layers from
-    /// the end (through its final layer norm, as diffusers' `clip_skip`),
-    /// joined along the width.
+    /// their device: each encoder's hidden state as [`TextStyle`] says
+    /// (diffusers' `clip_skip`), joined along the width, and for SDXL the
+    /// pooled embedding.
     pub fn encode(&self, prompts: &[&str], clip_skip: usize) -> Result<Encoded> {
         if prompts.is_empty() {
             bail!("nothing to encode: no prompt was given");
@@ -84,6 +125,7 @@ impl TextStack {
         }
         let mut truncated = Vec::new();
         let mut states = Vec::with_capacity(self.encoders.len());
+        let mut pooled = None;
         for encoder in &self.encoders {
             let tokenizer = encoder.tokenizer()?;
             let mut ids = Vec::new();
@@ -95,9 +137,18 @@ impl TextStack {
                 ids.extend(encoded.ids);
             }
             let ids = Tensor::from_slice(&ids).view([prompts.len() as i64, -1]).to_device(self.device());
-            states.push(encoder.model.model.f_encode(&ids, clip_skip)?);
+            match self.style {
+                TextStyle::FinalNormed => states.push(encoder.model.model.f_encode(&ids, clip_skip)?),
+                TextStyle::Sdxl => {
+                    let out = encoder.model.model.f_encode_sdxl(&ids, clip_skip)?;
+                    states.push(out.hidden);
+                    // diffusers keeps the pooled output of the last encoder that gives one.
+                    pooled = out.pooled.or(pooled);
+                }
+            }
         }
         let text = if states.len() == 1 { states.pop().expect("one state") } else { Tensor::f_cat(&states, -1)? };
-        Ok(Encoded { conditioning: Conditioning::text_only(text), truncated })
+        let conditioning = Conditioning { text, pooled, time_ids: None };
+        Ok(Encoded { conditioning, truncated })
     }
 }

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::models::conditioning::Conditioning;
 use crate::models::stable_diffusion::StableDiffusion;
+use crate::models::text_stack::TextStyle;
 use crate::schedulers::{Sampler, SchedulerKind};
 
 /// Everything that decides one image.
@@ -130,30 +131,69 @@ pub fn encode_prompt(
 
 /// The UNet's context for a batch: [uncond.., cond..] with guidance (as
 /// diffusers concatenates them), else [cond..]. Each prompt is encoded on
-/// its own so its embedding does not depend on its batch-mates.
+/// its own so its embedding does not depend on its batch-mates. SDXL
+/// models also get each image's time ids, and with no negative prompt
+/// zeros as the unconditional side (`force_zeros_for_empty_prompt`).
 fn encode_batch(model: &StableDiffusion, reqs: &[SampleRequest], warn: Warn) -> Result<Conditioning> {
-    let mut cache: Vec<(String, Conditioning)> = Vec::new();
-    let mut encode = |text: &str, what: &str, warn: Warn| -> Result<Conditioning> {
-        if let Some((_, t)) = cache.iter().find(|(p, _)| p == text) {
+    let context = encode_texts(model, reqs, warn)?;
+    if !model.unet_config.takes_text_time() {
+        return Ok(context);
+    }
+    // With guidance the batch is [uncond.., cond..]: both halves get the same ids.
+    let halves = (context.batch_size() / reqs.len() as i64) as usize;
+    let ids: Vec<Tensor> = (0..halves).flat_map(|_| reqs.iter().map(time_ids)).collect();
+    let time_ids = Tensor::stack(&ids, 0).to_device(context.text.device());
+    Ok(Conditioning { time_ids: Some(time_ids), ..context })
+}
+
+/// SDXL's six size numbers for one image, as `StableDiffusionXLPipeline`
+/// makes them by default: original size (h, w), crop top-left (0, 0) and
+/// target size (h, w), all the image's own size.
+fn time_ids(req: &SampleRequest) -> Tensor {
+    let (h, w) = (req.height as f32, req.width as f32);
+    Tensor::from_slice(&[h, w, 0.0, 0.0, h, w])
+}
+
+fn encode_texts(model: &StableDiffusion, reqs: &[SampleRequest], warn: Warn) -> Result<Conditioning> {
+    let mut cache: Vec<(String, usize, Conditioning)> = Vec::new();
+    let mut encode = |text: &str, clip_skip: usize, what: &str, warn: Warn| -> Result<Conditioning> {
+        if let Some((_, _, t)) = cache.iter().find(|(p, s, _)| p == text && *s == clip_skip) {
             return Ok(t.shallow_clone());
         }
-        let t = encode_prompt(model, text, reqs[0].clip_skip, what, warn)?;
-        cache.push((text.to_string(), t.shallow_clone()));
+        let t = encode_prompt(model, text, clip_skip, what, warn)?;
+        cache.push((text.to_string(), clip_skip, t.shallow_clone()));
         Ok(t)
     };
+    let clip_skip = reqs[0].clip_skip;
+    // StableDiffusionXLPipeline reads the negative prompt at the penultimate
+    // layer whatever clip_skip says; the same images need the same quirk.
+    let negative_skip = if model.text.style == TextStyle::Sdxl { 0 } else { clip_skip };
     let mut cond = Vec::with_capacity(reqs.len());
     for r in reqs {
-        cond.push(encode(&r.prompt, "prompt", warn)?);
+        cond.push(encode(&r.prompt, clip_skip, "prompt", warn)?);
     }
     if reqs[0].guidance <= 1.0 {
         return Conditioning::cat(&cond);
     }
     let mut all = Vec::with_capacity(2 * reqs.len());
-    for r in reqs {
-        all.push(encode(r.negative_prompt.as_deref().unwrap_or(""), "negative prompt", warn)?);
+    for (r, c) in reqs.iter().zip(&cond) {
+        let uncond = match r.negative_prompt.as_deref() {
+            None if model.text.zeros_for_no_negative => zeros_like(c),
+            negative => encode(negative.unwrap_or(""), negative_skip, "negative prompt", warn)?,
+        };
+        all.push(uncond);
     }
     all.extend(cond);
     Conditioning::cat(&all)
+}
+
+/// Zero states and pooled embedding shaped as `c`.
+fn zeros_like(c: &Conditioning) -> Conditioning {
+    Conditioning {
+        text: c.text.zeros_like(),
+        pooled: c.pooled.as_ref().map(Tensor::zeros_like),
+        time_ids: c.time_ids.as_ref().map(Tensor::shallow_clone),
+    }
 }
 
 /// Per-image noise from per-image seeds, drawn on the CPU so a seed means

@@ -1,5 +1,7 @@
-//! diffusers' `UNet2DConditionModel` for SD1.x and SD2.x: the noise (or v)
-//! predictor, conditioned on the timestep and the text encoder's states.
+//! diffusers' `UNet2DConditionModel` for SD1.x, SD2.x and SDXL: the noise
+//! (or v) predictor, conditioned on the timestep and the text encoders'
+//! states, and for SDXL (`addition_embed_type: text_time`) on a pooled text
+//! embedding and the size/crop time ids as well.
 //!
 //! `new` turns the config into plain sizes and builds every layer by its
 //! diffusers weight name; `forward` reads no config.
@@ -22,6 +24,9 @@ pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    /// SDXL's added conditioning: each time id's own sinusoid, then an MLP
+    /// of [pooled, sinusoids] added to the time embedding.
+    added: Option<AddedEmbedding>,
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
@@ -31,6 +36,42 @@ pub struct UNet2DConditionModel {
     /// Where and in what precision the weights live; inputs are moved there.
     device: Device,
     kind: Kind,
+}
+
+/// `add_time_proj` + `add_embedding` (SDXL's `text_time`).
+struct AddedEmbedding {
+    add_time_proj: Timesteps,
+    add_embedding: TimestepEmbedding,
+    /// Width of the pooled text embedding the MLP expects beside the sinusoids.
+    pooled_dim: i64,
+}
+
+impl AddedEmbedding {
+    fn new(vb: Vb, cfg: &UNetConfig, temb_channels: i64) -> Result<Option<Self>> {
+        if !cfg.takes_text_time() {
+            return Ok(None);
+        }
+        let time_dim = cfg.addition_time_embed_dim.context("checked by UNetConfig::check")?;
+        let input = cfg.projection_class_embeddings_input_dim.context("checked by UNetConfig::check")?;
+        let pooled_dim = input - 6 * time_dim;
+        if pooled_dim <= 0 {
+            bail!("projection_class_embeddings_input_dim {input} leaves no room for a pooled text embedding beside 6 time ids of width {time_dim}");
+        }
+        Ok(Some(AddedEmbedding {
+            add_time_proj: Timesteps { dim: time_dim, flip_sin_to_cos: cfg.flip_sin_to_cos, freq_shift: cfg.freq_shift as f64 },
+            add_embedding: TimestepEmbedding::new(vb.pp("add_embedding"), input, temb_channels),
+            pooled_dim,
+        }))
+    }
+
+    /// [B, temb] from `pooled` [B, P] and `time_ids` [B, 6], as diffusers:
+    /// sinusoids in fp32, joined after the pooled embedding, in `kind`.
+    fn forward(&self, pooled: &Tensor, time_ids: &Tensor, kind: Kind) -> Tensor {
+        let batch = pooled.size()[0];
+        let time = self.add_time_proj.forward(&time_ids.reshape([-1])).reshape([batch, -1]);
+        let input = Tensor::cat(&[pooled.to_kind(Kind::Float), time], -1).to_kind(kind);
+        self.add_embedding.forward(&input)
+    }
 }
 
 /// The config's per-block lists, each checked to have one entry per block.
@@ -130,6 +171,7 @@ impl UNet2DConditionModel {
             ConvConfig::same(cfg.conv_in_kernel),
         );
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), base, temb_channels);
+        let added = AddedEmbedding::new(vb.clone(), cfg, temb_channels)?;
         let down_blocks = Self::down_blocks(&vb, cfg, &common, &per_block)?;
         let mid_block = match cfg.mid_block_type {
             Some(_) => {
@@ -150,6 +192,7 @@ impl UNet2DConditionModel {
             config: cfg.clone(),
             time_proj,
             time_embedding,
+            added,
             conv_in,
             down_blocks,
             mid_block,
@@ -210,10 +253,15 @@ impl UNet2DConditionModel {
             .collect()
     }
 
+    /// Width of the pooled text embedding it takes, for SDXL-style UNets.
+    pub fn pooled_dim(&self) -> Option<i64> {
+        self.added.as_ref().map(|a| a.pooled_dim)
+    }
+
     /// `sample` [B, C, h, w], `timesteps` [B] (one per sample, any numeric
     /// kind; a single value is used for the whole batch),
-    /// `conditioning` (text states [B, 77, D]; SD1/SD2 UNets take no
-    /// added conditioning) -> prediction [B, C, h, w].
+    /// `conditioning` (text states [B, 77, D]; for SDXL also the pooled
+    /// embedding [B, P] and time ids [B, 6]) -> prediction [B, C, h, w].
     ///
     /// Inputs in another precision than the weights (fp32 latents with bf16
     /// weights in LoRA training) are cast to it; the prediction comes back
@@ -222,6 +270,15 @@ impl UNet2DConditionModel {
         let x = sample.to_device(self.device).to_kind(self.kind);
         let context = conditioning.text.to_device(self.device).to_kind(self.kind);
         let temb = self.embed_time(timesteps, x.size()[0]);
+        let temb = match &self.added {
+            Some(added) => {
+                let (Some(pooled), Some(time_ids)) = (&conditioning.pooled, &conditioning.time_ids) else {
+                    panic!("this UNet (SDXL) needs a pooled text embedding and time ids; the caller gave text states only");
+                };
+                temb + added.forward(&pooled.to_device(self.device), &time_ids.to_device(self.device), self.kind)
+            }
+            None => temb,
+        };
         let x = self.conv_in.forward(&x);
         let (x, skips) = self.down(x, &temb, &context);
         let x = match &self.mid_block {
