@@ -14,6 +14,8 @@ pub const MAX_LORA_SCALE: f64 = 100.0;
 const HIGH_LORA_SCALE: f64 = 4.0;
 /// Seeds of one grid: more is a typo, and would be allocated before any check.
 pub const MAX_COUNT: usize = 10_000;
+/// SDXL's size conditioning numbers: sizes no photo has are a typo.
+pub const MAX_CONDITIONED_SIDE: i64 = 65_536;
 
 /// Classifier-free guidance: a finite number from 0 to [`MAX_GUIDANCE`];
 /// `what` names the flag or key. Returns a warning for high values.

@@ -32,6 +32,7 @@ fn request(prompt: &str, seed: u64, scheduler: SchedulerKind, guidance: f64) -> 
         height: 64,
         scheduler,
         clip_skip: 0,
+        size_conditioning: None,
     }
 }
 

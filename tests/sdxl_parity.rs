@@ -94,6 +94,10 @@ struct Case {
     scheduler: String,
     prediction_type: String,
     clip_skip: usize,
+    /// (h, w), (top, left), (h, w) as diffusers takes them, when given.
+    original_size: Option<[i64; 2]>,
+    crops_coords_top_left: Option<[i64; 2]>,
+    target_size: Option<[i64; 2]>,
     png: String,
 }
 
@@ -127,6 +131,10 @@ fn sample_matches_the_sdxl_pipeline_for_every_scheduler() {
             .arg(&out);
         if let Some(neg) = &case.negative_prompt {
             cmd.args(["--negative-prompt", neg]);
+        }
+        if let (Some([oh, ow]), Some([top, left]), Some([th, tw])) = (case.original_size, case.crops_coords_top_left, case.target_size) {
+            cmd.args(["--original-size", &format!("{ow}x{oh}"), "--crop", &format!("{top},{left}")]);
+            cmd.args(["--target-size", &format!("{tw}x{th}")]);
         }
         if case.prediction_type == "v_prediction" {
             cmd.args(["--prediction-type", "v"]);

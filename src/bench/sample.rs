@@ -66,6 +66,7 @@ fn requests(bench: &SampleBench, resolution: i64, count: usize, first_seed: u64)
             height: resolution,
             scheduler: bench.scheduler,
             clip_skip: 0,
+            size_conditioning: None,
         })
         .collect()
 }

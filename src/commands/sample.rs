@@ -14,6 +14,7 @@ use crate::models::stable_diffusion::{Placement, StableDiffusion};
 use crate::runtime::{parse_device, Precision};
 use crate::ranges;
 use crate::sample::limits;
+use crate::sample::pipeline::SizeConditioning;
 use crate::sample::metrics::Brand;
 use crate::sample::render::{self, consistency_path, Job, LoadedLora};
 use crate::sample::settings::{self, Found, ImageRecipe, Recipe, Settings};
@@ -97,6 +98,17 @@ pub struct SampleArgs {
     /// Skip this many final text-encoder layers (A1111's "clip skip" minus one).
     #[arg(allow_negative_numbers = true, long, default_value_t = 0)]
     pub clip_skip: usize,
+    /// SDXL: the original image size the UNet is told of, WIDTHxHEIGHT (larger
+    /// reads as sharper, smaller as softer) [default: the image's size].
+    #[arg(long, value_name = "WxH")]
+    pub original_size: Option<String>,
+    /// SDXL: the crop's top-left corner the UNet is told of, TOP,LEFT in pixels
+    /// (0,0 asks for a centred, uncropped look) [default: 0,0].
+    #[arg(long, value_name = "TOP,LEFT")]
+    pub crop: Option<String>,
+    /// SDXL: the target size the UNet is told of, WIDTHxHEIGHT [default: the image's size].
+    #[arg(long, value_name = "WxH")]
+    pub target_size: Option<String>,
     /// A LoRA to apply, with an optional strength (default 1, at most 100 either
     /// way); repeat to stack several. kohya (A1111/ComfyUI) and diffusers/PEFT files load.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
@@ -113,6 +125,7 @@ pub struct SampleArgs {
     #[arg(long, value_name = "IMAGE.png", conflicts_with_all = [
         "prompt", "prompts", "negative_prompt", "seed", "count", "seeds", "steps", "guidance",
         "width", "height", "scheduler", "clip_skip", "compare", "precision", "fuse",
+        "original_size", "crop", "target_size",
     ])]
     pub from: Option<PathBuf>,
     /// Folder of brand images for the consistency figures [default: the images
@@ -213,6 +226,9 @@ fn check_for_model(work: &Work, model: &StableDiffusion) -> Result<()> {
         Work::Again { recipe, .. } => (&recipe.settings, recipe.batch.as_ref().map_or(1, |b| b.members.len())),
     };
     limits::check_clip_skip(model, settings.clip_skip)?;
+    if settings.size_conditioning.is_some() && !model.unet_config.takes_text_time() {
+        bail!("--original-size, --crop and --target-size condition SDXL models on image sizes; this model's UNet takes no such conditioning, so leave them out");
+    }
     let side = |px: i64| if px == 0 { native } else { px };
     limits::check_render_size(model, side(settings.width), side(settings.height), batch)
 }
@@ -317,6 +333,7 @@ fn empty_job() -> Job {
             fuse: false,
             precision: "fp32".into(),
             device: "cpu".into(),
+            size_conditioning: None,
         },
         out: PathBuf::new(),
     }
@@ -356,7 +373,39 @@ fn job_from_flags(args: &SampleArgs) -> Result<Job> {
     job.settings.height = args.height.unwrap_or(0);
     job.settings.scheduler = SchedulerKind::parse(&args.scheduler)?.name().into();
     job.settings.clip_skip = args.clip_skip;
+    job.settings.size_conditioning = size_conditioning(args)?;
     Ok(job)
+}
+
+/// `--original-size`, `--crop`, `--target-size`; a size left out is 0x0
+/// here, which [`fill_settings`] turns into the image's size.
+fn size_conditioning(args: &SampleArgs) -> Result<Option<SizeConditioning>> {
+    if args.original_size.is_none() && args.crop.is_none() && args.target_size.is_none() {
+        return Ok(None);
+    }
+    let size = |flag: &str, value: &Option<String>| -> Result<[i64; 2]> {
+        let Some(text) = value else { return Ok([0, 0]) };
+        let parsed = text.split_once(['x', 'X']).and_then(|(w, h)| Some((w.trim().parse::<i64>().ok()?, h.trim().parse::<i64>().ok()?)));
+        match parsed {
+            Some((w, h)) if (1..=ranges::MAX_CONDITIONED_SIDE).contains(&w) && (1..=ranges::MAX_CONDITIONED_SIDE).contains(&h) => Ok([h, w]),
+            _ => bail!("{flag} {text:?} is not a size; give WIDTHxHEIGHT in pixels, e.g. 1024x1024 (each 1 to {})", ranges::MAX_CONDITIONED_SIDE),
+        }
+    };
+    let crop = match &args.crop {
+        None => [0, 0],
+        Some(text) => {
+            let parsed = text.split_once(',').and_then(|(t, l)| Some((t.trim().parse::<i64>().ok()?, l.trim().parse::<i64>().ok()?)));
+            match parsed {
+                Some((top, left)) if (0..=ranges::MAX_CONDITIONED_SIDE).contains(&top) && (0..=ranges::MAX_CONDITIONED_SIDE).contains(&left) => [top, left],
+                _ => bail!("--crop {text:?} is not a corner; give TOP,LEFT in pixels, e.g. 0,0 (each 0 to {})", ranges::MAX_CONDITIONED_SIDE),
+            }
+        }
+    };
+    Ok(Some(SizeConditioning {
+        original: size("--original-size", &args.original_size)?,
+        crop_top_left: crop,
+        target: size("--target-size", &args.target_size)?,
+    }))
 }
 
 /// `--compare` alone: base beside the LoRAs as given; with values: beside
@@ -547,6 +596,7 @@ fn with_render_settings(shared: Settings, own: &Settings) -> Settings {
         height: own.height,
         scheduler: own.scheduler.clone(),
         clip_skip: own.clip_skip,
+        size_conditioning: own.size_conditioning,
         ..shared
     }
 }
@@ -558,6 +608,14 @@ fn fill_settings(job: &mut Job, shared: Settings, model: &StableDiffusion) {
     for side in [&mut job.settings.width, &mut job.settings.height] {
         if *side == 0 {
             *side = native;
+        }
+    }
+    let own = [job.settings.height, job.settings.width];
+    if let Some(sizes) = &mut job.settings.size_conditioning {
+        for pair in [&mut sizes.original, &mut sizes.target] {
+            if *pair == [0, 0] {
+                *pair = own;
+            }
         }
     }
 }

@@ -465,6 +465,7 @@ fn grid_settings(
         fuse: false,
         precision: precision.name().to_string(),
         device: device_name(device),
+        size_conditioning: None,
     })
 }
 

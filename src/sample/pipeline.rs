@@ -26,6 +26,33 @@ pub struct SampleRequest {
     pub scheduler: SchedulerKind,
     /// Text-encoder layers to skip from the end (0: last layer, as diffusers' default).
     pub clip_skip: usize,
+    /// SDXL's size conditioning; `None`: the image's own size, no crop.
+    pub size_conditioning: Option<SizeConditioning>,
+}
+
+/// The six numbers SDXL's UNet is conditioned on besides the text
+/// (diffusers' `original_size`, `crops_coords_top_left`, `target_size`),
+/// each pair (height, width) or (top, left) in pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SizeConditioning {
+    pub original: [i64; 2],
+    pub crop_top_left: [i64; 2],
+    pub target: [i64; 2],
+}
+
+impl SizeConditioning {
+    /// What `StableDiffusionXLPipeline` uses unless told otherwise.
+    pub fn plain(width: i64, height: i64) -> Self {
+        SizeConditioning { original: [height, width], crop_top_left: [0, 0], target: [height, width] }
+    }
+
+    /// `[orig_h, orig_w, top, left, target_h, target_w]`, in that order.
+    pub fn time_ids(&self) -> [f32; 6] {
+        let [oh, ow] = self.original;
+        let [top, left] = self.crop_top_left;
+        let [th, tw] = self.target;
+        [oh, ow, top, left, th, tw].map(|v| v as f32)
+    }
 }
 
 impl SampleRequest {
@@ -146,12 +173,11 @@ fn encode_batch(model: &StableDiffusion, reqs: &[SampleRequest], warn: Warn) -> 
     Ok(Conditioning { time_ids: Some(time_ids), ..context })
 }
 
-/// SDXL's six size numbers for one image, as `StableDiffusionXLPipeline`
-/// makes them by default: original size (h, w), crop top-left (0, 0) and
-/// target size (h, w), all the image's own size.
+/// SDXL's six size numbers for one image: as the request says, else as
+/// `StableDiffusionXLPipeline` makes them by default (the image's own size, no crop).
 fn time_ids(req: &SampleRequest) -> Tensor {
-    let (h, w) = (req.height as f32, req.width as f32);
-    Tensor::from_slice(&[h, w, 0.0, 0.0, h, w])
+    let sizes = req.size_conditioning.unwrap_or_else(|| SizeConditioning::plain(req.width, req.height));
+    Tensor::from_slice(&sizes.time_ids())
 }
 
 fn encode_texts(model: &StableDiffusion, reqs: &[SampleRequest], warn: Warn) -> Result<Conditioning> {

@@ -173,6 +173,7 @@ fn request(settings: &Settings, member: &Member) -> Result<SampleRequest> {
         height: settings.height,
         scheduler: SchedulerKind::parse(&settings.scheduler)?,
         clip_skip: settings.clip_skip,
+        size_conditioning: settings.size_conditioning,
     })
 }
 

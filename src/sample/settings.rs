@@ -58,6 +58,9 @@ pub struct Settings {
     pub precision: String,
     /// Where it was rendered (a seed gives the same image elsewhere up to precision).
     pub device: String,
+    /// SDXL's `--original-size` / `--crop` / `--target-size`, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_conditioning: Option<crate::sample::pipeline::SizeConditioning>,
 }
 
 /// One image of a batch: what differs between batch-mates.
@@ -469,6 +472,7 @@ mod tests {
                 fuse: false,
                 precision: "fp32".into(),
                 device: "cpu".into(),
+                size_conditioning: None,
             },
             batch: None,
         }
