@@ -67,6 +67,30 @@ pub fn supports(device: Device, kind: Kind) -> bool {
     attempt().is_ok()
 }
 
+/// Test hook: pretend this many bytes are free, so a test can meet the
+/// memory checks on any machine. Not for users.
+const AVAILABLE_MEMORY_ENV: &str = "SDTUNE_TEST_AVAILABLE_MEMORY";
+
+/// Free memory where `device` computes: the CPU's available memory (Linux);
+/// unknown on CUDA and elsewhere, where callers apply only their size bounds.
+pub fn available_memory(device: Device) -> Option<u64> {
+    if let Some(bytes) = std::env::var(AVAILABLE_MEMORY_ENV).ok().and_then(|v| v.parse().ok()) {
+        return Some(bytes);
+    }
+    if device.is_cuda() {
+        return None;
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Bytes as GiB with one decimal, for messages.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
+}
+
 /// Facts `sdtune doctor` prints.
 pub struct Doctor {
     pub libtorch: String,

@@ -102,6 +102,17 @@ impl AutoencoderKL {
     }
 }
 
+/// The bytes a VAE pass (encode or decode) over `batch` images of
+/// `width`×`height` pixels peaks at: a few live activations of the channels
+/// its full-resolution blocks hold. `elt`: bytes per element of its kind.
+/// Known before anything is allocated, so callers can refuse a size in words.
+pub fn peak_bytes(config: &VaeConfig, elt: u64, width: u64, height: u64, batch: u64) -> u64 {
+    let channels = config.block_out_channels.iter().take(2).copied().max().unwrap_or(128).max(1) as u64;
+    // Measured: a 1024x1024 decode of the built-in model peaks near 8 such tensors.
+    const LIVE_ACTIVATIONS: u64 = 8;
+    batch.saturating_mul(channels).saturating_mul(width).saturating_mul(height).saturating_mul(elt).saturating_mul(LIVE_ACTIVATIONS)
+}
+
 /// Rejects configs this VAE code does not build, in words.
 fn check(cfg: &VaeConfig) -> Result<()> {
     let blocks = cfg.block_out_channels.len();
