@@ -31,6 +31,11 @@ pub enum Issue {
     NotUtf8 {
         file: String,
     },
+    /// The sidecar exists but cannot be read (permissions, I/O).
+    Unreadable {
+        file: String,
+        error: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -88,21 +93,32 @@ impl Captions {
         }
     }
 
+    /// Reads one `metadata.jsonl`. A bad line (not UTF-8, not JSON, no
+    /// `file_name` or `text`) costs only itself: one problem naming the
+    /// line, every other line's caption kept.
     fn read_metadata(&mut self, found: &Found) {
         let bytes = match std::fs::read(&found.path) {
             Ok(b) => b,
             Err(e) => {
-                self.problem(found, format!("cannot be read ({e})"));
+                self.problem(found, format!("cannot be read ({e}); check the file's permissions"));
                 return;
             }
         };
-        let Ok(text) = String::from_utf8(bytes) else {
-            self.problem(found, "is not UTF-8 text; save it as UTF-8".into());
+        // UTF-16 (as Windows Notepad may save) fails on every line; say so once.
+        if bytes.starts_with(&[0xFF, 0xFE]) || bytes.starts_with(&[0xFE, 0xFF]) {
+            self.problem(found, "is UTF-16 text, so none of its captions were read; save it as UTF-8".into());
             return;
-        };
+        }
         let dir = found.path.parent().unwrap_or(Path::new(""));
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim().trim_start_matches('\u{feff}');
+        let mut seen: HashMap<PathBuf, usize> = HashMap::new();
+        for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            let number = n + 1;
+            let Ok(line) = std::str::from_utf8(line) else {
+                self.problem(found, format!("line {number} is not UTF-8 text, so its caption was not read; save the file as UTF-8"));
+                continue;
+            };
+            // A UTF-8 byte-order mark may open the file (or a line pasted from one).
+            let line = line.trim_start_matches('\u{feff}').trim();
             if line.is_empty() {
                 continue;
             }
@@ -114,16 +130,23 @@ impl Captions {
             });
             match entry {
                 Some((name, Some(text))) => {
-                    self.metadata.insert(normalise(&dir.join(&name)), (found.rel.clone(), text));
+                    let key = normalise(&dir.join(&name));
+                    if let Some(first) = seen.insert(key.clone(), number) {
+                        self.problem(
+                            found,
+                            format!("line {number} gives {name:?} a second caption (line {first} gave the first); the later one is used, remove the other"),
+                        );
+                    }
+                    self.metadata.insert(key, (found.rel.clone(), text));
                 }
-                Some((name, None)) => {
-                    self.problem(found, format!("line {}: the entry for {name:?} has no \"text\" string", n + 1))
-                }
+                Some((name, None)) => self.problem(
+                    found,
+                    format!("line {number}: the entry for {name:?} has no \"text\" string, so that image has no caption from it; add one"),
+                ),
                 None => self.problem(
                     found,
                     format!(
-                        "line {} is not a JSON object with \"file_name\" and \"text\" strings; fix or remove that line",
-                        n + 1
+                        "line {number} is not a JSON object with \"file_name\" and \"text\" strings, so its caption was not read; fix or remove that line"
                     ),
                 ),
             }
@@ -158,7 +181,7 @@ impl Captions {
                     None => issue = Some(Issue::Empty { file: found.rel.clone() }),
                 },
                 Ok(Err(_)) => issue = Some(Issue::NotUtf8 { file: found.rel.clone() }),
-                Err(_) => issue = Some(Issue::NotUtf8 { file: found.rel.clone() }),
+                Err(e) => issue = Some(Issue::Unreadable { file: found.rel.clone(), error: e.to_string() }),
             }
         }
         if let Some((file, text)) = self.metadata.get(&normalise(path)) {
@@ -272,5 +295,28 @@ mod tests {
         assert_eq!((f.source, f.issue), (Source::Template, Some(Issue::Missing)));
         assert_eq!(caps.problems.len(), 1);
         assert!(caps.problems[0].message.contains("line 3"));
+    }
+
+    #[test]
+    fn a_bad_metadata_line_costs_only_itself() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let mut bytes = "\u{feff}{\"file_name\": \"a.png\", \"text\": \"red shoes\"}\r\n".as_bytes().to_vec();
+        bytes.extend_from_slice(b"{\"file_name\": \"b.png\", \"text\": \"caf\xe9 table\"}\n");
+        bytes.extend_from_slice(b"{\"file_name\": \"c.png\"}\n{\"file_name\": \"d.png\", \"text\": \"blue bag\"}\n");
+        std::fs::write(d.join("metadata.jsonl"), &bytes).unwrap();
+        let caps = Captions::new(&[], &[found(d, "metadata.jsonl")], None, None);
+        assert_eq!(caps.caption_for(&d.join("a.png")).text, "red shoes");
+        assert_eq!(caps.caption_for(&d.join("d.png")).text, "blue bag");
+        assert_eq!(caps.caption_for(&d.join("b.png")).issue, Some(Issue::Missing));
+        let messages: Vec<_> = caps.problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[0].starts_with("line 2 is not UTF-8"), "{messages:?}");
+        assert!(messages[1].starts_with("line 3:"), "{messages:?}");
+
+        std::fs::write(d.join("metadata.jsonl"), [0xFF, 0xFE, b'{', 0]).unwrap();
+        let caps = Captions::new(&[], &[found(d, "metadata.jsonl")], None, None);
+        assert_eq!(caps.problems.len(), 1);
+        assert!(caps.problems[0].message.contains("UTF-16"), "{:?}", caps.problems);
     }
 }
