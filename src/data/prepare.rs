@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use tch::Device;
 
-use super::buckets::{crop_and_resize, crop_for, Bucket, Buckets, Crop};
+use super::buckets::{crop_and_resize, crop_for, kept_fraction, resize_bytes, Bucket, Buckets, Crop, CROP_WARNING_KEPT};
 use super::cache::{CacheWriter, Dataset, Item, LatentEntry, NewLatent, CACHE_DIR};
 use super::captions::{Caption, Captions, Issue, Source};
 use super::concepts::{self, Defaults, Layout};
@@ -23,7 +23,7 @@ use super::report::{self, Report};
 use super::scan::Found;
 use crate::data::config::DataConfig;
 use crate::models::tokenizer::MAX_TOKENS;
-use crate::runtime::Precision;
+use crate::runtime::{available_memory, gib, Precision};
 
 /// The report's file inside the working folder.
 pub const REPORT_FILE: &str = ".sdtune/prepare-report.json";
@@ -158,7 +158,15 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     report.counts.files = scanned.candidates.len() + scanned.outside.len();
 
     // 2. The model's files (the models themselves load only if there is work).
-    let model = ModelFiles::of(&opts.model_dir.to_string_lossy(), &LoadOptions::default())?;
+    // A model is named by a string (a path or a Hub id); a lossy copy of a
+    // path that is not UTF-8 would name a file that does not exist.
+    let Some(model_spec) = opts.model_dir.to_str() else {
+        bail!(
+            "the model path {} is not valid UTF-8, so sdtune cannot open it; rename the folder or file (and the folders above it) to UTF-8",
+            opts.model_dir.display()
+        );
+    };
+    let model = ModelFiles::of(model_spec, &LoadOptions::default())?;
     let factor = model.vae_config.scale_factor() as u32;
     if !cfg.bucket_step.is_multiple_of(factor) || !cfg.resolution.is_multiple_of(factor) {
         bail!(
@@ -185,6 +193,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
 
     // 4. Sort out rejects, small images and duplicates; caption and bucket the rest.
     let buckets = Buckets::new(cfg);
+    let free_cpu = available_memory(Device::Cpu);
     let captions =
         Captions::new(&scanned.sidecars, &scanned.metadata, cfg.caption_template.as_deref(), cfg.trigger.as_deref());
     for p in &captions.problems {
@@ -259,6 +268,13 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             ));
         }
         header_notes(&c, &mut notes);
+        if c.found.rel_is_lossy() {
+            notes.push(Note::on(
+                &c.found.rel,
+                "name_not_utf8",
+                "its name is not valid UTF-8 (shown here with \u{fffd} for the bad bytes); it is used as it is, but rename it to UTF-8 so other tools show and find it".into(),
+            ));
+        }
         let caption = captions_of(c.concept).caption_for(&c.found.path);
         // In a kohya tree the folder's name is the caption by convention, not a gap.
         let folder_caption = cfg.concepts.is_empty() && c.concept.is_some() && caption.issue == Some(Issue::Missing);
@@ -279,6 +295,33 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         }
         let bucket = buckets.assign(w, h);
         let crop = crop_for(w, h, bucket);
+        // Refused here, in words, rather than aborting on the allocation later.
+        let decode_need = c.header.decode_bytes().saturating_add(resize_bytes(crop, bucket));
+        if let Some(free) = free_cpu.filter(|&free| decode_need > free) {
+            report.skip(
+                &c.found.rel,
+                format!(
+                    "is {w}×{h} pixels, and decoding it needs about {} GiB of memory but {} GiB are free",
+                    gib(decode_need),
+                    gib(free)
+                ),
+                "shrink the image, or free memory and run sdtune prepare again",
+            );
+            continue;
+        }
+        let kept = kept_fraction(w, h, crop);
+        if kept < CROP_WARNING_KEPT {
+            let shape = if w > h { "wider" } else { "taller" };
+            let percent = if kept < 0.1 { format!("{:.1}", 100.0 * kept) } else { format!("{:.0}", 100.0 * kept) };
+            notes.push(Note::on(
+                &c.found.rel,
+                "cropped",
+                format!(
+                    "is {w}×{h} pixels, far {shape} than any bucket, so its {bucket} bucket keeps only the centre {percent}% of it ({}×{}); crop it to the part that matters, or widen min_bucket/max_bucket",
+                    crop.width, crop.height
+                ),
+            ));
+        }
         let latent = latent_key(&latent_settings, &c.hash, bucket, crop, false);
         let flip = scanned.concept(c.concept).map_or(cfg.flip, |k| k.flip);
         let flipped = flip.then(|| latent_key(&latent_settings, &c.hash, bucket, crop, true));
@@ -320,8 +363,10 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         return finish_report(report, opts, started, Vec::new(), Vec::new());
     }
 
-    // 5. Open the cache; what the folder no longer needs goes when this run finishes.
+    // 5. Open the cache and check the encode fits in memory before anything
+    // is allocated; what the folder no longer needs goes when this run finishes.
     let mut cache = CacheWriter::open(&opts.work_dir.join(CACHE_DIR))?;
+    let encode_batch = encode_batch_size(&planned, &cache, &model.vae_config, opts, &mut report)?;
     for shard in cache.damaged_shards() {
         report.warn(
             None,
@@ -375,7 +420,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     let delay = std::env::var(SHARD_DELAY_ENV).ok().and_then(|v| v.parse::<u64>().ok());
     let bar = progress_bar(pending_latents as u64, "encoding");
     for (bucket, indices) in &by_bucket {
-        for chunk in indices.chunks(cfg.encode_batch_size) {
+        for chunk in indices.chunks(encode_batch) {
             let decoded: Vec<(usize, Result<RgbImage, Rejection>)> =
                 chunk.par_iter().map(|&i| (i, load_pixels(&planned[i], cfg, *bucket))).collect();
             let mut jobs: Vec<(usize, bool, String, RgbImage)> = Vec::new();
@@ -396,7 +441,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
                 }
             }
             let mut new = Vec::with_capacity(jobs.len());
-            for batch in jobs.chunks(cfg.encode_batch_size) {
+            for batch in jobs.chunks(encode_batch) {
                 let images: Vec<&RgbImage> = batch.iter().map(|j| &j.3).collect();
                 let latents = encoders.encode_images(&images)?;
                 for ((i, flipped, key, _), latent) in batch.iter().zip(latents) {
@@ -536,6 +581,53 @@ fn scan_layout(opts: &Options, on_file: &mut dyn FnMut(usize)) -> Result<Layout>
     }
 }
 
+/// Images per VAE encode: `data.encode_batch_size`, lowered until the
+/// largest bucket still to encode fits in the free memory (with a warning);
+/// an error in one sentence when not even one image fits. Free memory is
+/// known on the CPU only; on CUDA only the bucket-side bound applies.
+fn encode_batch_size(
+    planned: &[Planned],
+    cache: &CacheWriter,
+    vae: &crate::models::config::VaeConfig,
+    opts: &Options,
+    report: &mut Report,
+) -> Result<usize> {
+    let asked = opts.data.encode_batch_size;
+    let pending = planned.iter().filter(|p| {
+        !cache.has_latent(&p.latent) || p.flipped.as_ref().is_some_and(|k| !cache.has_latent(k))
+    });
+    let Some(bucket) = pending.map(|p| p.bucket).max_by_key(|b| b.width as u64 * b.height as u64) else {
+        return Ok(asked);
+    };
+    let Some(free) = available_memory(opts.device) else { return Ok(asked) };
+    let elt = opts.precision.kind().elt_size_in_bytes() as u64;
+    let (w, h) = (bucket.width as u64, bucket.height as u64);
+    let need = |batch: usize| crate::models::vae::peak_bytes(vae, elt, w, h, batch as u64);
+    // A half-precision image that comes out non-finite is encoded again in fp32.
+    let one = need(1).max(crate::models::vae::peak_bytes(vae, 4, w, h, 1));
+    if one > free {
+        bail!(
+            "encoding one image of the {bucket} bucket needs about {} GiB of memory for the VAE but {} GiB are free; lower --resolution (or data.max_bucket), or free memory",
+            gib(one),
+            gib(free)
+        );
+    }
+    // The estimate grows with the batch in proportion.
+    let fits = usize::try_from(free / need(1).max(1)).unwrap_or(usize::MAX).clamp(1, asked);
+    if fits < asked {
+        report.warn(
+            None,
+            "encode_batch",
+            format!(
+                "encoding {asked} images of the {bucket} bucket at once would need about {} GiB but {} GiB are free, so {fits} at a time are encoded (the same latents, more slowly)",
+                gib(need(asked)),
+                gib(free)
+            ),
+        );
+    }
+    Ok(fits)
+}
+
 /// Stamps the time, writes the JSON report and returns the outcome.
 fn finish_report(
     mut report: Report,
@@ -604,6 +696,11 @@ fn caption_notes(caption: &Caption, found: &Found, notes: &mut Vec<Note>) {
         Some(Issue::Empty { file }) => {
             notes.push(Note::on(file, "empty_caption", format!("is an empty caption for {}; {uses}", found.rel)))
         }
+        Some(Issue::Unreadable { file, error }) => notes.push(Note::on(
+            file,
+            "caption_unreadable",
+            format!("cannot be read ({error}), so it was not used as the caption of {}; check its permissions ({uses})", found.rel),
+        )),
         Some(Issue::NotUtf8 { file }) => notes.push(Note::on(
             file,
             "caption_not_utf8",
