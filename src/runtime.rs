@@ -91,6 +91,15 @@ pub fn gib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
 }
 
+/// Bytes for messages: "6.4 MiB" under a GiB, else "16.0 GiB".
+pub fn bytes(n: u64) -> String {
+    if n < 1 << 30 {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{} GiB", gib(n))
+    }
+}
+
 /// Facts `sdtune doctor` prints.
 pub struct Doctor {
     pub libtorch: String,

@@ -73,6 +73,16 @@ fn names_that_are_not_utf8_are_read_and_paired() {
     assert!(stdout.contains("does not record the image folder"), "{stdout}");
     let yaml = std::fs::read_to_string(work.join("sdtune.yaml")).unwrap();
     assert!(!yaml.contains("path:"), "{yaml}");
+
+    // A kohya concept folder named so: its name, the default caption, is said to hold U+FFFD.
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    write_picture(&work.join("kohya").join(OsStr::from_bytes(b"3_caf\xe9")).join("a.png"), 64, 64, 1, ImageFormat::Png);
+    let stdout = run_ok(work, &small_flags(Path::new("kohya")));
+    let kohya = prepare_support::report(work);
+    assert_eq!(count(&kohya, "usable"), 1, "{stdout}");
+    let said: Vec<_> = warnings_of(&kohya, "name_not_utf8").iter().map(|w| w["message"].as_str().unwrap().to_string()).collect();
+    assert!(said.iter().any(|m| m.contains("concept folder 3_caf\u{fffd}/") && m.contains("rename the folder")), "{said:?}");
 }
 
 /// A metadata.jsonl opened by a byte-order mark, with a line that is not
@@ -91,6 +101,7 @@ fn a_bad_metadata_line_costs_only_that_line() {
     jsonl.extend_from_slice(b"{\"file_name\": \"c.png\", \"text\": \"unterminated}\n");
     jsonl.extend_from_slice(b"{\"file_name\": \"d.png\"}\n");
     jsonl.extend_from_slice(b"\n{\"file_name\": \"e.png\", \"text\": \"a blue lamp\"}\n");
+    jsonl.extend_from_slice(b"{\"file_name\": \"f.png\", \"text\": \"no such image\"}\n");
     write(&data.join("metadata.jsonl"), &jsonl);
     let stdout = run_ok(work, &small_flags(Path::new("imgs")));
     let report = report(work);
@@ -109,6 +120,10 @@ fn a_bad_metadata_line_costs_only_that_line() {
     assert_eq!(caption("a.png"), "a red chair", "the byte-order mark is not part of the first line");
     assert_eq!(caption("e.png"), "a blue lamp");
     assert_eq!(report["captions"]["metadata"], 2);
+    // A line naming no image is not silently unused either.
+    let orphans = warnings_of(&report, "orphan_caption");
+    assert_eq!(orphans.len(), 1, "{:#}", report["warnings"]);
+    assert!(orphans[0]["message"].as_str().unwrap().starts_with("line 7 gives a caption to \"f.png\""), "{:#}", orphans[0]);
 }
 
 /// A 6000×40 banner at 64 px (buckets up to 4:1) keeps 160×40 of itself:
@@ -182,6 +197,22 @@ fn sizes_past_memory_are_refused_in_one_sentence() {
     let lowered = warnings_of(&lowered_run, "encode_batch");
     assert_eq!(lowered.len(), 1, "{:#}", lowered_run["warnings"]);
     assert!(lowered[0]["message"].as_str().unwrap().contains("so 2 at a time"), "{:#}", lowered[0]);
+
+    // A file larger than the free memory is not read: 6.4 MiB of BMP, 6 MiB free.
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    write_picture(&work.join("imgs/a.png"), 64, 64, 1, ImageFormat::Png);
+    write_picture(&work.join("imgs/big.bmp"), 1500, 1500, 2, ImageFormat::Bmp);
+    let mut flags = small_flags(Path::new("imgs"));
+    flags.extend(["--max-pixels".into(), "10000000".into()]);
+    let out = command(work, &flags).env("SDTUNE_TEST_AVAILABLE_MEMORY", (6u64 << 20).to_string()).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let unread = report(work);
+    assert_eq!(count(&unread, "usable"), 1);
+    assert_eq!(unread["skipped"][0]["path"], "big.bmp");
+    let reason = unread["skipped"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("6.4 MiB file") && reason.contains("6.0 MiB of free memory"), "{reason}");
+    assert!(warnings_of(&unread, "encode_batch").is_empty(), "one image needs no smaller batch");
 
     for resolution in ["100000", "4294967295"] {
         let out = run(work, &flags_at("imgs", &["--resolution", resolution]));

@@ -53,13 +53,26 @@ pub struct FileProblem {
     pub message: String,
 }
 
+/// One usable line of a `metadata.jsonl`.
+#[derive(Clone, Debug)]
+pub struct MetadataLine {
+    /// The metadata file, as messages show it.
+    pub file: String,
+    /// 1-based.
+    pub line: usize,
+    pub file_name: String,
+    text: String,
+    /// Folders between the data folder and the metadata file.
+    depth: usize,
+}
+
 /// Every caption source of the data folder, looked up per image.
 #[derive(Default)]
 pub struct Captions {
     /// Image path without extension -> its sidecar.
     sidecars: HashMap<PathBuf, Found>,
-    /// Normalised image path -> (metadata file, caption text).
-    metadata: HashMap<PathBuf, (String, String)>,
+    /// Normalised image path -> its metadata line.
+    metadata: HashMap<PathBuf, MetadataLine>,
     pub problems: Vec<FileProblem>,
     template: Option<String>,
     trigger: Option<String>,
@@ -110,7 +123,7 @@ impl Captions {
             return;
         }
         let dir = found.path.parent().unwrap_or(Path::new(""));
-        let mut seen: HashMap<PathBuf, usize> = HashMap::new();
+        let depth = found.rel.matches('/').count();
         for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
             let number = n + 1;
             let Ok(line) = std::str::from_utf8(line) else {
@@ -131,13 +144,30 @@ impl Captions {
             match entry {
                 Some((name, Some(text))) => {
                     let key = normalise(&dir.join(&name));
-                    if let Some(first) = seen.insert(key.clone(), number) {
-                        self.problem(
-                            found,
-                            format!("line {number} gives {name:?} a second caption (line {first} gave the first); the later one is used, remove the other"),
-                        );
+                    let entry = MetadataLine { file: found.rel.clone(), line: number, file_name: name.clone(), text, depth };
+                    // Of two lines for one image, the nearer file's wins, else the later line.
+                    let kept = match self.metadata.get(&key) {
+                        Some(old) if old.depth > depth => {
+                            let message = format!(
+                                "line {number} gives {name:?} a caption, but {} line {} nearer the image gives it one too, which is used; remove one",
+                                old.file, old.line
+                            );
+                            self.problem(found, message);
+                            false
+                        }
+                        Some(old) => {
+                            let first = if old.file == found.rel { format!("line {}", old.line) } else { format!("{} line {}", old.file, old.line) };
+                            self.problem(
+                                found,
+                                format!("line {number} gives {name:?} a second caption ({first} gave the first); this one is used, remove the other"),
+                            );
+                            true
+                        }
+                        None => true,
+                    };
+                    if kept {
+                        self.metadata.insert(key, entry);
                     }
-                    self.metadata.insert(key, (found.rel.clone(), text));
                 }
                 Some((name, None)) => self.problem(
                     found,
@@ -171,6 +201,16 @@ impl Captions {
         orphans
     }
 
+    /// Metadata lines that name no file of `files` (a typo, a moved image),
+    /// in file and line order.
+    pub fn orphan_metadata_lines(&self, files: &[&Path]) -> Vec<&MetadataLine> {
+        let used: std::collections::HashSet<PathBuf> = files.iter().map(|p| normalise(p)).collect();
+        let mut orphans: Vec<&MetadataLine> =
+            self.metadata.iter().filter(|(k, _)| !used.contains(*k)).map(|(_, m)| m).collect();
+        orphans.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        orphans
+    }
+
     /// The caption of the image at `path`, trigger applied.
     pub fn caption_for(&self, path: &Path) -> Caption {
         let mut issue = None;
@@ -184,10 +224,10 @@ impl Captions {
                 Err(e) => issue = Some(Issue::Unreadable { file: found.rel.clone(), error: e.to_string() }),
             }
         }
-        if let Some((file, text)) = self.metadata.get(&normalise(path)) {
-            match clean(text) {
+        if let Some(entry) = self.metadata.get(&normalise(path)) {
+            match clean(&entry.text) {
                 Some(text) => return self.finish(text, Source::Metadata, issue),
-                None => issue = issue.or(Some(Issue::Empty { file: file.clone() })),
+                None => issue = issue.or(Some(Issue::Empty { file: entry.file.clone() })),
             }
         }
         let issue = issue.or(Some(Issue::Missing));
@@ -313,6 +353,8 @@ mod tests {
         assert_eq!(messages.len(), 2, "{messages:?}");
         assert!(messages[0].starts_with("line 2 is not UTF-8"), "{messages:?}");
         assert!(messages[1].starts_with("line 3:"), "{messages:?}");
+        let orphans: Vec<_> = caps.orphan_metadata_lines(&[&d.join("a.png")]).iter().map(|m| m.line).collect();
+        assert_eq!(orphans, [4], "d.png is not among the files");
 
         std::fs::write(d.join("metadata.jsonl"), [0xFF, 0xFE, b'{', 0]).unwrap();
         let caps = Captions::new(&[], &[found(d, "metadata.jsonl")], None, None);

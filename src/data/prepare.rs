@@ -23,7 +23,7 @@ use super::report::{self, Report};
 use super::scan::Found;
 use crate::data::config::DataConfig;
 use crate::models::tokenizer::MAX_TOKENS;
-use crate::runtime::{available_memory, gib, Precision};
+use crate::runtime::{available_memory, bytes, Precision};
 
 /// The report's file inside the working folder.
 pub const REPORT_FILE: &str = ".sdtune/prepare-report.json";
@@ -78,6 +78,8 @@ struct Planned {
     header: Header,
     bucket: Bucket,
     crop: Crop,
+    /// Bytes decoding and resizing it peaks at.
+    decode_need: u64,
     caption: String,
     source: Source,
     /// Warnings about this image, reported only if it ends up used.
@@ -142,6 +144,18 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     for o in &scanned.outside {
         report.skip(&o.rel, o.reason.clone(), o.fix.clone());
     }
+    // A kohya folder's name is its images' default caption: bad bytes would train as U+FFFD.
+    for c in scanned.concepts.iter().filter(|c| c.caption_template.as_deref().is_some_and(|t| t.contains(char::REPLACEMENT_CHARACTER))) {
+        report.warn(
+            None,
+            "name_not_utf8",
+            format!(
+                "the concept folder {} has a name that is not valid UTF-8, so its images without a caption train with the caption {:?} (\u{fffd} for the bad bytes); rename the folder to UTF-8",
+                c.path,
+                c.caption_template.as_deref().unwrap_or_default()
+            ),
+        );
+    }
     if scanned.candidates.is_empty() {
         if !scanned.outside.is_empty() {
             bail!(
@@ -178,12 +192,13 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     let tokenizer = model.tokenizer()?;
 
     // 3. Check every file's content and header, in parallel.
+    let free_cpu = available_memory(Device::Cpu);
     let bar = progress_bar(scanned.candidates.len() as u64, "checking");
     let checked: Vec<Result<Candidate, (Found, Rejection)>> = scanned
         .candidates
         .par_iter()
         .map(|source| {
-            let result = check_file(&source.found, cfg.max_pixels)
+            let result = check_file(&source.found, cfg.max_pixels, free_cpu)
                 .map(|c| Candidate { concept: source.concept, ..c });
             bar.inc(1);
             result
@@ -193,7 +208,6 @@ pub fn run(opts: &Options) -> Result<Prepared> {
 
     // 4. Sort out rejects, small images and duplicates; caption and bucket the rest.
     let buckets = Buckets::new(cfg);
-    let free_cpu = available_memory(Device::Cpu);
     let captions =
         Captions::new(&scanned.sidecars, &scanned.metadata, cfg.caption_template.as_deref(), cfg.trigger.as_deref());
     for p in &captions.problems {
@@ -272,7 +286,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             notes.push(Note::on(
                 &c.found.rel,
                 "name_not_utf8",
-                "its name is not valid UTF-8 (shown here with \u{fffd} for the bad bytes); it is used as it is, but rename it to UTF-8 so other tools show and find it".into(),
+                "its path holds a name that is not valid UTF-8 (shown here with \u{fffd} for the bad bytes); it is used as it is, but rename it to UTF-8 so other tools show and find it".into(),
             ));
         }
         let caption = captions_of(c.concept).caption_for(&c.found.path);
@@ -301,9 +315,9 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             report.skip(
                 &c.found.rel,
                 format!(
-                    "is {w}×{h} pixels, and decoding it needs about {} GiB of memory but {} GiB are free",
-                    gib(decode_need),
-                    gib(free)
+                    "is {w}×{h} pixels, and decoding it needs about {} of memory but {} are free",
+                    bytes(decode_need),
+                    bytes(free)
                 ),
                 "shrink the image, or free memory and run sdtune prepare again",
             );
@@ -317,7 +331,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
                 &c.found.rel,
                 "cropped",
                 format!(
-                    "is {w}×{h} pixels, far {shape} than any bucket, so its {bucket} bucket keeps only the centre {percent}% of it ({}×{}); crop it to the part that matters, or widen min_bucket/max_bucket",
+                    "is {w}×{h} pixels, {shape} than any bucket, so its {bucket} bucket keeps only the centre {percent}% of it ({}×{}); crop it to the part that matters, or widen min_bucket/max_bucket",
                     crop.width, crop.height
                 ),
             ));
@@ -333,6 +347,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             header: c.header,
             bucket,
             crop,
+            decode_need,
             caption,
             source,
             notes,
@@ -353,6 +368,16 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             Some(&orphan.rel),
             "orphan_caption",
             "is a caption file with no image of the same name beside it; it was not used",
+        );
+    }
+    for line in captions.orphan_metadata_lines(&image_paths) {
+        report.warn(
+            Some(&line.file),
+            "orphan_caption",
+            format!(
+                "line {} gives a caption to {:?}, which is not in the folder, so it was not used; fix the file_name",
+                line.line, line.file_name
+            ),
         );
     }
 
@@ -421,8 +446,14 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     let bar = progress_bar(pending_latents as u64, "encoding");
     for (bucket, indices) in &by_bucket {
         for chunk in indices.chunks(encode_batch) {
-            let decoded: Vec<(usize, Result<RgbImage, Rejection>)> =
-                chunk.par_iter().map(|&i| (i, load_pixels(&planned[i], cfg, *bucket))).collect();
+            let decode = |&i: &usize| (i, load_pixels(&planned[i], cfg, *bucket));
+            // Images that fit in memory one by one may not all at once.
+            let together = chunk.iter().fold(0u64, |sum, &i| sum.saturating_add(planned[i].decode_need));
+            let decoded: Vec<(usize, Result<RgbImage, Rejection>)> = if free_cpu.is_some_and(|free| together > free) {
+                chunk.iter().map(decode).collect()
+            } else {
+                chunk.par_iter().map(decode).collect()
+            };
             let mut jobs: Vec<(usize, bool, String, RgbImage)> = Vec::new();
             for (i, result) in decoded {
                 let p = &planned[i];
@@ -593,12 +624,15 @@ fn encode_batch_size(
     report: &mut Report,
 ) -> Result<usize> {
     let asked = opts.data.encode_batch_size;
-    let pending = planned.iter().filter(|p| {
-        !cache.has_latent(&p.latent) || p.flipped.as_ref().is_some_and(|k| !cache.has_latent(k))
-    });
-    let Some(bucket) = pending.map(|p| p.bucket).max_by_key(|b| b.width as u64 * b.height as u64) else {
+    let pending: Vec<Bucket> = planned
+        .iter()
+        .filter(|p| !cache.has_latent(&p.latent) || p.flipped.as_ref().is_some_and(|k| !cache.has_latent(k)))
+        .map(|p| p.bucket)
+        .collect();
+    let Some(&bucket) = pending.iter().max_by_key(|b| b.width as u64 * b.height as u64) else {
         return Ok(asked);
     };
+    let in_bucket = pending.iter().filter(|&&b| b == bucket).count();
     let Some(free) = available_memory(opts.device) else { return Ok(asked) };
     let elt = opts.precision.kind().elt_size_in_bytes() as u64;
     let (w, h) = (bucket.width as u64, bucket.height as u64);
@@ -607,21 +641,21 @@ fn encode_batch_size(
     let one = need(1).max(crate::models::vae::peak_bytes(vae, 4, w, h, 1));
     if one > free {
         bail!(
-            "encoding one image of the {bucket} bucket needs about {} GiB of memory for the VAE but {} GiB are free; lower --resolution (or data.max_bucket), or free memory",
-            gib(one),
-            gib(free)
+            "encoding one image of the {bucket} bucket needs about {} of memory for the VAE but {} are free; lower --resolution (or data.max_bucket), or free memory",
+            bytes(one),
+            bytes(free)
         );
     }
     // The estimate grows with the batch in proportion.
     let fits = usize::try_from(free / need(1).max(1)).unwrap_or(usize::MAX).clamp(1, asked);
-    if fits < asked {
+    if fits < asked.min(in_bucket) {
         report.warn(
             None,
             "encode_batch",
             format!(
-                "encoding {asked} images of the {bucket} bucket at once would need about {} GiB but {} GiB are free, so {fits} at a time are encoded (the same latents, more slowly)",
-                gib(need(asked)),
-                gib(free)
+                "encoding {asked} images of the {bucket} bucket at once would need about {} but {} are free, so {fits} at a time are encoded (the same latents, more slowly)",
+                bytes(need(asked)),
+                bytes(free)
             ),
         );
     }
@@ -642,8 +676,19 @@ fn finish_report(
     Ok(Prepared { report, captions, concept_prompts })
 }
 
-/// Reads, hashes and header-checks one file.
-fn check_file(found: &Found, max_pixels: u64) -> Result<Candidate, (Found, Rejection)> {
+/// Reads, hashes and header-checks one file (refused unread when it is
+/// larger than the free memory it would be read into).
+fn check_file(found: &Found, max_pixels: u64, free: Option<u64>) -> Result<Candidate, (Found, Rejection)> {
+    let size = std::fs::metadata(&found.path).map(|m| m.len()).unwrap_or(0);
+    if let Some(free) = free.filter(|&free| size > free) {
+        return Err((
+            found.clone(),
+            Rejection::new(
+                format!("is a {} file, more than the {} of free memory it would be read into", bytes(size), bytes(free)),
+                "shrink or re-export the image, or free memory and run sdtune prepare again",
+            ),
+        ));
+    }
     let bytes = std::fs::read(&found.path).map_err(|e| {
         (found.clone(), Rejection::new(format!("cannot be read ({e})"), "check the file's permissions"))
     })?;
