@@ -614,8 +614,8 @@ fn scan_layout(opts: &Options, on_file: &mut dyn FnMut(usize)) -> Result<Layout>
 
 /// Images per VAE encode: `data.encode_batch_size`, lowered until the
 /// largest bucket still to encode fits in the free memory (with a warning);
-/// an error in one sentence when not even one image fits. Free memory is
-/// known on the CPU only; on CUDA only the bucket-side bound applies.
+/// an error in one sentence when not even one image fits. Where free
+/// memory is unknown, only the bucket-side bound of `data:` applies.
 fn encode_batch_size(
     planned: &[Planned],
     cache: &CacheWriter,

@@ -34,7 +34,10 @@ pub fn check_render_size(model: &StableDiffusion, width: i64, height: i64, batch
         bail!("{width}x{height} is too large for this model (native {native}x{native}); use --width and --height up to {max_side}");
     }
     let need = decode_bytes(model, width, height, batch.max(1));
-    if let Some(free) = available_memory(model.device()) {
+    // Not on CUDA: once the model is loaded, the caching allocator holds
+    // blocks torch can reuse but the driver counts as used.
+    let free = if model.device().is_cuda() { None } else { available_memory(model.device()) };
+    if let Some(free) = free {
         if need > free {
             bail!(
                 "rendering {batch} image(s) of {width}x{height} needs about {} GiB for the VAE decode but {} GiB are free; lower --width/--height or --batch-size",
