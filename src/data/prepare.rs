@@ -331,7 +331,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
                 &c.found.rel,
                 "cropped",
                 format!(
-                    "is {w}×{h} pixels, {shape} than any bucket, so its {bucket} bucket keeps only the centre {percent}% of it ({}×{}); crop it to the part that matters, or widen min_bucket/max_bucket",
+                    "is {w}×{h} pixels, {shape} than any bucket: its {bucket} bucket keeps only the centre {percent}% of it ({}×{}) and the rest never trains; crop it to the part that matters, or widen --min-bucket/--max-bucket",
                     crop.width, crop.height
                 ),
             ));
