@@ -124,7 +124,7 @@ impl Captions {
         }
         let dir = found.path.parent().unwrap_or(Path::new(""));
         let depth = found.rel.matches('/').count();
-        for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        for (n, line) in lines(&bytes).enumerate() {
             let number = n + 1;
             let Ok(line) = std::str::from_utf8(line) else {
                 self.problem(found, format!("line {number} is not UTF-8 text, so its caption was not read; save the file as UTF-8"));
@@ -265,6 +265,22 @@ pub fn apply_trigger(caption: &str, trigger: Option<&str>) -> String {
     }
 }
 
+/// The lines of a file's bytes, ended by LF, CRLF or a lone CR (old Mac
+/// editors), so one line ending style never fuses the whole file into one line.
+fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest.iter().position(|&b| b == b'\n' || b == b'\r').unwrap_or(rest.len());
+        let line = &rest[..end];
+        let skip = if rest[end..].starts_with(b"\r\n") { 2 } else { 1.min(rest.len() - end) };
+        rest = &rest[end + skip..];
+        Some(line)
+    })
+}
+
 /// One line: BOM dropped, line breaks to spaces, outer whitespace trimmed;
 /// `None` when nothing is left.
 fn clean(text: &str) -> Option<String> {
@@ -355,6 +371,9 @@ mod tests {
         assert!(messages[1].starts_with("line 3:"), "{messages:?}");
         let orphans: Vec<_> = caps.orphan_metadata_lines(&[&d.join("a.png")]).iter().map(|m| m.line).collect();
         assert_eq!(orphans, [4], "d.png is not among the files");
+
+        let split: Vec<_> = lines(b"a\r\nb\rc\n\nd").collect();
+        assert_eq!(split, [&b"a"[..], b"b", b"c", b"", b"d"]);
 
         std::fs::write(d.join("metadata.jsonl"), [0xFF, 0xFE, b'{', 0]).unwrap();
         let caps = Captions::new(&[], &[found(d, "metadata.jsonl")], None, None);
