@@ -39,6 +39,9 @@ fn names_that_are_not_utf8_are_read_and_paired() {
     write_picture(&data.join(OsStr::from_bytes(b"r\xe9sum\xe9/shoe.jpg")), 64, 48, 2, ImageFormat::Jpeg);
     write_picture(&data.join("plain.png"), 64, 64, 3, ImageFormat::Png);
     write(&data.join(OsStr::from_bytes(b"stray \xff.txt")), b"no image has this name");
+    // Two names that read alike once shown: the second is skipped with the fix, not lost silently.
+    write_picture(&data.join(OsStr::from_bytes(b"twin \xfe.png")), 64, 64, 4, ImageFormat::Png);
+    write_picture(&data.join(OsStr::from_bytes(b"twin \xff.png")), 64, 64, 5, ImageFormat::Png);
 
     let mut cmd = command(work, &[]);
     cmd.arg("prepare").arg(&data).args(&small_flags(Path::new("x"))[2..]);
@@ -53,10 +56,13 @@ fn names_that_are_not_utf8_are_read_and_paired() {
             assert!(!said.contains(word), "a file that exists was called {word:?}:\n{said}");
         }
     }
-    assert_eq!(count(&report, "usable"), 3, "{stdout}");
-    assert_eq!(report["skipped"].as_array().unwrap().len(), 0, "{:#}", report["skipped"]);
+    assert_eq!(count(&report, "usable"), 4, "{stdout}");
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{skipped:#?}");
+    assert_eq!(skipped[0]["path"], "twin \u{fffd}.png");
+    assert!(skipped[0]["fix"].as_str().unwrap().contains("rename"), "{:#}", skipped[0]);
     let lossy: Vec<_> = warnings_of(&report, "name_not_utf8").iter().map(|w| w["path"].as_str().unwrap()).collect();
-    assert_eq!(lossy, ["caf\u{fffd} table.png", "r\u{fffd}sum\u{fffd}/shoe.jpg"], "{:#}", report["warnings"]);
+    assert_eq!(lossy, ["caf\u{fffd} table.png", "r\u{fffd}sum\u{fffd}/shoe.jpg", "twin \u{fffd}.png"], "{:#}", report["warnings"]);
     assert!(stdout.contains("rename it"), "{stdout}");
     let orphans = warnings_of(&report, "orphan_caption");
     assert_eq!(orphans.len(), 1);
@@ -68,7 +74,7 @@ fn names_that_are_not_utf8_are_read_and_paired() {
     assert_eq!(cafe.caption, "a red chair at a cafe table", "its sidecar pairs with it");
     // What reads the prepared images after training (the brand metric) finds them.
     let brand = sdtune::sample::metrics::Brand::from_prepared(work).unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(brand.expect("prepared").images, 3);
+    assert_eq!(brand.expect("prepared").images, 4);
     // YAML holds only UTF-8: the folder is left out of sdtune.yaml, in words.
     assert!(stdout.contains("does not record the image folder"), "{stdout}");
     let yaml = std::fs::read_to_string(work.join("sdtune.yaml")).unwrap();

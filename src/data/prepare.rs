@@ -20,7 +20,7 @@ use crate::loaders::model_files::ModelFiles;
 use crate::loaders::source::LoadOptions;
 use super::keys::{latent_key, text_key, FileHashes, LatentSettings, TextSettings};
 use super::report::{self, Report};
-use super::scan::Found;
+use super::scan::{Found, SAME_SHOWN_NAME, SAME_SHOWN_NAME_FIX};
 use crate::data::config::DataConfig;
 use crate::models::tokenizer::MAX_TOKENS;
 use crate::runtime::{available_memory, bytes, Precision};
@@ -139,8 +139,13 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         }
         !ours
     });
-    report.ignored =
-        scanned.ignored.iter().map(|i| report::Ignored { path: i.rel.clone(), reason: i.reason.clone() }).collect();
+    for i in &scanned.ignored {
+        if i.reason == SAME_SHOWN_NAME {
+            report.skip(&i.rel, SAME_SHOWN_NAME, SAME_SHOWN_NAME_FIX);
+        } else {
+            report.ignored.push(report::Ignored { path: i.rel.clone(), reason: i.reason.clone() });
+        }
+    }
     for o in &scanned.outside {
         report.skip(&o.rel, o.reason.clone(), o.fix.clone());
     }

@@ -49,6 +49,13 @@ const SYSTEM_DIRS: &[&str] = &["__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Vol
 /// File names that hold operating-system bookkeeping.
 const SYSTEM_FILES: &[&str] = &["Thumbs.db", "ehthumbs.db", "desktop.ini", "Icon\r"];
 
+/// Why a file is set aside whose name reads the same as a sibling's once
+/// its bytes that are not UTF-8 show as U+FFFD: not on purpose like a hidden
+/// file, so prepare reports it as skipped, with [`SAME_SHOWN_NAME_FIX`].
+pub const SAME_SHOWN_NAME: &str =
+    "has a name that is not valid UTF-8 and reads the same as another file's in its folder, so sdtune cannot tell them apart";
+pub const SAME_SHOWN_NAME_FIX: &str = "rename one of them to UTF-8";
+
 /// Lists `root` recursively. Errs only when `root` itself is unusable.
 pub fn scan(root: &Path, on_file: &mut dyn FnMut(usize)) -> Result<Scan> {
     if !root.exists() {
@@ -82,10 +89,7 @@ pub fn scan(root: &Path, on_file: &mut dyn FnMut(usize)) -> Result<Scan> {
             let name = name.to_string_lossy().into_owned();
             let rel = if rel_dir.is_empty() { name.clone() } else { format!("{rel_dir}/{name}") };
             if !shown.insert(name.clone()) {
-                scan.ignored.push(Ignored {
-                    rel,
-                    reason: "its name is not valid UTF-8 and reads the same as another name in its folder; rename it to tell them apart".into(),
-                });
+                scan.ignored.push(Ignored { rel, reason: SAME_SHOWN_NAME.into() });
                 continue;
             }
             if name.starts_with('.') {
@@ -253,7 +257,7 @@ mod tests {
         assert_eq!(found.rel, "caf\u{fffd}/photo \u{fffd}.png");
         assert!(found.rel_is_lossy());
         assert_eq!(found.path, dir.join(std::ffi::OsStr::from_bytes(b"photo \xfe.png")));
-        assert!(scan.ignored.iter().any(|i| i.reason.contains("reads the same")), "{:?}", scan.ignored);
+        assert!(scan.ignored.iter().any(|i| i.reason == SAME_SHOWN_NAME), "{:?}", scan.ignored);
         // Shown paths resolve back to the file the scan kept.
         assert_eq!(resolve(&root.join("caf\u{fffd}")), dir);
         assert_eq!(resolve(&root.join(&found.rel)), found.path);
