@@ -174,7 +174,7 @@ fn sizes_past_memory_are_refused_in_one_sentence() {
     let reason = skipped["reason"].as_str().unwrap();
     assert!(reason.contains("2000000×2000000") && reason.contains("GiB are free"), "{reason}");
 
-    // One image of a 4096×4096 bucket needs ~16 GiB for the tiny VAE in fp32.
+    // One image of a 4096×4096 bucket needs ~6 GiB for the tiny VAE's encode in fp32.
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     write_picture(&work.join("imgs/a.png"), 64, 64, 1, ImageFormat::Png);
@@ -188,7 +188,7 @@ fn sizes_past_memory_are_refused_in_one_sentence() {
     assert_eq!(stderr.trim().lines().count(), 1, "not one sentence: {stderr}");
     assert!(stderr.contains("4096×4096 bucket") && stderr.contains("--resolution"), "{stderr}");
 
-    // Three 64×64 images, batch 4: ~4 MiB each, 10 MiB free -> 2 at a time.
+    // Three 64×64 images, batch 4: 1.5 MiB each, 3 MiB free -> 2 at a time.
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     for i in 0..3 {
@@ -196,7 +196,7 @@ fn sizes_past_memory_are_refused_in_one_sentence() {
     }
     let mut flags = small_flags(Path::new("imgs"));
     flags.extend(["--batch-size".into(), "4".into()]);
-    let out = command(work, &flags).env("SDTUNE_TEST_AVAILABLE_MEMORY", (10u64 << 20).to_string()).output().unwrap();
+    let out = command(work, &flags).env("SDTUNE_TEST_AVAILABLE_MEMORY", (3u64 << 20).to_string()).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let lowered_run = report(work);
     assert_eq!(count(&lowered_run, "usable"), 3);

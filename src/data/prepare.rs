@@ -641,9 +641,9 @@ fn encode_batch_size(
     let Some(free) = available_memory(opts.device) else { return Ok(asked) };
     let elt = opts.precision.kind().elt_size_in_bytes() as u64;
     let (w, h) = (bucket.width as u64, bucket.height as u64);
-    let need = |batch: usize| crate::models::vae::peak_bytes(vae, elt, w, h, batch as u64);
+    let need = |batch: usize| crate::models::vae::encode_peak_bytes(vae, elt, w, h, batch as u64);
     // A half-precision image that comes out non-finite is encoded again in fp32.
-    let one = need(1).max(crate::models::vae::peak_bytes(vae, 4, w, h, 1));
+    let one = need(1).max(crate::models::vae::encode_peak_bytes(vae, 4, w, h, 1));
     if one > free {
         bail!(
             "encoding one image of the {bucket} bucket needs about {} of memory for the VAE but {} are free; lower --resolution (or data.max_bucket), or free memory",

@@ -49,8 +49,8 @@ pub fn check_render_size(model: &StableDiffusion, width: i64, height: i64, batch
     Ok(())
 }
 
-/// The VAE decoder's peak at full resolution (the estimate prepare's encode uses too).
+/// The VAE decoder's peak at full resolution.
 fn decode_bytes(model: &StableDiffusion, width: i64, height: i64, batch: usize) -> u64 {
     let elt = model.vae.vs.kind().elt_size_in_bytes() as u64;
-    crate::models::vae::peak_bytes(&model.vae_config, elt, width.max(0) as u64, height.max(0) as u64, batch as u64)
+    crate::models::vae::decode_peak_bytes(&model.vae_config, elt, width.max(0) as u64, height.max(0) as u64, batch as u64)
 }
