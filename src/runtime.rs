@@ -67,6 +67,104 @@ pub fn supports(device: Device, kind: Kind) -> bool {
     attempt().is_ok()
 }
 
+/// Test hook: pretend this many bytes are free, so a test can meet the
+/// memory checks on any machine. Not for users.
+const AVAILABLE_MEMORY_ENV: &str = "SDTUNE_TEST_AVAILABLE_MEMORY";
+
+/// Free memory where `device` computes: the CPU's available memory (Linux),
+/// the CUDA device's free memory as the driver sees it; unknown elsewhere,
+/// where callers apply only their size bounds.
+pub fn available_memory(device: Device) -> Option<u64> {
+    if let Some(bytes) = std::env::var(AVAILABLE_MEMORY_ENV).ok().and_then(|v| v.parse().ok()) {
+        return Some(bytes);
+    }
+    if let Device::Cuda(index) = device {
+        return cuda_mem_get_info(index).map(|(free, _)| free as u64);
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// (free, total) bytes of CUDA device `index`, from the driver.
+pub fn cuda_mem_get_info(index: usize) -> Option<(usize, usize)> {
+    cudart::mem_get_info(index)
+}
+
+/// `cudaMemGetInfo` through the CUDA runtime libtorch already loaded, found
+/// with `dlopen`, so nothing links against CUDA at build time.
+mod cudart {
+    use std::ffi::{c_char, c_int, c_void, CString};
+
+    extern "C" {
+        fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+    const RTLD_LAZY: c_int = 1;
+
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
+    type SetDevice = unsafe extern "C" fn(c_int) -> c_int;
+    type GetDevice = unsafe extern "C" fn(*mut c_int) -> c_int;
+
+    fn symbol(name: &str) -> Option<*mut c_void> {
+        for lib in ["libcudart.so.13", "libcudart.so.12", "libcudart.so"] {
+            let lib = CString::new(lib).ok()?;
+            // SAFETY: dlopen/dlsym with valid C strings; a null result is checked.
+            let handle = unsafe { dlopen(lib.as_ptr(), RTLD_LAZY) };
+            if handle.is_null() {
+                continue;
+            }
+            let sym = CString::new(name).ok()?;
+            let f = unsafe { dlsym(handle, sym.as_ptr()) };
+            if !f.is_null() {
+                return Some(f);
+            }
+        }
+        None
+    }
+
+    /// (free, total) bytes of device `index`.
+    pub fn mem_get_info(index: usize) -> Option<(usize, usize)> {
+        let get_info = symbol("cudaMemGetInfo")?;
+        let set_device = symbol("cudaSetDevice")?;
+        let get_device = symbol("cudaGetDevice")?;
+        // SAFETY: the symbols have these C signatures in every CUDA runtime.
+        unsafe {
+            let get_info: MemGetInfo = std::mem::transmute(get_info);
+            let set_device: SetDevice = std::mem::transmute(set_device);
+            let get_device: GetDevice = std::mem::transmute(get_device);
+            let mut current: c_int = 0;
+            if get_device(&mut current) != 0 {
+                return None;
+            }
+            if current != index as c_int && set_device(index as c_int) != 0 {
+                return None;
+            }
+            let (mut free, mut total) = (0usize, 0usize);
+            let rc = get_info(&mut free, &mut total);
+            if current != index as c_int {
+                set_device(current);
+            }
+            (rc == 0).then_some((free, total))
+        }
+    }
+}
+
+/// Bytes as GiB with one decimal, for messages.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Bytes for messages: "6.4 MiB" under a GiB, else "16.0 GiB".
+pub fn bytes(n: u64) -> String {
+    if n < 1 << 30 {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{} GiB", gib(n))
+    }
+}
+
 /// Facts `sdtune doctor` prints.
 pub struct Doctor {
     pub libtorch: String,

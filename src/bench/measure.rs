@@ -74,66 +74,7 @@ pub fn rss_mb() -> Option<f64> {
 /// upper bound of its allocated peak.
 pub fn cuda_used_mb(device: Device) -> Option<f64> {
     let Device::Cuda(index) = device else { return None };
-    cudart::mem_get_info(index).map(|(free, total)| (total - free) as f64 / (1024.0 * 1024.0))
-}
-
-/// `cudaMemGetInfo` through the CUDA runtime libtorch already loaded, found
-/// with `dlopen`, so nothing links against CUDA at build time.
-mod cudart {
-    use std::ffi::{c_char, c_int, c_void, CString};
-
-    extern "C" {
-        fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
-        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-    }
-    const RTLD_LAZY: c_int = 1;
-
-    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
-    type SetDevice = unsafe extern "C" fn(c_int) -> c_int;
-    type GetDevice = unsafe extern "C" fn(*mut c_int) -> c_int;
-
-    fn symbol(name: &str) -> Option<*mut c_void> {
-        for lib in ["libcudart.so.13", "libcudart.so.12", "libcudart.so"] {
-            let lib = CString::new(lib).ok()?;
-            // SAFETY: dlopen/dlsym with valid C strings; a null result is checked.
-            let handle = unsafe { dlopen(lib.as_ptr(), RTLD_LAZY) };
-            if handle.is_null() {
-                continue;
-            }
-            let sym = CString::new(name).ok()?;
-            let f = unsafe { dlsym(handle, sym.as_ptr()) };
-            if !f.is_null() {
-                return Some(f);
-            }
-        }
-        None
-    }
-
-    /// (free, total) bytes of device `index`.
-    pub fn mem_get_info(index: usize) -> Option<(usize, usize)> {
-        let get_info = symbol("cudaMemGetInfo")?;
-        let set_device = symbol("cudaSetDevice")?;
-        let get_device = symbol("cudaGetDevice")?;
-        // SAFETY: the symbols have these C signatures in every CUDA runtime.
-        unsafe {
-            let get_info: MemGetInfo = std::mem::transmute(get_info);
-            let set_device: SetDevice = std::mem::transmute(set_device);
-            let get_device: GetDevice = std::mem::transmute(get_device);
-            let mut current: c_int = 0;
-            if get_device(&mut current) != 0 {
-                return None;
-            }
-            if current != index as c_int && set_device(index as c_int) != 0 {
-                return None;
-            }
-            let (mut free, mut total) = (0usize, 0usize);
-            let rc = get_info(&mut free, &mut total);
-            if current != index as c_int {
-                set_device(current);
-            }
-            (rc == 0).then_some((free, total))
-        }
-    }
+    crate::runtime::cuda_mem_get_info(index).map(|(free, total)| (total - free) as f64 / (1024.0 * 1024.0))
 }
 
 /// Tracks peak memory over a benchmark: peak RSS on the CPU; on CUDA, the

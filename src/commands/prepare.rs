@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
 
 use crate::config::{Config, CONFIG_FILE};
-use crate::data::config::Background;
+use crate::data::config::{Background, MAX_BUCKET_SIDE};
 use crate::data::prepare::{self, sample_prompts, Options, REPORT_FILE};
 use crate::loaders::builtin;
 use crate::runtime::{parse_device, supports, Precision};
@@ -155,7 +155,9 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         let mut fresh = config;
         // The built-in model stays unnamed, so later runs find it wherever it is cached.
         fresh.model = (!builtin_model).then(|| model_dir.display().to_string());
-        fresh.data.path = Some(data_dir);
+        // YAML holds only UTF-8; a folder named otherwise is passed each time.
+        let unrecorded = data_dir.to_str().is_none().then(|| data_dir.display().to_string());
+        fresh.data.path = unrecorded.is_none().then_some(data_dir);
         fresh.sample.prompts = if prepared.concept_prompts.is_empty() {
             sample_prompts(&prepared.captions, fresh.data.trigger.as_deref(), 4)
         } else {
@@ -165,6 +167,11 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         say(&format!(
             "wrote {CONFIG_FILE} (model, data folder, resolution, trigger word, sample prompts); edit it to change the defaults\n"
         ));
+        if let Some(shown) = unrecorded {
+            say(&format!(
+                "{CONFIG_FILE} does not record the image folder {shown}: its name is not valid UTF-8, which YAML cannot hold; rename it to UTF-8, or name it to each `sdtune prepare`\n"
+            ));
+        }
     }
     Ok(())
 }
@@ -198,7 +205,8 @@ fn apply_flags(args: &PrepareArgs, config: &mut Config) -> Result<()> {
             d.min_bucket = (v / 2 / d.bucket_step.max(1)).max(1) * d.bucket_step.max(1);
         }
         if args.max_bucket.is_none() && v > d.max_bucket {
-            d.max_bucket = v * 2;
+            // Not past the largest bucket side, so a legal --resolution alone is never refused for it.
+            d.max_bucket = v.saturating_mul(2).min(MAX_BUCKET_SIDE.max(v));
         }
     }
     if let Some(v) = args.min_bucket {

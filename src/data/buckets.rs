@@ -127,6 +127,21 @@ pub fn crop_for(w: u32, h: u32, bucket: Bucket) -> Crop {
     }
 }
 
+/// Below this share of an image's area kept by its crop, prepare warns: more
+/// than half the picture never reaches training.
+pub const CROP_WARNING_KEPT: f64 = 0.5;
+
+/// The share of a `w`×`h` image's area that `crop` keeps.
+pub fn kept_fraction(w: u32, h: u32, crop: Crop) -> f64 {
+    (crop.width as f64 * crop.height as f64) / (w as f64 * h as f64).max(1.0)
+}
+
+/// The bytes cropping and resizing to `bucket` adds: the float RGBA image
+/// the vertical pass writes (the crop's width by the bucket's height).
+pub fn resize_bytes(crop: Crop, bucket: Bucket) -> u64 {
+    crop.width as u64 * bucket.height as u64 * 16 + bucket.width as u64 * bucket.height as u64 * 3
+}
+
 /// Crops then resizes to exactly the bucket's size.
 pub fn crop_and_resize(image: &RgbImage, crop: Crop, bucket: Bucket) -> RgbImage {
     let view = imageops::crop_imm(image, crop.left, crop.top, crop.width, crop.height);
@@ -181,6 +196,10 @@ mod tests {
         assert_eq!(c, Crop { left: 100, top: 0, width: 100, height: 100 });
         let c = crop_for(100, 300, Bucket { width: 64, height: 128 });
         assert_eq!(c, Crop { left: 0, top: 50, width: 100, height: 200 });
+        assert!((kept_fraction(300, 100, crop_for(300, 100, Bucket { width: 64, height: 64 })) - 1.0 / 3.0).abs() < 1e-9);
+        let sliver = crop_for(30000, 200, Bucket { width: 1024, height: 256 });
+        assert_eq!((sliver.width, sliver.height), (800, 200));
+        assert!(kept_fraction(30000, 200, sliver) < 0.03);
         let img = RgbImage::new(300, 100);
         assert_eq!(
             crop_and_resize(

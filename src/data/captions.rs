@@ -31,6 +31,11 @@ pub enum Issue {
     NotUtf8 {
         file: String,
     },
+    /// The sidecar exists but cannot be read (permissions, I/O).
+    Unreadable {
+        file: String,
+        error: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -48,13 +53,26 @@ pub struct FileProblem {
     pub message: String,
 }
 
+/// One usable line of a `metadata.jsonl`.
+#[derive(Clone, Debug)]
+pub struct MetadataLine {
+    /// The metadata file, as messages show it.
+    pub file: String,
+    /// 1-based.
+    pub line: usize,
+    pub file_name: String,
+    text: String,
+    /// Folders between the data folder and the metadata file.
+    depth: usize,
+}
+
 /// Every caption source of the data folder, looked up per image.
 #[derive(Default)]
 pub struct Captions {
     /// Image path without extension -> its sidecar.
     sidecars: HashMap<PathBuf, Found>,
-    /// Normalised image path -> (metadata file, caption text).
-    metadata: HashMap<PathBuf, (String, String)>,
+    /// Normalised image path -> its metadata line.
+    metadata: HashMap<PathBuf, MetadataLine>,
     pub problems: Vec<FileProblem>,
     template: Option<String>,
     trigger: Option<String>,
@@ -88,21 +106,32 @@ impl Captions {
         }
     }
 
+    /// Reads one `metadata.jsonl`. A bad line (not UTF-8, not JSON, no
+    /// `file_name` or `text`) costs only itself: one problem naming the
+    /// line, every other line's caption kept.
     fn read_metadata(&mut self, found: &Found) {
         let bytes = match std::fs::read(&found.path) {
             Ok(b) => b,
             Err(e) => {
-                self.problem(found, format!("cannot be read ({e})"));
+                self.problem(found, format!("cannot be read ({e}); check the file's permissions"));
                 return;
             }
         };
-        let Ok(text) = String::from_utf8(bytes) else {
-            self.problem(found, "is not UTF-8 text; save it as UTF-8".into());
+        // UTF-16 (as Windows Notepad may save) fails on every line; say so once.
+        if bytes.starts_with(&[0xFF, 0xFE]) || bytes.starts_with(&[0xFE, 0xFF]) {
+            self.problem(found, "is UTF-16 text, so none of its captions were read; save it as UTF-8".into());
             return;
-        };
+        }
         let dir = found.path.parent().unwrap_or(Path::new(""));
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim().trim_start_matches('\u{feff}');
+        let depth = found.rel.matches('/').count();
+        for (n, line) in lines(&bytes).enumerate() {
+            let number = n + 1;
+            let Ok(line) = std::str::from_utf8(line) else {
+                self.problem(found, format!("line {number} is not UTF-8 text, so its caption was not read; save the file as UTF-8"));
+                continue;
+            };
+            // A UTF-8 byte-order mark may open the file (or a line pasted from one).
+            let line = line.trim_start_matches('\u{feff}').trim();
             if line.is_empty() {
                 continue;
             }
@@ -114,16 +143,40 @@ impl Captions {
             });
             match entry {
                 Some((name, Some(text))) => {
-                    self.metadata.insert(normalise(&dir.join(&name)), (found.rel.clone(), text));
+                    let key = normalise(&dir.join(&name));
+                    let entry = MetadataLine { file: found.rel.clone(), line: number, file_name: name.clone(), text, depth };
+                    // Of two lines for one image, the nearer file's wins, else the later line.
+                    let kept = match self.metadata.get(&key) {
+                        Some(old) if old.depth > depth => {
+                            let message = format!(
+                                "line {number} gives {name:?} a caption, but {} line {} nearer the image gives it one too, which is used; remove one",
+                                old.file, old.line
+                            );
+                            self.problem(found, message);
+                            false
+                        }
+                        Some(old) => {
+                            let first = if old.file == found.rel { format!("line {}", old.line) } else { format!("{} line {}", old.file, old.line) };
+                            self.problem(
+                                found,
+                                format!("line {number} gives {name:?} a second caption ({first} gave the first); this one is used, remove the other"),
+                            );
+                            true
+                        }
+                        None => true,
+                    };
+                    if kept {
+                        self.metadata.insert(key, entry);
+                    }
                 }
-                Some((name, None)) => {
-                    self.problem(found, format!("line {}: the entry for {name:?} has no \"text\" string", n + 1))
-                }
+                Some((name, None)) => self.problem(
+                    found,
+                    format!("line {number}: the entry for {name:?} has no \"text\" string, so that image has no caption from it; add one"),
+                ),
                 None => self.problem(
                     found,
                     format!(
-                        "line {} is not a JSON object with \"file_name\" and \"text\" strings; fix or remove that line",
-                        n + 1
+                        "line {number} is not a JSON object with \"file_name\" and \"text\" strings, so its caption was not read; fix or remove that line"
                     ),
                 ),
             }
@@ -148,6 +201,16 @@ impl Captions {
         orphans
     }
 
+    /// Metadata lines that name no file of `files` (a typo, a moved image),
+    /// in file and line order.
+    pub fn orphan_metadata_lines(&self, files: &[&Path]) -> Vec<&MetadataLine> {
+        let used: std::collections::HashSet<PathBuf> = files.iter().map(|p| normalise(p)).collect();
+        let mut orphans: Vec<&MetadataLine> =
+            self.metadata.iter().filter(|(k, _)| !used.contains(*k)).map(|(_, m)| m).collect();
+        orphans.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        orphans
+    }
+
     /// The caption of the image at `path`, trigger applied.
     pub fn caption_for(&self, path: &Path) -> Caption {
         let mut issue = None;
@@ -158,13 +221,13 @@ impl Captions {
                     None => issue = Some(Issue::Empty { file: found.rel.clone() }),
                 },
                 Ok(Err(_)) => issue = Some(Issue::NotUtf8 { file: found.rel.clone() }),
-                Err(_) => issue = Some(Issue::NotUtf8 { file: found.rel.clone() }),
+                Err(e) => issue = Some(Issue::Unreadable { file: found.rel.clone(), error: e.to_string() }),
             }
         }
-        if let Some((file, text)) = self.metadata.get(&normalise(path)) {
-            match clean(text) {
+        if let Some(entry) = self.metadata.get(&normalise(path)) {
+            match clean(&entry.text) {
                 Some(text) => return self.finish(text, Source::Metadata, issue),
-                None => issue = issue.or(Some(Issue::Empty { file: file.clone() })),
+                None => issue = issue.or(Some(Issue::Empty { file: entry.file.clone() })),
             }
         }
         let issue = issue.or(Some(Issue::Missing));
@@ -200,6 +263,22 @@ pub fn apply_trigger(caption: &str, trigger: Option<&str>) -> String {
     } else {
         format!("{trigger}, {caption}")
     }
+}
+
+/// The lines of a file's bytes, ended by LF, CRLF or a lone CR (old Mac
+/// editors), so one line ending style never fuses the whole file into one line.
+fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest.iter().position(|&b| b == b'\n' || b == b'\r').unwrap_or(rest.len());
+        let line = &rest[..end];
+        let skip = if rest[end..].starts_with(b"\r\n") { 2 } else { 1.min(rest.len() - end) };
+        rest = &rest[end + skip..];
+        Some(line)
+    })
 }
 
 /// One line: BOM dropped, line breaks to spaces, outer whitespace trimmed;
@@ -272,5 +351,33 @@ mod tests {
         assert_eq!((f.source, f.issue), (Source::Template, Some(Issue::Missing)));
         assert_eq!(caps.problems.len(), 1);
         assert!(caps.problems[0].message.contains("line 3"));
+    }
+
+    #[test]
+    fn a_bad_metadata_line_costs_only_itself() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let mut bytes = "\u{feff}{\"file_name\": \"a.png\", \"text\": \"red shoes\"}\r\n".as_bytes().to_vec();
+        bytes.extend_from_slice(b"{\"file_name\": \"b.png\", \"text\": \"caf\xe9 table\"}\n");
+        bytes.extend_from_slice(b"{\"file_name\": \"c.png\"}\n{\"file_name\": \"d.png\", \"text\": \"blue bag\"}\n");
+        std::fs::write(d.join("metadata.jsonl"), &bytes).unwrap();
+        let caps = Captions::new(&[], &[found(d, "metadata.jsonl")], None, None);
+        assert_eq!(caps.caption_for(&d.join("a.png")).text, "red shoes");
+        assert_eq!(caps.caption_for(&d.join("d.png")).text, "blue bag");
+        assert_eq!(caps.caption_for(&d.join("b.png")).issue, Some(Issue::Missing));
+        let messages: Vec<_> = caps.problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[0].starts_with("line 2 is not UTF-8"), "{messages:?}");
+        assert!(messages[1].starts_with("line 3:"), "{messages:?}");
+        let orphans: Vec<_> = caps.orphan_metadata_lines(&[&d.join("a.png")]).iter().map(|m| m.line).collect();
+        assert_eq!(orphans, [4], "d.png is not among the files");
+
+        let split: Vec<_> = lines(b"a\r\nb\rc\n\nd").collect();
+        assert_eq!(split, [&b"a"[..], b"b", b"c", b"", b"d"]);
+
+        std::fs::write(d.join("metadata.jsonl"), [0xFF, 0xFE, b'{', 0]).unwrap();
+        let caps = Captions::new(&[], &[found(d, "metadata.jsonl")], None, None);
+        assert_eq!(caps.problems.len(), 1);
+        assert!(caps.problems[0].message.contains("UTF-16"), "{:?}", caps.problems);
     }
 }

@@ -35,6 +35,22 @@ pub struct Header {
     pub orientation: Orientation,
     /// A GIF or WebP with more than one frame (the first is used).
     pub animated: bool,
+    /// The decoder's own buffer for the stored pixels, in bytes.
+    pub stored_bytes: u64,
+    pub has_alpha: bool,
+}
+
+impl Header {
+    /// The bytes decoding this image to upright 8-bit RGB peaks at, known
+    /// before any pixel is decoded: the decoder's buffer, a turned copy when
+    /// EXIF orientation applies, and the RGB result (through a float RGBA
+    /// copy when alpha is composited).
+    pub fn decode_bytes(&self) -> u64 {
+        let pixels = self.width as u64 * self.height as u64;
+        let turned = if self.orientation == Orientation::NoTransforms { 0 } else { self.stored_bytes };
+        let rgb = pixels.saturating_mul(if self.has_alpha { 16 + 3 } else { 3 });
+        self.stored_bytes.saturating_add(turned).saturating_add(rgb)
+    }
 }
 
 /// The formats sdtune reads.
@@ -108,6 +124,8 @@ pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<Header, Rejection> {
     })?;
     let (w, h) = decoder.dimensions();
     check_pixels(w, h, max_pixels)?;
+    let stored_bytes = decoder.total_bytes();
+    let has_alpha = decoder.color_type().has_alpha();
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let (width, height) = if swaps_sides(orientation) { (h, w) } else { (w, h) };
     if width == 0 || height == 0 {
@@ -118,7 +136,7 @@ pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<Header, Rejection> {
         ImageFormat::WebP => image::codecs::webp::WebPDecoder::new(Cursor::new(bytes)).is_ok_and(|d| d.has_animation()),
         _ => false,
     };
-    Ok(Header { format, width, height, orientation, animated })
+    Ok(Header { format, width, height, orientation, animated, stored_bytes, has_alpha })
 }
 
 /// Decodes to upright 8-bit RGB, alpha composited on `background`.

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use tch::Device;
 
-use super::buckets::{crop_and_resize, crop_for, Bucket, Buckets, Crop};
+use super::buckets::{crop_and_resize, crop_for, kept_fraction, resize_bytes, Bucket, Buckets, Crop, CROP_WARNING_KEPT};
 use super::cache::{CacheWriter, Dataset, Item, LatentEntry, NewLatent, CACHE_DIR};
 use super::captions::{Caption, Captions, Issue, Source};
 use super::concepts::{self, Defaults, Layout};
@@ -20,10 +20,10 @@ use crate::loaders::model_files::ModelFiles;
 use crate::loaders::source::LoadOptions;
 use super::keys::{latent_key, text_key, FileHashes, LatentSettings, TextSettings};
 use super::report::{self, Report};
-use super::scan::Found;
+use super::scan::{Found, SAME_SHOWN_NAME, SAME_SHOWN_NAME_FIX};
 use crate::data::config::DataConfig;
 use crate::models::tokenizer::MAX_TOKENS;
-use crate::runtime::Precision;
+use crate::runtime::{available_memory, bytes, Precision};
 
 /// The report's file inside the working folder.
 pub const REPORT_FILE: &str = ".sdtune/prepare-report.json";
@@ -78,6 +78,8 @@ struct Planned {
     header: Header,
     bucket: Bucket,
     crop: Crop,
+    /// Bytes decoding and resizing it peaks at.
+    decode_need: u64,
     caption: String,
     source: Source,
     /// Warnings about this image, reported only if it ends up used.
@@ -137,10 +139,27 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         }
         !ours
     });
-    report.ignored =
-        scanned.ignored.iter().map(|i| report::Ignored { path: i.rel.clone(), reason: i.reason.clone() }).collect();
+    for i in &scanned.ignored {
+        if i.reason == SAME_SHOWN_NAME {
+            report.skip(&i.rel, SAME_SHOWN_NAME, SAME_SHOWN_NAME_FIX);
+        } else {
+            report.ignored.push(report::Ignored { path: i.rel.clone(), reason: i.reason.clone() });
+        }
+    }
     for o in &scanned.outside {
         report.skip(&o.rel, o.reason.clone(), o.fix.clone());
+    }
+    // A kohya folder's name is its images' default caption: bad bytes would train as U+FFFD.
+    for c in scanned.concepts.iter().filter(|c| c.caption_template.as_deref().is_some_and(|t| t.contains(char::REPLACEMENT_CHARACTER))) {
+        report.warn(
+            None,
+            "name_not_utf8",
+            format!(
+                "the concept folder {} has a name that is not valid UTF-8, so its images without a caption train with the caption {:?} (\u{fffd} for the bad bytes); rename the folder to UTF-8",
+                c.path,
+                c.caption_template.as_deref().unwrap_or_default()
+            ),
+        );
     }
     if scanned.candidates.is_empty() {
         if !scanned.outside.is_empty() {
@@ -158,7 +177,15 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     report.counts.files = scanned.candidates.len() + scanned.outside.len();
 
     // 2. The model's files (the models themselves load only if there is work).
-    let model = ModelFiles::of(&opts.model_dir.to_string_lossy(), &LoadOptions::default())?;
+    // A model is named by a string (a path or a Hub id); a lossy copy of a
+    // path that is not UTF-8 would name a file that does not exist.
+    let Some(model_spec) = opts.model_dir.to_str() else {
+        bail!(
+            "the model path {} is not valid UTF-8, so sdtune cannot open it; rename the folder or file (and the folders above it) to UTF-8",
+            opts.model_dir.display()
+        );
+    };
+    let model = ModelFiles::of(model_spec, &LoadOptions::default())?;
     let factor = model.vae_config.scale_factor() as u32;
     if !cfg.bucket_step.is_multiple_of(factor) || !cfg.resolution.is_multiple_of(factor) {
         bail!(
@@ -170,12 +197,13 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     let tokenizer = model.tokenizer()?;
 
     // 3. Check every file's content and header, in parallel.
+    let free_cpu = available_memory(Device::Cpu);
     let bar = progress_bar(scanned.candidates.len() as u64, "checking");
     let checked: Vec<Result<Candidate, (Found, Rejection)>> = scanned
         .candidates
         .par_iter()
         .map(|source| {
-            let result = check_file(&source.found, cfg.max_pixels)
+            let result = check_file(&source.found, cfg.max_pixels, free_cpu)
                 .map(|c| Candidate { concept: source.concept, ..c });
             bar.inc(1);
             result
@@ -259,6 +287,13 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             ));
         }
         header_notes(&c, &mut notes);
+        if c.found.rel_is_lossy() {
+            notes.push(Note::on(
+                &c.found.rel,
+                "name_not_utf8",
+                "its path holds a name that is not valid UTF-8 (shown here with \u{fffd} for the bad bytes); it is used as it is, but rename it to UTF-8 so other tools show and find it".into(),
+            ));
+        }
         let caption = captions_of(c.concept).caption_for(&c.found.path);
         // In a kohya tree the folder's name is the caption by convention, not a gap.
         let folder_caption = cfg.concepts.is_empty() && c.concept.is_some() && caption.issue == Some(Issue::Missing);
@@ -279,6 +314,33 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         }
         let bucket = buckets.assign(w, h);
         let crop = crop_for(w, h, bucket);
+        // Refused here, in words, rather than aborting on the allocation later.
+        let decode_need = c.header.decode_bytes().saturating_add(resize_bytes(crop, bucket));
+        if let Some(free) = free_cpu.filter(|&free| decode_need > free) {
+            report.skip(
+                &c.found.rel,
+                format!(
+                    "is {w}×{h} pixels, and decoding it needs about {} of memory but {} are free",
+                    bytes(decode_need),
+                    bytes(free)
+                ),
+                "shrink the image, or free memory and run sdtune prepare again",
+            );
+            continue;
+        }
+        let kept = kept_fraction(w, h, crop);
+        if kept < CROP_WARNING_KEPT {
+            let shape = if w > h { "wider" } else { "taller" };
+            let percent = if kept < 0.1 { format!("{:.1}", 100.0 * kept) } else { format!("{:.0}", 100.0 * kept) };
+            notes.push(Note::on(
+                &c.found.rel,
+                "cropped",
+                format!(
+                    "is {w}×{h} pixels, {shape} than any bucket: its {bucket} bucket keeps only the centre {percent}% of it ({}×{}) and the rest never trains; crop it to the part that matters, or widen --min-bucket/--max-bucket",
+                    crop.width, crop.height
+                ),
+            ));
+        }
         let latent = latent_key(&latent_settings, &c.hash, bucket, crop, false);
         let flip = scanned.concept(c.concept).map_or(cfg.flip, |k| k.flip);
         let flipped = flip.then(|| latent_key(&latent_settings, &c.hash, bucket, crop, true));
@@ -290,6 +352,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             header: c.header,
             bucket,
             crop,
+            decode_need,
             caption,
             source,
             notes,
@@ -312,6 +375,16 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             "is a caption file with no image of the same name beside it; it was not used",
         );
     }
+    for line in captions.orphan_metadata_lines(&image_paths) {
+        report.warn(
+            Some(&line.file),
+            "orphan_caption",
+            format!(
+                "line {} gives a caption to {:?}, which is not in the folder, so it was not used; fix the file_name",
+                line.line, line.file_name
+            ),
+        );
+    }
 
     if planned.is_empty() {
         // Nothing usable (a wrong folder?): leave the cache as it is.
@@ -320,8 +393,10 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         return finish_report(report, opts, started, Vec::new(), Vec::new());
     }
 
-    // 5. Open the cache; what the folder no longer needs goes when this run finishes.
+    // 5. Open the cache and check the encode fits in memory before anything
+    // is allocated; what the folder no longer needs goes when this run finishes.
     let mut cache = CacheWriter::open(&opts.work_dir.join(CACHE_DIR))?;
+    let encode_batch = encode_batch_size(&planned, &cache, &model.vae_config, opts, &mut report)?;
     for shard in cache.damaged_shards() {
         report.warn(
             None,
@@ -375,9 +450,15 @@ pub fn run(opts: &Options) -> Result<Prepared> {
     let delay = std::env::var(SHARD_DELAY_ENV).ok().and_then(|v| v.parse::<u64>().ok());
     let bar = progress_bar(pending_latents as u64, "encoding");
     for (bucket, indices) in &by_bucket {
-        for chunk in indices.chunks(cfg.encode_batch_size) {
-            let decoded: Vec<(usize, Result<RgbImage, Rejection>)> =
-                chunk.par_iter().map(|&i| (i, load_pixels(&planned[i], cfg, *bucket))).collect();
+        for chunk in indices.chunks(encode_batch) {
+            let decode = |&i: &usize| (i, load_pixels(&planned[i], cfg, *bucket));
+            // Images that fit in memory one by one may not all at once.
+            let together = chunk.iter().fold(0u64, |sum, &i| sum.saturating_add(planned[i].decode_need));
+            let decoded: Vec<(usize, Result<RgbImage, Rejection>)> = if free_cpu.is_some_and(|free| together > free) {
+                chunk.iter().map(decode).collect()
+            } else {
+                chunk.par_iter().map(decode).collect()
+            };
             let mut jobs: Vec<(usize, bool, String, RgbImage)> = Vec::new();
             for (i, result) in decoded {
                 let p = &planned[i];
@@ -396,7 +477,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
                 }
             }
             let mut new = Vec::with_capacity(jobs.len());
-            for batch in jobs.chunks(cfg.encode_batch_size) {
+            for batch in jobs.chunks(encode_batch) {
                 let images: Vec<&RgbImage> = batch.iter().map(|j| &j.3).collect();
                 let latents = encoders.encode_images(&images)?;
                 for ((i, flipped, key, _), latent) in batch.iter().zip(latents) {
@@ -536,6 +617,56 @@ fn scan_layout(opts: &Options, on_file: &mut dyn FnMut(usize)) -> Result<Layout>
     }
 }
 
+/// Images per VAE encode: `data.encode_batch_size`, lowered until the
+/// largest bucket still to encode fits in the free memory (with a warning);
+/// an error in one sentence when not even one image fits. Where free
+/// memory is unknown, only the bucket-side bound of `data:` applies.
+fn encode_batch_size(
+    planned: &[Planned],
+    cache: &CacheWriter,
+    vae: &crate::models::config::VaeConfig,
+    opts: &Options,
+    report: &mut Report,
+) -> Result<usize> {
+    let asked = opts.data.encode_batch_size;
+    let pending: Vec<Bucket> = planned
+        .iter()
+        .filter(|p| !cache.has_latent(&p.latent) || p.flipped.as_ref().is_some_and(|k| !cache.has_latent(k)))
+        .map(|p| p.bucket)
+        .collect();
+    let Some(&bucket) = pending.iter().max_by_key(|b| b.width as u64 * b.height as u64) else {
+        return Ok(asked);
+    };
+    let in_bucket = pending.iter().filter(|&&b| b == bucket).count();
+    let Some(free) = available_memory(opts.device) else { return Ok(asked) };
+    let elt = opts.precision.kind().elt_size_in_bytes() as u64;
+    let (w, h) = (bucket.width as u64, bucket.height as u64);
+    let need = |batch: usize| crate::models::vae::encode_peak_bytes(vae, elt, w, h, batch as u64);
+    // A half-precision image that comes out non-finite is encoded again in fp32.
+    let one = need(1).max(crate::models::vae::encode_peak_bytes(vae, 4, w, h, 1));
+    if one > free {
+        bail!(
+            "encoding one image of the {bucket} bucket needs about {} of memory for the VAE but {} are free; lower --resolution (or data.max_bucket), or free memory",
+            bytes(one),
+            bytes(free)
+        );
+    }
+    // The estimate grows with the batch in proportion.
+    let fits = usize::try_from(free / need(1).max(1)).unwrap_or(usize::MAX).clamp(1, asked);
+    if fits < asked.min(in_bucket) {
+        report.warn(
+            None,
+            "encode_batch",
+            format!(
+                "encoding {asked} images of the {bucket} bucket at once would need about {} but {} are free, so {fits} at a time are encoded (the same latents, more slowly)",
+                bytes(need(asked)),
+                bytes(free)
+            ),
+        );
+    }
+    Ok(fits)
+}
+
 /// Stamps the time, writes the JSON report and returns the outcome.
 fn finish_report(
     mut report: Report,
@@ -550,8 +681,19 @@ fn finish_report(
     Ok(Prepared { report, captions, concept_prompts })
 }
 
-/// Reads, hashes and header-checks one file.
-fn check_file(found: &Found, max_pixels: u64) -> Result<Candidate, (Found, Rejection)> {
+/// Reads, hashes and header-checks one file (refused unread when it is
+/// larger than the free memory it would be read into).
+fn check_file(found: &Found, max_pixels: u64, free: Option<u64>) -> Result<Candidate, (Found, Rejection)> {
+    let size = std::fs::metadata(&found.path).map(|m| m.len()).unwrap_or(0);
+    if let Some(free) = free.filter(|&free| size > free) {
+        return Err((
+            found.clone(),
+            Rejection::new(
+                format!("is a {} file, more than the {} of free memory it would be read into", bytes(size), bytes(free)),
+                "shrink or re-export the image, or free memory and run sdtune prepare again",
+            ),
+        ));
+    }
     let bytes = std::fs::read(&found.path).map_err(|e| {
         (found.clone(), Rejection::new(format!("cannot be read ({e})"), "check the file's permissions"))
     })?;
@@ -604,6 +746,11 @@ fn caption_notes(caption: &Caption, found: &Found, notes: &mut Vec<Note>) {
         Some(Issue::Empty { file }) => {
             notes.push(Note::on(file, "empty_caption", format!("is an empty caption for {}; {uses}", found.rel)))
         }
+        Some(Issue::Unreadable { file, error }) => notes.push(Note::on(
+            file,
+            "caption_unreadable",
+            format!("cannot be read ({error}), so it was not used as the caption of {}; check its permissions ({uses})", found.rel),
+        )),
         Some(Issue::NotUtf8 { file }) => notes.push(Note::on(
             file,
             "caption_not_utf8",

@@ -109,7 +109,9 @@ pub struct Warning {
     pub path: Option<String>,
     /// A short tag: `no_caption`, `empty_caption`, `caption_not_utf8`,
     /// `long_caption`, `duplicate`, `extension`, `animated`, `upscaled`,
-    /// `orphan_caption`, `metadata`, `few_images`, `uneven_buckets`.
+    /// `orphan_caption`, `metadata`, `few_images`, `uneven_buckets`,
+    /// `cropped` (the bucket keeps under half the image), `name_not_utf8`,
+    /// `caption_unreadable`, `encode_batch` (lowered to fit memory).
     pub kind: String,
     pub message: String,
 }

@@ -10,9 +10,19 @@ use anyhow::{bail, Result};
 /// A file found under the data folder.
 #[derive(Clone, Debug)]
 pub struct Found {
+    /// The real path, which every read goes through.
     pub path: PathBuf,
-    /// The path relative to the data folder, for messages and the report.
+    /// The path relative to the data folder, for messages and the report;
+    /// a name that is not valid UTF-8 shows U+FFFD for its bad bytes
+    /// ([`resolve`] finds the file again from it).
     pub rel: String,
+}
+
+impl Found {
+    /// Whether `rel` shows a name that is not valid UTF-8 (lossily).
+    pub fn rel_is_lossy(&self) -> bool {
+        self.rel.contains(char::REPLACEMENT_CHARACTER) && self.path.to_str().is_none()
+    }
 }
 
 /// A file or folder left out, and why.
@@ -38,6 +48,13 @@ pub struct Scan {
 const SYSTEM_DIRS: &[&str] = &["__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "lost+found"];
 /// File names that hold operating-system bookkeeping.
 const SYSTEM_FILES: &[&str] = &["Thumbs.db", "ehthumbs.db", "desktop.ini", "Icon\r"];
+
+/// Why a file is set aside whose name reads the same as a sibling's once
+/// its bytes that are not UTF-8 show as U+FFFD: not on purpose like a hidden
+/// file, so prepare reports it as skipped, with [`SAME_SHOWN_NAME_FIX`].
+pub const SAME_SHOWN_NAME: &str =
+    "has a name that is not valid UTF-8 and reads the same as another file's in its folder, so sdtune cannot tell them apart";
+pub const SAME_SHOWN_NAME_FIX: &str = "rename one of them to UTF-8";
 
 /// Lists `root` recursively. Errs only when `root` itself is unusable.
 pub fn scan(root: &Path, on_file: &mut dyn FnMut(usize)) -> Result<Scan> {
@@ -65,10 +82,16 @@ pub fn scan(root: &Path, on_file: &mut dyn FnMut(usize)) -> Result<Scan> {
         };
         let mut names: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
         names.sort();
+        // Names as shown: two that are not valid UTF-8 may read the same.
+        let mut shown = HashSet::new();
         for name in names {
             let path = dir.join(&name);
             let name = name.to_string_lossy().into_owned();
             let rel = if rel_dir.is_empty() { name.clone() } else { format!("{rel_dir}/{name}") };
+            if !shown.insert(name.clone()) {
+                scan.ignored.push(Ignored { rel, reason: SAME_SHOWN_NAME.into() });
+                continue;
+            }
             if name.starts_with('.') {
                 scan.ignored.push(Ignored { rel, reason: "hidden file".into() });
                 continue;
@@ -131,6 +154,42 @@ pub fn scan(root: &Path, on_file: &mut dyn FnMut(usize)) -> Result<Scan> {
     Ok(scan)
 }
 
+/// The file a recorded path names: the path itself when it exists, else,
+/// component by component, the one entry of each folder whose name reads
+/// the same once its bytes that are not valid UTF-8 show as U+FFFD (how
+/// [`Found::rel`] records them; of several, the first in byte order, the
+/// one [`scan`] keeps). Parts that match nothing are kept as they are, so
+/// a caller's "not found" names what was asked for.
+pub fn resolve(path: &Path) -> PathBuf {
+    if path.symlink_metadata().is_ok() || !path.to_string_lossy().contains(char::REPLACEMENT_CHARACTER) {
+        return path.to_path_buf();
+    }
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        let std::path::Component::Normal(name) = part else {
+            out.push(part);
+            continue;
+        };
+        let next = out.join(name);
+        if next.symlink_metadata().is_ok() || !name.to_string_lossy().contains(char::REPLACEMENT_CHARACTER) {
+            out = next;
+            continue;
+        }
+        let dir = if out.as_os_str().is_empty() { Path::new(".") } else { out.as_path() };
+        let shown = name.to_string_lossy();
+        // Of names that read alike, the first in byte order, as the scan keeps.
+        let first = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy() == shown)
+            .min();
+        out = first.map_or(next, |n| out.join(n));
+    }
+    out
+}
+
 fn display_dir(rel: &str) -> String {
     if rel.is_empty() {
         ".".into()
@@ -179,6 +238,30 @@ mod tests {
         assert!(ignored.contains(&".DS_Store") && ignored.contains(&"Thumbs.db") && ignored.contains(&"__MACOSX"));
         #[cfg(unix)]
         assert!(scan.ignored.iter().any(|i| i.rel == "a/b/loop" && i.reason.contains("loop")));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn names_that_are_not_utf8_are_found_again_from_their_shown_path() {
+        use std::os::unix::ffi::OsStrExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let dir = root.join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+        std::fs::create_dir(&dir).unwrap();
+        let image = dir.join(std::ffi::OsStr::from_bytes(b"photo \xff.png"));
+        std::fs::write(&image, b"1").unwrap();
+        std::fs::write(dir.join(std::ffi::OsStr::from_bytes(b"photo \xfe.png")), b"2").unwrap();
+        let scan = scan(root, &mut |_| {}).unwrap();
+        assert_eq!(scan.candidates.len(), 1, "{:?}", scan.candidates);
+        let found = &scan.candidates[0];
+        assert_eq!(found.rel, "caf\u{fffd}/photo \u{fffd}.png");
+        assert!(found.rel_is_lossy());
+        assert_eq!(found.path, dir.join(std::ffi::OsStr::from_bytes(b"photo \xfe.png")));
+        assert!(scan.ignored.iter().any(|i| i.reason == SAME_SHOWN_NAME), "{:?}", scan.ignored);
+        // Shown paths resolve back to the file the scan kept.
+        assert_eq!(resolve(&root.join("caf\u{fffd}")), dir);
+        assert_eq!(resolve(&root.join(&found.rel)), found.path);
+        assert_eq!(resolve(&root.join("caf\u{fffd}/other.png")), dir.join("other.png"));
     }
 
     #[test]

@@ -52,7 +52,8 @@ pub fn prepared_concepts(work_dir: &Path) -> Result<Vec<PreparedConcept>> {
         let mut files = Vec::new();
         let mut captions: Vec<String> = Vec::new();
         for item in &items {
-            let file = data_dir.join(&item.path);
+            // The recorded path shows names that are not UTF-8 lossily; find the file again.
+            let file = crate::data::scan::resolve(&data_dir.join(&item.path));
             if !files.contains(&file) {
                 files.push(file);
             }

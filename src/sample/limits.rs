@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 
 use crate::models::stable_diffusion::StableDiffusion;
+use crate::runtime::{available_memory, gib};
 
 /// The smallest largest-side every model may render; models with a larger
 /// native size may go to 8 times it.
@@ -33,7 +34,10 @@ pub fn check_render_size(model: &StableDiffusion, width: i64, height: i64, batch
         bail!("{width}x{height} is too large for this model (native {native}x{native}); use --width and --height up to {max_side}");
     }
     let need = decode_bytes(model, width, height, batch.max(1));
-    if let Some(free) = available_memory(model) {
+    // Not on CUDA: once the model is loaded, the caching allocator holds
+    // blocks torch can reuse but the driver counts as used.
+    let free = if model.device().is_cuda() { None } else { available_memory(model.device()) };
+    if let Some(free) = free {
         if need > free {
             bail!(
                 "rendering {batch} image(s) of {width}x{height} needs about {} GiB for the VAE decode but {} GiB are free; lower --width/--height or --batch-size",
@@ -45,28 +49,8 @@ pub fn check_render_size(model: &StableDiffusion, width: i64, height: i64, batch
     Ok(())
 }
 
-/// The VAE decoder's peak at full resolution: a few live activations of the
-/// channels its last upsampler writes there.
+/// The VAE decoder's peak at full resolution.
 fn decode_bytes(model: &StableDiffusion, width: i64, height: i64, batch: usize) -> u64 {
-    let channels = model.vae_config.block_out_channels.iter().take(2).copied().max().unwrap_or(128).max(1);
     let elt = model.vae.vs.kind().elt_size_in_bytes() as u64;
-    // Measured: a 1024x1024 decode of the built-in model peaks near 8 such tensors.
-    const LIVE_ACTIVATIONS: u64 = 8;
-    (batch as u64) * (channels as u64) * (width.max(0) as u64) * (height.max(0) as u64) * elt * LIVE_ACTIVATIONS
-}
-
-/// Free memory where the model runs: the CPU's available memory (Linux);
-/// unknown on CUDA and elsewhere, where only the side bound applies.
-fn available_memory(model: &StableDiffusion) -> Option<u64> {
-    if model.device().is_cuda() {
-        return None;
-    }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-fn gib(bytes: u64) -> String {
-    format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
+    crate::models::vae::decode_peak_bytes(&model.vae_config, elt, width.max(0) as u64, height.max(0) as u64, batch as u64)
 }

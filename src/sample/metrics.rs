@@ -215,7 +215,9 @@ impl Brand {
         let cache = crate::data::cache::CacheReader::open(work_dir)?;
         let dataset = cache.dataset();
         let data_dir = work_dir.join(&dataset.data_dir);
-        let files: Vec<PathBuf> = dataset.items.iter().map(|i| data_dir.join(&i.path)).collect();
+        // The recorded paths show names that are not UTF-8 lossily; find the files again.
+        let files: Vec<PathBuf> =
+            dataset.items.iter().map(|i| crate::data::scan::resolve(&data_dir.join(&i.path))).collect();
         let missing: Vec<&PathBuf> = files.iter().filter(|f| !f.is_file()).collect();
         if let Some(first) = missing.first() {
             bail!(
