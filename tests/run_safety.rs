@@ -136,13 +136,25 @@ fn sample_interrupted_exits_130_without_temp_files() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Interrupted once its first images are written: the handler is surely in place.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !pngs(dir.path()).iter().any(|n| n.starts_with("grid-")) {
+        assert!(child.try_wait().unwrap().is_none(), "sample ended before it could be interrupted");
+        assert!(Instant::now() < deadline, "sample wrote no image within 300 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(child.try_wait().unwrap().is_none(), "400 images rendered too fast to interrupt");
     signal(&child, libc::SIGINT);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(!dir.path().join("grid.png").exists(), "an interrupted sample wrote its grid");
     assert!(temp_files(dir.path()).is_empty(), "{:?}", temp_files(dir.path()));
+}
+
+fn pngs(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".png")).collect())
+        .unwrap_or_default()
 }
 
 #[test]

@@ -51,7 +51,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
 }
 
 fn row(key: &str, value: impl std::fmt::Display) {
-    println!("{key:<15}{value}");
+    println!("{key:<13}{value}");
 }
 
 fn file(path: &Path, prediction: Option<Prediction>) -> Result<()> {
@@ -241,7 +241,7 @@ fn folder(dir: &Path, hub_id: Option<&str>, prediction: Option<Prediction>) -> R
     text_rows("text encoder", &text, naming(text_layouts.first()));
     if index.is_sdxl() {
         let second = ClipTextConfig::from_file(&dir.join("text_encoder_2/config.json"))?;
-        text_rows("text encoder 2", &second, naming(text_layouts.get(1)));
+        text_rows("text enc. 2", &second, naming(text_layouts.get(1)));
     }
     Ok(())
 }
