@@ -255,6 +255,12 @@ pub fn tokenizer_repos(sd2: bool) -> &'static [(&'static str, &'static str)] {
     }
 }
 
+/// Where SDXL's first tokenizer (CLIP ViT-L's, padded with EOS) is cached.
+pub const SDXL_TOKENIZER_REPOS: &[(&str, &str)] =
+    &[("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"), ("openai/clip-vit-large-patch14", "")];
+/// Where SDXL's second tokenizer (bigG's, padded with "!") is cached.
+pub const SDXL_TOKENIZER_2_REPOS: &[(&str, &str)] = &[("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2")];
+
 /// A cached tokenizer folder (`vocab.json` + `merges.txt`, or `tokenizer.json`)
 /// of the first of `repos` the cache has; downloads the first one when none
 /// is cached and the machine is online.
