@@ -128,7 +128,7 @@ fn fp16_variant_and_sharded_weights_load() {
     let folder = load_folder("tiny-sd1");
     // --variant fp16, and without it (the folder holds only that variant).
     for variant in [Some("fp16".to_string()), None] {
-        let opts = LoadOptions { variant: variant.clone(), prediction_type: None };
+        let opts = LoadOptions { variant: variant.clone(), prediction_type: None, vae: None };
         let ours = StableDiffusion::load(snapshot.to_str().unwrap(), Placement::cpu_f32(), &opts)
             .unwrap_or_else(|e| panic!("{variant:?}: {e:#}"));
         assert_same_weights("UNet", &ours.unet.vs, &folder.unet.vs, Some(Kind::Half));
@@ -199,7 +199,7 @@ fn sdxl_hub_id_with_fp16_variant_loads_both_text_encoders() {
         }
     });
     let folder = load_folder("tiny-sdxl");
-    let opts = LoadOptions { variant: Some("fp16".into()), prediction_type: None };
+    let opts = LoadOptions { variant: Some("fp16".into()), prediction_type: None, vae: None };
     let ours = StableDiffusion::load(snapshot.to_str().unwrap(), Placement::cpu_f32(), &opts)
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_same_weights("UNet", &ours.unet.vs, &folder.unet.vs, Some(Kind::Half));

@@ -14,6 +14,7 @@ use super::folder::{check_is_diffusers_folder, load_text_encoder, load_vae};
 use super::single_file::{self, Beside, Family, Plan};
 use super::source::{check_checkpoint, parse, LoadOptions, ModelSource};
 use super::tensor_file::TensorFile;
+use super::vae_file::VaeSwap;
 use super::weights::{build_and_load, component_weights};
 use super::hub;
 use crate::models::built::Built;
@@ -66,6 +67,8 @@ pub struct ModelFiles {
     /// SDXL's `tokenizer_2`.
     tokenizer_2: Option<TokenizerFiles>,
     weights: Weights,
+    /// A VAE given with `--vae`, used instead of the model's.
+    vae_swap: Option<VaeSwap>,
 }
 
 impl ModelFiles {
@@ -76,12 +79,25 @@ impl ModelFiles {
         let mut files = match parse(model)? {
             ModelSource::Folder(dir) => Self::folder(&dir, variant)?,
             ModelSource::Hub(id) => Self::folder(&super::hub::resolve_model(&id, variant)?, variant)?,
-            ModelSource::SingleFile(path) => return Self::single_file(&path, opts.prediction_type),
+            ModelSource::SingleFile(path) => Self::single_file(&path, opts.prediction_type)?,
         };
         if let Some(p) = opts.prediction_type {
             files.scheduler.prediction_type = p.as_config_str().to_string();
         }
+        if let Some(vae) = &opts.vae {
+            files.swap_vae(vae)?;
+        }
         Ok(files)
+    }
+
+    /// Uses the VAE at `path` (a diffusers vae/ folder or a VAE file) instead
+    /// of the model's own; the latents' identity becomes its files.
+    pub fn swap_vae(&mut self, path: &Path) -> Result<()> {
+        let swap = VaeSwap::open(path, &self.vae_config)?;
+        self.vae_config = swap.config.clone();
+        self.vae_files = swap.files.clone();
+        self.vae_swap = Some(swap);
+        Ok(())
     }
 
     /// A diffusers pipeline folder (`model_index.json` + components).
@@ -140,6 +156,7 @@ impl ModelFiles {
                 text: text_weights,
                 text_2: text_weights_2,
             },
+            vae_swap: None,
         })
     }
 
@@ -184,6 +201,7 @@ impl ModelFiles {
             tokenizer,
             tokenizer_2,
             weights: Weights::SingleFile(Box::new(plan)),
+            vae_swap: None,
         })
     }
 
@@ -202,6 +220,9 @@ impl ModelFiles {
     }
 
     pub fn load_vae(&self, device: Device, kind: Kind) -> Result<Built<AutoencoderKL>> {
+        if let Some(swap) = &self.vae_swap {
+            return swap.load(device, kind);
+        }
         match &self.weights {
             Weights::Folder { vae, .. } => load_vae(vae, device, kind, &self.vae_config),
             Weights::SingleFile(plan) => single_file::load_vae(&TensorFile::open(&plan.path)?, plan, device, kind),

@@ -17,6 +17,7 @@ use crate::loaders::tensor_file::TensorFile;
 use crate::loaders::weights::copy_into;
 use crate::models::built::{build, Built};
 use crate::models::clip::ClipTextModel;
+use crate::models::config::VaeConfig;
 use crate::models::layers::WeightInit;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
@@ -118,14 +119,26 @@ pub fn load_unet(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> 
 
 /// The VAE of a single file.
 pub fn load_vae(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> Result<Built<AutoencoderKL>> {
-    let blocks = plan.vae.block_out_channels.len();
-    let vae = build(device, kind, WeightInit::Zeros, |vb| AutoencoderKL::new(vb, &plan.vae))?;
+    load_ldm_vae(file, &plan.vae, VAE_PREFIX, device, kind)
+}
+
+/// A VAE in LDM names under `prefix` (`first_stage_model.` in a checkpoint,
+/// nothing in a VAE-only file such as A1111's `*.vae.safetensors`).
+pub fn load_ldm_vae(
+    file: &TensorFile,
+    cfg: &VaeConfig,
+    prefix: &str,
+    device: Device,
+    kind: Kind,
+) -> Result<Built<AutoencoderKL>> {
+    let blocks = cfg.block_out_channels.len();
+    let vae = build(device, kind, WeightInit::Zeros, |vb| AutoencoderKL::new(vb, cfg))?;
     fill(
         &vae.vs,
         file,
         "VAE",
-        VAE_PREFIX,
-        &|n| vae_ldm_name(n, blocks).map(|l| Source::whole(format!("{VAE_PREFIX}{l}"))),
+        prefix,
+        &|n| vae_ldm_name(n, blocks).map(|l| Source::whole(format!("{prefix}{l}"))),
         &|_| false,
     )?;
     Ok(vae)

@@ -39,7 +39,7 @@ pub use census::{census, Census};
 pub use detect::{detect, ignored_text_tensor, Family, Layout, Shapes};
 pub use crate::loaders::file_kind::is_ldm;
 pub use export::to_ldm;
-pub use fill::{load_text_encoder, load_text_encoder_2, load_unet, load_vae};
+pub use fill::{load_ldm_vae, load_text_encoder, load_text_encoder_2, load_unet, load_vae};
 pub use infer::{
     check_norm_groups, infer_text_config, infer_text_config_2, infer_unet_config, infer_vae_config, HeadHints,
 };
