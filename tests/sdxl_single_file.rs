@@ -118,6 +118,36 @@ fn sample_from_single_file_equals_the_folder_image() {
 }
 
 #[test]
+fn v_prediction_files_sample_with_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    // No scheduler config beside the file: epsilon unless the flag says v. (Euler: the
+    // tiny folder's Euler config leaves DDIM's clip_sample / set_alpha_to_one unset,
+    // SDXL base's, which the file gets, sets them false.)
+    let path = write_single_file(dir.path(), NAME, NAME, None);
+    write_beside(dir.path(), NAME, NAME, &["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]);
+    let mut images = Vec::new();
+    for (label, model, v) in [("file-v", &path, true), ("folder-v", &fixture(NAME), true), ("file", &path, false)] {
+        let out = dir.path().join(format!("{label}.png"));
+        let mut cmd = sdtune(cache.path());
+        cmd.args(["sample", "--device", "cpu", "--prompt", "a red car by the sea", "--seed", "3", "--steps", "3"])
+            .args(["--width", "64", "--height", "64", "--scheduler", "euler", "--model"])
+            .arg(model)
+            .arg("--out")
+            .arg(&out);
+        if v {
+            cmd.args(["--prediction-type", "v"]);
+        }
+        let res = run(&mut cmd);
+        stdout_ok(&res);
+        assert!(!String::from_utf8_lossy(&res.stderr).contains("warning"), "{label}: no guess to warn about");
+        images.push(pixels(&out));
+    }
+    assert!(images[0] == images[1], "--prediction-type v: the single file's image differs from the folder's");
+    assert!(images[0] != images[2], "--prediction-type v must change the image");
+}
+
+#[test]
 fn info_names_the_file_sdxl() {
     let dir = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();

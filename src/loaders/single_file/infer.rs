@@ -362,4 +362,21 @@ mod tests {
         assert_eq!(cfg.addition_embed_type.as_deref(), Some("text_time"));
         assert_eq!((cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim), (Some(256), Some(2816)));
     }
+
+    #[test]
+    fn sdxl_big_g_config_from_its_shapes() {
+        let p = SGM_OPEN_CLIP_PREFIX;
+        let mut m = BTreeMap::new();
+        m.insert(format!("{p}token_embedding.weight"), vec![49408, 1280]);
+        m.insert(format!("{p}positional_embedding"), vec![77, 1280]);
+        m.insert(format!("{p}text_projection"), vec![1280, 1280]);
+        for i in 0..32 {
+            m.insert(format!("{p}transformer.resblocks.{i}.ln_1.weight"), vec![1280]);
+        }
+        m.insert(format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), vec![5120, 1280]);
+        let cfg = infer_text_config_2(&Shapes::from_map(m), None).unwrap();
+        assert_eq!((cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads), (32, 1280, 20));
+        assert_eq!((cfg.intermediate_size, cfg.projection_dim, cfg.eos_token_id), (5120, Some(1280), 2));
+        assert!(cfg.with_projection() && cfg.hidden_act == "gelu");
+    }
 }
