@@ -36,3 +36,4 @@ fixtures:
 	.venv-ref/bin/python scripts/fixtures/make_single_file.py
 	.venv-ref/bin/python scripts/fixtures/make_tf5_fixture.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_fixture.py
+	.venv-ref/bin/python scripts/fixtures/make_sdxl_single_file.py

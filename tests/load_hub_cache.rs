@@ -128,7 +128,7 @@ fn fp16_variant_and_sharded_weights_load() {
     let folder = load_folder("tiny-sd1");
     // --variant fp16, and without it (the folder holds only that variant).
     for variant in [Some("fp16".to_string()), None] {
-        let opts = LoadOptions { variant: variant.clone(), prediction_type: None };
+        let opts = LoadOptions { variant: variant.clone(), prediction_type: None, vae: None };
         let ours = StableDiffusion::load(snapshot.to_str().unwrap(), Placement::cpu_f32(), &opts)
             .unwrap_or_else(|e| panic!("{variant:?}: {e:#}"));
         assert_same_weights("UNet", &ours.unet.vs, &folder.unet.vs, Some(Kind::Half));
@@ -174,4 +174,47 @@ fn single_file_tokenizer_comes_from_the_cache() {
     stdout_ok(&res);
     assert!(!String::from_utf8_lossy(&res.stderr).contains("bundled"), "{}", String::from_utf8_lossy(&res.stderr));
     assert!(pixels(&dir.path().join("x.png")) == bundled, "the cached tokenizer's image differs from the bundled one's");
+}
+
+#[test]
+fn sdxl_hub_id_with_fp16_variant_loads_both_text_encoders() {
+    let cache = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let scratch_path = scratch.path().to_path_buf();
+    // Every part only as its fp16 variant, as `from_pretrained(..., variant="fp16")` downloads SDXL.
+    let snapshot = fake_hub_repo(cache.path(), "acme/tiny-sdxl", &fixture("tiny-sdxl"), &|files| {
+        for (part, stem) in [
+            ("unet", "diffusion_pytorch_model"),
+            ("vae", "diffusion_pytorch_model"),
+            ("text_encoder", "model"),
+            ("text_encoder_2", "model"),
+        ] {
+            let src = files.remove(&format!("{part}/{stem}.safetensors")).unwrap();
+            let file = TensorFile::open(&src).unwrap();
+            let tensors: Vec<(String, tch::Tensor)> =
+                file.names().into_iter().map(|n| (n.clone(), file.tensor(&n).unwrap().to_kind(Kind::Half))).collect();
+            let dst = scratch_path.join(format!("{part}.fp16.safetensors"));
+            write_tensors(&dst, &tensors, None).unwrap();
+            files.insert(format!("{part}/{stem}.fp16.safetensors"), dst);
+        }
+    });
+    let folder = load_folder("tiny-sdxl");
+    let opts = LoadOptions { variant: Some("fp16".into()), prediction_type: None, vae: None };
+    let ours = StableDiffusion::load(snapshot.to_str().unwrap(), Placement::cpu_f32(), &opts)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_same_weights("UNet", &ours.unet.vs, &folder.unet.vs, Some(Kind::Half));
+    assert_same_weights("VAE", &ours.vae.vs, &folder.vae.vs, Some(Kind::Half));
+    assert_eq!(ours.text.encoders.len(), 2, "SDXL has two text encoders");
+    for (i, (a, b)) in ours.text.encoders.iter().zip(&folder.text.encoders).enumerate() {
+        assert_same_weights(&format!("text encoder {}", i + 1), &a.model.vs, &b.model.vs, Some(Kind::Half));
+        assert_eq!(a.tokenizer().unwrap().pad_id(), b.tokenizer().unwrap().pad_id(), "tokenizer {}", i + 1);
+    }
+    // The id resolves to that snapshot: the same image as the snapshot folder itself.
+    let out = tempfile::tempdir().unwrap();
+    let fp16 = ["--variant", "fp16"];
+    let by_id = sample(&mut sdtune(cache.path()), "acme/tiny-sdxl", &out.path().join("id.png"), &fp16);
+    let by_dir = sample(&mut sdtune(cache.path()), snapshot.to_str().unwrap(), &out.path().join("dir.png"), &fp16);
+    assert!(by_id == by_dir, "the hub id's image differs from its snapshot folder's");
+    let info = stdout_ok(&run(sdtune(cache.path()).args(["info", "acme/tiny-sdxl"])));
+    assert!(info.contains("Stable Diffusion XL") && info.contains("text encoder 2"), "{info}");
 }

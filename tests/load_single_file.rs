@@ -180,6 +180,7 @@ fn configs_read_from_the_tensors_match_the_folders() {
         let hints = match family(name) {
             sdtune::loaders::single_file::Family::Sd1 => HeadHints::default(),
             sdtune::loaders::single_file::Family::Sd2 => HeadHints { num_heads: None, num_head_channels: Some(8) },
+            sdtune::loaders::single_file::Family::Sdxl => unreachable!("SDXL files are tested in sdxl_single_file.rs"),
         };
         let unet = infer_unet_config(&shapes, layout.family, hints).unwrap();
         assert_eq!(unet.block_out_channels, want_unet.block_out_channels);
@@ -335,18 +336,19 @@ fn broken_checkpoints_fail_in_one_sentence_naming_the_file() {
             "has no tensor model.diffusion_model.input_blocks.1.1.proj_out.weight",
         ),
         (
-            "xl",
+            // SDXL base files load (tests/sdxl_single_file.rs); the refiner's one OpenCLIP encoder does not.
+            "xl-refiner",
             vec![
                 (
                     "model.diffusion_model.input_blocks.0.0.weight".into(),
                     Tensor::zeros([4, 4, 3, 3], (Kind::Float, Device::Cpu)),
                 ),
                 (
-                    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight".into(),
+                    "conditioner.embedders.0.model.ln_final.weight".into(),
                     Tensor::zeros([4], (Kind::Float, Device::Cpu)),
                 ),
             ],
-            "Stable Diffusion XL",
+            "Stable Diffusion XL refiner",
         ),
     ];
     for (stem, tensors, expected) in cases {

@@ -69,10 +69,18 @@ fn checkpoint(path: &Path, file: &TensorFile, prediction: Option<Prediction>) ->
     let layout = detect(path, &shapes)?;
     let c = census(file, &layout);
     row("path", path.display());
-    row("format", "single-file checkpoint, original LDM layout (safetensors)");
+    row(
+        "format",
+        if layout.family == Family::Sdxl {
+            "single-file checkpoint, SGM layout (safetensors)"
+        } else {
+            "single-file checkpoint, original LDM layout (safetensors)"
+        },
+    );
     let text = match layout.family {
         Family::Sd1 => "OpenAI CLIP text encoder",
         Family::Sd2 => "OpenCLIP text encoder (penultimate layer)",
+        Family::Sdxl => "CLIP ViT-L and OpenCLIP bigG text encoders (SGM layout)",
     };
     row(
         "architecture",
@@ -110,11 +118,17 @@ fn checkpoint(path: &Path, file: &TensorFile, prediction: Option<Prediction>) ->
                 PredictionSource::Guess if layout.family == Family::Sd2 => {
                     "guessed: SD2 768 models are v-prediction, SD2 base models epsilon; pass --prediction-type to be sure".into()
                 }
+                PredictionSource::Guess if layout.family == Family::Sdxl => {
+                    "SDXL base models predict epsilon; pass --prediction-type v for a v-prediction finetune".into()
+                }
                 PredictionSource::Guess => "SD1 models predict epsilon".into(),
             };
             row("prediction", format!("{} ({source})", plan.scheduler.prediction_type));
             unet_rows(&plan.unet, &plan.vae);
             text_rows("text encoder", &plan.text, "");
+            if let Some(second) = &plan.text_2 {
+                text_rows("text encoder 2", second, "");
+            }
             let beside = single_file::Beside::find(path)?;
             let mut configs = Vec::new();
             if let Some(f) = &beside.folder {

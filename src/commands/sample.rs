@@ -56,6 +56,11 @@ pub struct SampleArgs {
     /// Weight variant of a diffusers folder or Hub id, e.g. fp16 (*.fp16.safetensors).
     #[arg(long, value_name = "NAME")]
     pub variant: Option<String>,
+    /// Another VAE instead of the model's: a diffusers vae/ folder, or one VAE
+    /// .safetensors file in diffusers' or LDM names (e.g. the fp16-fix SDXL VAE).
+    /// It changes the model hash the images record.
+    #[arg(long, value_name = "DIR|FILE")]
+    pub vae: Option<PathBuf>,
     /// What the UNet predicts: epsilon or v [default: the model's config; for a
     /// single file without one, epsilon for SD1 and v for SD2, with a warning].
     #[arg(long, value_name = "epsilon|v")]
@@ -238,6 +243,7 @@ fn plan(args: &SampleArgs) -> Result<Plan> {
     let options = LoadOptions {
         variant: args.variant.clone(),
         prediction_type: args.prediction_type.as_deref().map(parse_prediction).transpose()?,
+        vae: args.vae.clone(),
     };
     let mut plan = Plan {
         model: args.model.as_ref().map(|m| m.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -328,6 +334,7 @@ fn empty_job() -> Job {
             model: String::new(),
             model_hash: String::new(),
             variant: None,
+            vae: None,
             prediction_type: None,
             loras: Vec::new(),
             fuse: false,
@@ -499,6 +506,7 @@ fn plan_again(args: &SampleArgs, from: &Path, plan: &mut Plan) -> Result<()> {
             plan.precision = Precision::parse(&s.precision)?;
             plan.fuse = s.fuse;
             plan.options.variant = plan.options.variant.take().or(s.variant.clone());
+            plan.options.vae = plan.options.vae.take().or(s.vae.as_ref().map(PathBuf::from));
             if plan.options.prediction_type.is_none() {
                 plan.options.prediction_type = s.prediction_type.as_deref().map(parse_prediction).transpose()?;
             }
@@ -566,6 +574,10 @@ fn load_and_hash(plan: &Plan, placement: Placement) -> Result<(StableDiffusion, 
         (None, Some(source)) => settings::model_hash(source, variant)?,
         (None, None) => String::new(),
     };
+    let hash = match &plan.options.vae {
+        Some(vae) => settings::with_vae(&hash, vae)?,
+        None => hash,
+    };
     Ok((model, hash))
 }
 
@@ -575,6 +587,7 @@ fn shared_settings(plan: &Plan, model_hash: String, loras: &[LoadedLora], device
     s.model = settings::recorded_model(&plan.model);
     s.model_hash = model_hash;
     s.variant = plan.options.variant.clone();
+    s.vae = plan.options.vae.as_ref().map(|v| settings::recorded_model(&v.to_string_lossy()));
     s.prediction_type = plan.options.prediction_type.map(|p| p.as_config_str().to_string());
     s.loras = loras.iter().map(|l| l.usage(l.scale)).collect();
     s.fuse = plan.fuse;

@@ -460,6 +460,7 @@ fn grid_settings(
         model: crate::sample::settings::recorded_model(&model_path.to_string_lossy()),
         model_hash,
         variant: None,
+        vae: None,
         prediction_type: None,
         loras: Vec::new(),
         fuse: false,

@@ -3,7 +3,8 @@
 //! by SD1's OpenAI CLIP and SD2's OpenCLIP tokenizers). A single file with
 //! no tokenizer beside it and none in the Hugging Face cache (offline, or
 //! the download failed) is tokenized with them, padded as its family's
-//! tokenizer pads: SD1 with EOS, SD2 with `!` (id 0).
+//! tokenizer pads: SD1 with EOS, SD2 with `!` (id 0); SDXL's two tokenizers
+//! pad as SD1's and SD2's do.
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -18,7 +19,7 @@ const SHOWN: &str = "sdtune's bundled CLIP tokenizer";
 /// The pad token of the family's own tokenizer.
 pub fn pad_token(family: Family) -> &'static str {
     match family {
-        Family::Sd1 => "<|endoftext|>",
+        Family::Sd1 | Family::Sdxl => "<|endoftext|>",
         Family::Sd2 => "!",
     }
 }
@@ -42,6 +43,7 @@ pub fn notice(checkpoint: &Path, family: Family, why: &str) -> String {
         match family {
             Family::Sd1 => "SD1",
             Family::Sd2 => "SD2",
+            Family::Sdxl => "SDXL",
         }
     )
 }

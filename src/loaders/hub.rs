@@ -143,8 +143,9 @@ pub fn not_cached_sentence(id: &HubId, cache: &Path, why: &str) -> String {
 }
 
 /// Files of a diffusers pipeline repository worth downloading: configs,
-/// tokenizer, and for each component the weights of `variant` if it has
-/// them, else the default ones (never pickles, never other frameworks').
+/// tokenizers (SDXL's `tokenizer_2/` too), and for each component (SDXL's
+/// `text_encoder_2/` too) the weights of `variant` if it has them, else the
+/// default ones (never pickles, never other frameworks').
 pub fn select_files(files: &[String], variant: Option<&str>) -> Vec<String> {
     let mut picked: Vec<String> = files
         .iter()
@@ -152,13 +153,17 @@ pub fn select_files(files: &[String], variant: Option<&str>) -> Vec<String> {
             f.as_str() == "model_index.json"
                 || f.ends_with("/config.json")
                 || f.ends_with("scheduler_config.json")
-                || (f.starts_with("tokenizer/") && (f.ends_with(".json") || f.ends_with(".txt")))
+                || ((f.starts_with("tokenizer/") || f.starts_with("tokenizer_2/"))
+                    && (f.ends_with(".json") || f.ends_with(".txt")))
         })
         .cloned()
         .collect();
-    for (component, stem) in
-        [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]
-    {
+    for (component, stem) in [
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+        ("text_encoder_2", "model"),
+    ] {
         // (single file, index names, shard base) in order of preference.
         let mut candidates: Vec<(String, Vec<String>, String)> = Vec::new();
         if let Some(v) = variant {
@@ -254,6 +259,12 @@ pub fn tokenizer_repos(sd2: bool) -> &'static [(&'static str, &'static str)] {
         ]
     }
 }
+
+/// Where SDXL's first tokenizer (CLIP ViT-L's, padded with EOS) is cached.
+pub const SDXL_TOKENIZER_REPOS: &[(&str, &str)] =
+    &[("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"), ("openai/clip-vit-large-patch14", "")];
+/// Where SDXL's second tokenizer (bigG's, padded with "!") is cached.
+pub const SDXL_TOKENIZER_2_REPOS: &[(&str, &str)] = &[("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2")];
 
 /// A cached tokenizer folder (`vocab.json` + `merges.txt`, or `tokenizer.json`)
 /// of the first of `repos` the cache has; downloads the first one when none
@@ -352,5 +363,38 @@ mod tests {
         assert!(picked.contains(&"vae/diffusion_pytorch_model.safetensors".to_string()));
         assert!(picked.contains(&"text_encoder/model-00002-of-00002.safetensors".to_string()));
         assert!(!picked.iter().any(|f| f.ends_with(".bin")));
+    }
+
+    #[test]
+    fn selects_sdxl_parts_and_their_fp16_variant() {
+        // The layout of stabilityai/stable-diffusion-xl-base-1.0 (weights only as safetensors here).
+        let mut files: Vec<String> = vec!["model_index.json".into(), "scheduler/scheduler_config.json".into()];
+        for part in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+            let stem = if part.starts_with("text") { "model" } else { "diffusion_pytorch_model" };
+            files.push(format!("{part}/config.json"));
+            files.push(format!("{part}/{stem}.safetensors"));
+            files.push(format!("{part}/{stem}.fp16.safetensors"));
+        }
+        files.extend(["vae_1_0/config.json".to_string(), "vae_decoder/model.onnx".into(), "sd_xl_base_1.0.safetensors".into()]);
+        for tok in ["tokenizer", "tokenizer_2"] {
+            for f in ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"] {
+                files.push(format!("{tok}/{f}"));
+            }
+        }
+        let picked = select_files(&files, Some("fp16"));
+        for want in [
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.fp16.safetensors",
+            "tokenizer_2/vocab.json",
+            "tokenizer_2/merges.txt",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+        ] {
+            assert!(picked.contains(&want.to_string()), "{want} not in {picked:?}");
+        }
+        assert!(!picked.contains(&"text_encoder_2/model.safetensors".to_string()));
+        assert!(!picked.iter().any(|f| f.ends_with(".onnx") || f == "sd_xl_base_1.0.safetensors"));
+        let default = select_files(&files, None);
+        assert!(default.contains(&"text_encoder_2/model.safetensors".to_string()));
+        assert!(!default.iter().any(|f| f.contains(".fp16.")));
     }
 }

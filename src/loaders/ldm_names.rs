@@ -13,6 +13,12 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 /// OpenCLIP ViT-H/14 (SD2), open_clip's own names.
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL (SGM layout): OpenAI CLIP ViT-L/14 in transformers' names.
+pub const SGM_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// SDXL (SGM layout): OpenCLIP ViT-bigG/14 in open_clip's names.
+pub const SGM_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
+/// The SDXL refiner's only text encoder (OpenCLIP bigG in the first slot).
+pub const SGM_REFINER_PREFIX: &str = "conditioner.embedders.0.model.";
 /// EMA copies of the UNet in full (non-pruned) files: `model_ema.diffusion_modelinput_blocks00weight`.
 pub const EMA_PREFIX: &str = "model_ema.";
 
@@ -64,6 +70,9 @@ pub fn unet_ldm_name(name: &str, layout: &UnetLayout) -> Option<String> {
     for (new, old) in [
         ("time_embedding.linear_1", "time_embed.0"),
         ("time_embedding.linear_2", "time_embed.2"),
+        // SDXL's text/time embedding MLP.
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
         ("conv_in", "input_blocks.0.0"),
         ("conv_norm_out", "out.0"),
         ("conv_out", "out.2"),
@@ -175,18 +184,20 @@ pub fn vae_ldm_name(name: &str, blocks: usize) -> Option<String> {
 
 // ----------------------------------------------------------- text encoder
 
-/// Where a diffusers weight comes from: a whole tensor, or `rows` of one
-/// (OpenCLIP's fused `in_proj_weight` holds q, k and v).
+/// Where a diffusers weight comes from: a whole tensor, `rows` of one
+/// (OpenCLIP's fused `in_proj_weight` holds q, k and v), or one transposed
+/// (OpenCLIP's `text_projection` is `x @ P`, transformers' a linear layer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Source {
     pub name: String,
     /// (start, length) along the first dimension.
     pub rows: Option<(i64, i64)>,
+    pub transposed: bool,
 }
 
 impl Source {
     pub fn whole(name: String) -> Self {
-        Source { name, rows: None }
+        Source { name, rows: None, transposed: false }
     }
 }
 
@@ -195,19 +206,23 @@ impl Source {
 pub enum ClipNames<'a> {
     /// OpenAI CLIP in transformers' names under this prefix (SD1).
     Transformers(&'a str),
-    /// open_clip's own names under `cond_stage_model.model.` (SD2).
-    OpenClip,
+    /// open_clip's own names under this prefix (SD2: `cond_stage_model.model.`,
+    /// SDXL's bigG: `conditioner.embedders.1.model.`).
+    OpenClip(&'a str),
 }
 
 /// The file tensor of text-encoder weight `name` (transformers naming,
 /// `text_model.encoder.layers.3.self_attn.q_proj.weight`); `hidden` is the
 /// model width (the split size of OpenCLIP's fused q/k/v).
 pub fn clip_source(name: &str, names: ClipNames, hidden: i64) -> Option<Source> {
-    let rest = name.strip_prefix("text_model.")?;
-    if let ClipNames::Transformers(prefix) = names {
-        return Some(Source::whole(format!("{prefix}{rest}")));
+    if let (ClipNames::OpenClip(p), "text_projection.weight") = (names, name) {
+        return Some(Source { name: format!("{p}text_projection"), rows: None, transposed: true });
     }
-    let p = OPEN_CLIP_PREFIX;
+    let rest = name.strip_prefix("text_model.")?;
+    let p = match names {
+        ClipNames::Transformers(prefix) => return Some(Source::whole(format!("{prefix}{rest}"))),
+        ClipNames::OpenClip(prefix) => prefix,
+    };
     let fixed = match rest {
         "embeddings.token_embedding.weight" => Some("token_embedding.weight".to_string()),
         "embeddings.position_embedding.weight" => Some("positional_embedding".to_string()),
@@ -229,7 +244,11 @@ pub fn clip_source(name: &str, names: ClipNames, hidden: i64) -> Option<Source> 
         _ => None,
     };
     if let Some(j) = qkv {
-        return Some(Source { name: format!("{block}attn.in_proj_{param}"), rows: Some((j * hidden, hidden)) });
+        return Some(Source {
+            name: format!("{block}attn.in_proj_{param}"),
+            rows: Some((j * hidden, hidden)),
+            transposed: false,
+        });
     }
     let ldm = match module {
         "layer_norm1" => "ln_1",
@@ -270,10 +289,32 @@ mod tests {
             ("up_blocks.1.upsamplers.0.conv.weight", "output_blocks.5.2.conv.weight"),
             ("up_blocks.3.attentions.2.proj_out.bias", "output_blocks.11.1.proj_out.bias"),
             ("conv_norm_out.weight", "out.0.weight"),
+            ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
         ];
         for (diffusers, ldm) in cases {
             assert_eq!(unet_ldm_name(diffusers, &l).as_deref(), Some(ldm), "{diffusers}");
         }
+    }
+
+    #[test]
+    fn sdxl_unet_names_follow_the_config() {
+        // SDXL base's shape: no attention in the first level, so up block 2 has none either.
+        let l = UnetLayout { layers_per_block: 2, up_attention: vec![true, true, false] };
+        let cases = [
+            ("down_blocks.0.resnets.1.conv1.weight", "input_blocks.2.0.in_layers.2.weight"),
+            ("down_blocks.1.attentions.1.proj_in.weight", "input_blocks.5.1.proj_in.weight"),
+            ("down_blocks.1.downsamplers.0.conv.weight", "input_blocks.6.0.op.weight"),
+            ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.2.conv.weight"),
+            ("up_blocks.1.attentions.2.norm.weight", "output_blocks.5.1.norm.weight"),
+            ("up_blocks.2.resnets.2.conv2.bias", "output_blocks.8.0.out_layers.3.bias"),
+            ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+        ];
+        for (diffusers, ldm) in cases {
+            assert_eq!(unet_ldm_name(diffusers, &l).as_deref(), Some(ldm), "{diffusers}");
+        }
+        // With one resnet per level the indices move with it.
+        let l = UnetLayout { layers_per_block: 1, up_attention: vec![true, true, false] };
+        assert_eq!(unet_ldm_name("down_blocks.2.attentions.0.proj_out.bias", &l).as_deref(), Some("input_blocks.5.1.proj_out.bias"));
     }
 
     #[test]
@@ -296,7 +337,7 @@ mod tests {
 
     #[test]
     fn open_clip_splits_fused_qkv() {
-        let l = ClipNames::OpenClip;
+        let l = ClipNames::OpenClip(OPEN_CLIP_PREFIX);
         let s = clip_source("text_model.encoder.layers.5.self_attn.k_proj.weight", l, 1024).unwrap();
         assert_eq!(s.name, "cond_stage_model.model.transformer.resblocks.5.attn.in_proj_weight");
         assert_eq!(s.rows, Some((1024, 1024)));
@@ -304,5 +345,7 @@ mod tests {
         assert_eq!(s.name, "cond_stage_model.model.transformer.resblocks.0.mlp.c_proj.bias");
         let s = clip_source("text_model.embeddings.position_embedding.weight", l, 1024).unwrap();
         assert_eq!(s.name, "cond_stage_model.model.positional_embedding");
+        let s = clip_source("text_projection.weight", ClipNames::OpenClip(SGM_OPEN_CLIP_PREFIX), 1280).unwrap();
+        assert_eq!((s.name.as_str(), s.transposed), ("conditioner.embedders.1.model.text_projection", true));
     }
 }

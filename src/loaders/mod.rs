@@ -12,4 +12,5 @@ pub mod model_files;
 pub mod single_file;
 pub mod source;
 pub mod tensor_file;
+pub mod vae_file;
 pub mod weights;

@@ -14,6 +14,7 @@ use super::folder::{check_is_diffusers_folder, load_text_encoder, load_vae};
 use super::single_file::{self, Beside, Family, Plan};
 use super::source::{check_checkpoint, parse, LoadOptions, ModelSource};
 use super::tensor_file::TensorFile;
+use super::vae_file::VaeSwap;
 use super::weights::{build_and_load, component_weights};
 use super::hub;
 use crate::models::built::Built;
@@ -66,6 +67,8 @@ pub struct ModelFiles {
     /// SDXL's `tokenizer_2`.
     tokenizer_2: Option<TokenizerFiles>,
     weights: Weights,
+    /// A VAE given with `--vae`, used instead of the model's.
+    vae_swap: Option<VaeSwap>,
 }
 
 impl ModelFiles {
@@ -76,12 +79,25 @@ impl ModelFiles {
         let mut files = match parse(model)? {
             ModelSource::Folder(dir) => Self::folder(&dir, variant)?,
             ModelSource::Hub(id) => Self::folder(&super::hub::resolve_model(&id, variant)?, variant)?,
-            ModelSource::SingleFile(path) => return Self::single_file(&path, opts.prediction_type),
+            ModelSource::SingleFile(path) => Self::single_file(&path, opts.prediction_type)?,
         };
         if let Some(p) = opts.prediction_type {
             files.scheduler.prediction_type = p.as_config_str().to_string();
         }
+        if let Some(vae) = &opts.vae {
+            files.swap_vae(vae)?;
+        }
         Ok(files)
+    }
+
+    /// Uses the VAE at `path` (a diffusers vae/ folder or a VAE file) instead
+    /// of the model's own; the latents' identity becomes its files.
+    pub fn swap_vae(&mut self, path: &Path) -> Result<()> {
+        let swap = VaeSwap::open(path, &self.vae_config)?;
+        self.vae_config = swap.config.clone();
+        self.vae_files = swap.files.clone();
+        self.vae_swap = Some(swap);
+        Ok(())
     }
 
     /// A diffusers pipeline folder (`model_index.json` + components).
@@ -140,6 +156,7 @@ impl ModelFiles {
                 text: text_weights,
                 text_2: text_weights_2,
             },
+            vae_swap: None,
         })
     }
 
@@ -149,27 +166,16 @@ impl ModelFiles {
     pub fn single_file(path: &Path, prediction: Option<Prediction>) -> Result<Self> {
         check_checkpoint(path)?;
         let plan = Plan::new(path, &TensorFile::open(path)?, prediction)?;
-        let tokenizer = match plan.find_tokenizer() {
-            Ok(dir) => TokenizerFiles::Folder(dir),
-            // No tokenizer anywhere the file's own would be: the binary's
-            // copy of CLIP's files gives the same ids, so say so and go on.
-            Err(_) => {
-                let family = plan.layout.family;
-                let cache = hub::cache_dir();
-                let why = if hub::offline() {
-                    format!("none is in the Hugging Face cache ({}) with HF_HUB_OFFLINE set", cache.display())
-                } else {
-                    format!("none is in the Hugging Face cache ({}) and downloading one failed", cache.display())
-                };
-                eprintln!("{}", bundled_tokenizer::notice(path, family, &why));
-                TokenizerFiles::Bundled(family)
+        let sdxl = plan.layout.family == Family::Sdxl;
+        let tokenizer = single_file_tokenizer(&plan, false);
+        let tokenizer_2 = sdxl.then(|| single_file_tokenizer(&plan, true));
+        let mut tokenizer_files = Vec::new();
+        for t in std::iter::once(&tokenizer).chain(tokenizer_2.as_ref()) {
+            // A bundled tokenizer's identity is the binary's; the checkpoint says which padding.
+            if let TokenizerFiles::Folder(dir) = t {
+                tokenizer_files.extend(files_in(dir)?);
             }
-        };
-        let tokenizer_files = match &tokenizer {
-            TokenizerFiles::Folder(dir) => files_in(dir)?,
-            // Its identity is the binary's; the checkpoint says which padding.
-            TokenizerFiles::Bundled(_) => Vec::new(),
-        };
+        }
         let beside = Beside::find(path)?;
         let yaml = beside.yaml.as_ref().map(|y| y.path.clone());
         let vae_files =
@@ -177,6 +183,7 @@ impl ModelFiles {
         let text_files = tokenizer_files
             .into_iter()
             .chain(beside.file("text_encoder/config.json"))
+            .chain(beside.file("text_encoder_2/config.json"))
             .chain(std::iter::once(path.to_path_buf()))
             .collect();
         Ok(ModelFiles {
@@ -184,15 +191,17 @@ impl ModelFiles {
             unet_config: plan.unet.clone(),
             vae_config: plan.vae.clone(),
             text_config: plan.text.clone(),
-            text_config_2: None,
-            zeros_for_no_negative: false,
+            text_config_2: plan.text_2.clone(),
+            // SDXL base's force_zeros_for_empty_prompt (a single file has no model_index.json).
+            zeros_for_no_negative: sdxl,
             scheduler: plan.scheduler.clone(),
             vae_files,
             text_files,
             warnings: plan.warnings.clone(),
             tokenizer,
-            tokenizer_2: None,
+            tokenizer_2,
             weights: Weights::SingleFile(Box::new(plan)),
+            vae_swap: None,
         })
     }
 
@@ -211,6 +220,9 @@ impl ModelFiles {
     }
 
     pub fn load_vae(&self, device: Device, kind: Kind) -> Result<Built<AutoencoderKL>> {
+        if let Some(swap) = &self.vae_swap {
+            return swap.load(device, kind);
+        }
         match &self.weights {
             Weights::Folder { vae, .. } => load_vae(vae, device, kind, &self.vae_config),
             Weights::SingleFile(plan) => single_file::load_vae(&TensorFile::open(&plan.path)?, plan, device, kind),
@@ -226,11 +238,15 @@ impl ModelFiles {
             }
         };
         let first = TextEncoder { tokenizer: Some(self.tokenizer()?), model, config: self.text_config.clone() };
-        let (Some(config_2), Some(tokenizer_2), Weights::Folder { text_2, .. }) = (&self.text_config_2, &self.tokenizer_2, &self.weights)
-        else {
+        let (Some(config_2), Some(tokenizer_2)) = (&self.text_config_2, &self.tokenizer_2) else {
             return TextStack::new(vec![first]);
         };
-        let model = load_text_encoder(text_2, device, kind, config_2)?;
+        let model = match &self.weights {
+            Weights::Folder { text_2, .. } => load_text_encoder(text_2, device, kind, config_2)?,
+            Weights::SingleFile(plan) => {
+                single_file::load_text_encoder_2(&TensorFile::open(&plan.path)?, plan, device, kind)?
+            }
+        };
         let second = TextEncoder { tokenizer: Some(tokenizer_2.load()?), model, config: config_2.clone() };
         TextStack::sdxl(vec![first, second], self.zeros_for_no_negative)
     }
@@ -302,6 +318,29 @@ impl TokenizerFiles {
             TokenizerFiles::Bundled(family) => bundled_tokenizer::tokenizer(*family),
         }
     }
+}
+
+/// Where a single file's tokenizer (`second`: SDXL's `tokenizer_2`) comes
+/// from: beside it, else the Hugging Face cache, else the binary's copy of
+/// CLIP's files, which give the same ids (said on stderr).
+fn single_file_tokenizer(plan: &Plan, second: bool) -> TokenizerFiles {
+    if let Ok(dir) = plan.find_tokenizer(second) {
+        return TokenizerFiles::Folder(dir);
+    }
+    // SDXL's first tokenizer pads as SD1's (EOS), its second as SD2's ("!").
+    let pads_as = match (plan.layout.family, second) {
+        (Family::Sdxl, false) => Family::Sd1,
+        (Family::Sdxl, true) => Family::Sd2,
+        (family, _) => family,
+    };
+    let cache = hub::cache_dir();
+    let why = if hub::offline() {
+        format!("none is in the Hugging Face cache ({}) with HF_HUB_OFFLINE set", cache.display())
+    } else {
+        format!("none is in the Hugging Face cache ({}) and downloading one failed", cache.display())
+    };
+    eprintln!("{}", bundled_tokenizer::notice(&plan.path, pads_as, &why));
+    TokenizerFiles::Bundled(pads_as)
 }
 
 /// The files directly in `dir`, sorted.

@@ -33,6 +33,8 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// What the UNet predicts; overrides every config and guess.
     pub prediction_type: Option<Prediction>,
+    /// Another VAE to use instead of the model's (`--vae`).
+    pub vae: Option<PathBuf>,
 }
 
 /// `epsilon` / `eps` or `v` / `v_prediction`, as `--prediction-type` takes it.

@@ -49,6 +49,9 @@ pub struct Settings {
     /// Weight variant of a diffusers folder (`fp16`), when one was chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
+    /// `--vae`, when another VAE replaced the model's (an absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
     /// `--prediction-type`, when it overrode the model's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prediction_type: Option<String>,
@@ -231,6 +234,9 @@ impl ImageRecipe {
             ("Model hash", s.model_hash.clone()),
             ("Model", model_name(&s.model)),
         ];
+        if let Some(vae) = &s.vae {
+            fields.push(("VAE", model_name(vae)));
+        }
         // A1111 counts the last layer as clip skip 1 and writes it only above 1.
         if s.clip_skip > 0 {
             fields.push(("Clip skip", (s.clip_skip + 1).to_string()));
@@ -430,6 +436,22 @@ pub fn model_hash(model: &Path, variant: Option<&str>) -> Result<String> {
     Ok(full[..10].to_string())
 }
 
+/// The model hash of a model rendered with another VAE (`--vae`): the model's
+/// hash and the VAE's weight files hashed together, so images made with and
+/// without it do not claim the same model.
+pub fn with_vae(model_hash: &str, vae: &Path) -> Result<String> {
+    let files = if vae.is_file() {
+        vec![vae.to_path_buf()]
+    } else {
+        crate::loaders::weights::component_weights(vae, "diffusion_pytorch_model", None)?
+    };
+    let mut all = model_hash.to_string();
+    for f in &files {
+        all.push_str(&file_sha256(f)?);
+    }
+    Ok(crate::data::decode::hex(&Sha256::digest(all.as_bytes()))[..10].to_string())
+}
+
 fn file_sha256(path: &Path) -> Result<String> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     sha256_of(file).with_context(|| format!("cannot read {}", path.display()))
@@ -466,6 +488,7 @@ mod tests {
                 clip_skip: 1,
                 model: "/models/sd15".into(),
                 model_hash: "0123456789".into(),
+                vae: None,
                 variant: None,
                 prediction_type: Some("v".into()),
                 loras: vec![LoraUse { name: "acme".into(), path: "/l/acme.safetensors".into(), scale: 0.8, hash: "abcdefabcdef".into() }],

@@ -17,7 +17,9 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 pub fn family(name: &str) -> Family {
-    if name.contains("sd2") {
+    if name.contains("sdxl") {
+        Family::Sdxl
+    } else if name.contains("sd2") {
         Family::Sd2
     } else {
         Family::Sd1
@@ -58,7 +60,7 @@ pub fn write_single_file(dir: &Path, name: &str, stem: &str, kind: Option<Kind>)
 
 /// A diffusers config folder `dir/<stem>/` beside `<stem>.safetensors`,
 /// with `parts` of the fixture folder `name` (`unet`, `vae`,
-/// `text_encoder`, `scheduler`: config files only; `tokenizer`: all files).
+/// `text_encoder`, `scheduler`: config files only; `tokenizer`, `tokenizer_2`: all files).
 pub fn write_beside(dir: &Path, stem: &str, name: &str, parts: &[&str]) -> PathBuf {
     let target = dir.join(stem);
     for part in parts {
@@ -67,7 +69,7 @@ pub fn write_beside(dir: &Path, stem: &str, name: &str, parts: &[&str]) -> PathB
         std::fs::create_dir_all(&to).unwrap();
         for entry in std::fs::read_dir(&from).unwrap().flatten() {
             let file_name = entry.file_name().to_string_lossy().to_string();
-            if *part == "tokenizer" || file_name.ends_with(".json") && !file_name.ends_with(".index.json") {
+            if part.starts_with("tokenizer") || file_name.ends_with(".json") && !file_name.ends_with(".index.json") {
                 std::fs::copy(entry.path(), to.join(&file_name)).unwrap();
             }
         }

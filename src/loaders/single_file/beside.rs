@@ -112,7 +112,8 @@ pub fn choose_prediction(
         }
     }
     Ok(match family {
-        Family::Sd1 => (Prediction::Epsilon, PredictionSource::Guess, None),
+        // SDXL base predicts epsilon; v-prediction finetunes say so in metadata or need the flag.
+        Family::Sd1 | Family::Sdxl => (Prediction::Epsilon, PredictionSource::Guess, None),
         Family::Sd2 => (
             Prediction::V,
             PredictionSource::Guess,

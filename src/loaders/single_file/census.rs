@@ -28,7 +28,7 @@ pub fn census(file: &TensorFile, layout: &Layout) -> Census {
             c.unet += n;
         } else if name.starts_with(VAE_PREFIX) {
             c.vae += n;
-        } else if name.starts_with("cond_stage_model.") {
+        } else if name.starts_with("cond_stage_model.") || name.starts_with("conditioner.") {
             if !ignored_text_tensor(&name, layout, &shapes) {
                 c.text_encoder += n;
             }

@@ -7,7 +7,10 @@ use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
 use super::detect::Family;
-use crate::loaders::ldm_names::{unet_ldm_name, vae_ldm_name, UnetLayout, CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::loaders::ldm_names::{
+    unet_ldm_name, vae_ldm_name, UnetLayout, CLIP_PREFIX, OPEN_CLIP_PREFIX, SGM_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX,
+    UNET_PREFIX, VAE_PREFIX,
+};
 use crate::models::config::SchedulerConfig;
 use crate::models::stable_diffusion::StableDiffusion;
 
@@ -15,7 +18,11 @@ use crate::models::stable_diffusion::StableDiffusion;
 /// `from_single_file` read): UNet, VAE (mid attention as 1x1 convs), text
 /// encoder (SD2: OpenCLIP names, fused q/k/v, plus the unused last layer as
 /// a copy of the last one and an identity `text_projection`), and the
-/// schedule buffers LDM files carry. For benchmarks and fixtures.
+/// schedule buffers LDM files carry. SDXL is written in the SGM layout of
+/// diffusers' `convert_diffusers_to_original_sdxl.py`: CLIP ViT-L under
+/// `conditioner.embedders.0.transformer.`, bigG in open_clip names (every
+/// layer, `text_projection` transposed), no schedule buffers. For benchmarks
+/// and fixtures.
 pub fn to_ldm(model: &StableDiffusion, family: Family) -> Result<Vec<(String, Tensor)>> {
     let mut out: Vec<(String, Tensor)> = Vec::new();
     let layout = UnetLayout::of(&model.unet_config)?;
@@ -45,44 +52,72 @@ pub fn to_ldm(model: &StableDiffusion, family: Family) -> Result<Vec<(String, Te
             out.push((format!("{CLIP_PREFIX}text_model.embeddings.position_ids"), ids));
         }
         Family::Sd2 => {
-            let get =
-                |n: &str| text.get(n).map(|t| t.shallow_clone()).with_context(|| format!("text encoder has no {n}"));
             let p = OPEN_CLIP_PREFIX;
-            out.push((format!("{p}token_embedding.weight"), get("text_model.embeddings.token_embedding.weight")?));
-            out.push((format!("{p}positional_embedding"), get("text_model.embeddings.position_embedding.weight")?));
-            out.push((format!("{p}ln_final.weight"), get("text_model.final_layer_norm.weight")?));
-            out.push((format!("{p}ln_final.bias"), get("text_model.final_layer_norm.bias")?));
             let layers = cfg.num_hidden_layers as usize;
-            for i in 0..=layers {
-                let src = format!("text_model.encoder.layers.{}.", i.min(layers - 1));
-                let dst = format!("{p}transformer.resblocks.{i}.");
-                for (new, old) in [
-                    ("layer_norm1", "ln_1"),
-                    ("layer_norm2", "ln_2"),
-                    ("mlp.fc1", "mlp.c_fc"),
-                    ("mlp.fc2", "mlp.c_proj"),
-                    ("self_attn.out_proj", "attn.out_proj"),
-                ] {
-                    for param in ["weight", "bias"] {
-                        let t = get(&format!("{src}{new}.{param}"))?;
-                        // The stand-in last layer must own its data (no shared storage in a file).
-                        let t = if i == layers { t.copy() } else { t };
-                        out.push((format!("{dst}{old}.{param}"), t));
-                    }
-                }
-                for param in ["weight", "bias"] {
-                    let parts = ["q", "k", "v"]
-                        .iter()
-                        .map(|x| get(&format!("{src}self_attn.{x}_proj.{param}")))
-                        .collect::<Result<Vec<_>>>()?;
-                    out.push((format!("{dst}attn.in_proj_{param}"), Tensor::cat(&parts, 0)));
-                }
-            }
+            // SD2 files hold one more layer than SD2 reads: a copy of the last stands in.
+            out.extend(open_clip_tensors(&text, p, layers, layers + 1)?);
             let kind = text["text_model.final_layer_norm.weight"].kind();
             out.push((format!("{p}text_projection"), Tensor::eye(cfg.hidden_size, (kind, tch::Device::Cpu))));
         }
+        Family::Sdxl => {
+            for (name, t) in &text {
+                out.push((format!("{SGM_CLIP_PREFIX}{name}"), t.shallow_clone()));
+            }
+            let second = model.text.encoders.get(1).context("an SDXL model needs a second text encoder")?;
+            let text: BTreeMap<String, Tensor> = sorted(&second.model.vs).into_iter().collect();
+            let layers = second.config.num_hidden_layers as usize;
+            out.extend(open_clip_tensors(&text, SGM_OPEN_CLIP_PREFIX, layers, layers)?);
+            let projection =
+                text.get("text_projection.weight").context("the second text encoder has no text_projection")?;
+            out.push((format!("{SGM_OPEN_CLIP_PREFIX}text_projection"), projection.tr().contiguous()));
+            // SGM files carry no schedule buffers (diffusers' converter writes none).
+            return Ok(out);
+        }
     }
     out.extend(schedule_buffers(&model.scheduler));
+    Ok(out)
+}
+
+/// A transformers CLIP text encoder's tensors in open_clip's names under
+/// `p`: `count` resblocks, those past the model's `layers` copies of its last.
+fn open_clip_tensors(
+    text: &BTreeMap<String, Tensor>,
+    p: &str,
+    layers: usize,
+    count: usize,
+) -> Result<Vec<(String, Tensor)>> {
+    let get = |n: &str| text.get(n).map(|t| t.shallow_clone()).with_context(|| format!("text encoder has no {n}"));
+    let mut out = vec![
+        (format!("{p}token_embedding.weight"), get("text_model.embeddings.token_embedding.weight")?),
+        (format!("{p}positional_embedding"), get("text_model.embeddings.position_embedding.weight")?),
+        (format!("{p}ln_final.weight"), get("text_model.final_layer_norm.weight")?),
+        (format!("{p}ln_final.bias"), get("text_model.final_layer_norm.bias")?),
+    ];
+    for i in 0..count {
+        let src = format!("text_model.encoder.layers.{}.", i.min(layers - 1));
+        let dst = format!("{p}transformer.resblocks.{i}.");
+        for (new, old) in [
+            ("layer_norm1", "ln_1"),
+            ("layer_norm2", "ln_2"),
+            ("mlp.fc1", "mlp.c_fc"),
+            ("mlp.fc2", "mlp.c_proj"),
+            ("self_attn.out_proj", "attn.out_proj"),
+        ] {
+            for param in ["weight", "bias"] {
+                let t = get(&format!("{src}{new}.{param}"))?;
+                // A stand-in layer must own its data (no shared storage in a file).
+                let t = if i >= layers { t.copy() } else { t };
+                out.push((format!("{dst}{old}.{param}"), t));
+            }
+        }
+        for param in ["weight", "bias"] {
+            let parts = ["q", "k", "v"]
+                .iter()
+                .map(|x| get(&format!("{src}self_attn.{x}_proj.{param}")))
+                .collect::<Result<Vec<_>>>()?;
+            out.push((format!("{dst}attn.in_proj_{param}"), Tensor::cat(&parts, 0)));
+        }
+    }
     Ok(out)
 }
 

@@ -7,13 +7,17 @@ use anyhow::{bail, ensure, Context, Result};
 use tch::nn::VarStore;
 use tch::{Device, Kind};
 
-use super::detect::{ignored_text_tensor, Family, Shapes};
+use super::detect::{ignored_text_tensor, Shapes};
 use super::plan::Plan;
-use crate::loaders::ldm_names::{clip_source, unet_ldm_name, vae_ldm_name, Source, UnetLayout, CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::loaders::ldm_names::{
+    clip_source, unet_ldm_name, vae_ldm_name, ClipNames, Source, UnetLayout, SGM_OPEN_CLIP_PREFIX, UNET_PREFIX,
+    VAE_PREFIX,
+};
 use crate::loaders::tensor_file::TensorFile;
 use crate::loaders::weights::copy_into;
 use crate::models::built::{build, Built};
 use crate::models::clip::ClipTextModel;
+use crate::models::config::VaeConfig;
 use crate::models::layers::WeightInit;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
@@ -57,6 +61,12 @@ fn fill(
                     src.narrow(0, start, len)
                 }
                 None => src.shallow_clone(),
+            };
+            let src = if source.transposed {
+                ensure!(src.dim() == 2, "{shown}: tensor {} is not a matrix (the {what}'s {name})", source.name);
+                src.tr()
+            } else {
+                src
             };
             let (have, want) = (src.size(), var.size());
             let src = if have == want {
@@ -109,28 +119,59 @@ pub fn load_unet(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> 
 
 /// The VAE of a single file.
 pub fn load_vae(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> Result<Built<AutoencoderKL>> {
-    let blocks = plan.vae.block_out_channels.len();
-    let vae = build(device, kind, WeightInit::Zeros, |vb| AutoencoderKL::new(vb, &plan.vae))?;
+    load_ldm_vae(file, &plan.vae, VAE_PREFIX, device, kind)
+}
+
+/// A VAE in LDM names under `prefix` (`first_stage_model.` in a checkpoint,
+/// nothing in a VAE-only file such as A1111's `*.vae.safetensors`).
+pub fn load_ldm_vae(
+    file: &TensorFile,
+    cfg: &VaeConfig,
+    prefix: &str,
+    device: Device,
+    kind: Kind,
+) -> Result<Built<AutoencoderKL>> {
+    let blocks = cfg.block_out_channels.len();
+    let vae = build(device, kind, WeightInit::Zeros, |vb| AutoencoderKL::new(vb, cfg))?;
     fill(
         &vae.vs,
         file,
         "VAE",
-        VAE_PREFIX,
-        &|n| vae_ldm_name(n, blocks).map(|l| Source::whole(format!("{VAE_PREFIX}{l}"))),
+        prefix,
+        &|n| vae_ldm_name(n, blocks).map(|l| Source::whole(format!("{prefix}{l}"))),
         &|_| false,
     )?;
     Ok(vae)
 }
 
-/// The text encoder of a single file (OpenAI CLIP or OpenCLIP names).
+/// The (first) text encoder of a single file (OpenAI CLIP or OpenCLIP names).
 pub fn load_text_encoder(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> Result<Built<ClipTextModel>> {
     let layout = &plan.layout;
-    let hidden = plan.text.hidden_size;
+    fill_text(file, plan, &plan.text, "text encoder", layout.text_prefix(), layout.clip_names(), device, kind)
+}
+
+/// SDXL's second text encoder (OpenCLIP bigG under `conditioner.embedders.1.model.`).
+pub fn load_text_encoder_2(file: &TensorFile, plan: &Plan, device: Device, kind: Kind) -> Result<Built<ClipTextModel>> {
+    let cfg = plan.text_2.as_ref().context("this checkpoint has no second text encoder")?;
+    let names = ClipNames::OpenClip(SGM_OPEN_CLIP_PREFIX);
+    fill_text(file, plan, cfg, "second text encoder", SGM_OPEN_CLIP_PREFIX, names, device, kind)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fill_text(
+    file: &TensorFile,
+    plan: &Plan,
+    cfg: &crate::models::config::ClipTextConfig,
+    what: &str,
+    prefix: &str,
+    names: ClipNames,
+    device: Device,
+    kind: Kind,
+) -> Result<Built<ClipTextModel>> {
     let shapes = Shapes::of(file);
-    let text_encoder = build(device, kind, WeightInit::Zeros, |vb| ClipTextModel::new(vb, &plan.text))?;
-    let prefix = if layout.family == Family::Sd2 { OPEN_CLIP_PREFIX } else { CLIP_PREFIX };
-    fill(&text_encoder.vs, file, "text encoder", prefix, &|n| clip_source(n, layout.clip_names(), hidden), &|n| {
-        ignored_text_tensor(n, layout, &shapes)
+    let text_encoder = build(device, kind, WeightInit::Zeros, |vb| ClipTextModel::new(vb, cfg))?;
+    fill(&text_encoder.vs, file, what, prefix, &|n| clip_source(n, names, cfg.hidden_size), &|n| {
+        ignored_text_tensor(n, &plan.layout, &shapes)
     })?;
     Ok(text_encoder)
 }

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 
 use super::beside::{choose_prediction, Beside, PredictionSource};
 use super::detect::{detect, Family, Layout, Shapes};
-use super::infer::{check_norm_groups, infer_text_config, infer_unet_config, infer_vae_config};
+use super::infer::{check_norm_groups, infer_text_config, infer_text_config_2, infer_unet_config, infer_vae_config};
 use crate::loaders::hub;
 use crate::loaders::tensor_file::TensorFile;
 use crate::models::config::{ClipTextConfig, Prediction, SchedulerConfig, UNetConfig, VaeConfig};
@@ -19,11 +19,15 @@ pub struct Plan {
     pub unet: UNetConfig,
     pub vae: VaeConfig,
     pub text: ClipTextConfig,
+    /// SDXL's second text encoder (OpenCLIP bigG with projection).
+    pub text_2: Option<ClipTextConfig>,
     pub scheduler: SchedulerConfig,
     pub prediction_source: PredictionSource,
     pub warnings: Vec<String>,
     /// Where the tokenizer is, when known without a hub lookup.
     pub tokenizer_dir: Option<PathBuf>,
+    /// SDXL's second tokenizer (`tokenizer_2/` beside the file).
+    pub tokenizer_dir_2: Option<PathBuf>,
 }
 
 impl Plan {
@@ -52,7 +56,11 @@ impl Plan {
             &beside,
             &file.string_metadata(),
         )?;
-        let image_size = if layout.family == Family::Sd2 && prediction == Prediction::V { 768 } else { 512 };
+        let image_size = match layout.family {
+            Family::Sdxl => 1024,
+            Family::Sd2 if prediction == Prediction::V => 768,
+            _ => 512,
+        };
         let unet = match beside.file("unet/config.json") {
             Some(p) => UNetConfig::from_file(&p)?,
             None => {
@@ -66,8 +74,10 @@ impl Plan {
         let vae = match beside.file("vae/config.json") {
             Some(p) => VaeConfig::from_file(&p)?,
             None => {
-                let cfg = infer_vae_config(&shapes, beside.yaml.as_ref().and_then(|y| y.scale_factor), image_size)
-                    .map_err(in_file)?;
+                // SDXL's VAE has the same layout as SD's but its own latent scale.
+                let family_scale = (layout.family == Family::Sdxl).then_some(0.13025);
+                let scale = beside.yaml.as_ref().and_then(|y| y.scale_factor).or(family_scale);
+                let cfg = infer_vae_config(&shapes, scale, image_size).map_err(in_file)?;
                 check_norm_groups("VAE", &cfg.block_out_channels, cfg.norm_num_groups, "vae/config.json")
                     .map_err(in_file)?;
                 cfg
@@ -77,8 +87,17 @@ impl Plan {
             Some(p) => ClipTextConfig::from_file(&p)?,
             None => infer_text_config(&shapes, &layout, None).map_err(in_file)?,
         };
+        let text_2 = match (layout.family, beside.file("text_encoder_2/config.json")) {
+            (Family::Sdxl, Some(p)) => Some(ClipTextConfig::from_file(&p)?),
+            (Family::Sdxl, None) => Some(infer_text_config_2(&shapes, None).map_err(in_file)?),
+            _ => None,
+        };
         let mut scheduler = scheduler_cfg.unwrap_or_else(|| {
+            // SDXL base's Euler config spaces its inference steps "leading".
             let mut s = SchedulerConfig::sd(prediction);
+            if layout.family == Family::Sdxl {
+                s.timestep_spacing = "leading".into();
+            }
             if let Some(y) = &beside.yaml {
                 s.beta_start = y.linear_start.unwrap_or(s.beta_start);
                 s.beta_end = y.linear_end.unwrap_or(s.beta_end);
@@ -88,30 +107,40 @@ impl Plan {
         });
         scheduler.prediction_type = prediction.as_config_str().to_string();
         let tokenizer_dir = beside.folder.as_ref().map(|f| f.join("tokenizer")).filter(|d| d.is_dir());
+        let tokenizer_dir_2 = beside.folder.as_ref().map(|f| f.join("tokenizer_2")).filter(|d| d.is_dir());
         Ok(Plan {
             path: path.to_path_buf(),
             layout,
             unet,
             vae,
             text,
+            text_2,
             scheduler,
             prediction_source,
             warnings: warning.into_iter().collect(),
             tokenizer_dir,
+            tokenizer_dir_2,
         })
     }
 }
 
 impl Plan {
     /// The tokenizer folder: the one beside the file, else the family's
-    /// tokenizer in the local Hugging Face cache.
-    pub fn find_tokenizer(&self) -> Result<PathBuf> {
-        if let Some(dir) = &self.tokenizer_dir {
+    /// tokenizer in the local Hugging Face cache. `second`: SDXL's `tokenizer_2`.
+    pub fn find_tokenizer(&self, second: bool) -> Result<PathBuf> {
+        let beside = if second { &self.tokenizer_dir_2 } else { &self.tokenizer_dir };
+        if let Some(dir) = beside {
             return Ok(dir.clone());
         }
-        hub::find_tokenizer(hub::tokenizer_repos(self.layout.family == Family::Sd2)).map_err(|e| {
+        let repos = match (self.layout.family, second) {
+            (Family::Sdxl, false) => hub::SDXL_TOKENIZER_REPOS,
+            (Family::Sdxl, true) => hub::SDXL_TOKENIZER_2_REPOS,
+            (family, _) => hub::tokenizer_repos(family == Family::Sd2),
+        };
+        let folder = if second { "tokenizer_2/" } else { "tokenizer/" };
+        hub::find_tokenizer(repos).map_err(|e| {
             e.context(format!(
-                "{} holds no tokenizer, and a folder {} with a tokenizer/ beside it would do",
+                "{} holds no tokenizer, and a folder {} with a {folder} beside it would do",
                 self.path.display(),
                 self.path.with_extension("").display()
             ))
