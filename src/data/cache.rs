@@ -542,6 +542,15 @@ impl CacheReader {
         self.conditioning(&self.item_at(index)?.text)
     }
 
+    /// Item `index`'s SDXL time ids as kohya gives them, for the latent
+    /// [`Self::item_latent`] returns with `flip`: they follow from the
+    /// stored size and bucket alone, so caches of any age have them.
+    pub fn item_time_ids(&self, index: usize, flip: bool) -> Result<[f32; 6]> {
+        let item = self.item_at(index)?;
+        let flipped = flip && item.flipped_latent.is_some();
+        Ok(super::time_ids::kohya_time_ids(item.width, item.height, item.bucket, flipped))
+    }
+
     fn item_at(&self, index: usize) -> Result<&Item> {
         self.dataset().items.get(index).with_context(|| format!("the cache has no item {index}"))
     }

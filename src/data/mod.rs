@@ -11,3 +11,4 @@ pub mod keys;
 pub mod prepare;
 pub mod report;
 pub mod scan;
+pub mod time_ids;

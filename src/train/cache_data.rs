@@ -30,4 +30,8 @@ impl TrainingData for CacheReader {
     fn empty_caption(&self) -> Result<Conditioning> {
         self.empty_conditioning()
     }
+
+    fn time_ids(&self, index: usize, flip: bool) -> Result<Option<[f32; 6]>> {
+        self.item_time_ids(index, flip).map(Some)
+    }
 }

@@ -24,6 +24,12 @@ pub trait TrainingData {
     fn has_flips(&self) -> bool;
     /// Conditioning of the empty caption (a batch of one), for caption dropout.
     fn empty_caption(&self) -> Result<Conditioning>;
+    /// SDXL's time ids of sample `index` (original size, crop top-left,
+    /// target size), flipped when `flip` is; `None` where the data has no
+    /// image sizes (a UNet that needs them then refuses to train).
+    fn time_ids(&self, _index: usize, _flip: bool) -> Result<Option<[f32; 6]>> {
+        Ok(None)
+    }
     /// Times sample `index` is seen per epoch (its concept's repeats).
     fn repeats(&self, _index: usize) -> usize {
         1

@@ -58,6 +58,8 @@ struct SampleDraws {
     /// A draw from the cached latent distribution, [1, C, h, w] (unscaled).
     latent: Tensor,
     text: Conditioning,
+    /// SDXL's size numbers of this image, [1, 6]; they stay when the caption is dropped.
+    time_ids: Option<Tensor>,
     drop_caption: bool,
     noise: Tensor,
     /// [1]
@@ -216,7 +218,8 @@ impl<'a> Trainer<'a> {
         for (position, &i) in batch.iter().enumerate() {
             let draws = self.sample_draws(global_sample_index(index, position, s.batch_size), i)?;
             latents.push(draws.latent);
-            texts.push(if draws.drop_caption { self.empty_caption.shallow_clone() } else { draws.text.to_device(self.device) });
+            let text = if draws.drop_caption { self.empty_caption.shallow_clone() } else { draws.text.to_device(self.device) };
+            texts.push(Conditioning { time_ids: draws.time_ids.map(|t| t.to_device(self.device)), ..text });
             noises.push(draws.noise);
             timesteps.push(draws.timestep);
         }
@@ -266,7 +269,24 @@ impl<'a> Trainer<'a> {
             noise += Tensor::randn([1, shape[1], 1, 1], (Kind::Float, Device::Cpu)) * s.noise_offset;
         }
         let timestep = Tensor::randint(self.schedule.num_train_timesteps, [1], (Kind::Int64, Device::Cpu));
-        Ok(SampleDraws { latent, text: sample.text, drop_caption, noise, timestep })
+        let time_ids = self.time_ids(item, flip, &sample.text)?;
+        Ok(SampleDraws { latent, text: sample.text, time_ids, drop_caption, noise, timestep })
+    }
+
+    /// The time ids of `item` as a [1, 6] tensor when the UNet takes them
+    /// (SDXL), checking the cached caption brought the pooled embedding it
+    /// also needs; `None` for UNets that take text states alone.
+    fn time_ids(&self, item: usize, flip: bool, text: &Conditioning) -> Result<Option<Tensor>> {
+        if self.unet.pooled_dim().is_none() {
+            return Ok(None);
+        }
+        if text.pooled.is_none() || self.empty_caption.pooled.is_none() {
+            bail!("the training cache holds no pooled text embeddings, which this SDXL UNet needs; run `sdtune prepare` again with this model");
+        }
+        let Some(ids) = self.data.time_ids(item, flip)? else {
+            bail!("the training data gives no image sizes, which this SDXL UNet needs as time ids; run `sdtune prepare` again");
+        };
+        Ok(Some(Tensor::from_slice(&ids).unsqueeze(0)))
     }
 
     /// Min-SNR-gamma weights (Hang et al. 2023), as diffusers' training
