@@ -1,6 +1,7 @@
 //! On a random-weight full-size SD1.5 UNet, the default targets give exactly
 //! the 64 cross-attention modules, written with the names A1111 expects.
 use sdtune::lora::format::{self, LoraFormat};
+use sdtune::lora::kohya_names::KohyaNames;
 use sdtune::lora::network::{DownInit, LoraNetwork};
 use sdtune::lora::targets::Targets;
 use sdtune::models::config::UNetConfig;
@@ -37,7 +38,7 @@ fn sd15_kohya_file_holds_exactly_the_64_attn2_modules() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sd15.safetensors");
-    format::write(&path, &lora.to_weights(), LoraFormat::Kohya, Default::default()).unwrap();
+    format::write(&path, &lora.to_weights(), LoraFormat::Kohya, &KohyaNames::Diffusers, Default::default()).unwrap();
     let file = TensorFile::open(&path).unwrap();
     let mut names = file.names();
     names.sort();

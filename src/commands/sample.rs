@@ -192,7 +192,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let placement = Placement { device, kind: plan.precision.kind(), vae_kind: plan.precision.kind() };
     let (model, model_hash) = load_and_hash(&plan, placement)?;
     check_for_model(&plan.work, &model)?;
-    let layers = render::layers(&model);
+    let layers = render::layers(&model)?;
     let loras = plan.loras.iter().map(|spec| LoadedLora::read(spec, &layers)).collect::<Result<Vec<_>>>()?;
     check_lora_hashes(&plan, &loras)?;
     let shared = shared_settings(&plan, model_hash, &loras, device);

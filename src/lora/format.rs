@@ -7,18 +7,10 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
+use super::kohya_names::KohyaNames;
 use super::{Component, LoraModule, LoraWeights, ModelLayers};
 pub use crate::loaders::file_kind::{detect_lora as detect, LoraFormat};
 use crate::loaders::tensor_file::{write_tensors, TensorFile};
-
-/// `lora_unet_down_blocks_0_..._to_q` for UNet layer `down_blocks.0....to_q`.
-pub fn kohya_name(component: Component, layer: &str) -> String {
-    let prefix = match component {
-        Component::Unet => "lora_unet_",
-        Component::TextEncoder => "lora_te_",
-    };
-    format!("{prefix}{}", layer.replace('.', "_"))
-}
 
 /// Reads a LoRA file of any supported layout, resolving names against `layers`.
 pub fn read(path: &Path, layers: &ModelLayers) -> Result<LoraWeights> {
@@ -72,15 +64,17 @@ pub fn read_stored(file: &TensorFile) -> Result<(LoraFormat, Vec<StoredModule>)>
     Ok((format, modules))
 }
 
-/// kohya names lose the dots, so they are mapped back through the model's own names.
+/// kohya names lose the dots (and SDXL's are SGM paths), so they are
+/// mapped back through the model's own names.
 fn resolve_kohya(stored: Vec<StoredModule>, layers: &ModelLayers, source: &str) -> Result<Vec<LoraModule>> {
     let mut by_kohya: HashMap<String, (Component, String)> = HashMap::new();
-    for name in layers.unet.names() {
-        by_kohya.insert(kohya_name(Component::Unet, &name), (Component::Unet, name));
-    }
-    if let Some(te) = layers.text_encoder {
-        for name in te.names() {
-            by_kohya.insert(kohya_name(Component::TextEncoder, &name), (Component::TextEncoder, name));
+    let components = std::iter::once((Component::Unet, layers.unet))
+        .chain(layers.text_encoder.map(|te| (Component::TextEncoder, te)));
+    for (component, index) in components {
+        for name in index.names() {
+            if let Some(kohya) = layers.kohya.name(component, &name) {
+                by_kohya.insert(kohya, (component, name));
+            }
         }
     }
     stored
@@ -211,13 +205,22 @@ fn peft_alpha(metadata: &HashMap<String, String>, source: &str) -> Result<Option
     }
 }
 
-/// Writes `weights` in `format` atomically with `metadata` in the header.
-pub fn write(path: &Path, weights: &LoraWeights, format: LoraFormat, metadata: HashMap<String, String>) -> Result<()> {
+/// Writes `weights` in `format` atomically with `metadata` in the header;
+/// kohya files name the modules as `kohya` says for the model.
+pub fn write(
+    path: &Path,
+    weights: &LoraWeights,
+    format: LoraFormat,
+    kohya: &KohyaNames,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for m in &weights.modules {
         match format {
             LoraFormat::Kohya => {
-                let base = kohya_name(m.component, &m.layer);
+                let Some(base) = kohya.name(m.component, &m.layer) else {
+                    bail!("{} layer {} has no kohya name in an SDXL LoRA; train it in the diffusers format (--format diffusers)", m.component.name(), m.layer);
+                };
                 tensors.push((format!("{base}.lora_down.weight"), m.down.shallow_clone()));
                 tensors.push((format!("{base}.lora_up.weight"), m.up.shallow_clone()));
                 tensors.push((format!("{base}.alpha"), Tensor::from(m.alpha as f32)));

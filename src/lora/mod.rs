@@ -3,6 +3,7 @@
 //! It knows the model only through its [`LayerIndex`] (names, shapes,
 //! adapter slots) and nothing of the training loop.
 pub mod format;
+pub mod kohya_names;
 pub mod layer;
 pub mod network;
 pub mod targets;
@@ -11,6 +12,7 @@ use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
 use crate::models::layers::{LayerIndex, LayerShape};
+use kohya_names::KohyaNames;
 use layer::{weight_delta, LoraAdapter};
 
 /// Which model a LoRA module belongs to.
@@ -71,6 +73,8 @@ impl LoraWeights {
 pub struct ModelLayers<'a> {
     pub unet: &'a LayerIndex,
     pub text_encoder: Option<&'a LayerIndex>,
+    /// How kohya files name these layers (SGM paths for SDXL).
+    pub kohya: KohyaNames,
 }
 
 impl ModelLayers<'_> {

@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use tch::{nn, Device, Kind, Tensor};
 
+use super::kohya_names::KohyaNames;
 use super::layer::LoraAdapter;
 use super::targets::Targets;
 use super::{Component, LoraModule, LoraWeights};
@@ -19,7 +20,7 @@ pub enum DownInit {
 }
 
 pub struct LoraNetwork {
-    /// Holds every trainable tensor, named `<kohya module>.lora_down.weight` etc.
+    /// Holds every trainable tensor, named `<kohya SD1-style module>.lora_down.weight` etc.
     pub vs: nn::VarStore,
     pub modules: Vec<TrainedModule>,
     pub rank: i64,
@@ -63,7 +64,10 @@ impl LoraNetwork {
                     return;
                 }
             };
-            let path = root.sub(super::format::kohya_name(Component::Unet, &entry.name));
+            // Named as kohya names an SD1 module whatever the model, so state
+            // files keep one naming; LoRA files are named when written.
+            let name = KohyaNames::Diffusers.name(Component::Unet, &entry.name).expect("diffusers paths always name");
+            let path = root.sub(name);
             let (down_dims, up_dims) = if conv {
                 (vec![rank, fan_in, 1, 1], vec![out, rank, 1, 1])
             } else {

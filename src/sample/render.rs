@@ -11,6 +11,7 @@ use super::image_out::{save_png_with_text, to_rgb8};
 use super::metrics::{Brand, Cell, Consistency};
 use super::pipeline::{text_to_images_batched, SampleRequest, Warn};
 use super::settings::{Batch, GridRecipe, ImageRecipe, LoraUse, Member, Recipe, Settings, PARAMETERS_KEY, SDTUNE_KEY};
+use crate::lora::kohya_names::KohyaNames;
 use crate::lora::{self, LoraWeights, ModelLayers};
 use crate::models::stable_diffusion::StableDiffusion;
 use crate::schedulers::SchedulerKind;
@@ -44,7 +45,7 @@ impl LoadedLora {
 /// Removes every adapter, then attaches each LoRA at its scale times
 /// `multiplier` (0: the base model), or fuses them (only once, never undone).
 pub fn apply_loras(model: &StableDiffusion, loras: &[LoadedLora], multiplier: f64, fuse: bool) -> Result<()> {
-    let layers = layers(model);
+    let layers = layers(model)?;
     layers.unet.for_each(|e| e.adapters.clear());
     if let Some(te) = layers.text_encoder {
         te.for_each(|e| e.adapters.clear());
@@ -63,8 +64,13 @@ pub fn apply_loras(model: &StableDiffusion, loras: &[LoadedLora], multiplier: f6
     Ok(())
 }
 
-pub fn layers(model: &StableDiffusion) -> ModelLayers<'_> {
-    ModelLayers { unet: &model.unet.layers, text_encoder: Some(&model.text.first().model.layers) }
+/// The layers `--lora` files attach to: the UNet's and the first text encoder's.
+pub fn layers(model: &StableDiffusion) -> Result<ModelLayers<'_>> {
+    Ok(ModelLayers {
+        unet: &model.unet.layers,
+        text_encoder: Some(&model.text.first().model.layers),
+        kohya: KohyaNames::of(&model.unet_config)?,
+    })
 }
 
 /// One column variant of a grid: the base model or the LoRAs at a multiplier.

@@ -4,8 +4,12 @@ use std::collections::HashMap;
 
 use crate::models::config::{Prediction, UNetConfig};
 
-/// kohya's `ss_base_model_version`: sd_v1, sd_v2 or sd_v2_v.
+/// kohya's `ss_base_model_version`: sd_v1, sd_v2, sd_v2_v or (a UNet
+/// with SDXL's added text/time embedding) sdxl_base_v1-0.
 pub fn base_model_version(unet: &UNetConfig, prediction: Prediction) -> &'static str {
+    if unet.takes_text_time() {
+        return SDXL_BASE;
+    }
     let width = unet.cross_attention_dims().first().copied().unwrap_or(768);
     match (width >= 1024, prediction) {
         (false, _) => "sd_v1",
@@ -14,9 +18,13 @@ pub fn base_model_version(unet: &UNetConfig, prediction: Prediction) -> &'static
     }
 }
 
+/// kohya's `MODEL_VERSION_SDXL_BASE_V1_0`.
+const SDXL_BASE: &str = "sdxl_base_v1-0";
+
 /// modelspec's architecture id for that base.
 pub fn modelspec_architecture(version: &str) -> &'static str {
     match version {
+        SDXL_BASE => "stable-diffusion-xl-v1-base/lora",
         "sd_v2_v" => "stable-diffusion-v2-768-v/lora",
         "sd_v2" => "stable-diffusion-v2-512/lora",
         _ => "stable-diffusion-v1/lora",
@@ -70,7 +78,7 @@ pub fn lora_metadata(f: &RunFacts) -> HashMap<String, String> {
     put("ss_network_dim", f.rank.to_string());
     put("ss_network_alpha", trim_float(f.alpha));
     put("ss_base_model_version", version.into());
-    put("ss_v2", (version != "sd_v1").to_string());
+    put("ss_v2", version.starts_with("sd_v2").to_string());
     put("ss_output_name", f.name.into());
     put("ss_steps", f.steps.to_string());
     put("ss_max_train_steps", f.total_steps.to_string());
@@ -92,7 +100,9 @@ pub fn lora_metadata(f: &RunFacts) -> HashMap<String, String> {
     put("ss_training_comment", "trained with sdtune".into());
     put("modelspec.sai_model_spec", "1.0.0".into());
     put("modelspec.architecture", modelspec_architecture(version).into());
-    put("modelspec.implementation", "diffusers".into());
+    // kohya's sai_model_spec: an SDXL LoRA is Stability AI's (SGM) layout.
+    let implementation = if version == SDXL_BASE { "https://github.com/Stability-AI/generative-models" } else { "diffusers" };
+    put("modelspec.implementation", implementation.into());
     put("modelspec.title", f.name.into());
     put("modelspec.resolution", format!("{}x{}", f.resolution, f.resolution));
     put(

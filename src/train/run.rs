@@ -18,6 +18,7 @@ use super::trainable::{FullUnet, Trainable};
 use super::sync::{GradientSync, SingleProcess};
 use super::trainer::{StepOutcome, StepSettings, Trainer};
 use crate::lora::format::{self, LoraFormat};
+use crate::lora::kohya_names::KohyaNames;
 use crate::lora::network::{DownInit, LoraNetwork};
 use crate::lora::targets::Targets;
 use crate::models::finite::all_finite;
@@ -411,7 +412,7 @@ fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step:
         min_snr_gamma: plan.step.min_snr_gamma,
         base_model: &plan.base_model,
     };
-    format::write(path, &weights, plan.format, lora_metadata(&facts))
+    format::write(path, &weights, plan.format, &KohyaNames::of(&model.unet_config)?, lora_metadata(&facts))
 }
 
 /// Images per UNet batch of the training grids (bounds their memory).
