@@ -1,5 +1,5 @@
-//! Shared by the `train_*` and run-safety tests: a working folder with
-//! the tiny SD1 fixture prepared, and the binary run in it.
+//! Shared by the `train_*`, `sdxl_train` and run-safety tests: a working
+//! folder with a tiny fixture prepared, and the binary run in it.
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,6 +12,11 @@ pub fn fixtures() -> PathBuf {
 
 /// A working folder with 6 prepared images (two buckets) of the tiny model.
 pub fn prepared() -> tempfile::TempDir {
+    prepared_with(&fixtures().join("tiny-sd1"))
+}
+
+/// The same 6 images prepared for `model` (a diffusers folder).
+pub fn prepared_with(model: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let brand = dir.path().join("brand");
     std::fs::create_dir_all(&brand).unwrap();
@@ -27,7 +32,7 @@ pub fn prepared() -> tempfile::TempDir {
     let out = sdtune(dir.path(), &[
         "prepare", "brand", "--device", "cpu", "--resolution", "64", "--min-bucket", "32", "--max-bucket", "128",
         "--bucket-step", "32", "--min-side", "64", "--model",
-    ], Some(&fixtures().join("tiny-sd1")));
+    ], Some(model));
     assert!(out.status.success(), "prepare failed: {}", String::from_utf8_lossy(&out.stderr));
     dir
 }
