@@ -1,5 +1,6 @@
-//! Training on the tiny SDXL fixture: prepare, train and sample with the
-//! LoRA end to end; resume after SIGKILL bit for bit; kohya files on SGM
+//! Training on the tiny SDXL fixture: prepare (1024 px in kohya's buckets
+//! by default, kohya's time ids), train and sample with the LoRA end to
+//! end; resume after SIGKILL bit for bit; kohya files on SGM
 //! block names that read back to the same layers and change the UNet as
 //! diffusers' `load_lora_weights` does; the step gives the UNet each
 //! sample's time ids, and a dropped caption's pooled embedding.
@@ -101,6 +102,23 @@ fn prepare_train_and_sample_with_the_lora() {
     let without = sample(None, "without.png");
     assert_eq!(with.dimensions(), (64, 64));
     assert_ne!(with.as_raw(), without.as_raw(), "the trained LoRA changed nothing in the image");
+}
+
+#[test]
+fn an_sdxl_model_prepares_at_1024_px_in_kohyas_buckets_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("imgs")).unwrap();
+    image::RgbImage::from_pixel(384, 256, image::Rgb([200, 100, 50])).save(dir.path().join("imgs/a.png")).unwrap();
+    let out = train_support::sdtune(dir.path(), &["prepare", "imgs", "--device", "cpu", "--model"], Some(&tiny_sdxl()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml = std::fs::read_to_string(dir.path().join("sdtune.yaml")).unwrap();
+    assert!(yaml.contains("resolution: 1024"), "{yaml}");
+    let cache = CacheReader::open(dir.path()).unwrap();
+    assert_eq!(cache.dataset().resolution, 1024);
+    let item = &cache.dataset().items[0];
+    // 3:2 goes to kohya's 1024x704 (ratio 1.45); fitted inside it, 1024x682.67 sits 10 rows down.
+    assert_eq!((item.bucket.width, item.bucket.height), (1024, 704));
+    assert_eq!(cache.item_time_ids(0, false).unwrap(), [256.0, 384.0, 10.0, 0.0, 704.0, 1024.0]);
 }
 
 #[test]

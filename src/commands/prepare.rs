@@ -9,6 +9,8 @@ use crate::config::{Config, CONFIG_FILE};
 use crate::data::config::{Background, MAX_BUCKET_SIDE};
 use crate::data::prepare::{self, sample_prompts, Options, REPORT_FILE};
 use crate::loaders::builtin;
+use crate::loaders::model_files::ModelFiles;
+use crate::loaders::source::LoadOptions;
 use crate::runtime::{parse_device, supports, Precision};
 
 use clap::Args;
@@ -39,7 +41,7 @@ pub struct PrepareArgs {
     /// found in the local Hugging Face cache [default: model in sdtune.yaml].
     #[arg(long, value_name = "DIR|FILE|ID")]
     pub model: Option<String>,
-    /// Training resolution: buckets hold about this many pixels squared [default: 512].
+    /// Training resolution: buckets hold about this many pixels squared [default: 512; 1024 for SDXL].
     #[arg(allow_negative_numbers = true, long, value_name = "PX")]
     pub resolution: Option<u32>,
     /// auto, cpu, cuda or cuda:N.
@@ -99,6 +101,17 @@ fn default_model(args: &PrepareArgs, fresh: bool, data: &mut crate::data::config
     builtin::fallback()
 }
 
+/// An SDXL model in a folder with no sdtune.yaml and no --resolution
+/// trains at SDXL's 1024 px, as kohya's SDXL scripts are run.
+fn sdxl_resolution(model: &std::path::Path, data: &mut crate::data::config::DataConfig) -> Result<()> {
+    let files = ModelFiles::of(&model.to_string_lossy(), &LoadOptions::default())?;
+    if files.unet_config.takes_text_time() {
+        data.resolution = crate::data::config::SDXL_RESOLUTION;
+        data.validate()?;
+    }
+    Ok(())
+}
+
 pub fn run(args: PrepareArgs) -> Result<()> {
     let work_dir = std::env::current_dir().context("cannot read the current folder")?;
     let existing = Config::load_from_dir(&work_dir)?;
@@ -125,6 +138,9 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         Some(model) => PathBuf::from(model),
         None => default_model(&args, existing.is_none(), &mut config.data)?,
     };
+    if existing.is_none() && args.resolution.is_none() && !builtin_model {
+        sdxl_resolution(&model_dir, &mut config.data)?;
+    }
     let device = parse_device(&args.device)?;
     let precision = match args.precision.as_str() {
         "auto" => auto_precision(device),

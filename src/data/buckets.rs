@@ -173,6 +173,21 @@ mod tests {
     }
 
     #[test]
+    fn the_sdxl_default_at_1024_is_kohyas_table() {
+        // model_util.make_bucket_resolutions((1024, 1024)) with kohya's default
+        // min/max bucket (256, 1024) and step 64, run in Python.
+        let kohya = [
+            (256, 1024), (320, 1024), (384, 1024), (448, 1024), (512, 1024), (576, 1024), (640, 1024),
+            (704, 1024), (768, 1024), (832, 1024), (896, 1024), (960, 1024), (1024, 256), (1024, 320),
+            (1024, 384), (1024, 448), (1024, 512), (1024, 576), (1024, 640), (1024, 704), (1024, 768),
+            (1024, 832), (1024, 896), (1024, 960), (1024, 1024),
+        ];
+        let cfg = DataConfig { resolution: crate::data::config::SDXL_RESOLUTION, ..DataConfig::default() };
+        let got: Vec<(u32, u32)> = Buckets::new(&cfg).list.iter().map(|b| (b.width, b.height)).collect();
+        assert_eq!(got, kohya);
+    }
+
+    #[test]
     fn nearest_aspect_ratio_wins() {
         let b = sd();
         assert_eq!(b.assign(1000, 1000), Bucket { width: 512, height: 512 });

@@ -48,6 +48,10 @@ pub struct DataConfig {
     pub concepts: Vec<super::concepts::ConceptConfig>,
 }
 
+/// The training resolution of SDXL models when none is given (kohya's
+/// `--resolution 1024` for SDXL; its buckets keep the default range).
+pub const SDXL_RESOLUTION: u32 = 1024;
+
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
