@@ -3,7 +3,8 @@
 //! end; resume after SIGKILL bit for bit; kohya files on SGM
 //! block names that read back to the same layers and change the UNet as
 //! diffusers' `load_lora_weights` does; the step gives the UNet each
-//! sample's time ids, and a dropped caption's pooled embedding.
+//! sample's time ids, and a dropped caption's pooled embedding; `--full`
+//! trains the whole UNet, its added embedding included.
 mod common;
 mod train_support;
 
@@ -302,4 +303,20 @@ fn the_step_gives_the_unet_time_ids_and_drops_captions_with_their_pooled_embeddi
     let mut other_pooled = Sdxl::new(square);
     other_pooled.empty.pooled = Some(other_pooled.empty.pooled.as_ref().unwrap() * -1.0);
     assert_ne!(dropped, first_loss(&other_pooled, 1.0), "the dropped caption kept its own pooled embedding");
+}
+
+#[test]
+fn full_training_writes_an_sdxl_unet_folder_with_its_added_embedding_trained() {
+    let dir = prepared_with(&tiny_sdxl());
+    let out = train(dir.path(), &["--full", "--steps", "2", "--lr", "1e-3", "--name", "whole"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let unet = run_dir(dir.path(), "whole").join("unet");
+    let cfg = UNetConfig::from_file(&unet.join("config.json")).unwrap();
+    assert!(cfg.takes_text_time(), "the written config lost SDXL's added embedding");
+    let trained = common::read_tensors(&unet.join("diffusion_pytorch_model.safetensors"));
+    let base = common::read_tensors(&tiny_sdxl().join("unet/diffusion_pytorch_model.safetensors"));
+    assert_eq!(trained.len(), base.len());
+    for name in ["add_embedding.linear_1.weight", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"] {
+        assert!(!trained[name].equal(&base[name]), "{name} did not change");
+    }
 }
