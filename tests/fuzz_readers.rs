@@ -214,7 +214,7 @@ fn mutate_header(rng: &mut Rng, bytes: &[u8]) -> Vec<u8> {
 #[test]
 fn the_safetensors_and_lora_readers_never_panic() {
     let model = StableDiffusion::from_diffusers_folder(&common::fixtures().join("tiny-sd1"), Placement::cpu_f32(), None).unwrap();
-    let layers = ModelLayers { unet: &model.unet.layers, text_encoder: Some(&model.text.first().model.layers), kohya: KohyaNames::Diffusers };
+    let layers = ModelLayers { unet: &model.unet.layers, text_encoder: Some(&model.text.first().model.layers), text_encoder_2: None, kohya: KohyaNames::Diffusers };
     let fixtures: Vec<(String, Vec<u8>)> = ["kohya_a", "peft_a", "sdtune_diffusers", "sdtune_kohya"]
         .iter()
         .map(|n| (n.to_string(), std::fs::read(common::fixtures().join(format!("lora/{n}.safetensors"))).unwrap()))

@@ -26,7 +26,7 @@ fn lora_file(name: &str) -> PathBuf {
 }
 
 fn attach(m: &StableDiffusion, name: &str, strength: f64) {
-    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text.first().model.layers), kohya: KohyaNames::Diffusers };
+    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text.first().model.layers), text_encoder_2: None, kohya: KohyaNames::Diffusers };
     let weights = format::read(&lora_file(name), &layers).unwrap();
     lora::attach(&weights, &layers, strength, name).unwrap();
 }
@@ -60,7 +60,7 @@ fn two_loras_with_strengths_match_set_adapters() {
 fn fused_equals_attached() {
     let r = reference();
     let m = model();
-    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text.first().model.layers), kohya: KohyaNames::Diffusers };
+    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text.first().model.layers), text_encoder_2: None, kohya: KohyaNames::Diffusers };
     let weights = format::read(&lora_file("peft_a.safetensors"), &layers).unwrap();
     lora::fuse(&weights, &layers, 1.0, "peft_a").unwrap();
     common::assert_close("fused peft_a", &unet_out(&m), &r["lora_a"], 1e-4);
@@ -69,7 +69,7 @@ fn fused_equals_attached() {
 #[test]
 fn written_files_read_back_identically() {
     let m = model();
-    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: None, kohya: KohyaNames::Diffusers };
+    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: None, text_encoder_2: None, kohya: KohyaNames::Diffusers };
     let original = format::read(&lora_file("kohya_a.safetensors"), &layers).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for fmt in [format::LoraFormat::Kohya, format::LoraFormat::Peft] {
@@ -97,7 +97,7 @@ fn a_lora_for_other_layers_is_an_error_naming_the_key() {
         ("lora_unet_input_blocks_1_1_proj_in.lora_up.weight".to_string(), Tensor::zeros([16, 4], (tch::Kind::Float, tch::Device::Cpu))),
     ];
     sdtune::loaders::tensor_file::write_tensors(&path, &tensors, None).unwrap();
-    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text.first().model.layers), kohya: KohyaNames::Diffusers };
+    let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text.first().model.layers), text_encoder_2: None, kohya: KohyaNames::Diffusers };
     let err = format!("{:#}", format::read(&path, &layers).err().expect("must fail"));
     assert!(err.contains("lora_unet_input_blocks_1_1_proj_in") && err.contains("matches no layer"), "{err}");
 }

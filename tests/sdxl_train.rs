@@ -320,3 +320,61 @@ fn full_training_writes_an_sdxl_unet_folder_with_its_added_embedding_trained() {
         assert!(!trained[name].equal(&base[name]), "{name} did not change");
     }
 }
+
+/// A kohya SDXL file with modules on both text encoders (kohya trains them
+/// by default): `lora_te1_` reaches the first encoder, `lora_te2_` the
+/// second, each changing only its own half of the joined states.
+#[test]
+fn kohya_files_with_both_text_encoders_reach_each_encoder() {
+    let m = model();
+    let layers = render::layers(&m).unwrap();
+    let modules: Vec<lora::LoraModule> = [
+        (lora::Component::TextEncoder, "text_model.encoder.layers.0.self_attn.q_proj"),
+        (lora::Component::TextEncoder2, "text_model.encoder.layers.0.self_attn.q_proj"),
+        (lora::Component::TextEncoder2, "text_model.encoder.layers.1.mlp.fc1"),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (component, layer))| {
+        let out = if layer.ends_with("fc1") { 37 } else { 32 };
+        tch::manual_seed(10 + i as i64);
+        lora::LoraModule {
+            component,
+            layer: layer.into(),
+            down: Tensor::randn([4, 32], (Kind::Float, Device::Cpu)) * 0.5,
+            up: Tensor::randn([out, 4], (Kind::Float, Device::Cpu)) * 0.5,
+            alpha: 4.0,
+        }
+    })
+    .collect();
+    let weights = LoraWeights { modules, metadata: Default::default() };
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("te.safetensors");
+    format::write(&path, &weights, LoraFormat::Kohya, &layers.kohya, Default::default()).unwrap();
+    let names = TensorFile::open(&path).unwrap().names();
+    assert!(names.iter().any(|n| n.starts_with("lora_te1_text_model_encoder_layers_0_self_attn_q_proj")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("lora_te2_text_model_encoder_layers_1_mlp_fc1")), "{names:?}");
+
+    let before = m.text.encode(&["a red car"], 0).unwrap().conditioning;
+    let read = read_lora(&m, &path);
+    assert_eq!(read.modules.iter().filter(|m| m.component == lora::Component::TextEncoder2).count(), 2);
+    lora::attach(&read, &layers, 1.0, "te.safetensors").unwrap();
+    let after = m.text.encode(&["a red car"], 0).unwrap().conditioning;
+    let half = |t: &Tensor, i: i64| t.narrow(-1, 32 * i, 32);
+    for i in 0..2 {
+        let moved = common::max_abs_diff(&half(&before.text, i), &half(&after.text, i));
+        assert!(moved > 1e-3, "encoder {} states unchanged by its LoRA modules", i + 1);
+    }
+    let pooled = common::max_abs_diff(before.pooled.as_ref().unwrap(), after.pooled.as_ref().unwrap());
+    assert!(pooled > 1e-3, "the second encoder's pooled embedding unchanged");
+
+    // The same modules in diffusers' layout read back to the same layers.
+    let peft = tmp.path().join("te-peft.safetensors");
+    format::write(&peft, &weights, LoraFormat::Peft, &layers.kohya, Default::default()).unwrap();
+    let names = TensorFile::open(&peft).unwrap().names();
+    assert!(names.iter().any(|n| n.starts_with("text_encoder_2.text_model.encoder.layers.1.mlp.fc1")), "{names:?}");
+    let back = read_lora(&m, &peft);
+    let mut got: Vec<(lora::Component, String)> = back.modules.iter().map(|m| (m.component, m.layer.clone())).collect();
+    got.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    assert_eq!(got.len(), 3, "{got:?}");
+}

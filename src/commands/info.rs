@@ -329,7 +329,7 @@ fn lora(path: &Path, file: &TensorFile, format: &str) -> Result<()> {
             Some(_) => Some(file.tensor(&alpha_name)?.to_kind(tch::Kind::Double).double_value(&[])),
             None => None,
         };
-        let unet = if kohya { base.starts_with("lora_unet_") } else { !base.starts_with("text_encoder.") };
+        let unet = if kohya { base.starts_with("lora_unet_") } else { !base.starts_with("text_encoder") };
         modules.push(Module {
             unet,
             kind: module_kind(base, kohya),

@@ -69,7 +69,8 @@ pub fn read_stored(file: &TensorFile) -> Result<(LoraFormat, Vec<StoredModule>)>
 fn resolve_kohya(stored: Vec<StoredModule>, layers: &ModelLayers, source: &str) -> Result<Vec<LoraModule>> {
     let mut by_kohya: HashMap<String, (Component, String)> = HashMap::new();
     let components = std::iter::once((Component::Unet, layers.unet))
-        .chain(layers.text_encoder.map(|te| (Component::TextEncoder, te)));
+        .chain(layers.text_encoder.map(|te| (Component::TextEncoder, te)))
+        .chain(layers.text_encoder_2.map(|te| (Component::TextEncoder2, te)));
     for (component, index) in components {
         for name in index.names() {
             if let Some(kohya) = layers.kohya.name(component, &name) {
@@ -177,10 +178,13 @@ fn scalar_alpha(file: &TensorFile, name: &str, source: &str) -> Result<f64> {
     Ok(alpha)
 }
 
-/// `unet.x` / `text_encoder.x` / `base_model.model.x` / bare `x` (UNet).
+/// `unet.x` / `text_encoder.x` / `text_encoder_2.x` / `base_model.model.x` / bare `x` (UNet).
 fn split_component(base: &str) -> (Component, String) {
     if let Some(rest) = base.strip_prefix("text_encoder.") {
         return (Component::TextEncoder, rest.to_string());
+    }
+    if let Some(rest) = base.strip_prefix("text_encoder_2.") {
+        return (Component::TextEncoder2, rest.to_string());
     }
     let rest = base.strip_prefix("unet.").or_else(|| base.strip_prefix("base_model.model.")).unwrap_or(base);
     (Component::Unet, rest.to_string())
@@ -230,6 +234,7 @@ pub fn write(
                 let prefix = match m.component {
                     Component::Unet => "unet",
                     Component::TextEncoder => "text_encoder",
+                    Component::TextEncoder2 => "text_encoder_2",
                 };
                 let (down_suffix, up_suffix) = match format {
                     LoraFormat::Peft => ("lora_A.weight", "lora_B.weight"),

@@ -41,6 +41,7 @@ impl KohyaNames {
             (_, Component::Unet) => "lora_unet_",
             (KohyaNames::Diffusers, Component::TextEncoder) => "lora_te_",
             (KohyaNames::Sgm(_), Component::TextEncoder) => "lora_te1_",
+            (_, Component::TextEncoder2) => "lora_te2_",
         };
         Some(format!("{prefix}{}", path.replace('.', "_")))
     }

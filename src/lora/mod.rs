@@ -20,6 +20,8 @@ use layer::{weight_delta, LoraAdapter};
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP bigG).
+    TextEncoder2,
 }
 
 impl Component {
@@ -27,6 +29,7 @@ impl Component {
         match self {
             Component::Unet => "UNet",
             Component::TextEncoder => "text encoder",
+            Component::TextEncoder2 => "second text encoder",
         }
     }
 }
@@ -73,6 +76,8 @@ impl LoraWeights {
 pub struct ModelLayers<'a> {
     pub unet: &'a LayerIndex,
     pub text_encoder: Option<&'a LayerIndex>,
+    /// SDXL's second text encoder.
+    pub text_encoder_2: Option<&'a LayerIndex>,
     /// How kohya files name these layers (SGM paths for SDXL).
     pub kohya: KohyaNames,
 }
@@ -82,6 +87,7 @@ impl ModelLayers<'_> {
         match component {
             Component::Unet => Some(self.unet),
             Component::TextEncoder => self.text_encoder,
+            Component::TextEncoder2 => self.text_encoder_2,
         }
     }
 }

@@ -69,6 +69,7 @@ pub fn layers(model: &StableDiffusion) -> Result<ModelLayers<'_>> {
     Ok(ModelLayers {
         unet: &model.unet.layers,
         text_encoder: Some(&model.text.first().model.layers),
+        text_encoder_2: model.text.encoders.get(1).map(|e| &e.model.layers),
         kohya: KohyaNames::of(&model.unet_config)?,
     })
 }
