@@ -40,6 +40,12 @@ fn temp_path(dir: &Path, target: &Path) -> PathBuf {
     dir.join(format!(".{stem}.tmp-{}", std::process::id()))
 }
 
+/// SHA-256 of `bytes` in lowercase hex (cache shards, states, file identities).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Why `path` is not a readable file, for "--flag PATH <why>; ..." sentences:
 /// a folder is named as one, never as missing.
 pub fn why_not_a_file(path: &Path) -> &'static str {

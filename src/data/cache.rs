@@ -258,7 +258,7 @@ impl CacheWriter {
     fn write_shard(&self, shard: &str, tensors: &[(String, Tensor)], what: &str) -> Result<String> {
         let bytes = serialize_tensors(tensors, Some(shard_metadata(what)))?;
         crate::fsutil::write_atomic(&self.dir.join(SHARDS).join(shard), &bytes)?;
-        Ok(sha256_hex(&bytes))
+        Ok(crate::fsutil::sha256_hex(&bytes))
     }
 
     /// Records the finished dataset and marks the cache complete.
@@ -410,11 +410,6 @@ fn dataset_is_whole(dataset: &Dataset, manifest: &Manifest) -> bool {
     }) && manifest.texts.contains_key(&dataset.empty_text)
 }
 
-/// SHA-256 of `bytes` in lowercase hex.
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// The cache opened for reading (training): complete, with tensors read on demand.
 pub struct CacheReader {
@@ -745,30 +740,7 @@ mod tests {
         drop(w);
         assert!(CacheReader::open(tmp.path()).err().unwrap().to_string().contains("incomplete"));
         let mut w = CacheWriter::open(&dir).unwrap();
-        let item = Item {
-            path: "a.png".into(),
-            content_hash: "a".into(),
-            width: 16,
-            height: 16,
-            bucket: Bucket { width: 16, height: 16 },
-            crop: Crop { left: 0, top: 0, width: 16, height: 16 },
-            caption: "cap".into(),
-            text: "t".into(),
-            latent: "a".into(),
-            flipped_latent: None,
-            concept: None,
-        };
-        w.finish(Dataset {
-            data_dir: "d".into(),
-            model: "m".into(),
-            resolution: 16,
-            scaling_factor: 0.18215,
-            shift_factor: None,
-            empty_text: "t".into(),
-            concepts: Vec::new(),
-            items: vec![item],
-        })
-        .unwrap();
+        w.finish(dataset_of("a", "t")).unwrap();
         drop(w);
         let r = CacheReader::open(tmp.path()).unwrap();
         let (mean, std) = r.latent("a").unwrap();
@@ -782,30 +754,7 @@ mod tests {
         let mut w = CacheWriter::open(dir).unwrap();
         w.add_latents(vec![latent("a", 1.0)]).unwrap();
         write_texts(&mut w);
-        let item = Item {
-            path: "a.png".into(),
-            content_hash: "a".into(),
-            width: 16,
-            height: 16,
-            bucket: Bucket { width: 16, height: 16 },
-            crop: Crop { left: 0, top: 0, width: 16, height: 16 },
-            caption: "cap".into(),
-            text: "t".into(),
-            latent: "a".into(),
-            flipped_latent: None,
-            concept: None,
-        };
-        let dataset = Dataset {
-            data_dir: "d".into(),
-            model: "m".into(),
-            resolution: 16,
-            scaling_factor: 0.18215,
-            shift_factor: None,
-            empty_text: "t".into(),
-            concepts: Vec::new(),
-            items: vec![item],
-        };
-        w.finish(dataset).unwrap();
+        w.finish(dataset_of("a", "t")).unwrap();
     }
 
     #[test]

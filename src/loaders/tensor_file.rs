@@ -46,8 +46,7 @@ impl TensorFile {
 
     /// SHA-256 of the whole file, lowercase hex.
     pub fn sha256(&self) -> String {
-        use sha2::{Digest, Sha256};
-        Sha256::digest(&self.mmap[..]).iter().map(|b| format!("{b:02x}")).collect()
+        crate::fsutil::sha256_hex(&self.mmap[..])
     }
 
     pub fn names(&self) -> Vec<String> {

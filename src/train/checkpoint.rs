@@ -54,7 +54,7 @@ pub fn save(dir: &Path, step: u64, trained: &dyn Trainable, opt: &AdamW, scaler:
     let bytes = serialize_tensors(&tensors, Some(meta)).with_context(|| format!("cannot write {}", path.display()))?;
     crate::fsutil::write_atomic(&path, &bytes)?;
     let mut index = read_index(dir);
-    index.insert(file_name(&path), sha256_hex(&bytes));
+    index.insert(file_name(&path), crate::fsutil::sha256_hex(&bytes));
     prune(dir, keep, &mut index)?;
     write_index(dir, &index)?;
     Ok(path)
@@ -103,10 +103,6 @@ fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// The newest state file in `dir`, if any.
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
