@@ -90,7 +90,7 @@ fn prepare(dir: &Path) -> Result<()> {
     let start = Instant::now();
     tch::manual_seed(0);
     let model = StableDiffusion::random(
-        ClipTextConfig::sd15(),
+        vec![ClipTextConfig::sd15()],
         UNetConfig::sd15(),
         VaeConfig::sd(),
         SchedulerConfig::sd(Prediction::Epsilon),

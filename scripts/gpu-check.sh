@@ -19,7 +19,10 @@
 #        sampled image of the tiny fixture (max pixel difference)
 #     4. end to end on CUDA, bf16 and fp16: prepare -> train -> sample (LoRA)
 #     5. bench train sd15 512 px bf16 batch 1 and 4, bench sample (30 steps,
-#        CFG 7.5), bench encode; each then the same through diffusers+peft
+#        CFG 7.5), bench encode; SDXL base at 1024 px: bench train bf16 batch 1
+#        with and without gradient checkpointing, bench sample (30 steps, CFG
+#        7.5); each then the same through diffusers+peft. SDXL goals there:
+#        >= 4 LoRA steps/s, peak <= 12 GB with checkpointing, <= 2.5 s/image.
 #     6. a Markdown table of the figures and ratios
 #   Results land in $OUT (the device tool's folder; target/gpu-check here):
 #   gpu-check.md, results.jsonl, gpu-check.log.
@@ -50,7 +53,7 @@ if [ "$mode" = prepare ]; then
   mkdir -p "$carry/wheels"
   # Stripped and xz-compressed: 33 MB -> 13 MB (the embedded tiny model included).
   strip -o "$carry/sdtune" target/release/sdtune 2>/dev/null || cp target/release/sdtune "$carry/sdtune"
-  for arch in tiny sd15; do
+  for arch in tiny sd15 sdxl; do
     "$carry/sdtune" bench train --arch "$arch" --dump-configs "$carry/configs/$arch"
   done
   xz -9 -T0 "$carry/sdtune"
@@ -172,12 +175,16 @@ if [ "$device" = cuda ]; then
   bench sample sd15 512 --precision bf16 --batch-size 4 --images 8 --steps 30 --guidance 7.5 --warmup 4
   bench sample sd15 512 --precision bf16 --batch-size 1 --images 4 --steps 30 --guidance 7.5 --warmup 1
   bench encode sd15 512 --precision bf16 --batch-size 4 --steps 10 --warmup 2
+  bench train sdxl 1024 --precision bf16 --batch-size 1 --steps 20 --warmup 5
+  bench train sdxl 1024 --precision bf16 --batch-size 1 --steps 20 --warmup 5 --gradient-checkpointing
+  bench sample sdxl 1024 --precision bf16 --batch-size 1 --images 2 --steps 30 --guidance 7.5 --warmup 1
 else
   # Dry run: the same code paths on the tiny model, a few steps.
   bench train tiny 64 --batch-size 1 --steps 3 --warmup 1
   bench train tiny 64 --batch-size 4 --steps 3 --warmup 1
   bench sample tiny 64 --batch-size 2 --images 2 --steps 5 --warmup 1
   bench encode tiny 64 --batch-size 2 --steps 2 --warmup 1
+  bench train sdxl 128 --batch-size 1 --steps 1 --warmup 0 --gradient-checkpointing
 fi
 
 stage "6. table"

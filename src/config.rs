@@ -274,4 +274,20 @@ mod tests {
         let err = format!("{:#}", parse("data:\n  max_bucket: 65536\n").unwrap_err());
         assert!(err.contains("at most 4096"), "{err}");
     }
+
+    #[test]
+    fn every_bundled_preset_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "configs/ should hold demo.yaml and sdxl.yaml");
+        let sdxl = Config::load(&dir.join("sdxl.yaml")).unwrap();
+        assert_eq!(sdxl.data.resolution, 1024);
+    }
 }

@@ -63,7 +63,7 @@ fn sd_rule_model(family: Family) -> StableDiffusion {
     }))
     .unwrap();
     let prediction = if sd2 { Prediction::V } else { Prediction::Epsilon };
-    StableDiffusion::random(text, unet, vae, SchedulerConfig::sd(prediction), Placement::cpu_f32())
+    StableDiffusion::random(vec![text], unet, vae, SchedulerConfig::sd(prediction), Placement::cpu_f32())
         .unwrap_or_else(|e| panic!("{e:#}"))
 }
 

@@ -4,7 +4,8 @@ Markdown table of sdtune / diffusers+peft ratios.
 
     python3 scripts/bench/compare.py RESULTS.jsonl
 
-Per case (bench, arch, resolution, batch, device, precision, steps) and side:
+Per case (bench, with or without gradient checkpointing, arch, resolution,
+batch, device, precision, steps) and side:
 the best round for speed (highest rate, lowest CPU seconds) and the highest
 peak memory. Speed ratio = sdtune rate / diffusers rate (above 1: sdtune is
 faster); memory ratio = sdtune peak / diffusers peak (below 1: sdtune needs less).
@@ -48,7 +49,8 @@ def main():
                 rows.append(json.loads(line))
     cases = {}
     for r in rows:
-        key = (r["bench"], r["arch"], r["resolution"], r["batch_size"], r["device"], r["precision"], r.get("steps", r.get("batches")))
+        bench = r["bench"] + (" +ckpt" if r.get("gradient_checkpointing") else "")
+        key = (bench, r["arch"], r["resolution"], r["batch_size"], r["device"], r["precision"], r.get("steps", r.get("batches")))
         cases.setdefault(key, {}).setdefault(r["side"], []).append(r)
 
     print(f"Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
@@ -60,7 +62,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, sides in cases.items():
         bench, arch, res, batch, device, precision, steps = key
-        rate, unit, cpu_key = RATE[bench]
+        rate, unit, cpu_key = RATE[bench.split()[0]]
         best = {}
         for side, runs in sides.items():
             best[side] = {

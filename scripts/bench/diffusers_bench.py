@@ -11,8 +11,12 @@ config files `sdtune bench --dump-configs DIR` wrote (random weights):
           VAE factor), cached text states, min-SNR-gamma weighting (or plain
           MSE), clip_grad_norm_ 1.0, loss.item() each step; autocast as
           accelerate's mixed precision does when the weights are half.
-  sample  StableDiffusionPipeline with DDIM, the same prompt, one CPU
-          generator per image, output_type="pt".
+          SDXL (a text_encoder_2.json in --configs): the UNet also gets the
+          cached pooled embedding and time ids (h, w, 0, 0, h, w), as
+          train_text_to_image_lora_sdxl.py passes them;
+          --gradient-checkpointing calls unet.enable_gradient_checkpointing().
+  sample  StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) with
+          DDIM, the same prompt, one CPU generator per image, output_type="pt".
   encode  AutoencoderKL.encode (mean and std to the CPU) and the text encoder.
 
 Prints one JSON line with the keys sdtune's JSON line has (side "diffusers").
@@ -102,8 +106,13 @@ class Memory:
 
 
 def unet_forward_tflop(ucfg, latent):
-    if list(ucfg["block_out_channels"]) == [320, 640, 1280, 1280]:
-        return 0.85 * latent[0] * latent[1] / (64 * 64)
+    """The same estimate as sdtune's ModelSpec::unet_forward_tflop."""
+    n = latent[0] * latent[1]
+    channels = list(ucfg["block_out_channels"])
+    if channels == [320, 640, 1280, 1280]:
+        return 0.85 * n / (64 * 64)
+    if channels == [320, 640, 1280] and ucfg.get("addition_embed_type") == "text_time":
+        return 3.796e-4 * n + 2.017e-9 * n * n
     return None
 
 
@@ -111,6 +120,10 @@ def mfu(tflop_per_s, peak):
     if tflop_per_s is None or not peak:
         return None
     return tflop_per_s / peak
+
+
+def is_sdxl(args):
+    return os.path.exists(os.path.join(args.configs, "text_encoder_2.json"))
 
 
 def common(args, device, dtype, kind):
@@ -140,6 +153,8 @@ def bench_train(args, device, dtype):
     unet = UNet2DConditionModel.from_config(ucfg)
     unet.requires_grad_(False)
     unet.to(device, dtype=dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     unet_params = sum(p.numel() for p in unet.parameters())
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                 target_modules=TARGETS[args.targets]))
@@ -159,6 +174,12 @@ def bench_train(args, device, dtype):
     means = torch.randn(b, ucfg.get("in_channels", 4), *latent) * 5.0
     stds = torch.full_like(means, 0.05)
     texts = torch.randn(b, 77, text_dim)
+    added = None
+    if ucfg.get("addition_embed_type") == "text_time":
+        pooled_dim = ucfg["projection_class_embeddings_input_dim"] - 6 * ucfg["addition_time_embed_dim"]
+        h = w = float(args.resolution)
+        added = {"text_embeds": torch.randn(b, pooled_dim).to(device, dtype),
+                 "time_ids": torch.tensor([[h, w, 0.0, 0.0, h, w]] * b).to(device, dtype)}
     autocast = dtype != torch.float32
 
     def step():
@@ -172,7 +193,7 @@ def bench_train(args, device, dtype):
         else:
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            pred = unet(noisy.to(dtype), timesteps, ehs.to(dtype), return_dict=False)[0]
+            pred = unet(noisy.to(dtype), timesteps, ehs.to(dtype), added_cond_kwargs=added, return_dict=False)[0]
         if args.min_snr_gamma <= 0:
             loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
         else:
@@ -208,7 +229,7 @@ def bench_train(args, device, dtype):
     tflop = unet_forward_tflop(ucfg, latent)
     tflop_per_step = 2.1 * tflop * b if tflop else None
     out.update({
-        "unet_params": unet_params, "rank": args.rank, "targets": args.targets, "lora_modules": sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A")),
+        "unet_params": unet_params, "gradient_checkpointing": bool(args.gradient_checkpointing), "rank": args.rank, "targets": args.targets, "lora_modules": sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A")),
         "lora_params": lora_params, "min_snr_gamma": args.min_snr_gamma if args.min_snr_gamma > 0 else None,
         "warmup_steps": args.warmup, "steps": args.steps, "warmup_s": rounded(warmup_s),
         "seconds": rounded(seconds), "steps_per_s": rounded(sps), "s_per_step": rounded(seconds / args.steps),
@@ -223,8 +244,9 @@ def bench_train(args, device, dtype):
 
 def build_pipeline(args, device, dtype):
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(read_config(os.path.join(args.configs, "unet.json")))
@@ -232,8 +254,15 @@ def build_pipeline(args, device, dtype):
     text = CLIPTextModel(CLIPTextConfig(**read_config(os.path.join(args.configs, "text_encoder.json"))))
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer)
     scheduler = DDIMScheduler.from_config(read_config(os.path.join(args.configs, "scheduler.json")))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if is_sdxl(args):
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**read_config(os.path.join(args.configs, "text_encoder_2.json"))))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(args.tokenizer_2)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=True)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipe.to(device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -340,13 +369,18 @@ def main():
     p.add_argument("--images", type=int, default=None)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
-    p.add_argument("--tokenizer", default="tests/fixtures/tiny-sd1/tokenizer")
+    p.add_argument("--tokenizer", default=None,
+                   help="default: tests/fixtures/tiny-sd1/tokenizer (tiny-sdxl/tokenizer for SDXL configs)")
+    p.add_argument("--tokenizer-2", default="tests/fixtures/tiny-sdxl/tokenizer_2")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=None)
     args = p.parse_args()
 
+    if args.tokenizer is None:
+        args.tokenizer = "tests/fixtures/tiny-sdxl/tokenizer" if is_sdxl(args) else "tests/fixtures/tiny-sd1/tokenizer"
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,5 +1,5 @@
 //! The model a benchmark runs: a named config with random weights
-//! (`--arch tiny|sd15|sd21`) or a diffusers folder (`--model`).
+//! (`--arch tiny|sd15|sd21|sdxl`) or a diffusers folder (`--model`).
 //!
 //! `--dump-configs` writes the configs as diffusers reads them, so the
 //! diffusers side of `scripts/bench-vs-diffusers.sh` builds the very same model.
@@ -24,21 +24,33 @@ pub enum Source {
 pub struct ModelSpec {
     pub source: Source,
     pub text: ClipTextConfig,
+    /// SDXL's second text encoder (OpenCLIP bigG with projection).
+    pub text_2: Option<ClipTextConfig>,
     pub unet: UNetConfig,
     pub vae: VaeConfig,
     pub scheduler: SchedulerConfig,
 }
 
 impl ModelSpec {
-    /// `tiny` (the sizes of the tests' tiny SD1 fixture), `sd15` or `sd21`.
+    /// `tiny` (the sizes of the tests' tiny SD1 fixture), `sd15`, `sd21` or `sdxl` (base 1.0).
     pub fn arch(name: &str) -> Result<Self> {
+        if name == "sdxl" {
+            return Ok(ModelSpec {
+                source: Source::Arch(name.into()),
+                text: ClipTextConfig::sdxl_vit_l(),
+                text_2: Some(ClipTextConfig::sdxl_bigg()),
+                unet: UNetConfig::sdxl(),
+                vae: VaeConfig::sdxl(),
+                scheduler: SchedulerConfig::sd(Prediction::Epsilon),
+            });
+        }
         let (text, unet, vae, scheduler) = match name {
             "tiny" => (tiny_text(), tiny_unet(), tiny_vae(), SchedulerConfig::sd(Prediction::Epsilon)),
             "sd15" => (ClipTextConfig::sd15(), UNetConfig::sd15(), VaeConfig::sd(), SchedulerConfig::sd(Prediction::Epsilon)),
             "sd21" => (ClipTextConfig::sd21(), UNetConfig::sd21(), VaeConfig::sd(), SchedulerConfig::sd(Prediction::V)),
-            other => bail!("--arch {other:?} is not one of tiny, sd15, sd21"),
+            other => bail!("--arch {other:?} is not one of tiny, sd15, sd21, sdxl"),
         };
-        Ok(ModelSpec { source: Source::Arch(name.into()), text, unet, vae, scheduler })
+        Ok(ModelSpec { source: Source::Arch(name.into()), text, text_2: None, unet, vae, scheduler })
     }
 
     /// The configs of a diffusers folder (its weights are loaded later).
@@ -47,6 +59,10 @@ impl ModelSpec {
         Ok(ModelSpec {
             source: Source::Folder(dir.to_path_buf()),
             text: ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?,
+            text_2: match dir.join("text_encoder_2/config.json") {
+                path if path.exists() => Some(ClipTextConfig::from_file(&path)?),
+                _ => None,
+            },
             unet: UNetConfig::from_file(&dir.join("unet/config.json"))?,
             vae: VaeConfig::from_file(&dir.join("vae/config.json"))?,
             scheduler: SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?,
@@ -74,16 +90,22 @@ impl ModelSpec {
         Ok((resolution / f, resolution / f))
     }
 
-    /// TFLOP of one UNet forward of one sample at `latent` size, for
-    /// SD-sized UNets only (block_out_channels 320/640/1280/1280): about
-    /// 0.85 at 64x64 latents, scaled by latent area. `None` for other sizes.
+    /// TFLOP of one UNet forward of one sample at `latent` size, for SD1/SD2-
+    /// and SDXL-sized UNets; `None` for other sizes. SD: about 0.85 at 64x64
+    /// latents, scaled by latent area. SDXL: a fit `a·n + b·n²` of n latent
+    /// pixels to torch's FlopCounterMode on diffusers' UNet (1.59 at 64x64,
+    /// 6.76 at 128x128; the n² term is self-attention).
     pub fn unet_forward_tflop(&self, latent: (i64, i64)) -> Option<f64> {
-        (self.unet.block_out_channels == [320, 640, 1280, 1280])
-            .then(|| 0.85 * (latent.0 * latent.1) as f64 / (64.0 * 64.0))
+        let n = (latent.0 * latent.1) as f64;
+        match self.unet.block_out_channels.as_slice() {
+            [320, 640, 1280, 1280] => Some(0.85 * n / (64.0 * 64.0)),
+            [320, 640, 1280] if self.unet.takes_text_time() => Some(3.796e-4 * n + 2.017e-9 * n * n),
+            _ => None,
+        }
     }
 
-    /// Writes `unet.json`, `text_encoder.json`, `vae.json` and
-    /// `scheduler.json` into `dir` (created), as diffusers/transformers
+    /// Writes `unet.json`, `text_encoder.json` (and `text_encoder_2.json`
+    /// for SDXL), `vae.json` and `scheduler.json` into `dir` (created), as diffusers/transformers
     /// `config.json` files: keys are diffusers' own.
     pub fn dump(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -94,6 +116,9 @@ impl ModelSpec {
         };
         write("unet.json", serde_json::to_value(&self.unet)?)?;
         write("text_encoder.json", serde_json::to_value(&self.text)?)?;
+        if let Some(text_2) = &self.text_2 {
+            write("text_encoder_2.json", serde_json::to_value(text_2)?)?;
+        }
         write("vae.json", serde_json::to_value(&self.vae)?)?;
         write("scheduler.json", serde_json::to_value(&self.scheduler)?)?;
         Ok(())
@@ -142,5 +167,11 @@ mod tests {
         let sd15 = ModelSpec::arch("sd15").unwrap();
         assert_eq!(sd15.native_resolution(), 512);
         assert!((sd15.unet_forward_tflop((32, 32)).unwrap() - 0.2125).abs() < 1e-9);
+        let sdxl = ModelSpec::arch("sdxl").unwrap();
+        assert_eq!(sdxl.native_resolution(), 1024);
+        // FlopCounterMode on diffusers' SDXL UNet: 1.589 TFLOP at 64x64, 6.761 at 128x128.
+        assert!((sdxl.unet_forward_tflop((64, 64)).unwrap() - 1.589).abs() < 0.01);
+        assert!((sdxl.unet_forward_tflop((128, 128)).unwrap() - 6.761).abs() < 0.01);
+        assert_eq!(sdxl.text_2.as_ref().map(|t| t.hidden_size), Some(1280));
     }
 }

@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
 
 use super::measure::{num, timed, MemoryMeter};
-use super::sample::{build_model, PROMPT};
+use super::sample::{build_model, Tokenizers, PROMPT};
 use super::Setup;
 use crate::models::stable_diffusion::Placement;
 
@@ -15,7 +15,7 @@ pub struct EncodeBench {
     pub warmup: usize,
     /// Timed batches.
     pub batches: usize,
-    pub tokenizer: Option<std::path::PathBuf>,
+    pub tokenizers: Tokenizers,
 }
 
 pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
@@ -24,7 +24,7 @@ pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
     let mut memory = MemoryMeter::start(device);
     // As prepare: the VAE in fp32 unless asked otherwise, on the device.
     let placement = Placement { device, kind: precision.kind(), vae_kind: precision.kind() };
-    let model = build_model(spec, placement, bench.tokenizer.as_deref())?;
+    let model = build_model(spec, placement, &bench.tokenizers)?;
     let rss_after_build = super::measure::rss_mb();
     let b = setup.batch_size as i64;
     tch::manual_seed(4);

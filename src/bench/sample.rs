@@ -1,6 +1,6 @@
 //! `sdtune bench sample`: seconds per image of text to image, the pipeline
 //! `sdtune sample` runs (tokenize, encode, denoise with guidance, VAE decode).
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
@@ -22,8 +22,16 @@ pub struct SampleBench {
     /// Images rendered untimed first, then timed.
     pub warmup: usize,
     pub images: usize,
-    /// Tokenizer folder for random-weight models.
-    pub tokenizer: Option<PathBuf>,
+    /// Tokenizer folders for random-weight models (the second is SDXL's).
+    pub tokenizers: Tokenizers,
+}
+
+/// The tokenizer folders a random-weight model samples with.
+#[derive(Clone, Debug, Default)]
+pub struct Tokenizers {
+    pub first: Option<PathBuf>,
+    /// SDXL's `tokenizer_2`.
+    pub second: Option<PathBuf>,
 }
 
 /// The prompt every benchmark image uses (the diffusers side uses it too).
@@ -31,24 +39,28 @@ pub const PROMPT: &str = "a studio photo of a red ceramic mug with a white logo 
 
 /// The tokenizer folder used with `--arch` when none is given.
 pub const DEFAULT_TOKENIZER: &str = "tests/fixtures/tiny-sd1/tokenizer";
+/// SDXL's two (the second pads with id 0), from the tiny SDXL fixture.
+pub const DEFAULT_SDXL_TOKENIZERS: [&str; 2] = ["tests/fixtures/tiny-sdxl/tokenizer", "tests/fixtures/tiny-sdxl/tokenizer_2"];
 
 /// Builds (random weights) or loads the whole pipeline.
-pub fn build_model(spec: &ModelSpec, placement: Placement, tokenizer: Option<&Path>) -> Result<StableDiffusion> {
+pub fn build_model(spec: &ModelSpec, placement: Placement, tokenizers: &Tokenizers) -> Result<StableDiffusion> {
     match &spec.source {
         Source::Folder(dir) => StableDiffusion::from_diffusers_folder(dir, placement, None),
         Source::Arch(_) => {
             tch::manual_seed(0);
-            let mut model = StableDiffusion::random(
-                spec.text.clone(),
-                spec.unet.clone(),
-                spec.vae.clone(),
-                spec.scheduler.clone(),
-                placement,
-            )?;
-            let dir = tokenizer.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEFAULT_TOKENIZER));
-            model.text.encoders[0].tokenizer = Some(ClipTokenizer::from_folder(&dir).with_context(|| {
-                format!("a CLIP tokenizer is needed to sample; pass --tokenizer DIR (a folder with vocab.json and merges.txt), not {}", dir.display())
-            })?);
+            let configs = std::iter::once(spec.text.clone()).chain(spec.text_2.clone()).collect();
+            let mut model =
+                StableDiffusion::random(configs, spec.unet.clone(), spec.vae.clone(), spec.scheduler.clone(), placement)?;
+            let sdxl = spec.text_2.is_some();
+            let defaults = if sdxl { DEFAULT_SDXL_TOKENIZERS } else { [DEFAULT_TOKENIZER, DEFAULT_SDXL_TOKENIZERS[1]] };
+            let chosen = [&tokenizers.first, &tokenizers.second];
+            for (i, encoder) in model.text.encoders.iter_mut().enumerate() {
+                let dir = chosen[i].clone().unwrap_or_else(|| PathBuf::from(defaults[i]));
+                let flag = if i == 0 { "--tokenizer" } else { "--tokenizer-2" };
+                encoder.tokenizer = Some(ClipTokenizer::from_folder(&dir).with_context(|| {
+                    format!("a CLIP tokenizer is needed to sample; pass {flag} DIR (a folder with vocab.json and merges.txt), not {}", dir.display())
+                })?);
+            }
             Ok(model)
         }
     }
@@ -76,7 +88,7 @@ pub fn run(setup: &Setup, bench: &SampleBench) -> Result<Map<String, Value>> {
     let latent = spec.latent_size(setup.resolution)?;
     let mut memory = MemoryMeter::start(device);
     let placement = Placement { device, kind: precision.kind(), vae_kind: precision.kind() };
-    let model = build_model(spec, placement, bench.tokenizer.as_deref())?;
+    let model = build_model(spec, placement, &bench.tokenizers)?;
     let rss_after_build = super::measure::rss_mb();
     let mut ignore = |_: String| {};
     if bench.warmup > 0 {

@@ -36,24 +36,35 @@ pub struct TrainBench {
 }
 
 /// `batch_size` cached images of one bucket: latent distributions and
-/// caption states drawn once, on the CPU, as the cache holds them.
+/// caption states drawn once, on the CPU, as the cache holds them; for
+/// SDXL-style UNets also the pooled embedding and the size/crop time ids.
 pub struct RandomCache {
     means: Vec<Tensor>,
     stds: Vec<Tensor>,
-    texts: Vec<Tensor>,
-    empty: Tensor,
+    texts: Vec<Conditioning>,
+    empty: Conditioning,
+    time_ids: Option<[f32; 6]>,
 }
 
 impl RandomCache {
-    pub fn new(items: usize, latent_channels: i64, latent: (i64, i64), text_dim: i64) -> Self {
+    /// `pooled`: the width of the pooled text embedding the UNet takes, if any.
+    pub fn new(items: usize, latent_channels: i64, latent: (i64, i64), text_dim: i64, pooled: Option<i64>, pixels: (i64, i64)) -> Self {
         tch::manual_seed(1);
         let cpu = (Kind::Float, Device::Cpu);
         let shape = [latent_channels, latent.0, latent.1];
+        let caption = || Conditioning {
+            text: Tensor::randn([1, 77, text_dim], cpu),
+            pooled: pooled.map(|width| Tensor::randn([1, width], cpu)),
+            time_ids: None,
+        };
+        // Original size = bucket, no crop: what prepare stores for an image already at its bucket.
+        let (h, w) = (pixels.0 as f32, pixels.1 as f32);
         RandomCache {
             means: (0..items).map(|_| Tensor::randn(shape, cpu) * 5.0).collect(),
             stds: (0..items).map(|_| Tensor::full(shape, 0.05, cpu)).collect(),
-            texts: (0..items).map(|_| Tensor::randn([77, text_dim], cpu)).collect(),
-            empty: Tensor::randn([77, text_dim], cpu),
+            texts: (0..items).map(|_| caption()).collect(),
+            empty: caption(),
+            time_ids: pooled.map(|_| [h, w, 0.0, 0.0, h, w]),
         }
     }
 }
@@ -66,14 +77,17 @@ impl TrainingData for RandomCache {
         Ok(TrainSample {
             latent_mean: self.means[index].shallow_clone(),
             latent_std: self.stds[index].shallow_clone(),
-            text: Conditioning::text_only(self.texts[index].unsqueeze(0)),
+            text: self.texts[index].shallow_clone(),
         })
     }
     fn has_flips(&self) -> bool {
         false
     }
     fn empty_caption(&self) -> Result<Conditioning> {
-        Ok(Conditioning::text_only(self.empty.unsqueeze(0)))
+        Ok(self.empty.shallow_clone())
+    }
+    fn time_ids(&self, _index: usize, _flip: bool) -> Result<Option<[f32; 6]>> {
+        Ok(self.time_ids)
     }
 }
 
@@ -99,7 +113,9 @@ pub fn run(setup: &Setup, bench: &TrainBench) -> Result<Map<String, Value>> {
     let rss_after_build = super::measure::rss_mb();
     let unet_params: i64 = unet.vs.variables().values().map(|t| t.numel() as i64).sum();
     let text_dim = spec.unet.cross_attention_dims()[0];
-    let data = RandomCache::new(setup.batch_size, spec.unet.in_channels, latent, text_dim);
+    let pooled = unet.model.pooled_dim();
+    let pixels = (setup.resolution, setup.resolution);
+    let data = RandomCache::new(setup.batch_size, spec.unet.in_channels, latent, text_dim, pooled, pixels);
     tch::manual_seed(2);
     let alpha = bench.rank as f64;
     let lora = LoraNetwork::inject(&unet.layers, bench.targets, bench.rank, alpha, DownInit::KaimingUniform, device)?;

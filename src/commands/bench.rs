@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 
 use crate::bench::arch::ModelSpec;
 use crate::bench::encode::EncodeBench;
-use crate::bench::sample::SampleBench;
+use crate::bench::sample::{SampleBench, Tokenizers};
 use crate::bench::train::TrainBench;
 use crate::bench::{encode, measure, sample, train, Setup};
 use crate::lora::targets::Targets;
@@ -20,6 +20,8 @@ Examples:
   sdtune bench train --arch sd15 --batch-size 4 --precision bf16 --device cuda
   sdtune bench sample --arch sd15 --steps 30 --guidance 7.5 --images 8 --batch-size 4
   sdtune bench encode --arch sd15 --batch-size 4
+  sdtune bench train --arch sdxl --resolution 1024 --precision bf16 --gradient-checkpointing --device cuda
+  sdtune bench sample --arch sdxl --resolution 1024 --steps 30 --device cuda
   sdtune bench train --model ./stable-diffusion-v1-5 --resolution 512
   sdtune bench train --arch tiny --dump-configs cfg     (write the configs and stop)
 
@@ -38,13 +40,13 @@ pub struct BenchArgs {
     /// What to measure: train (LoRA optimizer steps), sample (text to image) or encode (VAE + text encoder).
     #[arg(value_parser = ["train", "sample", "encode"])]
     pub kind: String,
-    /// Model config with random weights: tiny (the test fixture's sizes), sd15 or sd21.
-    #[arg(long, default_value = "sd15", value_parser = ["tiny", "sd15", "sd21"], conflicts_with = "model")]
+    /// Model config with random weights: tiny (the test fixture's sizes), sd15, sd21 or sdxl (base 1.0).
+    #[arg(long, default_value = "sd15", value_parser = ["tiny", "sd15", "sd21", "sdxl"], conflicts_with = "model")]
     pub arch: String,
     /// A diffusers model folder to load instead of random weights.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Image side in pixels [default: the model's own: 512 sd15, 768 sd21, 64 tiny].
+    /// Image side in pixels [default: the model's own: 512 sd15, 768 sd21, 1024 sdxl, 64 tiny].
     #[arg(allow_negative_numbers = true, long, value_name = "PX")]
     pub resolution: Option<i64>,
     /// Images per training step, UNet batch when sampling, images per encode batch.
@@ -75,9 +77,14 @@ pub struct BenchArgs {
     /// Min-SNR-gamma of the training loss; 0 turns it off.
     #[arg(allow_hyphen_values = true, long, default_value_t = 5.0)]
     pub min_snr_gamma: f64,
-    /// CLIP tokenizer folder for `sample` with --arch [default: tests/fixtures/tiny-sd1/tokenizer].
+    /// CLIP tokenizer folder for `sample` with --arch [default: tests/fixtures/tiny-sd1/tokenizer;
+    /// tests/fixtures/tiny-sdxl/tokenizer for sdxl].
     #[arg(long, value_name = "DIR")]
     pub tokenizer: Option<PathBuf>,
+    /// SDXL's second tokenizer folder (pads with id 0) for `sample --arch sdxl`
+    /// [default: tests/fixtures/tiny-sdxl/tokenizer_2].
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer_2: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -152,7 +159,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 scheduler: SchedulerKind::parse(&args.scheduler)?,
                 warmup: args.warmup.unwrap_or(1),
                 images: positive(args.images.unwrap_or(args.batch_size), "--images")?,
-                tokenizer: args.tokenizer.clone(),
+                tokenizers: tokenizers(&args),
             };
             sample::run(&setup, &bench)?
         }
@@ -160,7 +167,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let bench = EncodeBench {
                 warmup: args.warmup.unwrap_or(1),
                 batches: positive(args.steps.unwrap_or(5), "--steps")?,
-                tokenizer: args.tokenizer.clone(),
+                tokenizers: tokenizers(&args),
             };
             encode::run(&setup, &bench)?
         }
@@ -168,6 +175,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     measure::print(&title, &fields);
     Ok(())
+}
+
+fn tokenizers(args: &BenchArgs) -> Tokenizers {
+    Tokenizers { first: args.tokenizer.clone(), second: args.tokenizer_2.clone() }
 }
 
 fn positive(n: usize, flag: &str) -> Result<usize> {

@@ -260,6 +260,22 @@ impl UNetConfig {
         }))
         .expect("the built-in SD2.1 UNet config is valid")
     }
+
+    /// The SDXL base 1.0 UNet (2.6 B parameters), for random-weight benchmarks.
+    pub fn sdxl() -> Self {
+        serde_json::from_value(serde_json::json!({
+            "sample_size": 128, "in_channels": 4, "out_channels": 4,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+            "transformer_layers_per_block": [1, 2, 10],
+            "cross_attention_dim": 2048, "attention_head_dim": [5, 10, 20],
+            "use_linear_projection": true,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816
+        }))
+        .expect("the built-in SDXL UNet config is valid")
+    }
 }
 
 fn default_scaling_factor() -> f64 {
@@ -314,6 +330,16 @@ impl VaeConfig {
             "latent_channels": 4, "sample_size": 512, "scaling_factor": 0.18215
         }))
         .expect("the built-in SD VAE config is valid")
+    }
+
+    /// SDXL's VAE: SD's layout with its own scaling factor; fp16 needs the upcast.
+    pub fn sdxl() -> Self {
+        serde_json::from_value(serde_json::json!({
+            "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+            "latent_channels": 4, "sample_size": 1024, "scaling_factor": 0.13025,
+            "force_upcast": true
+        }))
+        .expect("the built-in SDXL VAE config is valid")
     }
 }
 
@@ -385,6 +411,29 @@ impl ClipTextConfig {
             "projection_dim": 512, "eos_token_id": 49407
         }))
         .expect("the built-in SD2.1 text encoder config is valid")
+    }
+
+    /// SDXL's first text encoder: CLIP ViT-L/14 as SDXL base ships it
+    /// (legacy special-token ids), for benchmarks.
+    pub fn sdxl_vit_l() -> Self {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_act": "quick_gelu",
+            "projection_dim": 768, "eos_token_id": 2,
+            "architectures": ["CLIPTextModel"]
+        }))
+        .expect("the built-in SDXL text encoder config is valid")
+    }
+
+    /// SDXL's second text encoder: OpenCLIP ViT-bigG/14 with its projection, for benchmarks.
+    pub fn sdxl_bigg() -> Self {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120,
+            "num_hidden_layers": 32, "num_attention_heads": 20, "hidden_act": "gelu",
+            "projection_dim": 1280, "eos_token_id": 2,
+            "architectures": ["CLIPTextModelWithProjection"]
+        }))
+        .expect("the built-in SDXL second text encoder config is valid")
     }
 }
 

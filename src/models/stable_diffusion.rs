@@ -92,23 +92,29 @@ impl StableDiffusion {
     }
 
     /// Builds every component from configs with random weights (benchmarks).
+    /// Random weights from configs: one text encoder (SD1, SD2) or two
+    /// (SDXL: the last with its projection). Tokenizers are left to the caller.
     pub fn random(
-        text_config: ClipTextConfig,
+        text_configs: Vec<ClipTextConfig>,
         unet_config: UNetConfig,
         vae_config: VaeConfig,
         scheduler: SchedulerConfig,
         placement: Placement,
     ) -> Result<Self> {
-        let text_encoder = build(placement.device, placement.kind, WeightInit::Random, |vb| {
-            ClipTextModel::new(vb, &text_config)
-        })?;
+        let two = text_configs.len() == 2;
+        let mut encoders = Vec::with_capacity(text_configs.len());
+        for config in text_configs {
+            let model = build(placement.device, placement.kind, WeightInit::Random, |vb| ClipTextModel::new(vb, &config))?;
+            encoders.push(TextEncoder { tokenizer: None, model, config });
+        }
         let unet = build(placement.device, placement.kind, WeightInit::Random, |vb| {
             UNet2DConditionModel::new(vb, &unet_config)
         })?;
         let vae = build(placement.device, placement.vae_kind, WeightInit::Random, |vb| {
             AutoencoderKL::new(vb, &vae_config)
         })?;
-        let text = TextStack::new(vec![TextEncoder { tokenizer: None, model: text_encoder, config: text_config }])?;
+        // SDXL base's `force_zeros_for_empty_prompt` is true.
+        let text = if two { TextStack::sdxl(encoders, true)? } else { TextStack::new(encoders)? };
         Self::assemble(Parts { source: None, text, unet, unet_config, vae, vae_config, scheduler })
     }
 
