@@ -310,3 +310,31 @@ pub fn write(
     }
     write_tensors(path, &tensors, Some(metadata))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alphas(json: &str) -> Result<PeftAlphas> {
+        PeftAlphas::read(&HashMap::from([("lora_adapter_metadata".to_string(), json.to_string())]), "f.safetensors")
+    }
+
+    #[test]
+    fn peft_alphas_are_per_model_with_the_bare_one_as_fallback() {
+        let a = alphas(r#"{"unet.lora_alpha": 8, "text_encoder_2.lora_alpha": 6, "lora_alpha": 3}"#).unwrap();
+        assert_eq!(a.of("unet.down_blocks.1.attentions.0.proj_in"), Some(8.0));
+        assert_eq!(a.of("text_encoder_2.encoder.layers.0.self_attn.q_proj"), Some(6.0));
+        assert_eq!(a.of("text_encoder.encoder.layers.0.self_attn.q_proj"), Some(3.0));
+        let a = alphas(r#"{"unet.lora_alpha": 8}"#).unwrap();
+        assert_eq!(a.of("text_encoder.encoder.layers.0.self_attn.q_proj"), None, "another model's alpha was taken");
+        let err = alphas(r#"{"text_encoder.lora_alpha": "x"}"#).err().unwrap().to_string();
+        assert!(err.contains("f.safetensors") && err.contains("text_encoder.lora_alpha"), "{err}");
+    }
+
+    #[test]
+    fn text_encoder_layers_get_transformers_4_paths() {
+        assert_eq!(text_model_path("encoder.layers.0.self_attn.q_proj"), "text_model.encoder.layers.0.self_attn.q_proj");
+        assert_eq!(text_model_path("text_model.encoder.layers.0.mlp.fc1"), "text_model.encoder.layers.0.mlp.fc1");
+        assert_eq!(text_model_path("text_projection"), "text_projection");
+    }
+}
