@@ -38,3 +38,4 @@ fixtures:
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_fixture.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_single_file.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_lora_cases.py
+	.venv-ref/bin/python scripts/fixtures/make_sdxl_lora_reference.py

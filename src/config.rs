@@ -22,6 +22,11 @@ pub struct Config {
     /// A diffusers model folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// A VAE used instead of the model's (a diffusers vae/ folder or a VAE
+    /// .safetensors file): prepare encodes the images with it, and train's
+    /// sample grids decode with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
     #[serde(default)]
     pub data: DataConfig,
     #[serde(default)]

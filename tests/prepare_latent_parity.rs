@@ -40,6 +40,7 @@ fn cached_latents_match_diffusers() {
         work_dir: work.to_path_buf(),
         config_file: work.join("sdtune.yaml"),
         model_dir: tiny_model(),
+        vae: None,
         device: Device::Cpu,
         precision: Precision::Fp32,
         data: small_config(),

@@ -41,6 +41,12 @@ pub struct PrepareArgs {
     /// found in the local Hugging Face cache [default: model in sdtune.yaml].
     #[arg(long, value_name = "DIR|FILE|ID")]
     pub model: Option<String>,
+    /// Another VAE to encode the images with instead of the model's: a diffusers
+    /// vae/ folder, or one VAE .safetensors file in diffusers' or LDM names
+    /// [default: vae in sdtune.yaml, else the model's]. Latents of another VAE
+    /// are encoded again, never mixed.
+    #[arg(long, value_name = "DIR|FILE")]
+    pub vae: Option<String>,
     /// Training resolution: buckets hold about this many pixels squared [default: 512; 1024 for SDXL].
     #[arg(allow_negative_numbers = true, long, value_name = "PX")]
     pub resolution: Option<u32>,
@@ -152,6 +158,7 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         work_dir: work_dir.clone(),
         config_file: work_dir.join(CONFIG_FILE),
         model_dir: model_dir.clone(),
+        vae: config.vae.clone().map(PathBuf::from),
         device,
         precision,
         data: config.data.clone(),
@@ -213,6 +220,9 @@ fn apply_flags(args: &PrepareArgs, config: &mut Config) -> Result<()> {
     let d = &mut config.data;
     if let Some(model) = &args.model {
         config.model = Some(model.clone());
+    }
+    if let Some(vae) = &args.vae {
+        config.vae = Some(vae.clone());
     }
     if let Some(v) = args.resolution {
         d.resolution = v;

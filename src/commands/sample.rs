@@ -478,6 +478,10 @@ fn plan_run_grid(args: &SampleArgs, plan: &mut Plan) -> Result<()> {
         plan.model = config.model.clone().or_else(|| dataset.as_ref().map(|d| d.model.clone())).context(
             "sdtune.yaml names no model and nothing is prepared; add `model:` to sdtune.yaml or pass --model",
         )?;
+        // The run's model, with the VAE its images were prepared with.
+        if plan.options.vae.is_none() {
+            plan.options.vae = config.vae.clone().or_else(|| dataset.as_ref().and_then(|d| d.vae.clone())).map(PathBuf::from);
+        }
     }
     if matches!(plan.brand, BrandFrom::None) {
         plan.brand = BrandFrom::Prepared;

@@ -49,6 +49,11 @@ pub struct TrainArgs {
     /// Hub id [default: the model the images were prepared with].
     #[arg(long, value_name = "DIR|FILE|ID")]
     pub model: Option<String>,
+    /// Another VAE to decode the sample grids with instead of the model's: a
+    /// diffusers vae/ folder or a VAE .safetensors file [default: vae in
+    /// sdtune.yaml, else the one the images were prepared with].
+    #[arg(long, value_name = "DIR|FILE")]
+    pub vae: Option<String>,
     /// Optimizer steps [default: 1000].
     #[arg(allow_negative_numbers = true, long)]
     pub steps: Option<u64>,
@@ -160,9 +165,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         choose_precision(&train.precision, device)?
     };
+    let vae_spec = args.vae.clone().or(config.vae.clone()).or(dataset.vae.clone());
+    if vae_spec != dataset.vae {
+        let named = |vae: &Option<String>| vae.clone().unwrap_or_else(|| "the model's own VAE".into());
+        eprintln!(
+            "warning: the images were encoded with {}; the sample grids decode with {}, so they show what that VAE makes of the trained latents",
+            named(&dataset.vae),
+            named(&vae_spec)
+        );
+    }
+    let vae_path = vae_spec.as_deref().map(|v| resolve_against(&work_dir, v));
     let placement = Placement { device, kind: precision.kind(), vae_kind: Kind::Float };
     let model_path = resolve_against(&work_dir, &model_spec);
-    let model = StableDiffusion::load(&model_path.to_string_lossy(), placement, &LoadOptions::default())?;
+    let options = LoadOptions { vae: vae_path.clone(), ..LoadOptions::default() };
+    let model = StableDiffusion::load(&model_path.to_string_lossy(), placement, &options)?;
     eprintln!(
         "training {} on {} images from {} ({} on {})",
         train.name,
@@ -172,7 +188,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         device_name(device)
     );
 
-    let grid = grid_settings(&train, &cache, &model_path, &model, precision, device)?;
+    let grid = grid_settings(&train, &cache, &model_path, vae_path.as_deref(), &model, precision, device)?;
     let mut plan = plan(&train, &config, &work_dir, &cache, precision, &model_spec, args.resume, grid)?;
     plan.full = args.full;
     plan.grid.brand = brand_palette(&work_dir);
@@ -441,6 +457,7 @@ fn grid_settings(
     t: &TrainConfig,
     cache: &CacheReader,
     model_path: &Path,
+    vae: Option<&Path>,
     model: &StableDiffusion,
     precision: Precision,
     device: Device,
@@ -449,6 +466,11 @@ fn grid_settings(
     let model_hash = match &model.source {
         Some(source) => crate::sample::settings::model_hash(source, None)?,
         None => String::new(),
+    };
+    // As `sdtune sample --vae` records it, so `--from` a grid image decodes alike.
+    let model_hash = match vae {
+        Some(vae) => crate::sample::settings::with_vae(&model_hash, vae)?,
+        None => model_hash,
     };
     Ok(Settings {
         steps: t.sample_steps,
@@ -460,7 +482,7 @@ fn grid_settings(
         model: crate::sample::settings::recorded_model(&model_path.to_string_lossy()),
         model_hash,
         variant: None,
-        vae: None,
+        vae: vae.map(|v| crate::sample::settings::recorded_model(&v.to_string_lossy())),
         prediction_type: None,
         loras: Vec::new(),
         fuse: false,

@@ -88,6 +88,10 @@ pub struct TextEntry {
 pub struct Dataset {
     pub data_dir: String,
     pub model: String,
+    /// The `--vae` the latents were encoded with, when not the model's own
+    /// (the latent keys hold its weights' identity too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
     pub resolution: u32,
     /// Multiply a latent sample by this before the UNet (VAE `scaling_factor`).
     pub scaling_factor: f64,
@@ -637,6 +641,7 @@ mod tests {
         Dataset {
             data_dir: "d".into(),
             model: "m".into(),
+            vae: None,
             resolution: 16,
             scaling_factor: 0.18215,
             shift_factor: None,

@@ -45,6 +45,8 @@ pub struct Options {
     pub config_file: PathBuf,
     /// The `--model` value: a diffusers folder, a single-file checkpoint or a Hub id.
     pub model_dir: PathBuf,
+    /// The `--vae` value: a VAE to encode with instead of the model's.
+    pub vae: Option<PathBuf>,
     pub device: Device,
     pub precision: Precision,
     /// Settings after command-line flags were applied.
@@ -185,7 +187,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
             opts.model_dir.display()
         );
     };
-    let model = ModelFiles::of(model_spec, &LoadOptions::default())?;
+    let model = ModelFiles::of(model_spec, &LoadOptions { vae: opts.vae.clone(), ..LoadOptions::default() })?;
     let factor = model.vae_config.scale_factor() as u32;
     if !cfg.bucket_step.is_multiple_of(factor) || !cfg.resolution.is_multiple_of(factor) {
         bail!(
@@ -562,6 +564,7 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         let dataset = Dataset {
             data_dir: opts.data_dir.display().to_string(),
             model: opts.model_dir.display().to_string(),
+            vae: opts.vae.as_ref().map(|v| v.display().to_string()),
             resolution: cfg.resolution,
             scaling_factor: model.vae_config.scaling_factor,
             shift_factor: model.vae_config.shift_factor,

@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 use super::kohya_names::KohyaNames;
 use super::{Component, LoraModule, LoraWeights, ModelLayers};
 pub use crate::loaders::file_kind::{detect_lora as detect, LoraFormat};
+use crate::loaders::file_kind::TEXT_MODEL_PREFIX;
 use crate::loaders::tensor_file::{write_tensors, TensorFile};
 
 /// Reads a LoRA file of any supported layout, resolving names against `layers`.
@@ -23,6 +24,10 @@ pub fn read(path: &Path, layers: &ModelLayers) -> Result<LoraWeights> {
             .into_iter()
             .map(|m| {
                 let (component, layer) = split_component(&legacy_processor_path(&m.base));
+                let layer = match component {
+                    Component::Unet => layer,
+                    _ => text_model_path(&layer),
+                };
                 LoraModule { component, layer, down: m.down, up: m.up, alpha: m.alpha }
             })
             .collect(),
@@ -53,10 +58,10 @@ pub fn read_stored(file: &TensorFile) -> Result<(LoraFormat, Vec<StoredModule>)>
     let modules = match format {
         LoraFormat::Kohya => read_kohya(file, &names, &source)?,
         LoraFormat::Peft => {
-            let alpha = peft_alpha(&file.string_metadata(), &source)?;
-            read_paired(file, &names, ".lora_A.weight", ".lora_B.weight", alpha, &source)?
+            let alphas = PeftAlphas::read(&file.string_metadata(), &source)?;
+            read_paired(file, &names, ".lora_A.weight", ".lora_B.weight", |base| alphas.of(base), &source)?
         }
-        LoraFormat::DiffusersLegacy => read_paired(file, &names, ".lora.down.weight", ".lora.up.weight", None, &source)?,
+        LoraFormat::DiffusersLegacy => read_paired(file, &names, ".lora.down.weight", ".lora.up.weight", |_| None, &source)?,
     };
     if modules.is_empty() {
         bail!("{source} holds no LoRA modules");
@@ -65,16 +70,31 @@ pub fn read_stored(file: &TensorFile) -> Result<(LoraFormat, Vec<StoredModule>)>
 }
 
 /// kohya names lose the dots (and SDXL's are SGM paths), so they are
-/// mapped back through the model's own names.
+/// mapped back through the model's own names. An SDXL file may also name
+/// the UNet by diffusers paths (diffusers' `convert_state_dict_to_kohya`),
+/// and a text encoder without `text_model_` (transformers 5's module
+/// paths); none of these names can stand for two layers, so all are read.
 fn resolve_kohya(stored: Vec<StoredModule>, layers: &ModelLayers, source: &str) -> Result<Vec<LoraModule>> {
     let mut by_kohya: HashMap<String, (Component, String)> = HashMap::new();
     let components = std::iter::once((Component::Unet, layers.unet))
         .chain(layers.text_encoder.map(|te| (Component::TextEncoder, te)))
         .chain(layers.text_encoder_2.map(|te| (Component::TextEncoder2, te)));
+    let sdxl = matches!(layers.kohya, KohyaNames::Sgm(_));
     for (component, index) in components {
         for name in index.names() {
-            if let Some(kohya) = layers.kohya.name(component, &name) {
-                by_kohya.insert(kohya, (component, name));
+            let mut aliases = vec![name.clone()];
+            if let Some(short) = name.strip_prefix(TEXT_MODEL_PREFIX) {
+                aliases.push(short.to_string());
+            }
+            for alias in &aliases {
+                if let Some(kohya) = layers.kohya.name(component, alias) {
+                    by_kohya.insert(kohya, (component, name.clone()));
+                }
+                if sdxl && component == Component::Unet {
+                    if let Some(kohya) = KohyaNames::Diffusers.name(component, alias) {
+                        by_kohya.insert(kohya, (component, name.clone()));
+                    }
+                }
             }
         }
     }
@@ -117,7 +137,7 @@ fn read_paired(
     names: &[String],
     down_suffix: &str,
     up_suffix: &str,
-    alpha: Option<f64>,
+    alpha_of: impl Fn(&str) -> Option<f64>,
     source: &str,
 ) -> Result<Vec<StoredModule>> {
     let mut modules = Vec::new();
@@ -127,7 +147,7 @@ fn read_paired(
             if file.info(&up_name).is_none() {
                 bail!("{source}: module {base} has no {}", up_suffix.trim_start_matches('.'));
             }
-            modules.push(stored_module(file, base, name, &up_name, alpha, source)?);
+            modules.push(stored_module(file, base, name, &up_name, alpha_of(base), source)?);
         } else if !name.ends_with(up_suffix) {
             bail!("{source}: tensor {name} is not part of a LoRA module (expected {down_suffix} / {up_suffix} pairs)");
         }
@@ -178,6 +198,15 @@ fn scalar_alpha(file: &TensorFile, name: &str, source: &str) -> Result<f64> {
     Ok(alpha)
 }
 
+/// The prefix diffusers' files put before `component`'s layers.
+fn file_prefix(component: Component) -> &'static str {
+    match component {
+        Component::Unet => "unet",
+        Component::TextEncoder => "text_encoder",
+        Component::TextEncoder2 => "text_encoder_2",
+    }
+}
+
 /// `unet.x` / `text_encoder.x` / `text_encoder_2.x` / `base_model.model.x` / bare `x` (UNet).
 fn split_component(base: &str) -> (Component, String) {
     if let Some(rest) = base.strip_prefix("text_encoder.") {
@@ -190,6 +219,18 @@ fn split_component(base: &str) -> (Component, String) {
     (Component::Unet, rest.to_string())
 }
 
+/// A text-encoder layer by transformers 4's path (`text_model.encoder...`),
+/// the one sdtune's model uses, also when the file has transformers 5's
+/// (`encoder.layers.0.self_attn.q_proj`, as diffusers writes today).
+fn text_model_path(layer: &str) -> String {
+    let unprefixed = ["encoder.", "embeddings.", "final_layer_norm"].iter().any(|p| layer.starts_with(p));
+    if unprefixed {
+        format!("{TEXT_MODEL_PREFIX}{layer}")
+    } else {
+        layer.to_string()
+    }
+}
+
 /// diffusers' attention-processor layout: `...attn1.processor.to_q_lora` -> `...attn1.to_q`.
 fn legacy_processor_path(base: &str) -> String {
     let base = base.replace(".processor.to_out_lora", ".to_out.0");
@@ -197,15 +238,41 @@ fn legacy_processor_path(base: &str) -> String {
     base.strip_suffix("_lora").map(str::to_string).unwrap_or(base)
 }
 
-/// `lora_alpha` from diffusers' `lora_adapter_metadata` header entry, if any;
-/// one that is there but not a finite number is refused.
-fn peft_alpha(metadata: &HashMap<String, String>, source: &str) -> Result<Option<f64>> {
-    let Some(text) = metadata.get("lora_adapter_metadata") else { return Ok(None) };
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return Ok(None) };
-    let Some(value) = ["unet.lora_alpha", "lora_alpha"].iter().find_map(|k| json.get(*k)) else { return Ok(None) };
-    match value.as_f64() {
-        Some(alpha) if alpha.is_finite() => Ok(Some(alpha)),
-        _ => bail!("{source}: lora_alpha in its lora_adapter_metadata is {value}, not a finite number; the file is damaged"),
+/// The `lora_alpha`s of diffusers' `lora_adapter_metadata` header entry:
+/// `save_lora_weights` keeps one per model (`unet.lora_alpha`,
+/// `text_encoder.lora_alpha`, `text_encoder_2.lora_alpha`), a single
+/// model's file a bare `lora_alpha`. A model with none has alpha = rank.
+struct PeftAlphas {
+    by_prefix: HashMap<&'static str, f64>,
+    bare: Option<f64>,
+}
+
+impl PeftAlphas {
+    /// Refuses an alpha that is there but not a finite number.
+    fn read(metadata: &HashMap<String, String>, source: &str) -> Result<Self> {
+        let mut alphas = PeftAlphas { by_prefix: HashMap::new(), bare: None };
+        let Some(text) = metadata.get("lora_adapter_metadata") else { return Ok(alphas) };
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return Ok(alphas) };
+        let number = |key: &str| -> Result<Option<f64>> {
+            let Some(value) = json.get(key) else { return Ok(None) };
+            match value.as_f64() {
+                Some(alpha) if alpha.is_finite() => Ok(Some(alpha)),
+                _ => bail!("{source}: {key} in its lora_adapter_metadata is {value}, not a finite number; the file is damaged"),
+            }
+        };
+        for component in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
+            let prefix = file_prefix(component);
+            if let Some(alpha) = number(&format!("{prefix}.lora_alpha"))? {
+                alphas.by_prefix.insert(prefix, alpha);
+            }
+        }
+        alphas.bare = number("lora_alpha")?;
+        Ok(alphas)
+    }
+
+    /// The alpha of the module `base` (its name in the file).
+    fn of(&self, base: &str) -> Option<f64> {
+        self.by_prefix.get(file_prefix(split_component(base).0)).copied().or(self.bare)
     }
 }
 
@@ -231,11 +298,7 @@ pub fn write(
             }
             LoraFormat::Peft | LoraFormat::DiffusersLegacy => {
                 // No per-module alpha in this layout: fold alpha / rank into up.
-                let prefix = match m.component {
-                    Component::Unet => "unet",
-                    Component::TextEncoder => "text_encoder",
-                    Component::TextEncoder2 => "text_encoder_2",
-                };
+                let prefix = file_prefix(m.component);
                 let (down_suffix, up_suffix) = match format {
                     LoraFormat::Peft => ("lora_A.weight", "lora_B.weight"),
                     _ => ("lora.down.weight", "lora.up.weight"),
@@ -246,4 +309,32 @@ pub fn write(
         }
     }
     write_tensors(path, &tensors, Some(metadata))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alphas(json: &str) -> Result<PeftAlphas> {
+        PeftAlphas::read(&HashMap::from([("lora_adapter_metadata".to_string(), json.to_string())]), "f.safetensors")
+    }
+
+    #[test]
+    fn peft_alphas_are_per_model_with_the_bare_one_as_fallback() {
+        let a = alphas(r#"{"unet.lora_alpha": 8, "text_encoder_2.lora_alpha": 6, "lora_alpha": 3}"#).unwrap();
+        assert_eq!(a.of("unet.down_blocks.1.attentions.0.proj_in"), Some(8.0));
+        assert_eq!(a.of("text_encoder_2.encoder.layers.0.self_attn.q_proj"), Some(6.0));
+        assert_eq!(a.of("text_encoder.encoder.layers.0.self_attn.q_proj"), Some(3.0));
+        let a = alphas(r#"{"unet.lora_alpha": 8}"#).unwrap();
+        assert_eq!(a.of("text_encoder.encoder.layers.0.self_attn.q_proj"), None, "another model's alpha was taken");
+        let err = alphas(r#"{"text_encoder.lora_alpha": "x"}"#).err().unwrap().to_string();
+        assert!(err.contains("f.safetensors") && err.contains("text_encoder.lora_alpha"), "{err}");
+    }
+
+    #[test]
+    fn text_encoder_layers_get_transformers_4_paths() {
+        assert_eq!(text_model_path("encoder.layers.0.self_attn.q_proj"), "text_model.encoder.layers.0.self_attn.q_proj");
+        assert_eq!(text_model_path("text_model.encoder.layers.0.mlp.fc1"), "text_model.encoder.layers.0.mlp.fc1");
+        assert_eq!(text_model_path("text_projection"), "text_projection");
+    }
 }
