@@ -166,3 +166,23 @@ fn sample_runs_with_a_loha() {
     let (a, b) = (image::open(&out).unwrap().to_rgb8(), image::open(&base).unwrap().to_rgb8());
     assert_ne!(a.as_raw(), b.as_raw(), "the LoHa changed nothing in the image");
 }
+
+/// kohya's SDXL LoCon names conv layers by SGM paths (sd-scripts' SDXL
+/// networks use the original UNet's module names); the reader finds them
+/// through the same map as every other kohya SDXL module.
+#[test]
+fn sdxl_conv_layers_have_sgm_kohya_names() {
+    use sdtune::loaders::ldm_names::UnetLayout;
+    use sdtune::lora::Component;
+    let names = KohyaNames::Sgm(UnetLayout { layers_per_block: 2, up_attention: vec![true, true, false] });
+    for (layer, kohya) in [
+        ("down_blocks.0.resnets.0.conv1", "lora_unet_input_blocks_1_0_in_layers_2"),
+        ("down_blocks.1.resnets.1.conv2", "lora_unet_input_blocks_5_0_out_layers_3"),
+        ("down_blocks.0.downsamplers.0.conv", "lora_unet_input_blocks_3_0_op"),
+        ("up_blocks.0.upsamplers.0.conv", "lora_unet_output_blocks_2_2_conv"),
+        ("conv_in", "lora_unet_input_blocks_0_0"),
+        ("conv_out", "lora_unet_out_2"),
+    ] {
+        assert_eq!(names.name(Component::Unet, layer).as_deref(), Some(kohya), "{layer}");
+    }
+}
