@@ -33,6 +33,7 @@ fixtures:
 	.venv-ref/bin/python scripts/fixtures/make_prepare_reference.py
 	.venv-ref/bin/python scripts/fixtures/make_scheduler_cases.py
 	.venv-ref/bin/python scripts/fixtures/make_lora_cases.py
+	.venv-ref/bin/python scripts/fixtures/make_lycoris_cases.py
 	.venv-ref/bin/python scripts/fixtures/make_single_file.py
 	.venv-ref/bin/python scripts/fixtures/make_tf5_fixture.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_fixture.py

@@ -347,7 +347,7 @@ fn kohya_files_with_both_text_encoders_reach_each_encoder() {
         }
     })
     .collect();
-    let weights = LoraWeights { modules, metadata: Default::default() };
+    let weights = LoraWeights { modules, ..Default::default() };
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("te.safetensors");
     format::write(&path, &weights, LoraFormat::Kohya, &layers.kohya, Default::default()).unwrap();

@@ -303,23 +303,29 @@ fn count(n: i64) -> String {
 
 struct Module {
     unet: bool,
+    /// The adapter: LoRA, LoCon (a kxk conv LoRA), LoHa or LoKr.
+    adapter: &'static str,
     kind: String,
-    rank: i64,
+    /// None: a LoKr module with no factorised part (full rank).
+    rank: Option<i64>,
     alpha: Option<f64>,
+    /// The module's scale when it is a LoHa/LoKr (its file's own rule).
+    scale: Option<f64>,
     in_features: i64,
     layer: String,
 }
 
 fn lora(path: &Path, file: &TensorFile, format: &str) -> Result<()> {
     // The same checks as loading it for sampling, so info accepts only what sample would.
-    crate::lora::format::read_stored(file)?;
-    let names = file.names();
+    let stored = crate::lora::format::read_stored(file)?;
+    let kohya = stored.format == crate::loaders::file_kind::LoraFormat::Kohya;
+    let is_unet = |base: &str| if kohya { base.starts_with("lora_unet_") } else { !base.starts_with("text_encoder") };
     let mut modules = Vec::new();
-    for name in &names {
-        let (base, kohya) = if let Some(b) = name.strip_suffix(".lora_down.weight") {
-            (b, true)
+    for name in &file.names() {
+        let base = if let Some(b) = name.strip_suffix(".lora_down.weight") {
+            b
         } else if let Some(b) = name.strip_suffix(".lora_A.weight").or_else(|| name.strip_suffix(".lora.down.weight")) {
-            (b, false)
+            b
         } else {
             continue;
         };
@@ -329,27 +335,45 @@ fn lora(path: &Path, file: &TensorFile, format: &str) -> Result<()> {
             Some(_) => Some(file.tensor(&alpha_name)?.to_kind(tch::Kind::Double).double_value(&[])),
             None => None,
         };
-        let unet = if kohya { base.starts_with("lora_unet_") } else { !base.starts_with("text_encoder") };
+        let locon = shape.len() == 4 && shape[2..].iter().any(|&k| k > 1);
         modules.push(Module {
-            unet,
+            unet: is_unet(base),
+            adapter: if locon { "LoCon" } else { "LoRA" },
             kind: module_kind(base, kohya),
-            rank: shape.first().copied().unwrap_or(0) as i64,
+            rank: Some(shape.first().copied().unwrap_or(0) as i64),
             alpha,
+            scale: None,
             in_features: shape.get(1).copied().unwrap_or(0) as i64,
             layer: base.to_string(),
         });
     }
+    for m in &stored.lycoris {
+        modules.push(Module {
+            unet: is_unet(&m.base),
+            adapter: m.factors.kind_name(),
+            kind: module_kind(&m.base, kohya),
+            rank: m.factors.rank(),
+            alpha: m.alpha,
+            scale: Some(m.scale),
+            in_features: 0,
+            layer: m.base.clone(),
+        });
+    }
     let meta = file.string_metadata();
     row("path", path.display());
-    row("format", format!("LoRA, {format}"));
+    let adapters: std::collections::BTreeSet<&str> = modules.iter().map(|m| m.adapter).collect();
+    row("format", format!("{}, {format}", adapters.into_iter().collect::<Vec<_>>().join(" + ")));
     let unet = modules.iter().filter(|m| m.unet).count();
     row("modules", format!("{} (UNet {unet}, text encoder {})", modules.len(), modules.len() - unet));
-    let ranks: std::collections::BTreeSet<i64> = modules.iter().map(|m| m.rank).collect();
-    row("rank", join_set(&ranks));
+    let ranks: std::collections::BTreeSet<i64> = modules.iter().filter_map(|m| m.rank).collect();
+    let full = modules.iter().filter(|m| m.rank.is_none()).count();
+    let full_text = if full > 0 { format!(" ({full} LoKr modules unfactorised, full rank)") } else { String::new() };
+    row("rank", format!("{}{full_text}", join_set(&ranks)));
     let alphas: Vec<f64> = modules.iter().filter_map(|m| m.alpha).collect();
     let alpha_text = if alphas.is_empty() {
         match meta.get("ss_network_alpha") {
             Some(a) => format!("{a} (from ss_network_alpha)"),
+            None if modules.iter().any(|m| m.scale.is_some()) => "not in the file (see scale)".into(),
             None => "not stored (alpha = rank, scale 1)".into(),
         }
     } else {
@@ -360,6 +384,12 @@ fn lora(path: &Path, file: &TensorFile, format: &str) -> Result<()> {
         format!("{} (scale alpha/rank {scale})", uniq.join(", "))
     };
     row("alpha", alpha_text);
+    let mut scales: Vec<String> = modules.iter().filter_map(|m| m.scale).map(|s| format!("{s}")).collect();
+    scales.sort();
+    scales.dedup();
+    if !scales.is_empty() {
+        row("scale", format!("{} (LoHa/LoKr, as the file's tool applies it)", scales.join(", ")));
+    }
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
     for m in &modules {
         *kinds.entry(m.kind.as_str()).or_default() += 1;
@@ -387,7 +417,12 @@ fn lora(path: &Path, file: &TensorFile, format: &str) -> Result<()> {
 /// The layer kind a module adapts: `attn2.to_q`, `proj_in`, `self_attn.q_proj`, ...
 fn module_kind(base: &str, kohya: bool) -> String {
     let sep = if kohya { "_" } else { "." };
-    for marker in ["transformer_blocks", "layers"] {
+    for whole in ["conv_in", "conv_out"] {
+        if base.ends_with(&format!("{sep}{whole}")) || base == whole {
+            return whole.into();
+        }
+    }
+    for marker in ["transformer_blocks", "layers", "resnets", "downsamplers", "upsamplers"] {
         let needle = format!("{sep}{marker}{sep}");
         if let Some(pos) = base.rfind(&needle) {
             let rest = &base[pos + needle.len()..];

@@ -27,11 +27,16 @@ impl LoraFormat {
     }
 }
 
-/// Which layout a file uses, from its tensor names.
+/// The first tensor of each LyCORIS LoHa / LoKr module (`.hada_w1_a`, `.lokr_w1` or `.lokr_w1_a`).
+const LYCORIS_MARKERS: &[&str] = &[".hada_w1_a", ".lokr_w1", ".lokr_w1_a"];
+
+/// Which layout a file uses, from its tensor names. LoHa/LoKr modules count
+/// as kohya under `lora_` names (LyCORIS' kohya layout), as peft's otherwise.
 pub fn detect_lora(names: &[String]) -> Option<LoraFormat> {
-    if names.iter().any(|n| n.ends_with(".lora_down.weight") && n.starts_with("lora_")) {
+    let lycoris = |n: &String| LYCORIS_MARKERS.iter().any(|m| n.ends_with(m));
+    if names.iter().any(|n| (n.ends_with(".lora_down.weight") || lycoris(n)) && n.starts_with("lora_")) {
         Some(LoraFormat::Kohya)
-    } else if names.iter().any(|n| n.ends_with(".lora_A.weight")) {
+    } else if names.iter().any(|n| n.ends_with(".lora_A.weight") || lycoris(n)) {
         Some(LoraFormat::Peft)
     } else if names.iter().any(|n| n.ends_with(".lora.down.weight") || n.ends_with("_lora.down.weight")) {
         Some(LoraFormat::DiffusersLegacy)

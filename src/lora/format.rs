@@ -1,5 +1,6 @@
 //! LoRA files: kohya (A1111, ComfyUI), diffusers/PEFT, and diffusers' older
-//! `lora.down/up` layout. Reading resolves every key against the model; a
+//! `lora.down/up` layout, each possibly holding LyCORIS LoHa/LoKr modules
+//! (`lycoris.rs`) and LoCon (kxk conv) pairs. Reading resolves every key against the model; a
 //! key that matches no layer is an error, never silently dropped.
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
 use super::kohya_names::KohyaNames;
+use super::lycoris::{self, LycorisModule, ScaleRule, StoredLycoris};
 use super::{Component, LoraModule, LoraWeights, ModelLayers};
 pub use crate::loaders::file_kind::{detect_lora as detect, LoraFormat};
 use crate::loaders::file_kind::TEXT_MODEL_PREFIX;
@@ -16,23 +18,32 @@ use crate::loaders::tensor_file::{write_tensors, TensorFile};
 /// Reads a LoRA file of any supported layout, resolving names against `layers`.
 pub fn read(path: &Path, layers: &ModelLayers) -> Result<LoraWeights> {
     let file = TensorFile::open(path)?;
-    let (format, stored) = read_stored(&file)?;
+    let StoredFile { format, modules: stored, lycoris: stored_lycoris } = read_stored(&file)?;
     let source = path.display().to_string();
-    let modules = match format {
-        LoraFormat::Kohya => resolve_kohya(stored, layers, &source)?,
-        LoraFormat::Peft | LoraFormat::DiffusersLegacy => stored
-            .into_iter()
-            .map(|m| {
-                let (component, layer) = split_component(&legacy_processor_path(&m.base));
-                let layer = match component {
-                    Component::Unet => layer,
-                    _ => text_model_path(&layer),
-                };
-                LoraModule { component, layer, down: m.down, up: m.up, alpha: m.alpha }
-            })
-            .collect(),
+    let (modules, lycoris) = match format {
+        LoraFormat::Kohya => {
+            let by_kohya = kohya_map(layers);
+            (resolve_kohya(stored, &by_kohya, &source)?, resolve_kohya_lycoris(stored_lycoris, &by_kohya, &source)?)
+        }
+        LoraFormat::Peft | LoraFormat::DiffusersLegacy => {
+            let modules = stored
+                .into_iter()
+                .map(|m| {
+                    let (component, layer) = model_layer(&legacy_processor_path(&m.base));
+                    LoraModule { component, layer, down: m.down, up: m.up, alpha: m.alpha }
+                })
+                .collect();
+            let lycoris = stored_lycoris
+                .into_iter()
+                .map(|m| {
+                    let (component, layer) = model_layer(&m.base);
+                    LycorisModule { component, layer, factors: m.factors, scale: m.scale }
+                })
+                .collect();
+            (modules, lycoris)
+        }
     };
-    let weights = LoraWeights { modules, metadata: file.string_metadata() };
+    let weights = LoraWeights { modules, lycoris, metadata: file.string_metadata() };
     super::check_fits(&weights, layers, &source)?;
     Ok(weights)
 }
@@ -46,35 +57,50 @@ pub struct StoredModule {
     pub alpha: f64,
 }
 
+/// What an open LoRA file holds, checked on its own.
+pub struct StoredFile {
+    pub format: LoraFormat,
+    pub modules: Vec<StoredModule>,
+    pub lycoris: Vec<StoredLycoris>,
+}
+
 /// Every module of an open LoRA file, each checked for what no model can
 /// repair: ranks that agree, a finite scalar alpha, finite numbers. `sdtune
 /// info` and every reader go through here, so they refuse the same files.
-pub fn read_stored(file: &TensorFile) -> Result<(LoraFormat, Vec<StoredModule>)> {
+pub fn read_stored(file: &TensorFile) -> Result<StoredFile> {
     let names = file.names();
     let source = file.path().display().to_string();
     let format = detect(&names).with_context(|| {
-        format!("{source} is not a LoRA file sdtune knows (no lora_down/lora_A/lora.down tensors); use a kohya or diffusers LoRA")
+        format!("{source} is not a LoRA file sdtune knows (no lora_down/lora_A/lora.down/hada_/lokr_ tensors); use a kohya, LyCORIS or diffusers LoRA")
     })?;
-    let modules = match format {
-        LoraFormat::Kohya => read_kohya(file, &names, &source)?,
+    let alpha = |name: &str| scalar_alpha(file, name, &source);
+    let (modules, lycoris) = match format {
+        LoraFormat::Kohya => (read_kohya(file, &names, &source)?, lycoris::read_stored(file, &names, &ScaleRule::Kohya, &alpha, &source)?),
         LoraFormat::Peft => {
+            let config = peft_adapter_config(file.path(), &source)?;
             let alphas = PeftAlphas::read(&file.string_metadata(), &source)?;
-            read_paired(file, &names, ".lora_A.weight", ".lora_B.weight", |base| alphas.of(base), &source)?
+            let config_alpha = config.as_ref().and_then(|c| c.lora_alpha);
+            let scale = config.as_ref().and_then(|c| c.lycoris_scale);
+            (
+                read_paired(file, &names, ".lora_A.weight", ".lora_B.weight", |base| alphas.of(base).or(config_alpha), &source)?,
+                lycoris::read_stored(file, &names, &ScaleRule::Peft { scale }, &alpha, &source)?,
+            )
         }
-        LoraFormat::DiffusersLegacy => read_paired(file, &names, ".lora.down.weight", ".lora.up.weight", |_| None, &source)?,
+        LoraFormat::DiffusersLegacy => (read_paired(file, &names, ".lora.down.weight", ".lora.up.weight", |_| None, &source)?, Vec::new()),
     };
-    if modules.is_empty() {
+    if modules.is_empty() && lycoris.is_empty() {
         bail!("{source} holds no LoRA modules");
     }
-    Ok((format, modules))
+    Ok(StoredFile { format, modules, lycoris })
 }
 
-/// kohya names lose the dots (and SDXL's are SGM paths), so they are
-/// mapped back through the model's own names. An SDXL file may also name
-/// the UNet by diffusers paths (diffusers' `convert_state_dict_to_kohya`),
-/// and a text encoder without `text_model_` (transformers 5's module
-/// paths); none of these names can stand for two layers, so all are read.
-fn resolve_kohya(stored: Vec<StoredModule>, layers: &ModelLayers, source: &str) -> Result<Vec<LoraModule>> {
+/// The model's layers by their kohya names: kohya names lose the dots (and
+/// SDXL's are SGM paths), so they are mapped back through the model's own
+/// names. An SDXL file may also name the UNet by diffusers paths (diffusers'
+/// `convert_state_dict_to_kohya`), and a text encoder without `text_model_`
+/// (transformers 5's module paths); none of these names can stand for two
+/// layers, so all are read.
+fn kohya_map(layers: &ModelLayers) -> HashMap<String, (Component, String)> {
     let mut by_kohya: HashMap<String, (Component, String)> = HashMap::new();
     let components = std::iter::once((Component::Unet, layers.unet))
         .chain(layers.text_encoder.map(|te| (Component::TextEncoder, te)))
@@ -98,6 +124,10 @@ fn resolve_kohya(stored: Vec<StoredModule>, layers: &ModelLayers, source: &str) 
             }
         }
     }
+    by_kohya
+}
+
+fn resolve_kohya(stored: Vec<StoredModule>, by_kohya: &HashMap<String, (Component, String)>, source: &str) -> Result<Vec<LoraModule>> {
     stored
         .into_iter()
         .map(|m| {
@@ -105,6 +135,26 @@ fn resolve_kohya(stored: Vec<StoredModule>, layers: &ModelLayers, source: &str) 
                 bail!("{source}: LoRA module {} matches no layer of this model; the LoRA was made for a different architecture", m.base);
             };
             Ok(LoraModule { component: *component, layer: layer.clone(), down: m.down, up: m.up, alpha: m.alpha })
+        })
+        .collect()
+}
+
+fn resolve_kohya_lycoris(
+    stored: Vec<StoredLycoris>,
+    by_kohya: &HashMap<String, (Component, String)>,
+    source: &str,
+) -> Result<Vec<LycorisModule>> {
+    stored
+        .into_iter()
+        .map(|m| {
+            let Some((component, layer)) = by_kohya.get(&m.base) else {
+                bail!(
+                    "{source}: {} module {} matches no layer of this model; the adapter was made for a different architecture",
+                    m.factors.kind_name(),
+                    m.base
+                );
+            };
+            Ok(LycorisModule { component: *component, layer: layer.clone(), factors: m.factors, scale: m.scale })
         })
         .collect()
 }
@@ -123,8 +173,8 @@ fn read_kohya(file: &TensorFile, names: &[String], source: &str) -> Result<Vec<S
                 None => None,
             };
             modules.push(stored_module(file, base, name, &up_name, alpha, source)?);
-        } else if !(name.ends_with(".lora_up.weight") || name.ends_with(".alpha")) {
-            bail!("{source}: tensor {name} is not part of a kohya LoRA module (expected .lora_down.weight, .lora_up.weight or .alpha)");
+        } else if !(name.ends_with(".lora_up.weight") || name.ends_with(".alpha") || lycoris::base_of(name).is_some()) {
+            bail!("{source}: tensor {name} is not part of a kohya LoRA module (expected .lora_down.weight, .lora_up.weight, .alpha, or LyCORIS' .hada_* / .lokr_*)");
         }
     }
     Ok(modules)
@@ -148,8 +198,8 @@ fn read_paired(
                 bail!("{source}: module {base} has no {}", up_suffix.trim_start_matches('.'));
             }
             modules.push(stored_module(file, base, name, &up_name, alpha_of(base), source)?);
-        } else if !name.ends_with(up_suffix) {
-            bail!("{source}: tensor {name} is not part of a LoRA module (expected {down_suffix} / {up_suffix} pairs)");
+        } else if !(name.ends_with(up_suffix) || lycoris::base_of(name).is_some()) {
+            bail!("{source}: tensor {name} is not part of a LoRA module (expected {down_suffix} / {up_suffix} pairs, or LyCORIS' .hada_* / .lokr_*)");
         }
     }
     Ok(modules)
@@ -222,6 +272,16 @@ fn split_component(base: &str) -> (Component, String) {
 /// A text-encoder layer by transformers 4's path (`text_model.encoder...`),
 /// the one sdtune's model uses, also when the file has transformers 5's
 /// (`encoder.layers.0.self_attn.q_proj`, as diffusers writes today).
+/// A PEFT/diffusers module path as (component, the model's layer name):
+/// text-encoder paths of transformers 5 get the `text_model.` prefix back.
+fn model_layer(path: &str) -> (Component, String) {
+    let (component, layer) = split_component(path);
+    match component {
+        Component::Unet => (component, layer),
+        _ => (component, text_model_path(&layer)),
+    }
+}
+
 fn text_model_path(layer: &str) -> String {
     let unprefixed = ["encoder.", "embeddings.", "final_layer_norm"].iter().any(|p| layer.starts_with(p));
     if unprefixed {
@@ -274,6 +334,47 @@ impl PeftAlphas {
     fn of(&self, base: &str) -> Option<f64> {
         self.by_prefix.get(file_prefix(split_component(base).0)).copied().or(self.bare)
     }
+}
+
+/// What peft's `adapter_config.json` beside a file says of its scale.
+struct PeftConfig {
+    /// LoraConfig's `lora_alpha`.
+    lora_alpha: Option<f64>,
+    /// LoHaConfig / LoKrConfig: `alpha / r`.
+    lycoris_scale: Option<f64>,
+}
+
+/// peft's `save_pretrained` writes `adapter_model.safetensors` with the
+/// alpha in `adapter_config.json` next to it; read when it is there. Per-layer
+/// `rank_pattern` / `alpha_pattern` are refused rather than applied wrongly.
+fn peft_adapter_config(path: &Path, source: &str) -> Result<Option<PeftConfig>> {
+    let Some(config_path) = path.parent().map(|d| d.join("adapter_config.json")) else { return Ok(None) };
+    if !config_path.is_file() {
+        return Ok(None);
+    }
+    let shown = config_path.display();
+    let text = std::fs::read_to_string(&config_path).with_context(|| format!("could not read {shown}"))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{shown} (beside {source}) is not valid JSON; restore it from where the adapter came from"))?;
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if json.get(key).and_then(|v| v.as_object()).is_some_and(|o| !o.is_empty()) {
+            bail!("{shown} (beside {source}) sets a per-layer {key}, which sdtune does not apply; merge the adapter with peft and save it as a plain LoRA");
+        }
+    }
+    let number = |key: &str| -> Result<Option<f64>> {
+        match json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => bail!("{shown} (beside {source}): {key} is {v}, not a finite number; the config is damaged"),
+            },
+        }
+    };
+    let lycoris_scale = match (number("alpha")?, number("r")?) {
+        (Some(alpha), Some(r)) if r > 0.0 => Some(alpha / r),
+        _ => None,
+    };
+    Ok(Some(PeftConfig { lora_alpha: number("lora_alpha")?, lycoris_scale }))
 }
 
 /// Writes `weights` in `format` atomically with `metadata` in the header;

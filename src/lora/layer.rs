@@ -2,10 +2,10 @@
 //! layer's adapter slot. `scale` is alpha / rank times the user's strength.
 use tch::{Kind, Tensor};
 
-use crate::models::layers::{Adapter, LayerShape};
+use crate::models::layers::{Adapter, ConvConfig, LayerShape};
 
-/// The low-rank pair of one layer. `down` is [r, in] ([r, in, 1, 1] on a
-/// 1x1 conv) and `up` is [out, r] ([out, r, 1, 1]); both are usually fp32
+/// The low-rank pair of one layer. `down` is [r, in] ([r, in, k, k] on a
+/// kxk conv, LoCon) and `up` is [out, r] ([out, r, 1, 1]); both are usually fp32
 /// masters, cast to the activation's kind for the product (as autocast does),
 /// so gradients still land on the fp32 tensors.
 pub struct LoraAdapter {
@@ -13,6 +13,9 @@ pub struct LoraAdapter {
     pub up: Tensor,
     pub scale: f64,
     pub conv: bool,
+    /// The layer's stride and padding, used by the down conv (the up conv is 1x1).
+    pub stride: i64,
+    pub padding: i64,
 }
 
 impl LoraAdapter {
@@ -22,7 +25,19 @@ impl LoraAdapter {
             up: up.shallow_clone(),
             scale,
             conv: matches!(shape, LayerShape::Conv2d { .. }),
+            stride: 1,
+            padding: 0,
         }
+    }
+
+    /// On a conv layer whose stride and padding are `conv` (a kxk LoCon
+    /// down conv must see the input as the layer does).
+    pub fn with_conv(mut self, conv: Option<ConvConfig>) -> Self {
+        if let Some(c) = conv {
+            self.stride = c.stride;
+            self.padding = c.padding;
+        }
+        self
     }
 }
 
@@ -32,7 +47,8 @@ impl Adapter for LoraAdapter {
         let down = cast(&self.down, kind);
         let up = cast(&self.up, kind);
         let hidden = if self.conv {
-            x.conv2d(&down, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1).conv2d(
+            let (s, p) = (self.stride, self.padding);
+            x.conv2d(&down, None::<&Tensor>, [s, s], [p, p], [1, 1], 1).conv2d(
                 &up,
                 None::<&Tensor>,
                 [1, 1],

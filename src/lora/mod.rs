@@ -1,10 +1,12 @@
-//! LoRA: low-rank adapters on a model's linear and 1x1-conv layers.
+//! LoRA: low-rank adapters on a model's linear and conv layers (LoCon on
+//! kxk convs), and LyCORIS' LoHa and LoKr as weight deltas (`lycoris`).
 //!
 //! It knows the model only through its [`LayerIndex`] (names, shapes,
 //! adapter slots) and nothing of the training loop.
 pub mod format;
 pub mod kohya_names;
 pub mod layer;
+pub mod lycoris;
 pub mod network;
 pub mod targets;
 
@@ -14,6 +16,7 @@ use tch::{Kind, Tensor};
 use crate::models::layers::{LayerIndex, LayerShape};
 use kohya_names::KohyaNames;
 use layer::{weight_delta, LoraAdapter};
+use lycoris::{LycorisModule, WeightDeltaAdapter};
 
 /// Which model a LoRA module belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,7 +42,7 @@ pub struct LoraModule {
     pub component: Component,
     /// e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q`.
     pub layer: String,
-    /// [r, in] or [r, in, 1, 1].
+    /// [r, in] or [r, in, k, k] (k > 1: LoCon).
     pub down: Tensor,
     /// [out, r] or [out, r, 1, 1].
     pub up: Tensor,
@@ -57,8 +60,11 @@ impl LoraModule {
 }
 
 /// A LoRA as read from or written to a file.
+#[derive(Default)]
 pub struct LoraWeights {
     pub modules: Vec<LoraModule>,
+    /// LoHa / LoKr modules (read only; sdtune trains and writes plain LoRA).
+    pub lycoris: Vec<LycorisModule>,
     pub metadata: std::collections::HashMap<String, String>,
 }
 
@@ -107,10 +113,22 @@ pub fn check_fits(weights: &LoraWeights, layers: &ModelLayers, source: &str) -> 
             );
         };
         let (want_in, want_out) = match shape {
-            LayerShape::Linear { in_features, out_features } => (in_features, out_features),
+            LayerShape::Linear { in_features, out_features } => {
+                if m.down.dim() == 4 && m.down.size()[2..].iter().any(|&k| k > 1) {
+                    bail!("{source}: LoRA module for {} is a conv LoRA (LoCon) but the layer is linear; the LoRA was made for a different architecture", m.layer);
+                }
+                (in_features, out_features)
+            }
             LayerShape::Conv2d { in_channels, out_channels, kernel } => {
-                if kernel != 1 && m.down.dim() == 4 && m.down.size()[2] != 1 {
-                    bail!("{source}: LoRA module for {} is a {kernel}x{kernel} conv LoRA (LoCon), which sdtune does not apply yet", m.layer);
+                // LoCon: down carries the layer's kernel, up is 1x1.
+                let (ds, us) = (m.down.size(), m.up.size());
+                let down_k = if ds.len() == 4 { (ds[2], ds[3]) } else { (1, 1) };
+                let up_k = if us.len() == 4 { (us[2], us[3]) } else { (1, 1) };
+                if down_k != (kernel, kernel) || up_k != (1, 1) {
+                    bail!(
+                        "{source}: LoRA module for {} has a {}x{} down and a {}x{} up kernel but the layer is a {kernel}x{kernel} conv; the LoRA was made for a different architecture",
+                        m.layer, down_k.0, down_k.1, up_k.0, up_k.1
+                    );
                 }
                 (in_channels, out_channels)
             }
@@ -131,7 +149,27 @@ pub fn check_fits(weights: &LoraWeights, layers: &ModelLayers, source: &str) -> 
             );
         }
     }
+    for m in &weights.lycoris {
+        let _fits = lycoris_delta(m, layers, source)?;
+    }
     Ok(())
+}
+
+/// A LoHa/LoKr module's scaled delta in its layer's weight shape, with the
+/// layer's conv settings; an error names the module and the file.
+fn lycoris_delta(m: &LycorisModule, layers: &ModelLayers, source: &str) -> Result<(Tensor, Option<crate::models::layers::ConvConfig>)> {
+    let Some(index) = layers.index(m.component) else {
+        bail!("{source} has a {} {} module for {}, but the model has no {} to apply it to", m.component.name(), m.factors.kind_name(), m.layer, m.component.name());
+    };
+    let Some((shape, size, conv)) = index.with(&m.layer, |e| (e.shape, e.weight.size(), e.conv)) else {
+        bail!(
+            "{source}: {} module for {} layer {} matches no layer of this model; the adapter was made for a different architecture",
+            m.factors.kind_name(),
+            m.component.name(),
+            m.layer
+        );
+    };
+    Ok((lycoris::delta_for(m, shape, &size, source)?, conv))
 }
 
 /// Attaches every module as an adapter with `strength` (kept separate from
@@ -143,13 +181,21 @@ pub fn attach(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source
         index.with(&m.layer, |e| {
             let down = m.down.to_device(e.weight.device());
             let up = m.up.to_device(e.weight.device());
-            e.adapters.push(Box::new(LoraAdapter::new(&down, &up, m.scale() * strength, e.shape)));
+            e.adapters.push(Box::new(LoraAdapter::new(&down, &up, m.scale() * strength, e.shape).with_conv(e.conv)));
+        });
+    }
+    for m in &weights.lycoris {
+        let (delta, conv) = lycoris_delta(m, layers, source)?;
+        let index = layers.index(m.component).expect("checked by check_fits");
+        index.with(&m.layer, |e| {
+            let delta = (delta * strength).to_device(e.weight.device());
+            e.adapters.push(Box::new(WeightDeltaAdapter { delta, conv }));
         });
     }
     Ok(())
 }
 
-/// Adds `strength * scale * up @ down` into the base weights (faster
+/// Adds `strength * scale * up @ down` (and each LoHa/LoKr delta) into the base weights (faster
 /// sampling; the base model is changed in memory only).
 pub fn fuse(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: &str) -> Result<()> {
     check_fits(weights, layers, source)?;
@@ -163,7 +209,17 @@ pub fn fuse(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: 
                 w.copy_(&updated.to_kind(w.kind()));
             });
         }
-    });
+        for m in &weights.lycoris {
+            let (delta, _) = lycoris_delta(m, layers, source)?;
+            let index = layers.index(m.component).expect("checked by check_fits");
+            index.with(&m.layer, |e| {
+                let mut w = e.weight.shallow_clone();
+                let updated = w.to_kind(Kind::Float) + (delta * strength).to_device(w.device());
+                w.copy_(&updated.to_kind(w.kind()));
+            });
+        }
+        Ok::<(), anyhow::Error>(())
+    })?;
     Ok(())
 }
 

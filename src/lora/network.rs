@@ -83,7 +83,7 @@ impl LoraNetwork {
             };
             let down = path.sub("lora_down").var("weight", &down_dims, down_init);
             let up = path.sub("lora_up").var("weight", &up_dims, nn::Init::Const(0.0));
-            entry.adapters.push(Box::new(LoraAdapter::new(&down, &up, alpha / rank as f64, entry.shape)));
+            entry.adapters.push(Box::new(LoraAdapter::new(&down, &up, alpha / rank as f64, entry.shape).with_conv(entry.conv)));
             modules.push(TrainedModule { layer: entry.name.clone(), down, up });
         });
         if let Some(msg) = failure {
@@ -113,7 +113,7 @@ impl LoraNetwork {
                 alpha: self.alpha,
             })
             .collect();
-        LoraWeights { modules, metadata: Default::default() }
+        LoraWeights { modules, ..Default::default() }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Building blocks every model is made of, each created by its exact weight
 //! name through [`Vb`] (`vb.pp("to_q").linear(..)` makes `...to_q.weight`).
 //!
-//! Linear and 1x1-conv layers carry an [`Adapters`] slot: LoRA attaches there
+//! Linear and conv layers carry an [`Adapters`] slot: LoRA attaches there
 //! without the model knowing what LoRA is. Every such layer is also listed in
 //! the model's [`LayerIndex`], so adapters can be attached by diffusers name.
 use std::sync::{Arc, Mutex};
@@ -68,6 +68,9 @@ pub struct LayerEntry {
     pub shape: LayerShape,
     pub weight: Tensor,
     pub adapters: Adapters,
+    /// A conv layer's stride and padding (adapters with a kxk kernel, such
+    /// as LoCon's down conv, must use the layer's own); None for a linear layer.
+    pub conv: Option<ConvConfig>,
 }
 
 /// All adaptable layers of a model in construction order.
@@ -170,6 +173,7 @@ impl<'a> Vb<'a> {
             shape: LayerShape::Linear { in_features, out_features },
             weight: weight.shallow_clone(),
             adapters: adapters.clone(),
+            conv: None,
         });
         Linear { weight, bias, adapters }
     }
@@ -183,6 +187,7 @@ impl<'a> Vb<'a> {
             shape: LayerShape::Conv2d { in_channels, out_channels, kernel },
             weight: weight.shallow_clone(),
             adapters: adapters.clone(),
+            conv: Some(cfg),
         });
         Conv2d { weight, bias, stride: cfg.stride, padding: cfg.padding, adapters }
     }
