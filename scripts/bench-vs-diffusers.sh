@@ -10,6 +10,9 @@
 #   train  tiny @ 64 px (the test fixture's sizes, native), tiny @ 256 px, sd15 @ 256 px
 #   sample tiny @ 64 px (30 DDIM steps, guidance 7.5), sd15 @ 256 px (SD15_SAMPLE_STEPS, guidance 7.5)
 #   encode sd15 VAE + text encoder @ 256 px
+#   sdxl-train, sdxl-ckpt, sdxl-sample (not in the default set: minutes per step on a CPU):
+#          the full SDXL base config @ 512 px, training without and with gradient
+#          checkpointing, sampling SDXL_SAMPLE_STEPS DDIM steps with guidance 7.5, cold
 # Models are built from the config files `sdtune bench --dump-configs` writes,
 # with random weights, by both sides (same parameter count, printed).
 # Each case runs ROUNDS times, sdtune and diffusers alternating (who goes first
@@ -21,7 +24,8 @@
 # 2-core machine two OpenMP threads stall on each other), ROUNDS (2),
 # SD15_TRAIN_STEPS (5), SD15_TRAIN_WARMUP (3), SD15_SAMPLE_STEPS (10),
 # SD15_SAMPLE_WARMUP (1 image; 0 times both sides cold, as a user's first image),
-# DEVICE (cpu), PRECISION (auto), ONLY (train,sample,encode), QUICK, SDTUNE (a
+# SDXL_RESOLUTION (512), SDXL_TRAIN_STEPS (1), SDXL_TRAIN_WARMUP (1), SDXL_SAMPLE_STEPS (4),
+# DEVICE (cpu), PRECISION (auto), ONLY (train,sample,encode; or sdxl-train,sdxl-ckpt,sdxl-sample), QUICK, SDTUNE (a
 # prebuilt binary; otherwise cargo builds one), BENCH_PY (a python with the
 # pinned stack; otherwise .venv-bench/ is created from scripts/bench/requirements.txt).
 # Raw JSON lines go to target/bench/results-<time>.jsonl; the Markdown table to stdout.
@@ -37,6 +41,10 @@ sd15_train_steps="${SD15_TRAIN_STEPS:-5}"
 sd15_train_warmup="${SD15_TRAIN_WARMUP:-3}"
 sd15_sample_steps="${SD15_SAMPLE_STEPS:-10}"
 sd15_sample_warmup="${SD15_SAMPLE_WARMUP:-1}"
+sdxl_res="${SDXL_RESOLUTION:-512}"
+sdxl_train_steps="${SDXL_TRAIN_STEPS:-1}"
+sdxl_train_warmup="${SDXL_TRAIN_WARMUP:-1}"
+sdxl_sample_steps="${SDXL_SAMPLE_STEPS:-4}"
 out_dir="$root/target/bench"
 mkdir -p "$out_dir"
 results="$out_dir/results-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
@@ -65,7 +73,7 @@ fi
 export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads"
 export PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error HF_HUB_OFFLINE=1
 
-for arch in tiny sd15; do
+for arch in tiny sd15 sdxl; do
   "$bin" bench train --arch "$arch" --dump-configs "$out_dir/configs/$arch" 2>/dev/null
 done
 
@@ -107,6 +115,9 @@ else
   if want encode; then
     run_case encode sd15 256 --steps 3 --warmup 1
   fi
+  want sdxl-train && run_case train sdxl "$sdxl_res" --steps "$sdxl_train_steps" --warmup "$sdxl_train_warmup"
+  want sdxl-ckpt && run_case train sdxl "$sdxl_res" --steps "$sdxl_train_steps" --warmup "$sdxl_train_warmup" --gradient-checkpointing
+  want sdxl-sample && run_case sample sdxl "$sdxl_res" --steps "$sdxl_sample_steps" --images 1 --warmup 0
 fi
 
 echo "raw results: $results" >&2
