@@ -119,9 +119,8 @@ pub struct TrainArgs {
     #[arg(allow_hyphen_values = true, long)]
     pub caption_dropout: Option<f64>,
     /// Keep only each UNet resnet's and transformer's inputs and compute
-    /// their activations again in backward: much less activation memory
-    /// (an SDXL LoRA fits a 12-16 GB GPU), steps about 20-30% slower; the
-    /// trained weights come out the same.
+    /// their activations again in backward: much less activation memory,
+    /// steps about 20-30% slower; the trained weights come out the same.
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// Continue from the newest saved state of this run.
