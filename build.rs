@@ -4,14 +4,18 @@
 //! * `libtorch_cuda` linked with `--no-as-needed`: nothing in our code names a
 //!   CUDA symbol, so the default `--as-needed` drops it and CUDA silently
 //!   disappears at run time.
-use std::path::PathBuf;
+//! * sdtune's own C++ (`src/native/`, see [`NATIVE_SOURCES`]) compiled
+//!   against the same libtorch headers: what tch's C API does not offer.
+use std::path::{Path, PathBuf};
+
+/// The C++ shims, one concern per file.
+const NATIVE_SOURCES: &[&str] = &["src/native/checkpoint.cpp"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
-        println!("cargo:warning=torch-sys did not report the libtorch lib folder; no rpath set");
-        return;
+        panic!("torch-sys did not report the libtorch lib folder (DEP_TCH_LIBTORCH_LIB), which sdtune's C++ needs for torch's headers; set LIBTORCH or LIBTORCH_USE_PYTORCH=1 as for torch-sys");
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     // The wheel's torch/version.py names the exact build (e.g. 2.11.0+cu130).
@@ -27,4 +31,29 @@ fn main() {
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    compile_native(&lib);
+}
+
+/// Compiles [`NATIVE_SOURCES`] into one static library, with the flags
+/// torch-sys uses for its own C++ (the wheel is built with the C++11 ABI).
+fn compile_native(lib: &Path) {
+    let Some(torch) = lib.parent() else {
+        panic!("the libtorch lib folder {} has no parent holding include/", lib.display());
+    };
+    let include = torch.join("include");
+    for source in NATIVE_SOURCES {
+        println!("cargo:rerun-if-changed={source}");
+    }
+    let mut build = cc::Build::new();
+    build.cpp(true).pic(true).std("c++17");
+    // -isystem: torch's own headers warn under -Wall -Wextra; ours must not.
+    for dir in [include.clone(), include.join("torch/csrc/api/include")] {
+        build.flag("-isystem").flag(dir.display().to_string());
+    }
+    build
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        .warnings(true)
+        .files(NATIVE_SOURCES)
+        .compile("sdtune_native");
 }

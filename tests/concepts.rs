@@ -244,6 +244,7 @@ fn a_concepts_loss_weight_scales_its_loss() {
         caption_dropout: 0.0,
         clip_norm: 1.0,
         latent_scale: 0.18215,
+        gradient_checkpointing: false,
     };
     let first_loss = |weight: f64| {
         tch::manual_seed(11);

@@ -280,6 +280,7 @@ fn first_loss(data: &Sdxl, caption_dropout: f64) -> f64 {
         caption_dropout,
         clip_norm: 1.0,
         latent_scale: 0.13025,
+        gradient_checkpointing: false,
     };
     let optimizer = AdamW::new(lora.parameters(), AdamWConfig::default());
     let mut trainer = Trainer::new(&unet.model, &sched, data, optimizer, LossScaler::disabled(), settings, Device::Cpu).unwrap();

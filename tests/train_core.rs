@@ -92,6 +92,7 @@ fn settings(total: u64) -> StepSettings {
         caption_dropout: 0.1,
         clip_norm: 1.0,
         latent_scale: 0.18215,
+        gradient_checkpointing: false,
     }
 }
 

@@ -33,6 +33,8 @@ pub struct TrainBench {
     pub min_snr_gamma: Option<f64>,
     pub warmup: usize,
     pub steps: usize,
+    /// Measure with the UNet's gradient checkpointing on.
+    pub gradient_checkpointing: bool,
 }
 
 /// `batch_size` cached images of one bucket: latent distributions and
@@ -135,6 +137,7 @@ pub fn run(setup: &Setup, bench: &TrainBench) -> Result<Map<String, Value>> {
         caption_dropout: 0.0,
         clip_norm: 1.0,
         latent_scale: spec.vae.scaling_factor,
+        gradient_checkpointing: bench.gradient_checkpointing,
     };
     let schedule = NoiseSchedule::from_config(&spec.scheduler)?;
     let mut trainer = Trainer::new(&unet.model, &schedule, &data, optimizer, scaler, settings, device)?;
@@ -165,6 +168,7 @@ pub fn run(setup: &Setup, bench: &TrainBench) -> Result<Map<String, Value>> {
     out.insert("lora_modules".into(), Value::from(lora.modules.len()));
     out.insert("lora_params".into(), Value::from(lora_params));
     out.insert("min_snr_gamma".into(), num(bench.min_snr_gamma));
+    out.insert("gradient_checkpointing".into(), Value::from(bench.gradient_checkpointing));
     out.insert("warmup_steps".into(), Value::from(bench.warmup));
     out.insert("steps".into(), Value::from(bench.steps));
     out.insert("warmup_s".into(), num(Some(warmup.wall)));

@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// Min-SNR-gamma of the training loss; 0 turns it off.
     #[arg(allow_hyphen_values = true, long, default_value_t = 5.0)]
     pub min_snr_gamma: f64,
+    /// Train with the UNet's gradient checkpointing (as `sdtune train
+    /// --gradient-checkpointing`), to compare peak memory and speed.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// CLIP tokenizer folder for `sample` with --arch [default: tests/fixtures/tiny-sd1/tokenizer;
     /// tests/fixtures/tiny-sdxl/tokenizer for sdxl].
     #[arg(long, value_name = "DIR")]
@@ -149,6 +153,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 min_snr_gamma: (args.min_snr_gamma > 0.0).then_some(args.min_snr_gamma),
                 warmup: args.warmup.unwrap_or(3),
                 steps: positive(args.steps.unwrap_or(20), "--steps")?,
+                gradient_checkpointing: args.gradient_checkpointing,
             };
             train::run(&setup, &bench)?
         }

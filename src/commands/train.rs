@@ -29,6 +29,7 @@ Examples:
   sdtune train --resume                         # continue from the newest save
   sdtune train --format diffusers --output runs --name acme-v2
   sdtune train --full --lr 1e-3 --name my-unet  # every UNet weight, not a LoRA
+  sdtune train --gradient-checkpointing         # less GPU memory, slower steps
 
 Writes <output>/<name>/<name>.safetensors (kohya format: loads in A1111 and ComfyUI;
 --format diffusers for load_lora_weights), lora/step-NNNNNN.safetensors and state/
@@ -117,6 +118,11 @@ pub struct TrainArgs {
     /// Fraction of steps trained on the empty caption [default: 0.05].
     #[arg(allow_hyphen_values = true, long)]
     pub caption_dropout: Option<f64>,
+    /// Keep only each UNet resnet's and transformer's inputs and compute
+    /// their activations again in backward: much less activation memory,
+    /// steps about 20-30% slower; the trained weights come out the same.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Continue from the newest saved state of this run.
     #[arg(long)]
     pub resume: bool,
@@ -285,6 +291,10 @@ fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
     if let Some(g) = a.min_snr_gamma {
         t.min_snr_gamma = (g != 0.0).then_some(g);
     }
+    // A switch: the flag turns it on, sdtune.yaml's `false` is the default.
+    if a.gradient_checkpointing {
+        t.gradient_checkpointing = true;
+    }
 }
 
 /// Full training keeps fp32 weights: they are the master weights.
@@ -428,6 +438,7 @@ fn plan(
             caption_dropout: t.caption_dropout,
             clip_norm: t.clip_norm,
             latent_scale: dataset.scaling_factor,
+            gradient_checkpointing: t.gradient_checkpointing,
         },
         precision,
         save_every: t.save_every,

@@ -48,6 +48,9 @@ pub struct TrainConfig {
     pub caption_dropout: f64,
     /// Gradient clipping by global norm (0 turns it off).
     pub clip_norm: f64,
+    /// Recompute the UNet's activations in backward instead of keeping
+    /// them: much less memory, steps about 20-30% slower.
+    pub gradient_checkpointing: bool,
     /// Sampler steps and guidance of the grids rendered while training.
     pub sample_steps: usize,
     pub sample_guidance: f64,
@@ -78,6 +81,7 @@ impl Default for TrainConfig {
             min_snr_gamma: Some(5.0),
             caption_dropout: 0.05,
             clip_norm: 1.0,
+            gradient_checkpointing: false,
             sample_steps: 20,
             sample_guidance: 7.5,
         }

@@ -51,6 +51,7 @@ pub struct RunFacts<'a> {
     pub num_images: usize,
     pub noise_offset: f64,
     pub min_snr_gamma: Option<f64>,
+    pub gradient_checkpointing: bool,
     pub base_model: &'a str,
 }
 
@@ -95,6 +96,7 @@ pub fn lora_metadata(f: &RunFacts) -> HashMap<String, String> {
     put("ss_num_train_images", f.num_images.to_string());
     put("ss_noise_offset", f.noise_offset.to_string());
     put("ss_min_snr_gamma", f.min_snr_gamma.map_or("None".into(), |g| g.to_string()));
+    put("ss_gradient_checkpointing", f.gradient_checkpointing.to_string());
     put("ss_sd_model_name", shared_model_name(f.base_model));
     put("ss_network_args", serde_json::json!({ "targets": f.targets }).to_string());
     put("ss_training_comment", "trained with sdtune".into());

@@ -343,6 +343,7 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
         ("batch size", s.batch_size.to_string()),
         ("grad accumulation", s.grad_accum.to_string()),
         ("precision", plan.precision.name().to_string()),
+        ("gradient checkpointing", if s.gradient_checkpointing { "on" } else { "off" }.to_string()),
         ("seed", s.seed.to_string()),
         ("noise offset", s.noise_offset.to_string()),
         ("min-SNR gamma", s.min_snr_gamma.map_or("off".to_string(), |g| g.to_string())),
@@ -410,6 +411,7 @@ fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step:
         num_images: plan.num_images,
         noise_offset: plan.step.noise_offset,
         min_snr_gamma: plan.step.min_snr_gamma,
+        gradient_checkpointing: plan.step.gradient_checkpointing,
         base_model: &plan.base_model,
     };
     format::write(path, &weights, plan.format, &KohyaNames::of(&model.unet_config)?, lora_metadata(&facts))

@@ -30,6 +30,8 @@ pub struct StepSettings {
     pub clip_norm: f64,
     /// VAE scaling factor applied to cached (unscaled) latents.
     pub latent_scale: f64,
+    /// The UNet recomputes its activations in backward (less memory).
+    pub gradient_checkpointing: bool,
 }
 
 /// What one optimizer step did.
@@ -102,6 +104,9 @@ impl<'a> Trainer<'a> {
             bail!("the training cache holds no images; run `sdtune prepare DIR` first");
         }
         let empty_caption = data.empty_caption()?.to_device(device);
+        // The trained tensors go to the checkpoints: their gradients pass through them.
+        let trained = settings.gradient_checkpointing.then(|| optimizer.params().iter().map(Tensor::shallow_clone).collect());
+        unet.set_gradient_checkpointing(trained);
         if device.is_cuda() {
             // Each convolution shape (few: one per bucket) picks its fastest algorithm once.
             tch::Cuda::cudnn_set_benchmark(true);

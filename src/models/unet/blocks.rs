@@ -9,6 +9,7 @@ use anyhow::Result;
 use tch::Tensor;
 
 use super::attention::{Transformer2DModel, TransformerSpec};
+use super::checkpointing::{Segments, Shared};
 use super::resnet::{ResnetBlock2D, ResnetSpec};
 use crate::models::layers::{Conv2d, ConvConfig, Vb};
 
@@ -119,30 +120,33 @@ fn transformers(
     common: &Common,
     channels: i64,
     spec: &BlockSpec,
-) -> Result<Vec<Transformer2DModel>> {
+) -> Result<Vec<Shared<Transformer2DModel>>> {
     let Some(a) = spec.attention else { return Ok(Vec::new()) };
     let vb = vb.pp("attentions");
-    (0..spec.resnets).map(|j| Transformer2DModel::new(vb.pp(j), &common.transformer(channels, a))).collect()
+    (0..spec.resnets)
+        .map(|j| Transformer2DModel::new(vb.pp(j), &common.transformer(channels, a)).map(Shared::new))
+        .collect()
 }
 
 /// resnet, then its transformer if there is one.
 fn resnet_then_attention(
-    resnet: &ResnetBlock2D,
-    attention: Option<&Transformer2DModel>,
+    resnet: &Shared<ResnetBlock2D>,
+    attention: Option<&Shared<Transformer2DModel>>,
     x: &Tensor,
     temb: &Tensor,
     context: &Tensor,
+    segments: Segments,
 ) -> Tensor {
-    let h = resnet.forward(x, temb);
+    let h = segments.resnet(resnet, x, temb);
     match attention {
-        Some(attention) => attention.forward(&h, context),
+        Some(attention) => segments.transformer(attention, &h, context),
         None => h,
     }
 }
 
 pub struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
+    resnets: Vec<Shared<ResnetBlock2D>>,
+    attentions: Vec<Shared<Transformer2DModel>>,
     downsampler: Option<Downsample2D>,
 }
 
@@ -151,7 +155,7 @@ impl DownBlock {
         let resnets = (0..spec.resnets)
             .map(|j| {
                 let in_channels = if j == 0 { spec.in_channels } else { spec.out_channels };
-                ResnetBlock2D::new(vb.pp("resnets").pp(j), common.resnet(in_channels, spec.out_channels))
+                ResnetBlock2D::new(vb.pp("resnets").pp(j), common.resnet(in_channels, spec.out_channels)).map(Shared::new)
             })
             .collect::<Result<_>>()?;
         let attentions = transformers(&vb, common, spec.out_channels, spec)?;
@@ -164,11 +168,11 @@ impl DownBlock {
     /// Returns the block's output and the states it hands to the up path
     /// as skip connections: each resnet's (or transformer's) output, then
     /// the downsampled one.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, segments: Segments) -> (Tensor, Vec<Tensor>) {
         let mut h = x.shallow_clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet_then_attention(resnet, self.attentions.get(j), &h, temb, context);
+            h = resnet_then_attention(resnet, self.attentions.get(j), &h, temb, context, segments);
             skips.push(h.shallow_clone());
         }
         if let Some(down) = &self.downsampler {
@@ -181,29 +185,31 @@ impl DownBlock {
 
 /// `UNetMidBlock2DCrossAttn`: resnet, transformer, resnet at the lowest resolution.
 pub struct MidBlock {
-    resnets: [ResnetBlock2D; 2],
-    attention: Transformer2DModel,
+    resnets: [Shared<ResnetBlock2D>; 2],
+    attention: Shared<Transformer2DModel>,
 }
 
 impl MidBlock {
     pub fn new(vb: Vb, common: &Common, channels: i64, attention: AttentionSpec) -> Result<Self> {
-        let resnet = |j: i64| ResnetBlock2D::new(vb.pp("resnets").pp(j), common.resnet(channels, channels));
+        let resnet = |j: i64| {
+            ResnetBlock2D::new(vb.pp("resnets").pp(j), common.resnet(channels, channels)).map(Shared::new)
+        };
         let first = resnet(0)?;
         let attention =
-            Transformer2DModel::new(vb.pp("attentions").pp(0), &common.transformer(channels, attention))?;
+            Shared::new(Transformer2DModel::new(vb.pp("attentions").pp(0), &common.transformer(channels, attention))?);
         Ok(MidBlock { resnets: [first, resnet(1)?], attention })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
-        let h = self.resnets[0].forward(x, temb);
-        let h = self.attention.forward(&h, context);
-        self.resnets[1].forward(&h, temb)
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, segments: Segments) -> Tensor {
+        let h = segments.resnet(&self.resnets[0], x, temb);
+        let h = segments.transformer(&self.attention, &h, context);
+        segments.resnet(&self.resnets[1], &h, temb)
     }
 }
 
 pub struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
+    resnets: Vec<Shared<ResnetBlock2D>>,
+    attentions: Vec<Shared<Transformer2DModel>>,
     upsampler: Option<Upsample2D>,
 }
 
@@ -217,6 +223,7 @@ impl UpBlock {
                 let running = if j == 0 { spec.prev_output_channels } else { spec.out_channels };
                 let skip = if j == last { spec.in_channels } else { spec.out_channels };
                 ResnetBlock2D::new(vb.pp("resnets").pp(j), common.resnet(running + skip, spec.out_channels))
+                    .map(Shared::new)
             })
             .collect::<Result<_>>()?;
         let attentions = transformers(&vb, common, spec.out_channels, spec)?;
@@ -238,11 +245,12 @@ impl UpBlock {
         temb: &Tensor,
         context: &Tensor,
         upsample_to: Option<[i64; 2]>,
+        segments: Segments,
     ) -> Tensor {
         let mut h = x.shallow_clone();
         for (j, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
             let joined = Tensor::cat(&[&h, skip], 1);
-            h = resnet_then_attention(resnet, self.attentions.get(j), &joined, temb, context);
+            h = resnet_then_attention(resnet, self.attentions.get(j), &joined, temb, context, segments);
         }
         match &self.upsampler {
             Some(up) => up.forward(&h, upsample_to),
