@@ -50,6 +50,9 @@ pub enum Command {
     /// Measure training steps/s, sampling s/image or encoding images/s and peak memory, no weights needed.
     #[command(after_help = commands::bench::EXAMPLES)]
     Bench(commands::bench::BenchArgs),
+    /// Edit LoRA files: resize to a lower rank, or merge several into one.
+    #[command(after_help = commands::lora::EXAMPLES)]
+    Lora(commands::lora::LoraArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -73,6 +76,7 @@ pub fn run() -> i32 {
         Command::Info(args) => commands::info::run(args),
         Command::Report(args) => commands::report::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Lora(args) => commands::lora::run(args),
     };
     match result {
         Ok(()) => 0,

@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod doctor;
 pub mod info;
+pub mod lora;
 pub mod prepare;
 pub mod report;
 pub mod sample;

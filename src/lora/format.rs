@@ -388,28 +388,47 @@ pub fn write(
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for m in &weights.modules {
-        match format {
+        let base = match format {
             LoraFormat::Kohya => {
                 let Some(base) = kohya.name(m.component, &m.layer) else {
                     bail!("{} layer {} has no kohya name in an SDXL LoRA; train it in the diffusers format (--format diffusers)", m.component.name(), m.layer);
                 };
-                tensors.push((format!("{base}.lora_down.weight"), m.down.shallow_clone()));
-                tensors.push((format!("{base}.lora_up.weight"), m.up.shallow_clone()));
-                tensors.push((format!("{base}.alpha"), Tensor::from(m.alpha as f32)));
+                base
             }
-            LoraFormat::Peft | LoraFormat::DiffusersLegacy => {
-                // No per-module alpha in this layout: fold alpha / rank into up.
-                let prefix = file_prefix(m.component);
-                let (down_suffix, up_suffix) = match format {
-                    LoraFormat::Peft => ("lora_A.weight", "lora_B.weight"),
-                    _ => ("lora.down.weight", "lora.up.weight"),
-                };
-                tensors.push((format!("{prefix}.{}.{down_suffix}", m.layer), m.down.shallow_clone()));
-                tensors.push((format!("{prefix}.{}.{up_suffix}", m.layer), &m.up * m.scale()));
-            }
-        }
+            LoraFormat::Peft | LoraFormat::DiffusersLegacy => format!("{}.{}", file_prefix(m.component), m.layer),
+        };
+        tensors.extend(pair_tensors(format, &base, &m.down, &m.up, m.alpha));
     }
     write_tensors(path, &tensors, Some(metadata))
+}
+
+/// Writes modules under their names as read from a file (`StoredModule::base`),
+/// atomically: `sdtune lora resize` and `merge` keep a file's own names
+/// without needing its model.
+pub fn write_stored(path: &Path, modules: &[StoredModule], format: LoraFormat, metadata: HashMap<String, String>) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> =
+        modules.iter().flat_map(|m| pair_tensors(format, &m.base, &m.down, &m.up, m.alpha)).collect();
+    write_tensors(path, &tensors, Some(metadata))
+}
+
+/// One module's tensors under `base` (its name in the file without suffixes).
+fn pair_tensors(format: LoraFormat, base: &str, down: &Tensor, up: &Tensor, alpha: f64) -> Vec<(String, Tensor)> {
+    match format {
+        LoraFormat::Kohya => vec![
+            (format!("{base}.lora_down.weight"), down.shallow_clone()),
+            (format!("{base}.lora_up.weight"), up.shallow_clone()),
+            (format!("{base}.alpha"), Tensor::from(alpha as f32)),
+        ],
+        LoraFormat::Peft | LoraFormat::DiffusersLegacy => {
+            // No per-module alpha in this layout: fold alpha / rank into up.
+            let (down_suffix, up_suffix) = match format {
+                LoraFormat::Peft => ("lora_A.weight", "lora_B.weight"),
+                _ => ("lora.down.weight", "lora.up.weight"),
+            };
+            let scale = alpha / down.size()[0] as f64;
+            vec![(format!("{base}.{down_suffix}"), down.shallow_clone()), (format!("{base}.{up_suffix}"), up * scale)]
+        }
+    }
 }
 
 #[cfg(test)]

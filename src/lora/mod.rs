@@ -3,11 +3,15 @@
 //!
 //! It knows the model only through its [`LayerIndex`] (names, shapes,
 //! adapter slots) and nothing of the training loop.
+pub mod edit;
 pub mod format;
 pub mod kohya_names;
 pub mod layer;
 pub mod lycoris;
+pub mod merge;
 pub mod network;
+pub mod resize;
+pub mod svd;
 pub mod targets;
 
 use anyhow::{bail, Result};
