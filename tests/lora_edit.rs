@@ -190,6 +190,8 @@ fn merging_two_files_at_full_rank_sums_their_deltas() {
     }
     assert!(da.keys().any(|k| !db.contains_key(k)) || db.keys().any(|k| !da.contains_key(k)), "the fixtures should have modules of only one file");
     let got = merged(tmp.path(), &[format!("{a}:0.7"), format!("{b}:0.4")], None);
+    // One alpha for the whole file (diffusers' kohya loader reads only one).
+    assert_eq!(metadata(&tmp.path().join("merged.safetensors"))["ss_network_alpha"], "6.0");
     assert_same_deltas("0.7 A + 0.4 B", &got, &want, 1e-5);
     // Shared modules get rank 4 + 2; B's own stay at rank 2.
     for (k, (_, r)) in &got {
@@ -249,4 +251,54 @@ fn bad_input_is_one_sentence_and_writes_nothing() {
     left.sort();
     assert_eq!(left, ["a.safetensors"], "something was written");
     assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&a).unwrap(), "the input was touched");
+}
+
+fn reference() -> std::collections::HashMap<String, Tensor> {
+    common::read_tensors(&common::reference("lora_edit.safetensors"))
+}
+
+/// torch.linalg.svd's truncation (make_lora_edit_reference.py) of a kohya
+/// SD1 file trained by sdtune.
+#[test]
+fn resize_matches_torch_svd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("r2.safetensors");
+    ok(&sdtune(tmp.path(), &["lora", "resize", &fixture("sdtune_kohya.safetensors"), "--rank", "2", "--out", out.to_str().unwrap()]));
+    let r = reference();
+    let want: BTreeMap<String, Tensor> =
+        r.iter().filter_map(|(k, v)| k.strip_prefix("resize_r2.").map(|b| (b.to_string(), v.to_kind(Kind::Double)))).collect();
+    assert!(want.values().all(|d| max_abs(d) > 1e-3), "the reference deltas are too small to tell anything apart");
+    assert_same_deltas("rank 2 against torch.linalg.svd", &deltas(&out), &want, 1e-5);
+}
+
+/// The files in lora/edited/ (written by `sdtune lora resize` / `merge`, as
+/// the script's docstring says) change diffusers' UNet (`load_lora_weights`)
+/// as they change sdtune's, and are what the commands write today.
+#[test]
+fn edited_files_load_in_diffusers_as_in_sdtune() {
+    use sdtune::lora::kohya_names::KohyaNames;
+    use sdtune::lora::{self, format, ModelLayers};
+    use sdtune::models::conditioning::Conditioning;
+    use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    ok(&sdtune(d, &["lora", "resize", &fixture("sdtune_kohya.safetensors"), "--rank", "2", "--out", "kohya_r2.safetensors"]));
+    let (a, b) = (fixture("kohya_a.safetensors"), fixture("kohya_b.safetensors"));
+    ok(&sdtune(d, &["lora", "merge", &format!("{a}:0.7"), &format!("{b}:0.4"), "--out", "kohya_ab_merged.safetensors"]));
+    let r = reference();
+    let inputs = common::read_tensors(&common::reference("unet_sd1.safetensors"));
+    let context = Conditioning::text_only(inputs["encoder_hidden_states"].shallow_clone());
+    for name in ["kohya_r2", "kohya_ab_merged"] {
+        let committed = common::fixtures().join("lora/edited").join(format!("{name}.safetensors"));
+        let fresh: BTreeMap<String, Tensor> = deltas(&d.join(format!("{name}.safetensors"))).into_iter().map(|(k, (t, _))| (k, t)).collect();
+        assert_same_deltas(&format!("{name}: committed fixture against today's output"), &deltas(&committed), &fresh, 1e-6);
+
+        let m = StableDiffusion::from_diffusers_folder(&common::fixtures().join("tiny-sd1"), Placement::cpu_f32(), None).unwrap();
+        let layers = ModelLayers { unet: &m.unet.layers, text_encoder: Some(&m.text.first().model.layers), text_encoder_2: None, kohya: KohyaNames::Diffusers };
+        let weights = format::read(&committed, &layers).unwrap();
+        lora::attach(&weights, &layers, 1.0, name).unwrap();
+        let ours = tch::no_grad(|| m.unet.model.forward(&inputs["sample"], &inputs["timestep"], &context));
+        common::assert_close(name, &ours, &r[&format!("unet.{name}")], 1e-4);
+    }
 }

@@ -22,7 +22,8 @@ Examples:
 Each module's weight change (alpha / rank * up @ down) is cut to the new rank by SVD,
 the best approximation of that rank; modules already at or below it are copied as
 they are. As kohya's resize_lora.py, each module keeps its scale (alpha = scale * new
-rank). Prints how much of the change was kept (sum of kept squared singular values
+rank); where modules would end up with different alphas, all get the highest rank
+as alpha instead (diffusers reads only one per kohya file). Prints how much of the change was kept (sum of kept squared singular values
 over all of them): the lowest and the mean over modules.";
 
 const MERGE_EXAMPLES: &str = "\
@@ -33,7 +34,8 @@ Examples:
 Each module becomes the sum of strength * its weight change in every file that has
 it, cut back to a low rank by SVD: --rank, or by default the sum of the inputs' ranks
 at that module, at which the sum is exact. A module only one file has is copied,
-times its strength. The files must be for the same base model and in one layout;
+times its strength. Every module gets one alpha, the highest rank (diffusers reads
+only one alpha per kohya file). The files must be for the same base model and in one layout;
 the header is the first file's, with the merge recorded.";
 
 #[derive(Args, Debug)]

@@ -89,6 +89,22 @@ pub fn record(metadata: &mut HashMap<String, String>, modules: &[StoredModule], 
     }
 }
 
+/// Gives every module the same alpha (the highest rank) when they differ,
+/// folding the change of scale into `up`: diffusers' kohya loader applies
+/// the most common alpha to every module of a file (its per-module
+/// `alpha_pattern` keys match no module), so mixed alphas would load wrong.
+pub fn one_alpha(modules: &mut [StoredModule]) {
+    let Some(first) = modules.first().map(|m| m.alpha) else { return };
+    if modules.iter().all(|m| m.alpha == first) {
+        return;
+    }
+    let alpha = modules.iter().map(|m| m.down.size()[0]).max().unwrap_or(1) as f64;
+    for m in modules {
+        m.up = &m.up * (m.alpha / alpha);
+        m.alpha = alpha;
+    }
+}
+
 /// Min and mean of the kept energies, one per module.
 pub fn energy_summary(kept: &[f64]) -> (f64, f64) {
     let min = kept.iter().copied().fold(f64::INFINITY, f64::min);

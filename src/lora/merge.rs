@@ -49,7 +49,8 @@ pub struct Merged {
 /// Merges `inputs` into `out` (atomically, in the inputs' layout). Each
 /// summed module gets rank `rank`, or by default the sum of its inputs'
 /// ranks, at which the sum is exact (rank(A + B) <= rank A + rank B); both
-/// capped at the matrix's size. Summed modules get alpha = rank (scale 1).
+/// capped at the matrix's size. Summed modules get alpha = rank (scale 1),
+/// then the file one alpha (`edit::one_alpha`).
 pub fn merge(inputs: &[Input], rank: Option<i64>, out: &Path) -> Result<Merged> {
     if let Some(r) = rank.filter(|&r| r < 1) {
         bail!("--rank {r} is not a LoRA rank; give a whole number of at least 1");
@@ -101,6 +102,7 @@ pub fn merge(inputs: &[Input], rank: Option<i64>, out: &Path) -> Result<Merged> 
         .map(|i| format!("{}:{}", i.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), i.strength))
         .collect::<Vec<_>>()
         .join(", ");
+    edit::one_alpha(&mut modules);
     edit::record(&mut metadata, &modules, &format!("merged from {recipe}"), "sdtune_merged_from", recipe);
     format::write_stored(out, &modules, format, metadata).with_context(|| format!("--out {} cannot be written", out.display()))?;
     let (min_energy, mean_energy) = edit::energy_summary(&kept);

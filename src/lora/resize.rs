@@ -49,6 +49,7 @@ pub fn resize(input: &Path, rank: i64, out: &Path) -> Result<Resized> {
         modules.push(StoredModule { base: m.base, down: t.down, up: t.up, alpha: scale * new_rank as f64 });
     }
     let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    edit::one_alpha(&mut modules);
     edit::record(
         &mut metadata,
         &modules,
