@@ -66,7 +66,8 @@ fn metadata(path: &Path) -> std::collections::HashMap<String, String> {
 #[test]
 fn resize_at_or_above_the_rank_keeps_every_delta() {
     let tmp = tempfile::tempdir().unwrap();
-    for file in ["sdtune_kohya.safetensors", "peft_a.safetensors", "lycoris/kohya_locon.safetensors"] {
+    // ref_sdxl_peft has a lora_alpha per model (8, 2 and 6) in its header, folded into lora_B.
+    for file in ["sdtune_kohya.safetensors", "peft_a.safetensors", "lycoris/kohya_locon.safetensors", "ref_sdxl_peft.safetensors"] {
         let want: BTreeMap<String, Tensor> = deltas(Path::new(&fixture(file))).into_iter().map(|(k, (d, _))| (k, d)).collect();
         for rank in ["4", "8"] {
             let out = tmp.path().join(format!("r{rank}.safetensors"));
@@ -89,7 +90,14 @@ fn squared_singular_values(m: &Tensor) -> Tensor {
 #[test]
 fn resize_below_the_rank_is_the_best_approximation() {
     let tmp = tempfile::tempdir().unwrap();
-    for (file, rank) in [("sdtune_kohya.safetensors", 2), ("peft_a.safetensors", 3), ("lycoris/kohya_locon.safetensors", 1)] {
+    let files = [
+        ("sdtune_kohya.safetensors", 2),
+        ("peft_a.safetensors", 3),
+        ("lycoris/kohya_locon.safetensors", 1),
+        ("ref_sdxl_peft.safetensors", 2),
+        ("sdtune_sdxl_kohya.safetensors", 1),
+    ];
+    for (file, rank) in files {
         let before = deltas(Path::new(&fixture(file)));
         let out = tmp.path().join("small.safetensors");
         let text = ok(&sdtune(tmp.path(), &["lora", "resize", &fixture(file), "--rank", &rank.to_string(), "--out", out.to_str().unwrap()]));
