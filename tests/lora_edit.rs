@@ -205,6 +205,15 @@ fn merging_two_files_at_full_rank_sums_their_deltas() {
     for (k, (_, r)) in &got {
         assert_eq!(*r, if da.contains_key(k) { 6 } else { 2 }, "{k}");
     }
+    // With --rank 1 every module, shared or not, is the best rank-1 approximation of its sum.
+    let small = merged(tmp.path(), &[format!("{a}:0.7"), format!("{b}:0.4")], Some("1"));
+    for (k, (delta, r)) in &small {
+        assert_eq!(*r, 1, "{k}");
+        let s2 = squared_singular_values(&want[k]);
+        let dropped = s2.narrow(0, 1, s2.size()[0] - 1).sum(Kind::Double).double_value(&[]);
+        let err = frobenius(&(delta - &want[k]));
+        assert!((err - dropped.sqrt()).abs() <= 1e-5 * (1.0 + frobenius(&want[k])), "{k}: error {err}, sqrt(dropped) {}", dropped.sqrt());
+    }
 }
 
 fn one_sentence_error(out: &Output) -> String {
