@@ -152,6 +152,9 @@ fn resized_and_merged_files_sample_in_sdtune() {
     let d = tmp.path();
     ok(&sdtune(d, &["lora", "resize", &fixture("sdtune_kohya.safetensors"), "--rank", "2", "--out", "r2.safetensors"]));
     ok(&sdtune(d, &["lora", "merge", &fixture("peft_a.safetensors"), &fixture("sdtune_diffusers.safetensors"), "--rank", "3", "--out", "m.safetensors"]));
+    // --rank above the sum of the inputs' ranks (4 + 4) adds no zero rows.
+    ok(&sdtune(d, &["lora", "merge", &fixture("peft_a.safetensors"), &fixture("sdtune_diffusers.safetensors"), "--rank", "64", "--out", "m64.safetensors"]));
+    assert!(deltas(&d.join("m64.safetensors")).values().all(|(_, r)| *r == 8), "ranks above 4 + 4");
     let tiny = common::fixtures().join("tiny-sd1").display().to_string();
     for lora in ["r2.safetensors", "m.safetensors:0.8"] {
         ok(&sdtune(d, &["sample", "--model", &tiny, "--prompt", "a red square", "--lora", lora, "--steps", "2", "--device", "cpu", "--out", "x.png"]));

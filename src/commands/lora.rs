@@ -32,8 +32,8 @@ Examples:
   sdtune lora merge a.safetensors b.safetensors --rank 16 --out ab.safetensors
 
 Each module becomes the sum of strength * its weight change in every file that has
-it, cut back to a low rank by SVD: --rank, or by default the sum of the inputs' ranks
-at that module, at which the sum is exact. A module only one file has is copied,
+it, cut back to a low rank by SVD: --rank, or by default (and at most) the sum of the
+inputs' ranks at that module, at which the sum is exact. A module only one file has is copied,
 times its strength. Where modules' alphas would differ, all get the highest rank as
 alpha (diffusers reads only one alpha per kohya file). The files must be for the same base model and in one layout;
 the header is the first file's, with the merge recorded.";

@@ -47,9 +47,9 @@ pub struct Merged {
 }
 
 /// Merges `inputs` into `out` (atomically, in the inputs' layout). Each
-/// summed module gets rank `rank`, or by default the sum of its inputs'
-/// ranks, at which the sum is exact (rank(A + B) <= rank A + rank B); both
-/// capped at the matrix's size. Summed modules get alpha = rank (scale 1),
+/// summed module gets rank `rank`, at most (and by default) the sum of its
+/// inputs' ranks, at which the sum is exact (rank(A + B) <= rank A + rank B),
+/// and at most the matrix's size. Summed modules get alpha = rank (scale 1),
 /// then the file one alpha (`edit::one_alpha`).
 pub fn merge(inputs: &[Input], rank: Option<i64>, out: &Path) -> Result<Merged> {
     if let Some(r) = rank.filter(|&r| r < 1) {
@@ -90,7 +90,9 @@ pub fn merge(inputs: &[Input], rank: Option<i64>, out: &Path) -> Result<Merged> 
             .map(|(m, s)| svd::pair_delta(&m.down, &m.up) * (s * m.alpha / m.down.size()[0] as f64))
             .reduce(|a, b| a + b)
             .unwrap_or_else(|| Tensor::zeros([1], (tch::Kind::Double, tch::Device::Cpu)));
-        let target = rank.unwrap_or_else(|| parts.iter().map(|(m, _)| m.down.size()[0]).sum());
+        // Above the sum of the inputs' ranks the extra rows would be zeros.
+        let exact: i64 = parts.iter().map(|(m, _)| m.down.size()[0]).sum();
+        let target = rank.map_or(exact, |r| r.min(exact));
         let t = svd::truncate(&sum, target, &down_tail(first), first.up.dim() == 4)?;
         kept.push(t.kept_energy);
         let new_rank = t.down.size()[0];
