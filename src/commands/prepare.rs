@@ -19,6 +19,7 @@ Examples:
   sdtune prepare ./brand_photos --model ./stable-diffusion-v1-5 --trigger brandx
   sdtune prepare ./brand_photos --model ./v1-5-pruned-emaonly.safetensors --trigger brandx
   sdtune prepare ./brand_photos --resolution 768 --flip --no-upscale
+  sdtune prepare ./brand_photos --model ./sd_xl_base_1.0.safetensors   (SDXL: 1024 px by default)
   sdtune prepare                    (the folder and model named in ./sdtune.yaml)
 
 Run it in your working folder: it reads ./sdtune.yaml (and writes one when there

@@ -30,6 +30,8 @@ Examples:
   sdtune sample --model ./sd15 --prompt \"acme mug\" --prompt \"acme bag\" --seeds 1,2,3,4 --out grid.png
   sdtune sample --model ./sd15 --prompts prompts.txt --seed 1 --count 4 \\
       --lora acme.safetensors --compare 0.5,1     (base | LoRA x0.5 | LoRA x1 for each seed)
+  sdtune sample --model stabilityai/stable-diffusion-xl-base-1.0 --prompt \"acme mug\" \\
+      --width 1024 --height 1024 --vae ./sdxl-vae-fp16-fix --lora output/acme-xl/acme-xl.safetensors
   sdtune sample                     in a training folder: sdtune.yaml's prompts x seeds, run's LoRA
   sdtune sample --from grid-p1-s2.png             render an image again from its PNG's settings
 
