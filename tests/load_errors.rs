@@ -6,19 +6,6 @@ use std::process::Command;
 
 use sdtune::loaders::tensor_file::{write_tensors, TensorFile};
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// Runs `sdtune sample` on `model`; returns stderr after asserting failure.
 fn sample_fails(model: &Path) -> String {
     let run = Command::new(env!("CARGO_BIN_EXE_sdtune"))
@@ -40,7 +27,7 @@ fn sample_fails(model: &Path) -> String {
 
 fn tiny_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&common::fixtures().join("tiny-sd1"), dir.path());
+    common::copy_dir(&common::fixtures().join("tiny-sd1"), dir.path());
     dir
 }
 

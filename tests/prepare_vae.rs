@@ -3,6 +3,7 @@
 //! (its keys hold the VAE's identity), never mixing two VAEs' latents; the
 //! VAE goes into a fresh sdtune.yaml, and train's grids (and `sdtune sample`
 //! of the run) decode with it.
+mod common;
 mod train_support;
 
 use std::path::{Path, PathBuf};
@@ -89,24 +90,6 @@ fn a_missing_vae_is_refused_in_one_sentence_naming_it() {
     assert!(stderr.contains("no-such-vae") && stderr.trim().lines().count() == 1, "{stderr}");
 }
 
-/// The sdtune settings chunk of a PNG.
-fn png_settings(path: &Path) -> serde_json::Value {
-    let bytes = std::fs::read(path).unwrap();
-    let mut at = 8;
-    while at + 8 <= bytes.len() {
-        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        let data = &bytes[at + 8..at + 8 + len];
-        if &bytes[at + 4..at + 8] == b"iTXt" || &bytes[at + 4..at + 8] == b"tEXt" {
-            if let Some(rest) = data.strip_prefix(b"sdtune\0") {
-                let start = rest.iter().position(|&b| b == b'{').unwrap();
-                return serde_json::from_slice(&rest[start..]).unwrap();
-            }
-        }
-        at += 12 + len;
-    }
-    panic!("{} has no sdtune chunk", path.display())
-}
-
 fn first_grid(dir: &Path, name: &str) -> PathBuf {
     let samples = run_dir(dir, name).join("samples");
     let mut grids: Vec<PathBuf> = std::fs::read_dir(&samples).unwrap().flatten().map(|e| e.path()).collect();
@@ -136,7 +119,7 @@ fn the_prepared_vae_goes_into_sdtune_yaml_and_decodes_trains_grids() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("warning: the images were encoded"));
     let with_prepared = first_grid(dir.path(), "prepared-vae");
-    let recorded = png_settings(&with_prepared);
+    let recorded = common::png_settings(&with_prepared);
     assert!(recorded["vae"].as_str().is_some_and(|v| v.ends_with("other-vae")), "{recorded}");
 
     // The model's own VAE, named with --vae: another image, and a warning saying so.
@@ -152,13 +135,13 @@ fn the_prepared_vae_goes_into_sdtune_yaml_and_decodes_trains_grids() {
         image::open(&with_own).unwrap().to_rgb8().as_raw(),
         "the grid decoded alike with both VAEs"
     );
-    assert_ne!(recorded["model_hash"], png_settings(&with_own)["model_hash"]);
+    assert_ne!(recorded["model_hash"], common::png_settings(&with_own)["model_hash"]);
 
     // `sdtune sample` of the run (its prompts, no --model) renders with the prepared VAE too.
     let lora = run_dir(dir.path(), "prepared-vae").join("prepared-vae.safetensors");
     let args = ["sample", "--device", "cpu", "--steps", "2", "--out", "run.png", "--lora", lora.to_str().unwrap()];
     let out = sdtune(dir.path(), &args, None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let recorded = png_settings(&dir.path().join("run.png"));
+    let recorded = common::png_settings(&dir.path().join("run.png"));
     assert!(recorded["vae"].as_str().is_some_and(|v| v.ends_with("other-vae")), "{recorded}");
 }

@@ -3,6 +3,7 @@
 //! VAE file (A1111's `*.vae.safetensors`). Each gives the pixels of the model
 //! folder with that VAE put in its `vae/`, and the model hash the images
 //! record changes with it.
+mod common;
 mod model_support;
 
 use std::path::{Path, PathBuf};
@@ -26,36 +27,6 @@ fn other_vae() -> Vec<(String, Tensor)> {
         .collect()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-/// The sdtune settings chunk of a PNG.
-fn settings(path: &Path) -> serde_json::Value {
-    let bytes = std::fs::read(path).unwrap();
-    let mut at = 8;
-    while at + 8 <= bytes.len() {
-        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        let data = &bytes[at + 8..at + 8 + len];
-        if &bytes[at + 4..at + 8] == b"iTXt" || &bytes[at + 4..at + 8] == b"tEXt" {
-            if let Some(rest) = data.strip_prefix(b"sdtune\0") {
-                let start = rest.iter().position(|&b| b == b'{').unwrap();
-                return serde_json::from_slice(&rest[start..]).unwrap();
-            }
-        }
-        at += 12 + len;
-    }
-    panic!("{} has no sdtune chunk", path.display())
-}
-
 struct Setup {
     _dir: tempfile::TempDir,
     root: PathBuf,
@@ -75,8 +46,8 @@ fn setup() -> Setup {
     std::fs::copy(&config, vae_folder.join("config.json")).unwrap();
     write_tensors(&vae_folder.join("diffusion_pytorch_model.safetensors"), &tensors, None).unwrap();
     let swapped_model = root.join("swapped");
-    copy_dir(&fixture("tiny-sd1"), &swapped_model);
-    copy_dir(&vae_folder, &swapped_model.join("vae"));
+    common::copy_dir(&fixture("tiny-sd1"), &swapped_model);
+    common::copy_dir(&vae_folder, &swapped_model.join("vae"));
     // The same VAE in LDM names (mid attention as 1x1 convs), its config beside it:
     // the tiny VAE's 8 norm groups show in no tensor.
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
@@ -114,7 +85,7 @@ fn sample(root: &Path, model: &Path, vae: Option<&Path>, out: &str) -> (Vec<u8>,
         cmd.arg("--vae").arg(v);
     }
     stdout_ok(&run(&mut cmd));
-    (pixels(&out), settings(&out))
+    (pixels(&out), common::png_settings(&out))
 }
 
 #[test]

@@ -6,7 +6,6 @@
 //!   gives diffusers' StableDiffusionPipeline image within 1/255 mean abs.
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use sdtune::models::config::SchedulerConfig;
@@ -32,16 +31,6 @@ struct Case {
 fn cases() -> Vec<Case> {
     let text = std::fs::read_to_string(common::reference("schedulers/cases.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn read_rgb(path: &Path) -> image::RgbImage {
-    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8()
-}
-
-fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let sum: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum();
-    sum / a.as_raw().len() as f64
 }
 
 /// The stand-in for the UNet that make_scheduler_cases.py uses: 0.5 tanh(x) + 0.001 t.
@@ -109,9 +98,9 @@ fn every_reference_case_matches_diffusers() {
         }
         let run = cmd.output().unwrap();
         assert!(run.status.success(), "{}: {}", case.name, String::from_utf8_lossy(&run.stderr));
-        let ours = read_rgb(&out);
-        let theirs = read_rgb(&common::reference(&case.png));
-        let diff = mean_abs_diff(&ours, &theirs);
+        let ours = common::read_rgb(&out);
+        let theirs = common::read_rgb(&common::reference(&case.png));
+        let diff = common::mean_abs_pixel_diff(&ours, &theirs);
         eprintln!("{}: mean abs pixel diff {diff:.4} (of 255)", case.name);
         assert!(diff <= 1.0, "{}: mean abs pixel difference {diff} > 1/255", case.name);
     }

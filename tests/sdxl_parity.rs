@@ -5,7 +5,6 @@
 //! `sdtune sample` against `StableDiffusionXLPipeline` for every scheduler.
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use sdtune::loaders::model_files::ModelFiles;
@@ -101,16 +100,6 @@ struct Case {
     png: String,
 }
 
-fn read_rgb(path: &Path) -> image::RgbImage {
-    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8()
-}
-
-fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let sum: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum();
-    sum / a.as_raw().len() as f64
-}
-
 #[test]
 fn sample_matches_the_sdxl_pipeline_for_every_scheduler() {
     let cases: Vec<Case> =
@@ -141,7 +130,7 @@ fn sample_matches_the_sdxl_pipeline_for_every_scheduler() {
         }
         let run = cmd.output().unwrap();
         assert!(run.status.success(), "{}: {}", case.name, String::from_utf8_lossy(&run.stderr));
-        let diff = mean_abs_diff(&read_rgb(&out), &read_rgb(&common::reference(&case.png)));
+        let diff = common::mean_abs_pixel_diff(&common::read_rgb(&out), &common::read_rgb(&common::reference(&case.png)));
         eprintln!("{}: mean abs pixel diff {diff:.4} (of 255)", case.name);
         if diff > worst.0 {
             worst = (diff, case.name.clone());
@@ -154,7 +143,7 @@ fn sample_matches_the_sdxl_pipeline_for_every_scheduler() {
 fn an_sdxl_unet_with_an_sd1_text_encoder_is_refused_in_one_sentence() {
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("mixed");
-    copy_dir(&folder(), &copy);
+    common::copy_dir(&folder(), &copy);
     // The first encoder alone: no pooled embedding for the UNet's added embedding.
     let index = std::fs::read_to_string(copy.join("model_index.json")).unwrap();
     std::fs::write(copy.join("model_index.json"), index.replace("StableDiffusionXLPipeline", "StableDiffusionPipeline")).unwrap();
@@ -170,14 +159,3 @@ fn an_sdxl_unet_with_an_sd1_text_encoder_is_refused_in_one_sentence() {
     assert!(format!("{err:#}").contains("refiner"), "{err:#}");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}

@@ -38,3 +38,38 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
     assert!(d <= tol, "{what}: max abs diff {d:e} > {tol:e}");
     eprintln!("{what}: max abs diff {d:e}");
 }
+
+/// Copies the folder `from` into `to` (created), recursively.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The settings JSON sdtune writes into a PNG's `sdtune` text chunk.
+pub fn png_settings(path: &Path) -> serde_json::Value {
+    let texts = sdtune::sample::image_out::read_png_text(path).unwrap_or_else(|e| panic!("{e:#}"));
+    let (_, json) = texts
+        .iter()
+        .find(|(keyword, _)| keyword == "sdtune")
+        .unwrap_or_else(|| panic!("{} has no sdtune chunk", path.display()));
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{}: sdtune chunk: {e}", path.display()))
+}
+
+pub fn read_rgb(path: &Path) -> image::RgbImage {
+    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8()
+}
+
+/// Mean |a - b| over every channel of every pixel, in 0..255 units.
+pub fn mean_abs_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let sum: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum();
+    sum / a.as_raw().len() as f64
+}
