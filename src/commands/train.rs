@@ -201,7 +201,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if plan.grid.brand.is_some() {
         plan.grid.concepts = concept_palettes(&work_dir, &plan.grid.prompts);
     }
-    crate::interrupt::install(crate::interrupt::Mode::SaveThenStop)?;
     let stop = crate::interrupt::flag();
     let bar = crate::progress::steps_bar(train.steps, "train");
     let mut on_event = |event: Event| match event {

@@ -233,19 +233,32 @@ fn first_line(e: &anyhow::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
-/// The scaled delta in the layer weight's shape, or one sentence naming the
-/// module and the file when it does not fit the layer.
-pub fn delta_for(m: &LycorisModule, shape: LayerShape, weight_size: &[i64], source: &str) -> Result<Tensor> {
-    let delta = tch::no_grad(|| m.factors.delta()).map_err(|e| {
-        anyhow::anyhow!("{source}: {} module for {} could not be multiplied out ({}); the file is damaged", m.factors.kind_name(), m.layer, first_line(&e))
-    })?;
+/// The shape `Factors::delta` will have, from the factors' shapes alone
+/// (checking a file against a model multiplies nothing out).
+pub fn delta_shape(factors: &Factors) -> Vec<i64> {
+    match factors {
+        Factors::Hadamard { w1, .. } => product_shape(w1),
+        Factors::Kronecker { w1, w2 } => {
+            let (mut s1, s2) = (product_shape(w1), product_shape(w2));
+            // As in `delta`: a 4-d w2 makes w1 [a, c, 1, 1].
+            while s1.len() < s2.len() {
+                s1.push(1);
+            }
+            s1.iter().zip(&s2).map(|(a, b)| a * b).collect()
+        }
+    }
+}
+
+/// One sentence naming the module and the file when its delta does not fit
+/// the layer's weight.
+pub fn check_fits_layer(m: &LycorisModule, shape: LayerShape, weight_size: &[i64], source: &str) -> Result<()> {
     let (want_out, want_in, kernel) = match shape {
         LayerShape::Linear { in_features, out_features } => (out_features, in_features, 1),
         LayerShape::Conv2d { in_channels, out_channels, kernel } => (out_channels, in_channels, kernel),
     };
-    let got = delta.size();
+    let got = delta_shape(&m.factors);
     let fits = got[0] == want_out
-        && delta.numel() as i64 == want_out * want_in * kernel * kernel
+        && got.iter().product::<i64>() == want_out * want_in * kernel * kernel
         && (got.len() != 4 || (got[2] == kernel && got[3] == kernel));
     if !fits {
         bail!(
@@ -255,6 +268,16 @@ pub fn delta_for(m: &LycorisModule, shape: LayerShape, weight_size: &[i64], sour
             m.layer
         );
     }
+    Ok(())
+}
+
+/// The scaled delta in the layer weight's shape, or one sentence naming the
+/// module and the file when it does not fit the layer.
+pub fn delta_for(m: &LycorisModule, shape: LayerShape, weight_size: &[i64], source: &str) -> Result<Tensor> {
+    check_fits_layer(m, shape, weight_size, source)?;
+    let delta = tch::no_grad(|| m.factors.delta()).map_err(|e| {
+        anyhow::anyhow!("{source}: {} module for {} could not be multiplied out ({}); the file is damaged", m.factors.kind_name(), m.layer, first_line(&e))
+    })?;
     Ok(delta.f_reshape(weight_size)? * m.scale)
 }
 

@@ -154,7 +154,8 @@ pub fn check_fits(weights: &LoraWeights, layers: &ModelLayers, source: &str) -> 
         }
     }
     for m in &weights.lycoris {
-        let _fits = lycoris_delta(m, layers, source)?;
+        let (shape, size, _) = lycoris_layer(m, layers, source)?;
+        lycoris::check_fits_layer(m, shape, &size, source)?;
     }
     Ok(())
 }
@@ -162,6 +163,16 @@ pub fn check_fits(weights: &LoraWeights, layers: &ModelLayers, source: &str) -> 
 /// A LoHa/LoKr module's scaled delta in its layer's weight shape, with the
 /// layer's conv settings; an error names the module and the file.
 fn lycoris_delta(m: &LycorisModule, layers: &ModelLayers, source: &str) -> Result<(Tensor, Option<crate::models::layers::ConvConfig>)> {
+    let (shape, size, conv) = lycoris_layer(m, layers, source)?;
+    Ok((lycoris::delta_for(m, shape, &size, source)?, conv))
+}
+
+fn lycoris_deltas(weights: &LoraWeights, layers: &ModelLayers, source: &str) -> Result<Vec<(Tensor, Option<crate::models::layers::ConvConfig>)>> {
+    weights.lycoris.iter().map(|m| lycoris_delta(m, layers, source)).collect()
+}
+
+/// The layer a LoHa/LoKr module names: its shape, weight size and conv settings.
+fn lycoris_layer(m: &LycorisModule, layers: &ModelLayers, source: &str) -> Result<(LayerShape, Vec<i64>, Option<crate::models::layers::ConvConfig>)> {
     let Some(index) = layers.index(m.component) else {
         bail!("{source} has a {} {} module for {}, but the model has no {} to apply it to", m.component.name(), m.factors.kind_name(), m.layer, m.component.name());
     };
@@ -173,13 +184,15 @@ fn lycoris_delta(m: &LycorisModule, layers: &ModelLayers, source: &str) -> Resul
             m.layer
         );
     };
-    Ok((lycoris::delta_for(m, shape, &size, source)?, conv))
+    Ok((shape, size, conv))
 }
 
 /// Attaches every module as an adapter with `strength` (kept separate from
 /// the base weights, so it can be removed or re-weighted).
 pub fn attach(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: &str) -> Result<()> {
     check_fits(weights, layers, source)?;
+    // Multiplied out before anything is attached, so a failure attaches nothing.
+    let deltas = lycoris_deltas(weights, layers, source)?;
     for m in &weights.modules {
         let index = layers.index(m.component).expect("checked by check_fits");
         index.with(&m.layer, |e| {
@@ -188,8 +201,7 @@ pub fn attach(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source
             e.adapters.push(Box::new(LoraAdapter::new(&down, &up, m.scale() * strength, e.shape).with_conv(e.conv)));
         });
     }
-    for m in &weights.lycoris {
-        let (delta, conv) = lycoris_delta(m, layers, source)?;
+    for (m, (delta, conv)) in weights.lycoris.iter().zip(deltas) {
         let index = layers.index(m.component).expect("checked by check_fits");
         index.with(&m.layer, |e| {
             let delta = (delta * strength).to_device(e.weight.device());
@@ -203,6 +215,7 @@ pub fn attach(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source
 /// sampling; the base model is changed in memory only).
 pub fn fuse(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: &str) -> Result<()> {
     check_fits(weights, layers, source)?;
+    let deltas = lycoris_deltas(weights, layers, source)?;
     tch::no_grad(|| {
         for m in &weights.modules {
             let index = layers.index(m.component).expect("checked by check_fits");
@@ -213,8 +226,7 @@ pub fn fuse(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: 
                 w.copy_(&updated.to_kind(w.kind()));
             });
         }
-        for m in &weights.lycoris {
-            let (delta, _) = lycoris_delta(m, layers, source)?;
+        for (m, (delta, _)) in weights.lycoris.iter().zip(deltas) {
             let index = layers.index(m.component).expect("checked by check_fits");
             index.with(&m.layer, |e| {
                 let mut w = e.weight.shallow_clone();
@@ -222,8 +234,7 @@ pub fn fuse(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: 
                 w.copy_(&updated.to_kind(w.kind()));
             });
         }
-        Ok::<(), anyhow::Error>(())
-    })?;
+    });
     Ok(())
 }
 
