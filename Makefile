@@ -40,3 +40,4 @@ fixtures:
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_single_file.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_lora_cases.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_lora_reference.py
+	.venv-ref/bin/python scripts/fixtures/make_vae_tiling_reference.py

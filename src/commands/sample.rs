@@ -123,6 +123,12 @@ pub struct SampleArgs {
     /// Fuse the LoRAs into the weights (faster; same image up to rounding).
     #[arg(long)]
     pub fuse: bool,
+    /// Decode in overlapping tiles of the VAE's own size, blended (diffusers'
+    /// enable_tiling): a 2048 px image then fits in a few GB; pixels near the
+    /// seams differ slightly from an untiled decode. Images that fit one tile
+    /// are unchanged.
+    #[arg(long)]
+    pub vae_tiling: bool,
     /// Put the base model's image beside the LoRAs' for each seed: alone, the LoRAs
     /// at the strengths given; with values (0.5,1), at those multiples of them.
     #[arg(allow_negative_numbers = true, long, value_name = "M,M,...", num_args = 0.., value_delimiter = ',')]
@@ -131,7 +137,7 @@ pub struct SampleArgs {
     /// it carries (A1111 PNGs too, with --model); --model and --lora replace the recorded ones.
     #[arg(long, value_name = "IMAGE.png", conflicts_with_all = [
         "prompt", "prompts", "negative_prompt", "seed", "count", "seeds", "steps", "guidance",
-        "width", "height", "scheduler", "clip_skip", "compare", "precision", "fuse",
+        "width", "height", "scheduler", "clip_skip", "compare", "precision", "fuse", "vae_tiling",
         "original_size", "crop", "target_size",
     ])]
     pub from: Option<PathBuf>,
@@ -177,6 +183,7 @@ struct Plan {
     options: LoadOptions,
     precision: Precision,
     fuse: bool,
+    vae_tiling: bool,
     /// `FILE[:SCALE]` each.
     loras: Vec<String>,
     work: Work,
@@ -192,7 +199,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let plan = plan(&args)?;
     let placement = Placement { device, kind: plan.precision.kind(), vae_kind: plan.precision.kind() };
-    let (model, model_hash) = load_and_hash(&plan, placement)?;
+    let (mut model, model_hash) = load_and_hash(&plan, placement)?;
+    if plan.vae_tiling {
+        model.vae.model.enable_tiling();
+    }
     check_for_model(&plan.work, &model)?;
     let layers = render::layers(&model)?;
     let loras = plan.loras.iter().map(|spec| LoadedLora::read(spec, &layers)).collect::<Result<Vec<_>>>()?;
@@ -252,6 +262,7 @@ fn plan(args: &SampleArgs) -> Result<Plan> {
         options,
         precision: Precision::parse(&args.precision)?,
         fuse: args.fuse,
+        vae_tiling: args.vae_tiling,
         loras: args.loras.clone(),
         work: Work::Job(empty_job()),
         brand: args.brand.clone().map_or(BrandFrom::None, BrandFrom::Dir),
@@ -340,6 +351,7 @@ fn empty_job() -> Job {
             prediction_type: None,
             loras: Vec::new(),
             fuse: false,
+            vae_tiling: false,
             precision: "fp32".into(),
             device: "cpu".into(),
             size_conditioning: None,
@@ -511,6 +523,7 @@ fn plan_again(args: &SampleArgs, from: &Path, plan: &mut Plan) -> Result<()> {
             }
             plan.precision = Precision::parse(&s.precision)?;
             plan.fuse = s.fuse;
+            plan.vae_tiling = s.vae_tiling;
             plan.options.variant = plan.options.variant.take().or(s.variant.clone());
             plan.options.vae = plan.options.vae.take().or(s.vae.as_ref().map(PathBuf::from));
             if plan.options.prediction_type.is_none() {
@@ -597,6 +610,7 @@ fn shared_settings(plan: &Plan, model_hash: String, loras: &[LoadedLora], device
     s.prediction_type = plan.options.prediction_type.map(|p| p.as_config_str().to_string());
     s.loras = loras.iter().map(|l| l.usage(l.scale)).collect();
     s.fuse = plan.fuse;
+    s.vae_tiling = plan.vae_tiling;
     s.precision = plan.precision.name().into();
     s.device = match device {
         Device::Cuda(i) => format!("cuda:{i}"),

@@ -496,6 +496,7 @@ fn grid_settings(
         prediction_type: None,
         loras: Vec::new(),
         fuse: false,
+        vae_tiling: false,
         precision: precision.name().to_string(),
         device: device_name(device),
         size_conditioning: None,

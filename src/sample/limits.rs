@@ -39,8 +39,9 @@ pub fn check_render_size(model: &StableDiffusion, width: i64, height: i64, batch
     let free = if model.device().is_cuda() { None } else { available_memory(model.device()) };
     if let Some(free) = free {
         if need > free {
+            let tiling = if model.vae.model.tiling().is_none() { ", or add --vae-tiling" } else { "" };
             bail!(
-                "rendering {batch} image(s) of {width}x{height} needs about {} GiB for the VAE decode but {} GiB are free; lower --width/--height or --batch-size",
+                "rendering {batch} image(s) of {width}x{height} needs about {} GiB for the VAE decode but {} GiB are free; lower --width/--height or --batch-size{tiling}",
                 gib(need),
                 gib(free)
             );
@@ -49,8 +50,18 @@ pub fn check_render_size(model: &StableDiffusion, width: i64, height: i64, batch
     Ok(())
 }
 
-/// The VAE decoder's peak at full resolution.
+/// The VAE decoder's peak: at full resolution, or with tiling at one
+/// tile's plus the pixel tiles kept until they are joined.
 fn decode_bytes(model: &StableDiffusion, width: i64, height: i64, batch: usize) -> u64 {
-    let elt = model.vae.vs.kind().elt_size_in_bytes() as u64;
-    crate::models::vae::decode_peak_bytes(&model.vae_config, elt, width.max(0) as u64, height.max(0) as u64, batch as u64)
+    let kind = model.vae.vs.kind();
+    let elt = kind.elt_size_in_bytes() as u64;
+    let (w, h, b) = (width.max(0) as u64, height.max(0) as u64, batch as u64);
+    match model.vae.model.tiling() {
+        Some(t) => {
+            let tile = t.sample_tile.max(1) as u64;
+            crate::models::vae::decode_peak_bytes(&model.vae_config, elt, w.min(tile), h.min(tile), b)
+                + crate::models::vae::tiling::joined_output_bytes(kind, w, h, b)
+        }
+        None => crate::models::vae::decode_peak_bytes(&model.vae_config, elt, w, h, b),
+    }
 }

@@ -58,6 +58,9 @@ pub struct Settings {
     pub loras: Vec<LoraUse>,
     /// LoRAs were fused into the weights (changes the last bits).
     pub fuse: bool,
+    /// `--vae-tiling`: decoded tile by tile (changes pixels near tile seams).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vae_tiling: bool,
     pub precision: String,
     /// Where it was rendered (a seed gives the same image elsewhere up to precision).
     pub device: String,
@@ -493,6 +496,7 @@ mod tests {
                 prediction_type: Some("v".into()),
                 loras: vec![LoraUse { name: "acme".into(), path: "/l/acme.safetensors".into(), scale: 0.8, hash: "abcdefabcdef".into() }],
                 fuse: false,
+                vae_tiling: false,
                 precision: "fp32".into(),
                 device: "cpu".into(),
                 size_conditioning: None,

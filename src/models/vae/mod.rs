@@ -6,12 +6,14 @@
 mod blocks;
 mod decoder;
 mod encoder;
+pub mod tiling;
 
 use anyhow::{bail, ensure, Result};
 use tch::{Kind, Tensor};
 
 use self::decoder::Decoder;
 use self::encoder::Encoder;
+use self::tiling::VaeTiling;
 use super::config::VaeConfig;
 use super::layers::{Conv2d, ConvConfig, Vb};
 
@@ -39,6 +41,8 @@ pub struct AutoencoderKL {
     decoder: Decoder,
     quant_conv: Conv2d,
     post_quant_conv: Conv2d,
+    /// Set by [`Self::enable_tiling`]: inputs over one tile go tile by tile.
+    tiling: Option<VaeTiling>,
 }
 
 impl AutoencoderKL {
@@ -51,7 +55,19 @@ impl AutoencoderKL {
             decoder: Decoder::new(vb.pp("decoder"), cfg),
             quant_conv: vb.pp("quant_conv").conv2d(2 * latent, 2 * latent, 1, ConvConfig::same(1)),
             post_quant_conv: vb.pp("post_quant_conv").conv2d(latent, latent, 1, ConvConfig::same(1)),
+            tiling: None,
         })
+    }
+
+    /// Encode and decode images larger than one tile tile by tile, as
+    /// diffusers' `enable_tiling()` (see [`tiling`]).
+    pub fn enable_tiling(&mut self) {
+        self.tiling = Some(VaeTiling::from_config(&self.config));
+    }
+
+    /// The tile sizes, when tiling is on.
+    pub fn tiling(&self) -> Option<VaeTiling> {
+        self.tiling
     }
     /// Images in [-1, 1], [B, 3, H, W] -> latent distribution [B, C, H/f, W/f],
     /// in the images' kind. Panics where [`Self::f_encode`] errs.
@@ -61,7 +77,13 @@ impl AutoencoderKL {
 
     pub fn f_encode(&self, images: &Tensor) -> Result<LatentDist> {
         self.check_input("images", images, self.config.in_channels, self.config.scale_factor())?;
-        let moments = self.quant_conv.forward(&self.encoder.forward(&images.to_kind(self.kind())));
+        let images_in = images.to_kind(self.kind());
+        let moments_of = |x: &Tensor| Ok(self.quant_conv.forward(&self.encoder.forward(x)));
+        let (h, w) = (images.size()[2], images.size()[3]);
+        let moments = match self.tiling {
+            Some(t) if VaeTiling::splits(t.sample_tile, h, w) => tiling::tiled(&images_in, t.sample_tile, t.latent_tile, &moments_of)?,
+            _ => moments_of(&images_in)?,
+        };
         let halves = moments.chunk(2, 1);
         Ok(LatentDist {
             mean: halves[0].to_kind(images.kind()),
@@ -77,8 +99,14 @@ impl AutoencoderKL {
 
     pub fn f_decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.check_input("latents", latents, self.config.latent_channels, 1)?;
-        let z = self.post_quant_conv.forward(&latents.to_kind(self.kind()));
-        Ok(self.decoder.forward(&z).to_kind(latents.kind()))
+        let z = latents.to_kind(self.kind());
+        let pixels_of = |z: &Tensor| Ok(self.decoder.forward(&self.post_quant_conv.forward(z)));
+        let (h, w) = (z.size()[2], z.size()[3]);
+        let images = match self.tiling {
+            Some(t) if VaeTiling::splits(t.latent_tile, h, w) => tiling::tiled(&z, t.latent_tile, t.sample_tile, &pixels_of)?,
+            _ => pixels_of(&z)?,
+        };
+        Ok(images.to_kind(latents.kind()))
     }
 
     /// The kind the weights are stored in (inputs are cast to it).
