@@ -5,6 +5,7 @@
 //!
 //! One file per kind of benchmark; `measure` holds what they share.
 pub mod arch;
+pub mod decode;
 pub mod encode;
 pub mod measure;
 pub mod sample;

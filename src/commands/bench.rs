@@ -1,12 +1,13 @@
-//! `sdtune bench train|sample|encode`: flags -> a benchmark -> a table on
+//! `sdtune bench train|sample|encode|decode`: flags -> a benchmark -> a table on
 //! stderr and one JSON line on stdout.
 use anyhow::{bail, Result};
 
 use crate::bench::arch::ModelSpec;
+use crate::bench::decode::DecodeBench;
 use crate::bench::encode::EncodeBench;
 use crate::bench::sample::{SampleBench, Tokenizers};
 use crate::bench::train::TrainBench;
-use crate::bench::{encode, measure, sample, train, Setup};
+use crate::bench::{decode, encode, measure, sample, train, Setup};
 use crate::lora::targets::Targets;
 use crate::runtime::{parse_device, supports, Precision};
 use crate::schedulers::SchedulerKind;
@@ -20,6 +21,7 @@ Examples:
   sdtune bench train --arch sd15 --batch-size 4 --precision bf16 --device cuda
   sdtune bench sample --arch sd15 --steps 30 --guidance 7.5 --images 8 --batch-size 4
   sdtune bench encode --arch sd15 --batch-size 4
+  sdtune bench decode --arch sd15 --resolution 2048 --vae-tiling --steps 1 --warmup 0
   sdtune bench train --arch sdxl --resolution 1024 --precision bf16 --gradient-checkpointing --device cuda
   sdtune bench sample --arch sdxl --resolution 1024 --steps 30 --device cuda
   sdtune bench train --model ./stable-diffusion-v1-5 --resolution 512
@@ -37,8 +39,9 @@ runs the same configs through diffusers+peft in the same run.";
 /// Flags of `sdtune bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to measure: train (LoRA optimizer steps), sample (text to image) or encode (VAE + text encoder).
-    #[arg(value_parser = ["train", "sample", "encode"])]
+    /// What to measure: train (LoRA optimizer steps), sample (text to image), encode (VAE +
+    /// text encoder) or decode (the VAE decoder alone, as sample ends).
+    #[arg(value_parser = ["train", "sample", "encode", "decode"])]
     pub kind: String,
     /// Model config with random weights: tiny (the test fixture's sizes), sd15, sd21 or sdxl (base 1.0).
     #[arg(long, default_value = "sd15", value_parser = ["tiny", "sd15", "sd21", "sdxl"], conflicts_with = "model")]
@@ -58,11 +61,12 @@ pub struct BenchArgs {
     /// Layers that get LoRA: cross-attn, attn or transformer.
     #[arg(long, default_value = "cross-attn")]
     pub targets: String,
-    /// Timed optimizer steps (train), denoising steps (sample) or timed batches (encode)
-    /// [default: 20 train, 30 sample, 5 encode].
+    /// Timed optimizer steps (train), denoising steps (sample) or timed batches (encode, decode)
+    /// [default: 20 train, 30 sample, 5 encode, 3 decode].
     #[arg(allow_negative_numbers = true, long)]
     pub steps: Option<usize>,
-    /// Untimed rounds first: optimizer steps (train), images (sample) or batches (encode) [default: 3, 1, 1].
+    /// Untimed rounds first: optimizer steps (train), images (sample) or batches (encode,
+    /// decode) [default: 3, 1, 1, 1].
     #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub warmup: Option<usize>,
     /// Images rendered in the timed part of `sample` [default: --batch-size].
@@ -81,6 +85,9 @@ pub struct BenchArgs {
     /// --gradient-checkpointing`), to compare peak memory and speed.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// `decode` tile by tile, as `sdtune sample --vae-tiling` does.
+    #[arg(long)]
+    pub vae_tiling: bool,
     /// CLIP tokenizer folder for `sample` with --arch [default: tests/fixtures/tiny-sd1/tokenizer;
     /// tests/fixtures/tiny-sdxl/tokenizer for sdxl].
     #[arg(long, value_name = "DIR")]
@@ -176,7 +183,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             };
             encode::run(&setup, &bench)?
         }
-        other => bail!("sdtune bench {other:?}: say train, sample or encode"),
+        "decode" => {
+            let bench = DecodeBench {
+                warmup: args.warmup.unwrap_or(1),
+                batches: positive(args.steps.unwrap_or(3), "--steps")?,
+                tiling: args.vae_tiling,
+            };
+            decode::run(&setup, &bench)?
+        }
+        other => bail!("sdtune bench {other:?}: say train, sample, encode or decode"),
     };
     measure::print(&title, &fields);
     Ok(())
