@@ -110,6 +110,7 @@ impl SelfAttention {
         let v = self.split_heads(self.v_proj.forward(x));
         // Causal only: SD pipelines pass no padding mask, so padding tokens
         // attend to everything before them, as in diffusers.
+        crate::models::flop_count::attention(&q, &k, &v);
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
         self.out_proj.forward(&y.transpose(1, 2).reshape([b, l, d]))
     }

@@ -221,6 +221,7 @@ pub struct Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = x.linear(&self.weight, self.bias.as_ref());
+        super::flop_count::linear(x, &self.weight);
         self.adapters.apply(x, y)
     }
 }
@@ -249,6 +250,7 @@ pub struct Conv2d {
 impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = super::conv::conv2d(x, &self.weight, &self.bias, self.stride, self.padding);
+        super::flop_count::conv(&y, &self.weight);
         self.adapters.apply(x, y)
     }
 }

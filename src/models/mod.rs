@@ -7,6 +7,7 @@ pub mod conditioning;
 pub mod config;
 pub mod conv;
 pub mod finite;
+pub mod flop_count;
 pub mod gradient_checkpoint;
 pub mod layers;
 pub mod stable_diffusion;

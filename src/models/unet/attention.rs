@@ -88,6 +88,7 @@ impl Attention {
 
 /// softmax(q k^T / sqrt(head_dim)) v, no mask, no dropout.
 fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    crate::models::flop_count::attention(q, k, v);
     Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, None, false)
 }
 

@@ -70,6 +70,7 @@ impl SpatialAttention {
         let q = self.to_q.forward(&tokens).unsqueeze(1);
         let k = self.to_k.forward(&tokens).unsqueeze(1);
         let v = self.to_v.forward(&tokens).unsqueeze(1);
+        crate::models::flop_count::attention(&q, &k, &v);
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
         let y = self.to_out.forward(&y.squeeze_dim(1));
         x + y.transpose(1, 2).reshape([b, c, h, w])
