@@ -41,3 +41,4 @@ fixtures:
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_lora_cases.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_lora_reference.py
 	.venv-ref/bin/python scripts/fixtures/make_vae_tiling_reference.py
+	.venv-ref/bin/python scripts/fixtures/make_flop_reference.py

@@ -70,6 +70,8 @@ def main():
                 "cpu": min((r[cpu_key] for r in runs if r.get(cpu_key) is not None), default=None),
                 "mem": max((r["peak_mem_mb"] for r in runs if r.get("peak_mem_mb") is not None), default=None),
                 "mfu": max((r.get("mfu") or 0 for r in runs), default=0) or None,
+                "gflops": max((r.get("achieved_gflops") or 0 for r in runs), default=0) or None,
+                "of_peak": max((r.get("fraction_of_probed_peak") or 0 for r in runs), default=0) or None,
             }
         s, d = best.get("sdtune"), best.get("diffusers")
         speed = s["rate"] / d["rate"] if s and d else None
@@ -82,6 +84,10 @@ def main():
             text = f"{fmt(b['rate'])} {unit}"
             if b["mfu"]:
                 text += f" (MFU {100 * b['mfu']:.1f}%)"
+            elif b["gflops"]:
+                # On the CPU: the model GFLOP/s and its share of the probed matmul peak.
+                share = f", {100 * b['of_peak']:.0f}% of probed peak" if b["of_peak"] else ""
+                text += f" ({fmt(b['gflops'])} GFLOP/s{share})"
             return text
 
         print(f"| {bench} | {arch} | {res} | {batch} | {device}, {precision} | {steps} | {shown(s)} | {shown(d)} | "

@@ -105,21 +105,46 @@ class Memory:
             out["peak_mem_kind"] = "cpu peak RSS (VmHWM)"
 
 
-def unet_forward_tflop(ucfg, latent):
-    """The same estimate as sdtune's ModelSpec::unet_forward_tflop."""
-    n = latent[0] * latent[1]
-    channels = list(ucfg["block_out_channels"])
-    if channels == [320, 640, 1280, 1280]:
-        return 0.85 * n / (64 * 64)
-    if channels == [320, 640, 1280] and ucfg.get("addition_embed_type") == "text_time":
-        return 3.796e-4 * n + 2.017e-9 * n * n
-    return None
+def counted_flops(fn):
+    """FLOPs of fn() by torch's FlopCounterMode, as sdtune counts its layers:
+    linear, conv and attention products (the CPU attention kernel counted as
+    FlopCounterMode counts the CUDA ones)."""
+    import torch
+    import torch.utils.flop_counter as fc
+
+    def cpu_attention(q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(q, k, v)
+
+    counter = fc.FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention})
+    with counter:
+        out = fn()
+    return out, counter.get_total_flops()
 
 
-def mfu(tflop_per_s, peak):
-    if tflop_per_s is None or not peak:
-        return None
-    return tflop_per_s / peak
+def matmul_gflops(device, dtype):
+    """The same probe as sdtune's bench::peak_probe: best of 4 square matmuls."""
+    import torch
+    n = 8192 if device.type == "cuda" else 1536
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    sync(device)
+    best = 0.0
+    for _ in range(4):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n ** 3 / max(time.perf_counter() - t0, 1e-9) / 1e9)
+    return best
+
+
+def flop_rate(flops, seconds, probed, peak_tflops):
+    """The fields sdtune's measure::insert_flop_rate writes."""
+    achieved = flops / max(seconds, 1e-12) / 1e9
+    return {"achieved_gflops": rounded(achieved), "probed_peak_gflops": rounded(probed),
+            "fraction_of_probed_peak": rounded(achieved / probed if probed > 0 else None),
+            "mfu": rounded(achieved / 1e3 / peak_tflops if peak_tflops else None)}
 
 
 def is_sdxl(args):
@@ -211,6 +236,11 @@ def bench_train(args, device, dtype):
         optimizer.zero_grad()
         return loss.item()
 
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        _, forward_flops = counted_flops(lambda: unet(
+            torch.zeros(b, ucfg.get("in_channels", 4), *latent, device=device, dtype=dtype),
+            torch.full((b,), 500, device=device), texts.to(device, dtype), added_cond_kwargs=added))
+    probed = matmul_gflops(device, dtype)
     torch.manual_seed(3)
     sync(device)
     t0 = time.perf_counter()
@@ -226,8 +256,7 @@ def bench_train(args, device, dtype):
 
     sps = args.steps / seconds
     out = common(args, device, dtype, "train")
-    tflop = unet_forward_tflop(ucfg, latent)
-    tflop_per_step = 2.1 * tflop * b if tflop else None
+    flops_per_step = 2.1 * forward_flops
     out.update({
         "unet_params": unet_params, "gradient_checkpointing": bool(args.gradient_checkpointing), "rank": args.rank, "targets": args.targets, "lora_modules": sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A")),
         "lora_params": lora_params, "min_snr_gamma": args.min_snr_gamma if args.min_snr_gamma > 0 else None,
@@ -235,8 +264,8 @@ def bench_train(args, device, dtype):
         "seconds": rounded(seconds), "steps_per_s": rounded(sps), "s_per_step": rounded(seconds / args.steps),
         "cpu_s_per_step": rounded(cpu / args.steps),
         "samples_per_s": rounded(sps * b), "loss": rounded(loss),
-        "model_tflop_per_step": rounded(tflop_per_step),
-        "mfu": rounded(mfu(tflop_per_step * sps if tflop_per_step else None, args.peak_tflops)),
+        "model_tflop_per_step": rounded(flops_per_step / 1e12),
+        **flop_rate(flops_per_step * args.steps, seconds, probed, args.peak_tflops),
     })
     memory.report(out)
     return out
@@ -273,7 +302,6 @@ def bench_sample(args, device, dtype):
     memory = Memory(device)
     pipe = build_pipeline(args, device, dtype)
     memory.built()
-    ucfg = pipe.unet.config
 
     def render(seeds):
         images = []
@@ -285,8 +313,11 @@ def bench_sample(args, device, dtype):
             images.append(out.images)
         return torch.cat(images)
 
-    if args.warmup:
-        render(list(range(1000, 1000 + args.warmup)))
+    # The warm-up images are counted (counting slows Python, not the kernels;
+    # they are not timed): FLOPs per image, text encoders, UNet passes, VAE decode.
+    _, warm_flops = counted_flops(lambda: render(list(range(1000, 1000 + max(args.warmup, 1)))))
+    flops_per_image = warm_flops / max(args.warmup, 1)
+    probed = matmul_gflops(device, dtype)
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     images = render(list(range(args.images)))
@@ -294,18 +325,13 @@ def bench_sample(args, device, dtype):
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
 
     n = args.images
-    factor = pipe.vae_scale_factor
-    latent = (args.resolution // factor, args.resolution // factor)
-    tflop = unet_forward_tflop(ucfg, latent)
-    passes = args.steps * (2 if args.guidance > 1 else 1)
-    tflop_per_image = tflop * passes if tflop else None
     out = common(args, device, dtype, "sample")
     out.update({
         "scheduler": "ddim", "steps": args.steps, "guidance": args.guidance, "warmup_images": args.warmup,
         "images": n, "seconds": rounded(seconds), "s_per_image": rounded(seconds / n),
         "images_per_s": rounded(n / seconds), "cpu_s_per_image": rounded(cpu / n), "finite": bool(torch.isfinite(images).all()),
-        "model_tflop_per_image": rounded(tflop_per_image),
-        "mfu": rounded(mfu(tflop_per_image * n / seconds if tflop_per_image else None, args.peak_tflops)),
+        "model_tflop_per_image": rounded(flops_per_image / 1e12),
+        **flop_rate(flops_per_image * n, seconds, probed, args.peak_tflops),
     })
     memory.report(out)
     return out
@@ -334,6 +360,8 @@ def bench_encode(args, device, dtype):
     for _ in range(args.warmup):
         encode_images()
         encode_text()
+    _, vae_flops = counted_flops(encode_images)
+    probed = matmul_gflops(device, dtype)
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
@@ -350,6 +378,8 @@ def bench_encode(args, device, dtype):
     out.update({
         "batches": args.steps, "vae_seconds": rounded(vae_s), "images_per_s": rounded(n / vae_s),
         "s_per_image": rounded(vae_s / n), "cpu_s_per_image": rounded(vae_cpu / n), "text_seconds": rounded(text_s), "captions_per_s": rounded(n / text_s),
+        "vae_tflop_per_image": rounded(vae_flops / b / 1e12),
+        **flop_rate(vae_flops * args.steps, vae_s, probed, args.peak_tflops),
     })
     memory.report(out)
     return out

@@ -90,20 +90,6 @@ impl ModelSpec {
         Ok((resolution / f, resolution / f))
     }
 
-    /// TFLOP of one UNet forward of one sample at `latent` size, for SD1/SD2-
-    /// and SDXL-sized UNets; `None` for other sizes. SD: about 0.85 at 64x64
-    /// latents, scaled by latent area. SDXL: a fit `a·n + b·n²` of n latent
-    /// pixels to torch's FlopCounterMode on diffusers' UNet (1.59 at 64x64,
-    /// 6.76 at 128x128; the n² term is self-attention).
-    pub fn unet_forward_tflop(&self, latent: (i64, i64)) -> Option<f64> {
-        let n = (latent.0 * latent.1) as f64;
-        match self.unet.block_out_channels.as_slice() {
-            [320, 640, 1280, 1280] => Some(0.85 * n / (64.0 * 64.0)),
-            [320, 640, 1280] if self.unet.takes_text_time() => Some(3.796e-4 * n + 2.017e-9 * n * n),
-            _ => None,
-        }
-    }
-
     /// Writes `unet.json`, `text_encoder.json` (and `text_encoder_2.json`
     /// for SDXL), `vae.json` and `scheduler.json` into `dir` (created), as diffusers/transformers
     /// `config.json` files: keys are diffusers' own.
@@ -163,15 +149,10 @@ mod tests {
         let spec = ModelSpec::arch("tiny").unwrap();
         assert_eq!(spec.native_resolution(), 64);
         assert_eq!(spec.latent_size(256).unwrap(), (32, 32));
-        assert!(spec.unet_forward_tflop((64, 64)).is_none());
         let sd15 = ModelSpec::arch("sd15").unwrap();
         assert_eq!(sd15.native_resolution(), 512);
-        assert!((sd15.unet_forward_tflop((32, 32)).unwrap() - 0.2125).abs() < 1e-9);
         let sdxl = ModelSpec::arch("sdxl").unwrap();
         assert_eq!(sdxl.native_resolution(), 1024);
-        // FlopCounterMode on diffusers' SDXL UNet: 1.589 TFLOP at 64x64, 6.761 at 128x128.
-        assert!((sdxl.unet_forward_tflop((64, 64)).unwrap() - 1.589).abs() < 0.01);
-        assert!((sdxl.unet_forward_tflop((128, 128)).unwrap() - 6.761).abs() < 0.01);
         assert_eq!(sdxl.text_2.as_ref().map(|t| t.hidden_size), Some(1280));
     }
 }

@@ -5,7 +5,7 @@ use anyhow::Result;
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
 
-use super::measure::{num, timed, MemoryMeter};
+use super::measure::{insert_flop_rate, num, timed, MemoryMeter};
 use super::Setup;
 use crate::models::built::build;
 use crate::models::layers::WeightInit;
@@ -44,7 +44,9 @@ pub fn run(setup: &Setup, bench: &DecodeBench) -> Result<Map<String, Value>> {
         decode()?;
     }
     memory.sample();
-    let (finite, timing) = timed(device, || (0..bench.batches).map(|_| decode()).collect::<Result<Vec<bool>>>());
+    let probed_peak = super::peak_probe::matmul_gflops(device, precision.kind());
+    let ((finite, flops), timing) =
+        timed(device, || crate::models::flop_count::counted(|| (0..bench.batches).map(|_| decode()).collect::<Result<Vec<bool>>>()));
     let finite = finite?.into_iter().all(|f| f);
     memory.sample();
 
@@ -57,6 +59,8 @@ pub fn run(setup: &Setup, bench: &DecodeBench) -> Result<Map<String, Value>> {
     out.insert("s_per_image".into(), num(Some(timing.wall / n)));
     out.insert("cpu_s_per_image".into(), num(timing.cpu.map(|c| c / n)));
     out.insert("finite".into(), Value::from(finite));
+    out.insert("model_tflop_per_image".into(), num(Some(flops as f64 / n / 1e12)));
+    insert_flop_rate(&mut out, flops as f64, timing.wall, probed_peak, setup.peak_tflops);
     out.insert("rss_after_build_mb".into(), num(rss_after_build));
     memory.report(&mut out);
     Ok(out)

@@ -4,7 +4,8 @@ use anyhow::Result;
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
 
-use super::measure::{num, timed, MemoryMeter};
+use super::measure::{insert_flop_rate, num, timed, MemoryMeter};
+use crate::models::flop_count::counted;
 use super::sample::{build_model, Tokenizers, PROMPT};
 use super::Setup;
 use crate::models::stable_diffusion::Placement;
@@ -53,8 +54,9 @@ pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
         encode_text()?;
     }
     memory.sample();
-    let (_, vae) = timed(device, || (0..bench.batches).for_each(|_| encode_images()));
-    let (result, text) = timed(device, || (0..bench.batches).try_for_each(|_| encode_text()));
+    let probed_peak = super::peak_probe::matmul_gflops(device, precision.kind());
+    let ((_, vae_flops), vae) = timed(device, || counted(|| (0..bench.batches).for_each(|_| encode_images())));
+    let ((result, text_flops), text) = timed(device, || counted(|| (0..bench.batches).try_for_each(|_| encode_text())));
     result?;
     memory.sample();
 
@@ -68,6 +70,10 @@ pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
     out.insert("cpu_s_per_image".into(), num(vae.cpu.map(|c| c / n)));
     out.insert("text_seconds".into(), num(Some(text_s)));
     out.insert("captions_per_s".into(), num(Some(n / text_s)));
+    out.insert("vae_tflop_per_image".into(), num(Some(vae_flops as f64 / n / 1e12)));
+    out.insert("text_gflop_per_caption".into(), num(Some(text_flops as f64 / n / 1e9)));
+    // The rate figures are the VAE's, the part that dominates.
+    insert_flop_rate(&mut out, vae_flops as f64, vae_s, probed_peak, setup.peak_tflops);
     out.insert("rss_after_build_mb".into(), num(rss_after_build));
     memory.report(&mut out);
     Ok(out)

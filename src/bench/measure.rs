@@ -146,6 +146,17 @@ pub fn mfu(tflop_per_second: Option<f64>, peak_tflops: Option<f64>) -> Option<f6
     }
 }
 
+/// The FLOP-rate fields of every benchmark: the achieved model GFLOP/s,
+/// the probed matmul peak and their ratio, and the MFU against the given
+/// datasheet peak (`--peak-tflops`, 790 on CUDA), when there is one.
+pub fn insert_flop_rate(out: &mut Map<String, Value>, model_flops: f64, seconds: f64, probed_peak_gflops: f64, peak_tflops: Option<f64>) {
+    let achieved = model_flops / seconds.max(1e-12) / 1e9;
+    out.insert("achieved_gflops".into(), num(Some(achieved)));
+    out.insert("probed_peak_gflops".into(), num(Some(probed_peak_gflops)));
+    out.insert("fraction_of_probed_peak".into(), num((probed_peak_gflops > 0.0).then(|| achieved / probed_peak_gflops)));
+    out.insert("mfu".into(), num(mfu(Some(achieved / 1e3), peak_tflops)));
+}
+
 /// Prints `fields` as a two-column table on stderr and as one JSON line on stdout.
 pub fn print(title: &str, fields: &Map<String, Value>) {
     let width = fields.keys().map(String::len).max().unwrap_or(0);

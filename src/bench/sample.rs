@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use serde_json::{Map, Value};
 
 use super::arch::{ModelSpec, Source};
-use super::measure::{mfu, num, timed, MemoryMeter};
+use super::measure::{insert_flop_rate, num, timed, MemoryMeter};
 use super::Setup;
 use crate::models::stable_diffusion::{Placement, StableDiffusion};
 use crate::models::tokenizer::ClipTokenizer;
@@ -85,7 +85,7 @@ fn requests(bench: &SampleBench, resolution: i64, count: usize, first_seed: u64)
 
 pub fn run(setup: &Setup, bench: &SampleBench) -> Result<Map<String, Value>> {
     let (device, precision, spec) = (setup.device, setup.precision, &setup.spec);
-    let latent = spec.latent_size(setup.resolution)?;
+    spec.latent_size(setup.resolution)?;
     let mut memory = MemoryMeter::start(device);
     let placement = Placement { device, kind: precision.kind(), vae_kind: precision.kind() };
     let model = build_model(spec, placement, &bench.tokenizers)?;
@@ -97,16 +97,16 @@ pub fn run(setup: &Setup, bench: &SampleBench) -> Result<Map<String, Value>> {
     }
     memory.sample();
     let reqs = requests(bench, setup.resolution, bench.images, 0);
-    let (images, timing) = timed(device, || text_to_images_batched(&model, &reqs, setup.batch_size, &mut ignore, &mut |_, _| {}));
+    let probed_peak = super::peak_probe::matmul_gflops(device, precision.kind());
+    let ((images, flops), timing) = timed(device, || {
+        crate::models::flop_count::counted(|| text_to_images_batched(&model, &reqs, setup.batch_size, &mut ignore, &mut |_, _| {}))
+    });
     let seconds = timing.wall;
     let images = images?;
     memory.sample();
     let finite = images.iter().all(crate::models::finite::all_finite);
 
     let n = bench.images as f64;
-    let guided = bench.guidance > 1.0;
-    let unet_passes = bench.steps as f64 * if guided { 2.0 } else { 1.0 };
-    let tflop_per_image = spec.unet_forward_tflop(latent).map(|f| f * unet_passes);
     let mut out = setup.record("sample");
     out.insert("scheduler".into(), Value::from(bench.scheduler.name()));
     out.insert("steps".into(), Value::from(bench.steps));
@@ -118,9 +118,9 @@ pub fn run(setup: &Setup, bench: &SampleBench) -> Result<Map<String, Value>> {
     out.insert("images_per_s".into(), num(Some(n / seconds)));
     out.insert("cpu_s_per_image".into(), num(timing.cpu.map(|c| c / n)));
     out.insert("finite".into(), Value::from(finite));
-    // UNet passes only; the text encoder and the VAE decoder are not counted.
-    out.insert("model_tflop_per_image".into(), num(tflop_per_image));
-    out.insert("mfu".into(), num(mfu(tflop_per_image.map(|t| t * n / seconds), setup.peak_tflops)));
+    // Counted as the layers ran: text encoders, every UNet pass, VAE decode.
+    out.insert("model_tflop_per_image".into(), num(Some(flops as f64 / n / 1e12)));
+    insert_flop_rate(&mut out, flops as f64, seconds, probed_peak, setup.peak_tflops);
     out.insert("rss_after_build_mb".into(), num(rss_after_build));
     memory.report(&mut out);
     Ok(out)

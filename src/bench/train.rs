@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
 
 use super::arch::{ModelSpec, Source};
-use super::measure::{mfu, num, timed, MemoryMeter};
+use super::measure::{insert_flop_rate, num, timed, MemoryMeter};
 use super::Setup;
 use crate::lora::network::{DownInit, LoraNetwork};
 use crate::lora::targets::Targets;
@@ -150,6 +150,8 @@ pub fn run(setup: &Setup, bench: &TrainBench) -> Result<Map<String, Value>> {
         Ok(())
     });
     memory.sample();
+    let forward_flops = counted_forward(&unet.model, &data, setup.batch_size, spec.unet.in_channels, latent, device, precision.kind())?;
+    let probed_peak = super::peak_probe::matmul_gflops(device, precision.kind());
     let (result, timing) = timed(device, || -> Result<()> {
         for step in bench.warmup as u64..total {
             last = Some(trainer.step(step)?);
@@ -179,11 +181,26 @@ pub fn run(setup: &Setup, bench: &TrainBench) -> Result<Map<String, Value>> {
     out.insert("samples_per_s".into(), num(Some(steps_per_s * setup.batch_size as f64)));
     out.insert("loss".into(), num(last.as_ref().map(|o| o.loss)));
     // A LoRA step costs about 2.1 UNet forwards (forward, backward to the
-    // activations only, the small LoRA weight gradients).
-    let tflop_per_step = spec.unet_forward_tflop(latent).map(|f| 2.1 * f * setup.batch_size as f64);
-    out.insert("model_tflop_per_step".into(), num(tflop_per_step));
-    out.insert("mfu".into(), num(mfu(tflop_per_step.map(|t| t * steps_per_s), setup.peak_tflops)));
+    // activations only, the small LoRA weight gradients); checkpointing's
+    // recomputed forward is not model work and is not counted.
+    let flops_per_step = 2.1 * forward_flops as f64;
+    out.insert("model_tflop_per_step".into(), num(Some(flops_per_step / 1e12)));
+    insert_flop_rate(&mut out, flops_per_step * bench.steps as f64, seconds, probed_peak, setup.peak_tflops);
     out.insert("rss_after_build_mb".into(), num(rss_after_build));
     memory.report(&mut out);
     Ok(out)
+}
+
+/// The FLOPs of one UNet forward of a training batch of `data`'s shapes
+/// (without gradients; the LoRA adapters attached, as in the step).
+fn counted_forward(unet: &UNet2DConditionModel, data: &RandomCache, batch: usize, channels: i64, latent: (i64, i64), device: Device, kind: Kind) -> Result<u64> {
+    let texts: Vec<Conditioning> = data.texts.iter().take(batch).map(Conditioning::shallow_clone).collect();
+    let mut context = Conditioning::cat(&texts)?.to_device(device).to_kind(kind);
+    if context.pooled.is_some() {
+        context.time_ids = Some(Tensor::zeros([batch as i64, 6], (kind, device)));
+    }
+    let sample = Tensor::zeros([batch as i64, channels, latent.0, latent.1], (kind, device));
+    let t = Tensor::full([batch as i64], 500.0, (Kind::Float, device));
+    let (_, flops) = crate::models::flop_count::counted(|| tch::no_grad(|| unet.forward(&sample, &t, &context)));
+    Ok(flops)
 }

@@ -31,8 +31,10 @@ Models are built from a config with random weights (--arch) or loaded (--model),
 download is needed. The training step is sdtune's own, on random cached latents and text
 states of the right shapes. A table goes to stderr and one JSON line to stdout: steps_per_s
 (or s_per_image, images_per_s), peak_mem_mb (peak RSS on CPU; on CUDA the caching
-allocator's reserved peak, an upper bound of torch's max_memory_allocated) and, on CUDA,
-model FLOP utilisation. OMP_NUM_THREADS sets the CPU threads. scripts/bench-vs-diffusers.sh
+allocator's reserved peak, an upper bound of torch's max_memory_allocated), the model
+GFLOP/s achieved (every linear, convolution and attention product counted as it runs, with
+torch FlopCounterMode's rules), the machine's own matmul rate probed beside it and their
+ratio, and on CUDA model FLOP utilisation. OMP_NUM_THREADS sets the CPU threads. scripts/bench-vs-diffusers.sh
 runs the same configs through diffusers+peft in the same run.";
 
 

@@ -1,0 +1,25 @@
+//! The machine's own dense-matmul rate, probed in a second or two: the
+//! ceiling "how close to the limit" is measured against on a CPU, where no
+//! datasheet figure fits every machine (threads, turbo, AVX-512, AMX).
+use tch::{Device, Kind, Tensor};
+
+use super::measure::sync;
+
+/// Best of a few square matmuls in `kind` on `device`, in GFLOP/s.
+pub fn matmul_gflops(device: Device, kind: Kind) -> f64 {
+    // Big enough for the BLAS to reach its rate, small enough for a second on 2 cores.
+    let n: i64 = if device.is_cuda() { 8192 } else { 1536 };
+    let a = Tensor::randn([n, n], (Kind::Float, device)).to_kind(kind);
+    let b = Tensor::randn([n, n], (Kind::Float, device)).to_kind(kind);
+    let flops = 2.0 * (n as f64).powi(3);
+    let _ = a.matmul(&b);
+    sync(device);
+    (0..4)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            let _ = a.matmul(&b);
+            sync(device);
+            flops / start.elapsed().as_secs_f64().max(1e-9) / 1e9
+        })
+        .fold(0.0, f64::max)
+}
