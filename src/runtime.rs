@@ -174,6 +174,8 @@ pub struct Doctor {
     pub bf16_cpu: bool,
     pub bf16_cuda: Option<bool>,
     pub threads: i32,
+    /// The CPU's matrix instruction sets oneDNN uses, from its flags.
+    pub cpu_isa: Vec<&'static str>,
 }
 
 impl Doctor {
@@ -189,7 +191,33 @@ impl Doctor {
             bf16_cpu: supports(Device::Cpu, Kind::BFloat16),
             bf16_cuda: cuda.then(|| supports(Device::Cuda(0), Kind::BFloat16)),
             threads: tch::get_num_threads(),
+            cpu_isa: cpu_isa(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default()),
         }
+    }
+}
+
+/// Which of the instruction sets that decide oneDNN's fp32/bf16 speed the
+/// first CPU of a `/proc/cpuinfo` text has, in the kernel's flag names.
+/// Native bf16 compute needs `avx512_bf16` or `amx_bf16`; without them bf16
+/// on the CPU is emulated and slower than fp32.
+pub fn cpu_isa(cpuinfo: &str) -> Vec<&'static str> {
+    const KNOWN: [&str; 6] = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"];
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, f)| f.split_whitespace().collect())
+        .unwrap_or_default();
+    KNOWN.into_iter().filter(|k| flags.contains(k)).collect()
+}
+
+#[cfg(test)]
+mod cpu_isa_tests {
+    #[test]
+    fn reads_the_first_cpus_flags() {
+        let text = "processor\t: 0\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_tile\nprocessor\t: 1\nflags\t: sse\n";
+        assert_eq!(super::cpu_isa(text), vec!["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"]);
+        assert!(super::cpu_isa("").is_empty());
     }
 }
 
