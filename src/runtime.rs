@@ -196,6 +196,27 @@ impl Doctor {
     }
 }
 
+/// `--precision auto`: bf16 on CUDA (fp16 where bf16 does not compute);
+/// on a CPU, bf16 only where it has native bf16 instructions and a short
+/// matmul probe finds bf16 at least 1.3x fp32 there, else fp32. Says why
+/// on stderr when it picks bf16 on a CPU.
+pub fn auto_precision(device: Device) -> Precision {
+    if device.is_cuda() {
+        return if supports(device, Kind::BFloat16) { Precision::Bf16 } else { Precision::Fp16 };
+    }
+    let isa = cpu_isa(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default());
+    if !isa.iter().any(|f| *f == "avx512_bf16" || *f == "amx_bf16") || !supports(device, Kind::BFloat16) {
+        return Precision::Fp32;
+    }
+    let ratio = crate::bench::peak_probe::matmul_gflops(device, Kind::BFloat16) / crate::bench::peak_probe::matmul_gflops(device, Kind::Float).max(1e-9);
+    if ratio >= 1.3 {
+        eprintln!("precision auto: bf16 (a bf16 matmul runs {ratio:.1}x as fast as fp32 on this CPU)");
+        Precision::Bf16
+    } else {
+        Precision::Fp32
+    }
+}
+
 /// Which of the instruction sets that decide oneDNN's fp32/bf16 speed the
 /// first CPU of a `/proc/cpuinfo` text has, in the kernel's flag names.
 /// Native bf16 compute needs `avx512_bf16` or `amx_bf16`; without them bf16

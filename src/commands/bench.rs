@@ -101,7 +101,7 @@ pub struct BenchArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Frozen-weight precision: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.
+    /// Frozen-weight precision: auto (as `sdtune train` picks it), fp32, bf16 or fp16.
     #[arg(long, default_value = "auto")]
     pub precision: String,
     /// The device's peak dense TFLOP/s in this precision, for model FLOP utilisation [default: 790 on CUDA].
@@ -127,8 +127,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let device = parse_device(&args.device)?;
     let precision = match args.precision.as_str() {
-        "auto" if device.is_cuda() && supports(device, tch::Kind::BFloat16) => Precision::Bf16,
-        "auto" => Precision::Fp32,
+        // What `sdtune train` would pick.
+        "auto" => crate::runtime::auto_precision(device),
         other => Precision::parse(other)?,
     };
     if !supports(device, precision.kind()) {

@@ -82,7 +82,7 @@ pub struct TrainArgs {
     /// Seed of LoRA init, data order and noise [default: 42].
     #[arg(allow_negative_numbers = true, long)]
     pub seed: Option<u64>,
-    /// auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (frozen weights; LoRA stays fp32).
+    /// auto (bf16 on CUDA and on CPUs with native bf16 where a probe finds it faster, else fp32), fp32, bf16 or fp16 (frozen weights; LoRA stays fp32).
     #[arg(long)]
     pub precision: Option<String>,
     /// auto, cpu, cuda or cuda:N [default: auto].
@@ -380,11 +380,11 @@ fn concept_prompts(cache: &CacheReader) -> Vec<String> {
     prompts
 }
 
-/// `auto`: bf16 on CUDA, fp32 on CPU; bf16 falls back to fp16 where unsupported.
+/// `auto`: bf16 on CUDA, and on CPUs where it is native and measured faster
+/// (`runtime::auto_precision`), else fp32; bf16 falls back to fp16 where unsupported.
 fn choose_precision(spec: &str, device: Device) -> Result<Precision> {
     let wanted = match spec {
-        "auto" if device.is_cuda() => Precision::Bf16,
-        "auto" => Precision::Fp32,
+        "auto" => crate::runtime::auto_precision(device),
         other => Precision::parse(other)?,
     };
     if wanted == Precision::Bf16 && !supports(device, Kind::BFloat16) {

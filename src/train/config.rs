@@ -28,7 +28,7 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub seed: u64,
-    /// auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.
+    /// auto (bf16 on CUDA and on CPUs with native bf16 where a probe finds it faster, else fp32), fp32, bf16 or fp16.
     pub precision: String,
     /// auto, cpu, cuda or cuda:N.
     pub device: String,
