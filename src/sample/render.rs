@@ -10,7 +10,7 @@ use image::RgbImage;
 use super::grid;
 use super::image_out::{save_png_with_text, to_rgb8};
 use super::metrics::{Brand, Cell, Consistency};
-use super::pipeline::{text_to_images_batched, SampleRequest, Warn};
+use super::pipeline::{text_to_images_until, SampleRequest, Warn};
 use super::settings::{Batch, GridRecipe, ImageRecipe, LoraUse, Member, Recipe, Settings, PARAMETERS_KEY, SDTUNE_KEY};
 use crate::lora::kohya_names::KohyaNames;
 use crate::lora::{self, LoraWeights, ModelLayers};
@@ -282,7 +282,7 @@ fn render_variants(
             .collect();
         for chunk in cells.chunks(batch_size) {
             let members: Vec<Member> = chunk.iter().map(|(_, m)| m.clone()).collect();
-            let images = render_batch(model, &settings, &members, warn, &mut |i, _| on_step(done + i, total))?;
+            let images = render_batch(model, &settings, &members, warn, &mut |i, _| on_step(done + i, total), None)?;
             done += settings.steps;
             for ((row, member), (image, recipe)) in chunk.iter().zip(images) {
                 let file = job.image_path(*row, member.seed, variant);
@@ -321,15 +321,17 @@ pub fn cells<'a>(job: &'a Job, rendered: &'a [Rendered]) -> Vec<Cell<'a>> {
 /// Renders `members` as one UNet batch with `settings` (the LoRAs they
 /// name already applied), each image with the recipe that renders it again
 /// (its batch-mates included when there are any). `sdtune sample` and
-/// `sdtune serve` both render through it.
+/// `sdtune serve` both render through it; a set `stop` flag ends it
+/// between steps with [`super::pipeline::Stopped`].
 pub fn render_batch(
     model: &StableDiffusion,
     settings: &Settings,
     members: &[Member],
     warn: Warn,
     on_step: &mut dyn FnMut(usize, usize),
+    stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<(RgbImage, ImageRecipe)>> {
-    let images = render_members(model, settings, members, warn, on_step)?;
+    let images = render_members(model, settings, members, warn, on_step, stop)?;
     Ok(images
         .into_iter()
         .enumerate()
@@ -347,14 +349,11 @@ fn render_members(
     members: &[Member],
     warn: Warn,
     on_step: &mut dyn FnMut(usize, usize),
+    stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<RgbImage>> {
     let reqs = members.iter().map(|m| request(settings, m)).collect::<Result<Vec<_>>>()?;
-    let decoded = text_to_images_batched(model, &reqs, reqs.len(), warn, on_step)?;
-    let mut images = Vec::with_capacity(decoded.len());
-    for d in &decoded {
-        images.extend(to_rgb8(d)?);
-    }
-    Ok(images)
+    let decoded = text_to_images_until(model, &reqs, warn, on_step, stop)?;
+    to_rgb8(&decoded)
 }
 
 /// Renders the image `recipe` describes again: the LoRAs at their recorded
@@ -372,7 +371,7 @@ pub fn render_again(
         Some(b) if b.index < b.members.len() => (b.members.clone(), b.index),
         _ => (vec![recipe.member.clone()], 0),
     };
-    let mut images = render_members(model, &recipe.settings, &members, warn, on_step)?;
+    let mut images = render_members(model, &recipe.settings, &members, warn, on_step, None)?;
     Ok(images.swap_remove(index))
 }
 

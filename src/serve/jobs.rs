@@ -215,8 +215,8 @@ impl Jobs {
         }
     }
 
-    /// Cancels job `id`: a queued one at once, the running one after its
-    /// current batch. `None`: no such job.
+    /// Cancels job `id`: a queued one at once, the running one at its next
+    /// denoising step. `None`: no such job.
     pub fn cancel(&self, id: u64) -> Option<()> {
         let mut t = self.lock();
         let job = t.jobs.get(&id)?;

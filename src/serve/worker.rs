@@ -1,5 +1,5 @@
 //! The render thread: it loads the base model once, then takes jobs off
-//! the queue one at a time, attaches each job's adapters (never fused, so
+//! the queue one at a time (a cancelled one stops at its next step), attaches each job's adapters (never fused, so
 //! the next job starts from the plain base) and renders through the same
 //! code as `sdtune sample`, so each PNG carries the recipe `sdtune sample
 //! --from` renders again bit for bit. libtorch work stays off the async
@@ -18,6 +18,7 @@ use crate::loaders::source::LoadOptions;
 use crate::models::stable_diffusion::{Placement, StableDiffusion};
 use crate::runtime::Precision;
 use crate::sample::image_out::encode_png_with_text;
+use crate::sample::pipeline::Stopped;
 use crate::sample::render::{self, LoadedLora};
 use crate::sample::settings::Member;
 use crate::sample::{limits, session};
@@ -100,7 +101,7 @@ impl Renderer {
     /// Renders every image of the job; `Err(None)` when it was cancelled.
     fn run(&mut self, work: &Work, jobs: &Jobs) -> Result<(), Option<String>> {
         self.render(work, jobs).map_err(|e| {
-            if e.is::<Cancelled>() {
+            if e.is::<Cancelled>() || e.is::<Stopped>() {
                 None
             } else {
                 Some(crate::errors::one_sentence(&e))
@@ -134,9 +135,14 @@ impl Renderer {
             if work.cancel.load(Ordering::SeqCst) {
                 return Err(Cancelled.into());
             }
-            let images = render::render_batch(&self.model, &settings, chunk, &mut |_| {}, &mut |i, _| {
-                jobs.set_progress(work.id, done + i, total)
-            })?;
+            let images = render::render_batch(
+                &self.model,
+                &settings,
+                chunk,
+                &mut |_| {},
+                &mut |i, _| jobs.set_progress(work.id, done + i, total),
+                Some(&work.cancel),
+            )?;
             done += settings.steps;
             for (image, recipe) in images {
                 let png = encode_png_with_text(&image, &recipe.text_chunks()?).context("cannot encode a rendered image as PNG")?;
