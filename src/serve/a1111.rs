@@ -14,7 +14,7 @@ use axum::Json;
 use base64::Engine;
 use serde::Deserialize;
 
-use super::api::App;
+use super::app::App;
 use super::jobs::Status;
 use super::rejection::Rejection;
 use super::request::{self, AdapterChoice, ImagesRequest};

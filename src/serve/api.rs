@@ -5,7 +5,6 @@
 //! the page at `/`, and A1111's `/sdapi/v1/txt2img`.
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -16,24 +15,11 @@ use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use futures_util::Stream;
 
-use super::adapters::Registry;
-use super::auth::{self, Token};
-use super::jobs::{Jobs, Progress};
-use super::limits::Limits;
+use super::app::App;
+use super::jobs::Progress;
 use super::rejection::Rejection;
 use super::request::{self, ImagesRequest};
-use super::worker::Loaded;
-use super::{a1111, page};
-
-/// What every handler shares.
-pub struct App {
-    pub jobs: Arc<Jobs>,
-    pub registry: Registry,
-    pub limits: Limits,
-    pub token: Option<Token>,
-    pub loaded: Loaded,
-    pub started: Instant,
-}
+use super::{a1111, auth, page};
 
 pub fn router(app: Arc<App>) -> Router {
     let guarded = Router::new()

@@ -60,6 +60,8 @@ struct Job {
     order: Arc<Order>,
     progress: watch::Sender<Progress>,
     images: Vec<ServedImage>,
+    /// What rendering said without stopping (a prompt cut at 77 tokens).
+    warnings: Vec<String>,
     cancel: Arc<AtomicBool>,
     seconds: Option<f64>,
 }
@@ -141,7 +143,14 @@ impl Jobs {
         let images = order.seeds.len();
         let steps = order.settings.steps * images.div_ceil(self.batch_size);
         let progress = Progress { status: Status::Queued, step: 0, steps, images_done: 0, images, error: None };
-        let job = Job { order: Arc::new(order), progress: watch::Sender::new(progress), images: Vec::new(), cancel: Arc::default(), seconds: None };
+        let job = Job {
+            order: Arc::new(order),
+            progress: watch::Sender::new(progress),
+            images: Vec::new(),
+            warnings: Vec::new(),
+            cancel: Arc::default(),
+            seconds: None,
+        };
         t.jobs.insert(id, job);
         t.queue.push_back(id);
         drop(t);
@@ -174,6 +183,14 @@ impl Jobs {
                 p.step = step;
                 p.steps = steps;
             });
+        }
+    }
+
+    pub fn add_warning(&self, id: u64, warning: String) {
+        if let Some(job) = self.lock().jobs.get_mut(&id) {
+            if !job.warnings.contains(&warning) {
+                job.warnings.push(warning);
+            }
         }
     }
 
@@ -290,7 +307,7 @@ impl Jobs {
             progress,
             queue_position: t.queue.iter().position(|&q| q == id).map(|p| p + 1),
             seconds: job.seconds,
-            warnings: order.warnings.clone(),
+            warnings: order.warnings.iter().chain(&job.warnings).cloned().collect(),
             request,
             results,
         })

@@ -7,6 +7,7 @@
 pub mod a1111;
 pub mod adapters;
 pub mod api;
+pub mod app;
 pub mod auth;
 pub mod cache;
 pub mod jobs;
@@ -15,6 +16,7 @@ pub mod names;
 pub mod page;
 pub mod rejection;
 pub mod request;
+pub mod token;
 pub mod worker;
 
 use std::io::Write;
@@ -26,8 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use self::adapters::Registry;
-use self::api::App;
-use self::auth::Token;
+use self::app::App;
+use self::token::Token;
 use self::jobs::Jobs;
 use self::limits::Limits;
 use self::worker::ModelChoice;

@@ -139,7 +139,7 @@ impl Renderer {
                 &self.model,
                 &settings,
                 chunk,
-                &mut |_| {},
+                &mut |w| jobs.add_warning(work.id, w),
                 &mut |i, _| jobs.set_progress(work.id, done + i, total),
                 Some(&work.cancel),
             )?;
