@@ -1,9 +1,9 @@
 //! `sdtune serve` on 127.0.0.1 (a free port) with the tiny SD1 fixture and
 //! two kohya LoRAs: a served image is `sdtune sample`'s image byte for byte
-//! (and `--from` renders it again), adapters switch per request, new files
-//! appear, A1111's route reads `<lora:...>` tags, bad requests get one
-//! 4xx sentence, a burst of requests is all answered (served or 429), a
-//! token guards the API, and SIGTERM stops it cleanly.
+//! (and `--from` renders it again), adapters switch per request, a run's
+//! final LoRA and new files appear, A1111's route reads `<lora:...>` tags,
+//! bad requests get one 4xx sentence, a burst of requests is all answered
+//! (served or 429), a token guards the API, and SIGTERM stops it cleanly.
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
@@ -140,7 +140,8 @@ fn sample(dir: &Path, out: &str, extra: &[&str]) -> Vec<u8> {
     std::fs::read(dir.join(out)).unwrap()
 }
 
-/// A temporary folder with `adapters/kohya_a.safetensors` and `kohya_b`.
+/// A temporary folder with `adapters/kohya_a.safetensors` and `kohya_b`,
+/// and a training run `output/acme/` whose final LoRA is kohya_b's weights.
 fn workspace() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let adapters = dir.path().join("adapters");
@@ -148,6 +149,11 @@ fn workspace() -> tempfile::TempDir {
     for name in ["kohya_a", "kohya_b"] {
         std::fs::copy(common::fixtures().join(format!("lora/{name}.safetensors")), adapters.join(format!("{name}.safetensors"))).unwrap();
     }
+    let run = dir.path().join("output/acme");
+    std::fs::create_dir_all(run.join("lora")).unwrap();
+    std::fs::copy(common::fixtures().join("lora/kohya_b.safetensors"), run.join("acme.safetensors")).unwrap();
+    // A periodic save beside it is not the run's adapter.
+    std::fs::copy(common::fixtures().join("lora/kohya_a.safetensors"), run.join("lora/step-000010.safetensors")).unwrap();
     dir
 }
 
@@ -183,14 +189,20 @@ fn served_images_are_sampled_images_byte_for_byte_and_adapters_switch_per_reques
     sdtune(d, &["sample", "--from", "served.png", "--device", "cpu"]);
     assert!(std::fs::read(d.join("served-again.png")).unwrap() == images[2], "--from a served image renders other bytes");
 
-    // A file copied into the adapter folder is offered at once, by its name.
-    let names = |s: &Server| -> Vec<String> {
-        get(s, "/v1/adapters").json()["adapters"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap().to_string()).collect()
+    // The run's final LoRA is an adapter by the run's name; a file copied
+    // into the adapter folder is offered at once, by its name.
+    let listing = |s: &Server| -> Vec<(String, String)> {
+        let json = get(s, "/v1/adapters").json();
+        json["adapters"].as_array().unwrap().iter().map(|a| (a["name"].as_str().unwrap().into(), a["source"].as_str().unwrap().into())).collect()
     };
-    assert_eq!(names(&server), ["kohya_a", "kohya_b"]);
+    let pair = |n: &str, s: &str| (n.to_string(), s.to_string());
+    assert_eq!(listing(&server), [pair("acme", "run"), pair("kohya_a", "adapters"), pair("kohya_b", "adapters")]);
+    let acme = render(&server, &with(r#"{"name": "acme"}"#)).remove(0);
+    assert_eq!(image::load_from_memory(&acme).unwrap().to_rgb8(), pixels[2], "the run's LoRA holds kohya_b's weights");
     std::fs::create_dir(d.join("adapters/new")).unwrap();
     std::fs::copy(d.join("adapters/kohya_a.safetensors"), d.join("adapters/new/tidewave.safetensors")).unwrap();
-    assert_eq!(names(&server), ["kohya_a", "kohya_b", "tidewave"]);
+    let names: Vec<String> = listing(&server).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["acme", "kohya_a", "kohya_b", "tidewave"]);
     let tidewave = render(&server, &with(r#"{"name": "tidewave", "scale": 0.8}"#)).remove(0);
     assert_eq!(image::load_from_memory(&tidewave).unwrap().to_rgb8(), pixels[1], "the same weights under a new name");
 
