@@ -8,7 +8,7 @@ export PATH := $(ROOT)/.venv/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO ?= cargo
 
-.PHONY: bootstrap build test demo fixtures tiny-sd
+.PHONY: bootstrap build test demo fixtures tiny-sd browser-check
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -21,6 +21,11 @@ test: bootstrap
 
 demo: build
 	bash scripts/demo.sh
+
+# `sdtune serve`'s page in headless Chromium (installs Debian's chromium when
+# missing and run as root); rewrites samples/serve-page.png. Not part of `test`.
+browser-check: build
+	bash scripts/browser-check.sh
 
 # Makes models/tiny-sd/ (the built-in demo model) from scratch on the CPU; see the script.
 tiny-sd: bootstrap

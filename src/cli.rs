@@ -53,6 +53,9 @@ pub enum Command {
     /// Edit LoRA files: resize to a lower rank, or merge several into one.
     #[command(after_help = commands::lora::EXAMPLES)]
     Lora(commands::lora::LoraArgs),
+    /// Serve the model over HTTP (API, A1111 route, web page), switching LoRA adapters per request.
+    #[command(after_help = commands::serve::EXAMPLES)]
+    Serve(commands::serve::ServeArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -63,6 +66,7 @@ pub fn run() -> i32 {
     let cli = Cli::parse();
     let mode = match cli.command {
         Command::Train(_) => crate::interrupt::Mode::SaveThenStop,
+        Command::Serve(_) => crate::interrupt::Mode::FinishThenStop,
         _ => crate::interrupt::Mode::Now,
     };
     if let Err(err) = crate::interrupt::install(mode) {
@@ -77,6 +81,7 @@ pub fn run() -> i32 {
         Command::Report(args) => commands::report::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Lora(args) => commands::lora::run(args),
+        Command::Serve(args) => commands::serve::run(args),
     };
     match result {
         Ok(()) => 0,

@@ -21,10 +21,14 @@ pub enum Mode {
     /// Quit now: nothing in progress is worth finishing (prepare's cache
     /// and every file sdtune writes survive a stop at any point).
     Now,
+    /// `serve`: stop taking requests, finish the running job ([`requested`]);
+    /// a second signal quits at once.
+    FinishThenStop,
 }
 
 const NOW: u8 = 0;
 const SAVE_THEN_STOP: u8 = 1;
+const FINISH_THEN_STOP: u8 = 2;
 
 static MODE: AtomicU8 = AtomicU8::new(NOW);
 static REQUESTED: AtomicBool = AtomicBool::new(false);
@@ -47,7 +51,12 @@ impl std::error::Error for Interrupted {}
 
 /// Installs the handler (once per process) and sets what a signal does.
 pub fn install(mode: Mode) -> Result<()> {
-    MODE.store(if mode == Mode::SaveThenStop { SAVE_THEN_STOP } else { NOW }, Ordering::SeqCst);
+    let code = match mode {
+        Mode::Now => NOW,
+        Mode::SaveThenStop => SAVE_THEN_STOP,
+        Mode::FinishThenStop => FINISH_THEN_STOP,
+    };
+    MODE.store(code, Ordering::SeqCst);
     INSTALLED
         .get_or_init(|| ctrlc::set_handler(on_signal).map_err(|e| e.to_string()))
         .clone()
@@ -67,11 +76,16 @@ pub fn flag() -> &'static AtomicBool {
 
 fn on_signal() {
     let first = !REQUESTED.swap(true, Ordering::SeqCst);
-    if first && MODE.load(Ordering::SeqCst) == SAVE_THEN_STOP {
+    let mode = MODE.load(Ordering::SeqCst);
+    if first && mode == SAVE_THEN_STOP {
         eprintln!("\ninterrupted: saving and stopping after this step (press Ctrl-C again to quit without saving)");
         return;
     }
-    if MODE.load(Ordering::SeqCst) == SAVE_THEN_STOP {
+    if first && mode == FINISH_THEN_STOP {
+        eprintln!("\ninterrupted: taking no more requests, finishing the running job (press Ctrl-C again to quit now)");
+        return;
+    }
+    if mode == SAVE_THEN_STOP {
         eprintln!("\nquitting without saving; the last save is kept");
     } else {
         eprintln!("\ninterrupted");

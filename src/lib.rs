@@ -20,4 +20,5 @@ pub mod report;
 pub mod runtime;
 pub mod sample;
 pub mod schedulers;
+pub mod serve;
 pub mod train;

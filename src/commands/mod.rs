@@ -6,4 +6,5 @@ pub mod lora;
 pub mod prepare;
 pub mod report;
 pub mod sample;
+pub mod serve;
 pub mod train;

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use tch::Device;
 
 use crate::config::Config;
 use crate::loaders::builtin;
@@ -17,6 +16,7 @@ use crate::sample::limits;
 use crate::sample::pipeline::SizeConditioning;
 use crate::sample::metrics::Brand;
 use crate::sample::render::{self, consistency_path, Job, LoadedLora};
+use crate::sample::session;
 use crate::sample::settings::{self, Found, ImageRecipe, Recipe, Settings};
 use crate::schedulers::SchedulerKind;
 
@@ -199,7 +199,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let plan = plan(&args)?;
     let placement = Placement { device, kind: plan.precision.kind(), vae_kind: plan.precision.kind() };
-    let (mut model, model_hash) = load_and_hash(&plan, placement)?;
+    let (mut model, model_hash) = session::load_and_hash(&plan.model, &plan.options, placement)?;
     if plan.vae_tiling {
         model.vae.model.enable_tiling();
     }
@@ -207,7 +207,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let layers = render::layers(&model)?;
     let loras = plan.loras.iter().map(|spec| LoadedLora::read(spec, &layers)).collect::<Result<Vec<_>>>()?;
     check_lora_hashes(&plan, &loras)?;
-    let shared = shared_settings(&plan, model_hash, &loras, device);
+    let handling = session::Handling { precision: plan.precision, fuse: plan.fuse, vae_tiling: plan.vae_tiling };
+    let shared = session::shared_settings(&plan.model, &plan.options, handling, model_hash, &loras, device);
     if let Some(want) = plan.expected_model_hash.as_ref().filter(|&h| h != &shared.model_hash) {
         eprintln!("warning: the model's hash is {}, the image was made with {want}; the image will differ", shared.model_hash);
     }
@@ -237,7 +238,7 @@ fn check_lora_hashes(plan: &Plan, loras: &[LoadedLora]) -> Result<()> {
 /// What only the loaded model can judge: clip skip against its text
 /// encoder, the image size against its VAE and this machine's memory.
 fn check_for_model(work: &Work, model: &StableDiffusion) -> Result<()> {
-    let native = model.unet_config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
+    let native = session::native_side(model);
     let (settings, batch) = match work {
         Work::Job(job) => (&job.settings, job.batch_size.min(job.prompts.len() * job.seeds.len())),
         Work::Again { recipe, .. } => (&recipe.settings, recipe.batch.as_ref().map_or(1, |b| b.members.len())),
@@ -337,25 +338,7 @@ fn empty_job() -> Job {
         seeds: Vec::new(),
         compare: Vec::new(),
         batch_size: 1,
-        settings: Settings {
-            steps: 30,
-            guidance: 7.5,
-            width: 0,
-            height: 0,
-            scheduler: "ddim".into(),
-            clip_skip: 0,
-            model: String::new(),
-            model_hash: String::new(),
-            variant: None,
-            vae: None,
-            prediction_type: None,
-            loras: Vec::new(),
-            fuse: false,
-            vae_tiling: false,
-            precision: "fp32".into(),
-            device: "cpu".into(),
-            size_conditioning: None,
-        },
+        settings: session::default_settings(),
         out: PathBuf::new(),
     }
 }
@@ -576,81 +559,10 @@ fn again_path(from: &Path) -> PathBuf {
     from.with_file_name(format!("{stem}-again.png"))
 }
 
-/// Loads the model and hashes its weights file(s) (for the PNGs' settings);
-/// a local model is hashed on another thread while it loads.
-fn load_and_hash(plan: &Plan, placement: Placement) -> Result<(StableDiffusion, String)> {
-    let variant = plan.options.variant.as_deref();
-    let local = Path::new(&plan.model);
-    let (model, early) = std::thread::scope(|s| {
-        let hasher = local.exists().then(|| s.spawn(|| settings::model_hash(local, variant)));
-        let model = StableDiffusion::load(&plan.model, placement, &plan.options);
-        (model, hasher.and_then(|h| h.join().ok()).and_then(Result::ok))
-    });
-    let model = model?;
-    let hash = match (early, &model.source) {
-        (Some(hash), _) => hash,
-        // A Hub id or cache folder: hash what it resolved to.
-        (None, Some(source)) => settings::model_hash(source, variant)?,
-        (None, None) => String::new(),
-    };
-    let hash = match &plan.options.vae {
-        Some(vae) => settings::with_vae(&hash, vae)?,
-        None => hash,
-    };
-    Ok((model, hash))
-}
-
-/// What every image records about the model, LoRAs and device.
-fn shared_settings(plan: &Plan, model_hash: String, loras: &[LoadedLora], device: Device) -> Settings {
-    let mut s = empty_job().settings;
-    s.model = settings::recorded_model(&plan.model);
-    s.model_hash = model_hash;
-    s.variant = plan.options.variant.clone();
-    s.vae = plan.options.vae.as_ref().map(|v| settings::recorded_model(&v.to_string_lossy()));
-    s.prediction_type = plan.options.prediction_type.map(|p| p.as_config_str().to_string());
-    s.loras = loras.iter().map(|l| l.usage(l.scale)).collect();
-    s.fuse = plan.fuse;
-    s.vae_tiling = plan.vae_tiling;
-    s.precision = plan.precision.name().into();
-    s.device = match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
-    };
-    s
-}
-
-/// The model's, LoRAs' and device's settings with the render's own (steps,
-/// guidance, size, scheduler, clip skip).
-fn with_render_settings(shared: Settings, own: &Settings) -> Settings {
-    Settings {
-        steps: own.steps,
-        guidance: own.guidance,
-        width: own.width,
-        height: own.height,
-        scheduler: own.scheduler.clone(),
-        clip_skip: own.clip_skip,
-        size_conditioning: own.size_conditioning,
-        ..shared
-    }
-}
-
 /// The job's settings completed; size 0 becomes the model's native size.
 fn fill_settings(job: &mut Job, shared: Settings, model: &StableDiffusion) {
-    let native = model.unet_config.sample_size.unwrap_or(64) * model.vae_config.scale_factor();
-    job.settings = with_render_settings(shared, &job.settings);
-    for side in [&mut job.settings.width, &mut job.settings.height] {
-        if *side == 0 {
-            *side = native;
-        }
-    }
-    let own = [job.settings.height, job.settings.width];
-    if let Some(sizes) = &mut job.settings.size_conditioning {
-        for pair in [&mut sizes.original, &mut sizes.target] {
-            if *pair == [0, 0] {
-                *pair = own;
-            }
-        }
-    }
+    job.settings = session::with_render_settings(shared, &job.settings);
+    session::fill_sizes(&mut job.settings, model);
 }
 
 fn run_job(model: &StableDiffusion, job: &Job, loras: &[LoadedLora], brand: &BrandFrom) -> Result<()> {
@@ -698,7 +610,7 @@ fn load_brand(from: &BrandFrom, single: bool) -> Result<Option<Brand>> {
 /// Renders a recorded image again and writes it with the same recipe
 /// (model path, hash and device as used now).
 fn again(model: &StableDiffusion, mut recipe: ImageRecipe, shared: Settings, loras: &[LoadedLora], out: &Path) -> Result<()> {
-    recipe.settings = with_render_settings(shared, &recipe.settings);
+    recipe.settings = session::with_render_settings(shared, &recipe.settings);
     let bar = crate::progress::steps_bar(recipe.settings.steps as u64, "sampling");
     let image = render::render_again(model, &recipe, loras, &mut |w| bar.suspend(|| eprintln!("warning: {w}")), &mut |i, _| {
         bar.set_position(i as u64)

@@ -34,29 +34,35 @@ pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
     crate::fsutil::write_atomic(path, &bytes)
 }
 
-/// Writes an RGB PNG atomically with text chunks (keyword, text) before the
-/// image data. Text that Latin-1 can hold goes in a tEXt chunk, other text in
-/// an uncompressed iTXt chunk, as Pillow's `PngInfo.add_text` (and so
-/// A1111) does.
+/// Writes an RGB PNG atomically with text chunks (see [`encode_png_with_text`]).
 pub fn save_png_with_text(img: &image::RgbImage, path: &Path, texts: &[(String, String)]) -> Result<()> {
+    let bytes = encode_png_with_text(img, texts).with_context(|| format!("cannot encode {}", path.display()))?;
+    crate::fsutil::write_atomic(path, &bytes)
+}
+
+/// An RGB PNG's bytes with text chunks (keyword, text) before the image
+/// data. Text that Latin-1 can hold goes in a tEXt chunk, other text in an
+/// uncompressed iTXt chunk, as Pillow's `PngInfo.add_text` (and so A1111)
+/// does. `sdtune sample` and `sdtune serve` both write through it, so the
+/// same image and recipe give the same bytes.
+pub fn encode_png_with_text(img: &image::RgbImage, texts: &[(String, String)]) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    let cannot = || format!("cannot encode {}", path.display());
     {
         let mut encoder = png::Encoder::new(&mut bytes, img.width(), img.height());
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         for (keyword, text) in texts {
             if text.chars().all(|c| (c as u32) <= 0xFF) {
-                encoder.add_text_chunk(keyword.clone(), text.clone()).with_context(cannot)?;
+                encoder.add_text_chunk(keyword.clone(), text.clone())?;
             } else {
-                encoder.add_itxt_chunk(keyword.clone(), text.clone()).with_context(cannot)?;
+                encoder.add_itxt_chunk(keyword.clone(), text.clone())?;
             }
         }
-        let mut writer = encoder.write_header().with_context(cannot)?;
-        writer.write_image_data(img.as_raw()).with_context(cannot)?;
-        writer.finish().with_context(cannot)?;
+        let mut writer = encoder.write_header()?;
+        writer.write_image_data(img.as_raw())?;
+        writer.finish()?;
     }
-    crate::fsutil::write_atomic(path, &bytes)
+    Ok(bytes)
 }
 
 /// The text chunks (tEXt, zTXt, iTXt) of a PNG file as (keyword, text).

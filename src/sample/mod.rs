@@ -7,4 +7,5 @@ pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod render;
+pub mod session;
 pub mod settings;

@@ -5,6 +5,8 @@
 //! Several images go through the UNet as one batch. Each keeps its own
 //! seed's noise, as diffusers does when given one generator per image, so an
 //! image of a batch is the image its seed gives alone.
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -90,6 +92,31 @@ pub fn text_to_images(
     warn: Warn,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
+    text_to_images_until(model, reqs, warn, on_step, None)
+}
+
+/// A render stopped between denoising steps because its stop flag was set.
+#[derive(Debug)]
+pub struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the render was stopped")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// [`text_to_images`], checking `stop` before each denoising step (another
+/// thread sets it, e.g. `sdtune serve` cancelling a job): once set, the
+/// render ends with [`Stopped`].
+pub fn text_to_images_until(
+    model: &StableDiffusion,
+    reqs: &[SampleRequest],
+    warn: Warn,
+    on_step: &mut dyn FnMut(usize, usize),
+    stop: Option<&AtomicBool>,
+) -> Result<Tensor> {
     let Some(first) = reqs.first() else { bail!("nothing to render: no prompt was given") };
     if !reqs.iter().all(|r| first.batches_with(r)) {
         bail!("images of one batch must share steps, guidance, size, scheduler and clip skip");
@@ -100,7 +127,7 @@ pub fn text_to_images(
         let mut sampler = first.scheduler.build(&model.scheduler, first.steps)?;
         let mut noise = SeedNoise::new(model, reqs);
         let latents = noise.initial() * sampler.init_noise_sigma();
-        let latents = denoise(model, sampler.as_mut(), latents, &context, first.guidance, &mut noise, on_step);
+        let latents = denoise(model, sampler.as_mut(), latents, &context, first.guidance, &mut noise, on_step, stop)?;
         Ok(decode(model, &latents))
     })
 }
@@ -306,13 +333,17 @@ fn denoise(
     guidance: f64,
     noise: &mut SeedNoise,
     on_step: &mut dyn FnMut(usize, usize),
-) -> Tensor {
+    stop: Option<&AtomicBool>,
+) -> Result<Tensor> {
     let guided = guidance > 1.0;
     let timesteps = sampler.timesteps().to_vec();
     // Ancestral samplers draw once per model call at most.
     noise.draws_per_image = timesteps.len();
     let mut fresh_noise = || noise.next();
     for (i, &t) in timesteps.iter().enumerate() {
+        if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            return Err(Stopped.into());
+        }
         // Guidance 1 (or less) needs no unconditional pass: half the UNet work.
         let input = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
         let input = sampler.scale_model_input(&input, i);
@@ -327,7 +358,7 @@ fn denoise(
         latents = sampler.step(&out, i, &latents, &mut fresh_noise);
         on_step(i + 1, timesteps.len());
     }
-    latents
+    Ok(latents)
 }
 
 /// Latents -> VAE output, undoing the VAE's `scaling_factor`.

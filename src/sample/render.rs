@@ -2,6 +2,7 @@
 //! batched through the UNet, each image saved with the settings that made
 //! it, plus the labelled grid.
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
@@ -9,18 +10,21 @@ use image::RgbImage;
 use super::grid;
 use super::image_out::{save_png_with_text, to_rgb8};
 use super::metrics::{Brand, Cell, Consistency};
-use super::pipeline::{text_to_images_batched, SampleRequest, Warn};
+use super::pipeline::{text_to_images_until, SampleRequest, Warn};
 use super::settings::{Batch, GridRecipe, ImageRecipe, LoraUse, Member, Recipe, Settings, PARAMETERS_KEY, SDTUNE_KEY};
 use crate::lora::kohya_names::KohyaNames;
 use crate::lora::{self, LoraWeights, ModelLayers};
 use crate::models::stable_diffusion::StableDiffusion;
 use crate::schedulers::SchedulerKind;
 
-/// A LoRA file read once, applied at any strength.
+/// A LoRA file read once, applied at any strength. Clones share the
+/// weights (`sdtune serve` keeps them cached and applies them at each
+/// request's strength).
+#[derive(Clone)]
 pub struct LoadedLora {
     pub path: PathBuf,
     pub scale: f64,
-    pub weights: LoraWeights,
+    pub weights: Arc<LoraWeights>,
     pub hash: String,
 }
 
@@ -29,9 +33,19 @@ impl LoadedLora {
     pub fn read(spec: &str, layers: &ModelLayers) -> Result<Self> {
         let (path, scale) = lora::parse_spec(spec)?;
         lora::check_lora_path(&path)?;
-        let weights = lora::format::read(&path, layers)?;
+        Self::from_file(path, scale, layers)
+    }
+
+    /// Reads the LoRA file at `path`, to be applied at `scale`.
+    pub fn from_file(path: PathBuf, scale: f64, layers: &ModelLayers) -> Result<Self> {
+        let weights = Arc::new(lora::format::read(&path, layers)?);
         let hash = super::settings::lora_hash(&path)?;
         Ok(LoadedLora { path, scale, weights, hash })
+    }
+
+    /// The same weights at another strength.
+    pub fn at_scale(&self, scale: f64) -> Self {
+        LoadedLora { scale, ..self.clone() }
     }
 
     /// How the image's settings record it at `scale`.
@@ -268,11 +282,9 @@ fn render_variants(
             .collect();
         for chunk in cells.chunks(batch_size) {
             let members: Vec<Member> = chunk.iter().map(|(_, m)| m.clone()).collect();
-            let images = render_members(model, &settings, &members, warn, &mut |i, _| on_step(done + i, total))?;
+            let images = render_batch(model, &settings, &members, warn, &mut |i, _| on_step(done + i, total), None)?;
             done += settings.steps;
-            for (index, ((row, member), image)) in chunk.iter().zip(images).enumerate() {
-                let batch = (members.len() > 1).then(|| Batch { index, members: members.clone() });
-                let recipe = ImageRecipe { member: member.clone(), settings: settings.clone(), batch };
+            for ((row, member), (image, recipe)) in chunk.iter().zip(images) {
                 let file = job.image_path(*row, member.seed, variant);
                 if recipes == Recipes::Written {
                     save_png_with_text(&image, &file, &recipe.text_chunks()?)?;
@@ -306,6 +318,30 @@ pub fn cells<'a>(job: &'a Job, rendered: &'a [Rendered]) -> Vec<Cell<'a>> {
         .collect()
 }
 
+/// Renders `members` as one UNet batch with `settings` (the LoRAs they
+/// name already applied), each image with the recipe that renders it again
+/// (its batch-mates included when there are any). `sdtune sample` and
+/// `sdtune serve` both render through it; a set `stop` flag ends it
+/// between steps with [`super::pipeline::Stopped`].
+pub fn render_batch(
+    model: &StableDiffusion,
+    settings: &Settings,
+    members: &[Member],
+    warn: Warn,
+    on_step: &mut dyn FnMut(usize, usize),
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Vec<(RgbImage, ImageRecipe)>> {
+    let images = render_members(model, settings, members, warn, on_step, stop)?;
+    Ok(images
+        .into_iter()
+        .enumerate()
+        .map(|(index, image)| {
+            let batch = (members.len() > 1).then(|| Batch { index, members: members.to_vec() });
+            (image, ImageRecipe { member: members[index].clone(), settings: settings.clone(), batch })
+        })
+        .collect())
+}
+
 /// Renders `members` as one UNet batch with `settings` (LoRAs already applied).
 fn render_members(
     model: &StableDiffusion,
@@ -313,14 +349,11 @@ fn render_members(
     members: &[Member],
     warn: Warn,
     on_step: &mut dyn FnMut(usize, usize),
+    stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<RgbImage>> {
     let reqs = members.iter().map(|m| request(settings, m)).collect::<Result<Vec<_>>>()?;
-    let decoded = text_to_images_batched(model, &reqs, reqs.len(), warn, on_step)?;
-    let mut images = Vec::with_capacity(decoded.len());
-    for d in &decoded {
-        images.extend(to_rgb8(d)?);
-    }
-    Ok(images)
+    let decoded = text_to_images_until(model, &reqs, warn, on_step, stop)?;
+    to_rgb8(&decoded)
 }
 
 /// Renders the image `recipe` describes again: the LoRAs at their recorded
@@ -338,7 +371,7 @@ pub fn render_again(
         Some(b) if b.index < b.members.len() => (b.members.clone(), b.index),
         _ => (vec![recipe.member.clone()], 0),
     };
-    let mut images = render_members(model, &recipe.settings, &members, warn, on_step)?;
+    let mut images = render_members(model, &recipe.settings, &members, warn, on_step, None)?;
     Ok(images.swap_remove(index))
 }
 

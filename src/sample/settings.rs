@@ -290,7 +290,7 @@ pub struct Parameters {
 
 /// Splits A1111's `<lora:NAME:SCALE>` (and `<lyco:..>`) tags off a prompt:
 /// they choose LoRAs, they are not text for the text encoder.
-fn split_lora_tags(prompt: &str) -> (String, Vec<String>) {
+pub fn split_lora_tags(prompt: &str) -> (String, Vec<String>) {
     let re = regex::Regex::new(r"<(?:lora|lyco):([^>]+)>").expect("valid regex");
     let tags: Vec<String> = re.captures_iter(prompt).map(|c| c[1].to_string()).collect();
     if tags.is_empty() {

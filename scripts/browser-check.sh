@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The page of `sdtune serve` in a real headless Chromium (Debian's package),
+# driven over the DevTools protocol (scripts/browser_cdp.py): the server runs
+# the tiny SD1 test model with two kohya LoRAs; the page is opened with a
+# recipe in its URL (?run=1 renders it at once: 4 seeds, base beside
+# kohya_a); it must show its progress bar part-way, then a 2x4 grid of
+# decoded images and "done"; both jobs must be done on the server; and a
+# screenshot is written (samples/serve-page.png unless OUT is set).
+#
+#   scripts/browser-check.sh            # installs chromium first when missing (as root)
+#   OUT=/tmp/page.png scripts/browser-check.sh
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/samples/serve-page.png}"
+SDTUNE="${SDTUNE:-$ROOT/target/release/sdtune}"
+
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium (Debian package) ..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "browser-check: chromium is not installed; install Debian's package (apt-get install chromium) and run again" >&2
+    exit 1
+  fi
+fi
+if [ ! -x "$SDTUNE" ]; then
+  export VIRTUAL_ENV="$ROOT/.venv" PATH="$ROOT/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1
+  cargo build --release
+fi
+
+WORK="$(mktemp -d)"
+SERVER_PID=""
+cleanup() {
+  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+mkdir -p "$WORK/adapters"
+cp tests/fixtures/lora/kohya_a.safetensors tests/fixtures/lora/kohya_b.safetensors "$WORK/adapters/"
+(cd "$WORK" && exec env OMP_NUM_THREADS=1 "$SDTUNE" serve --model "$ROOT/tests/fixtures/tiny-sd1" \
+  --adapters adapters --port 0 --device cpu >"$WORK/serve.out" 2>"$WORK/serve.err") &
+SERVER_PID=$!
+for _ in $(seq 100); do
+  grep -q "listening on" "$WORK/serve.out" 2>/dev/null && break
+  kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/serve.err" >&2; exit 1; }
+  sleep 0.1
+done
+BASE="$(grep -o 'http://127.0.0.1:[0-9]*' "$WORK/serve.out")"
+URL="$BASE/?prompt=a+red+square&seeds=1,2,3,4&steps=20&adapters=kohya_a:1&compare=1&run=1"
+
+fail() { echo "browser-check: $1" >&2; echo "--- server log:" >&2; cat "$WORK/serve.err" >&2; exit 1; }
+mkdir -p "$(dirname "$OUT")"
+seen="$(python3 scripts/browser_cdp.py "$URL" 8 "$OUT")" || fail "the page check failed"
+echo "$seen"
+echo "$seen" | grep -q '"progress_seen_partway": true' || fail "the progress bar was never seen part-way"
+echo "$seen" | grep -q '"status": "done: ' || fail "the status line does not say done"
+jobs="$(grep -c '"status":"done"' <(curl -s "$BASE/v1/jobs/1"; echo; curl -s "$BASE/v1/jobs/2"))"
+[ "$jobs" = 2 ] || fail "the page's two jobs are not both done on the server"
+[ -s "$OUT" ] || fail "no screenshot was written"
+echo "browser-check: the page rendered a 2x4 grid (base | kohya_a x 4 seeds); screenshot $OUT"
