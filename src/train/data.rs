@@ -96,6 +96,19 @@ pub fn epoch_batches(buckets: &[Vec<usize>], batch_size: usize, seed: u64, epoch
     batches
 }
 
+/// The micro-batches of one epoch when an optimizer step takes `parts` of
+/// them (grad-accum x processes): the epoch's batches of `batch_size x
+/// parts` (as [`epoch_batches`]), each cut into `parts` micro-batches of
+/// `batch_size`. So a step holds the same samples however it is split;
+/// the micro-batches of a bucket's short last batch may be short or empty.
+pub fn epoch_micro_batches(buckets: &[Vec<usize>], batch_size: usize, parts: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+    let (batch_size, parts) = (batch_size.max(1), parts.max(1));
+    epoch_batches(buckets, batch_size * parts, seed, epoch)
+        .into_iter()
+        .flat_map(|batch| (0..parts).map(move |p| batch.iter().skip(p * batch_size).take(batch_size).copied().collect::<Vec<_>>()))
+        .collect()
+}
+
 /// Each bucket with every index `repeats(index)` times, as kohya lays out
 /// an epoch: an image of N repeats is drawn N times, each bucket still
 /// apart. With every repeat 1 the buckets are returned as they are.
@@ -121,6 +134,11 @@ pub fn batches_per_epoch(buckets: &[Vec<usize>], batch_size: usize) -> usize {
     buckets.iter().map(|b| b.len().div_ceil(batch_size.max(1))).sum()
 }
 
+/// Micro-batches per epoch of [`epoch_micro_batches`].
+pub fn micro_batches_per_epoch(buckets: &[Vec<usize>], batch_size: usize, parts: usize) -> usize {
+    batches_per_epoch(buckets, batch_size.max(1) * parts.max(1)) * parts.max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +156,19 @@ mod tests {
         for batch in &a {
             assert!(batch.iter().all(|&i| i < 7) || batch.iter().all(|&i| i >= 7), "a batch mixed buckets");
         }
+    }
+
+    #[test]
+    fn a_step_holds_the_same_samples_however_it_is_split() {
+        let buckets = vec![(0..7).collect::<Vec<_>>(), (7..12).collect()];
+        let whole = epoch_batches(&buckets, 4, 5, 2);
+        let split = epoch_micro_batches(&buckets, 2, 2, 5, 2);
+        assert_eq!(split.len(), micro_batches_per_epoch(&buckets, 2, 2));
+        assert_eq!(split.len(), 2 * whole.len());
+        for (batch, parts) in whole.iter().zip(split.chunks(2)) {
+            assert_eq!(batch, &parts.concat(), "a step's micro-batches are its batch cut in order");
+        }
+        assert_eq!(epoch_micro_batches(&buckets, 2, 1, 5, 2), epoch_batches(&buckets, 2, 5, 2));
     }
 
     #[test]

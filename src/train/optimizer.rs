@@ -75,6 +75,11 @@ impl AdamW {
         Tensor::cat(&parts, 0)
     }
 
+    /// A flat fp32 gradient of zeros, as [`Self::flatten`] lays it out.
+    pub fn flat_zeros(&self) -> Tensor {
+        self.exp_avg.zeros_like()
+    }
+
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             let mut g = p.grad();

@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::data::{batches_per_epoch, derive_seed, epoch_batches, weight_samples, with_repeats, TrainingData};
+use super::data::{derive_seed, epoch_micro_batches, micro_batches_per_epoch, weight_samples, with_repeats, TrainingData};
 use super::lr::LrSchedule;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
@@ -125,22 +125,36 @@ impl<'a> Trainer<'a> {
         self
     }
 
-    /// Which batch the `micro`-th micro-batch overall is: epochs are
-    /// recomputed from the seed, so this needs no saved state.
-    fn batch_for(&self, micro: u64) -> Vec<usize> {
-        let per_epoch = batches_per_epoch(&self.buckets, self.settings.batch_size) as u64;
-        let epoch = micro / per_epoch;
-        let batches = epoch_batches(&self.buckets, self.settings.batch_size, self.settings.seed, epoch);
-        batches[(micro % per_epoch) as usize].clone()
+    /// The gradient exchange, for the run's other collective moments
+    /// (barriers around the main process's writes, a stop decided together).
+    pub fn sync(&mut self) -> &mut dyn GradientSync {
+        &mut *self.sync
     }
 
-    /// The micro-batches optimizer step `step` is made of that this process
-    /// computes: of the step's `grad_accum x world` micro-batches, every
-    /// `world`-th from its rank (all of them for a single process).
-    fn micro_batches_of(&self, step: u64) -> Vec<u64> {
-        let (rank, world) = (self.sync.rank() as u64, self.sync.world_size() as u64);
-        let accum = self.settings.grad_accum as u64;
-        (0..accum).map(|k| step * accum * world + k * world + rank).collect()
+    /// Micro-batches per optimizer step over all processes.
+    fn parts(&self) -> usize {
+        self.settings.grad_accum.max(1) * self.sync.world_size()
+    }
+
+    /// The `grad_accum x world` micro-batches of optimizer step `step`, in
+    /// order, over all processes: epochs are recomputed from the seed, so
+    /// this needs no saved state, and a step holds the same samples however
+    /// many processes share it.
+    fn step_batches(&self, step: u64) -> Vec<Vec<usize>> {
+        let (batch, parts) = (self.settings.batch_size, self.parts());
+        let per_epoch = micro_batches_per_epoch(&self.buckets, batch, parts) as u64;
+        let first = step * parts as u64;
+        let batches = epoch_micro_batches(&self.buckets, batch, parts, self.settings.seed, first / per_epoch);
+        let at = (first % per_epoch) as usize;
+        batches[at..at + parts].to_vec()
+    }
+
+    /// Which of the step's micro-batches this process computes: of its
+    /// `grad_accum x world`, every `world`-th from its rank (all of them for
+    /// a single process).
+    fn own_parts(&self) -> Vec<usize> {
+        let (rank, world) = (self.sync.rank(), self.sync.world_size());
+        (0..self.settings.grad_accum).map(|k| k * world + rank).collect()
     }
 
     /// Optimizer step `step` (0-based): accumulate this process's
@@ -157,34 +171,47 @@ impl<'a> Trainer<'a> {
         self.apply(step, acc)
     }
 
-    /// The loss-scaled flat gradient and the mean loss over this process's
-    /// micro-batches of `step`.
+    /// The loss-scaled flat gradient and the loss of this process's
+    /// micro-batches of `step`, each weighted by its share of the step's
+    /// samples times the world size: summed over the processes and divided
+    /// by the world size, they are the step's mean.
     fn accumulate(&mut self, step: u64) -> Result<Accumulated> {
-        let micro_batches = self.micro_batches_of(step);
-        if micro_batches.is_empty() {
+        let own = self.own_parts();
+        if own.is_empty() {
             bail!("grad_accum must be at least 1");
         }
+        let batches = self.step_batches(step);
+        let samples: usize = batches.iter().map(Vec::len).sum();
+        let world = self.sync.world_size();
         let scale = self.scaler.factor();
-        let share = scale / micro_batches.len() as f64;
         let mut loss_sum: Option<Tensor> = None;
         let mut grad: Option<Tensor> = None;
-        for &index in &micro_batches {
-            let loss = self.micro_batch_loss(index)?;
-            let scaled = &loss * share;
+        for part in own {
+            let batch = &batches[part];
+            // A bucket's short last batch can leave a micro-batch empty.
+            if batch.is_empty() {
+                continue;
+            }
+            let weight = (batch.len() * world) as f64 / samples as f64;
+            let index = step * batches.len() as u64 + part as u64;
+            let loss = self.micro_batch_loss(index, batch)?;
+            let scaled = &loss * (scale * weight);
             let grads = Tensor::f_run_backward(&[&scaled], self.optimizer.params(), false, false)?;
             let flat = self.optimizer.flatten(&grads);
             grad = Some(match grad {
                 Some(sum) => sum + flat,
                 None => flat,
             });
-            let loss = loss.detach();
+            let loss = loss.detach() * weight;
             loss_sum = Some(match loss_sum {
                 Some(sum) => sum + loss,
                 None => loss,
             });
         }
-        let (Some(grad), Some(loss_sum)) = (grad, loss_sum) else { bail!("grad_accum must be at least 1") };
-        Ok(Accumulated { grad, loss: loss_sum / micro_batches.len() as f64, scale })
+        // A process with no samples this step still takes part in the exchange.
+        let grad = grad.unwrap_or_else(|| self.optimizer.flat_zeros());
+        let loss = loss_sum.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, self.device)));
+        Ok(Accumulated { grad, loss, scale })
     }
 
     /// Unscale, finite check, clip, optimizer step (skipped on the device
@@ -213,9 +240,8 @@ impl<'a> Trainer<'a> {
     }
 
     /// The mean (min-SNR weighted) loss of micro-batch `index`, in fp32.
-    fn micro_batch_loss(&self, index: u64) -> Result<Tensor> {
+    fn micro_batch_loss(&self, index: u64, batch: &[usize]) -> Result<Tensor> {
         let s = &self.settings;
-        let batch = self.batch_for(index);
         let mut latents = Vec::with_capacity(batch.len());
         let mut texts = Vec::with_capacity(batch.len());
         let mut noises = Vec::with_capacity(batch.len());
