@@ -19,6 +19,10 @@ pub fn run() -> Result<()> {
     } else {
         println!("cuda       no (training and sampling run on the CPU)");
     }
+    match crate::train::c10d::missing() {
+        None => println!("--nproc    gloo yes, nccl {}", yes_no(crate::train::c10d::has_nccl())),
+        Some(_) => println!("--nproc    no (built without gloo's headers; scripts/bootstrap.sh installs libgloo-dev)"),
+    }
     Ok(())
 }
 

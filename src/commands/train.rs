@@ -1,6 +1,8 @@
 //! `sdtune train`: sdtune.yaml + flags -> a training run on the prepared cache.
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
 
@@ -19,6 +21,8 @@ use crate::sample::concept_figures::{palettes, prepared_concepts, ConceptPalette
 use crate::sample::metrics::Brand;
 use crate::sample::settings::Settings;
 use crate::train::run::{self, Event, GridPlan, RunPlan};
+use crate::train::distributed::{DataParallel, JobEnv};
+use crate::train::sync::{GradientSync, SingleProcess};
 use crate::train::trainer::StepSettings;
 
 use clap::Args;
@@ -30,6 +34,14 @@ Examples:
   sdtune train --format diffusers --output runs --name acme-v2
   sdtune train --full --lr 1e-3 --name my-unet  # every UNet weight, not a LoRA
   sdtune train --gradient-checkpointing         # less GPU memory, slower steps
+  sdtune train --nproc 2                        # data parallel: 2 processes (Gloo on CPU, NCCL on CUDA)
+  torchrun --nproc-per-node 4 --no-python sdtune train   # the same, started by torchrun
+
+With --nproc N (or torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)
+each optimizer step takes N x --batch-size x --grad-accum images, shared out
+over the processes; the result is the same as one process taking them all.
+Rank 0 keeps the terminal and writes every file; the other ranks' output is
+shown only when one fails.
 
 Writes <output>/<name>/<name>.safetensors (kohya format: loads in A1111 and ComfyUI;
 --format diffusers for load_lora_weights), lora/step-NNNNNN.safetensors and state/
@@ -130,9 +142,63 @@ pub struct TrainArgs {
     /// model; writes a diffusers unet/ folder to <output>/<name>/unet/.
     #[arg(long)]
     pub full: bool,
+    /// Data parallel on this machine: start N training processes (c10d:
+    /// Gloo on the CPU, NCCL with one GPU per process on CUDA).
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
+    /// Seconds a process of a data-parallel job waits for the others
+    /// (joining, each gradient exchange, rank 0's saves and grids) before
+    /// it gives up [default: 1800].
+    #[arg(long, value_name = "SECONDS")]
+    pub dist_timeout: Option<f64>,
+}
+
+/// Default of `--dist-timeout`, torch.distributed's own.
+const DIST_TIMEOUT_S: f64 = 1800.0;
+
+/// This process's part in training: alone, starting N ranks, or one rank of a job.
+enum Role {
+    Alone,
+    Launcher(usize),
+    Rank(JobEnv),
+}
+
+fn role(args: &TrainArgs) -> Result<Role> {
+    let job = JobEnv::from_env()?;
+    match (args.nproc, job) {
+        (Some(_), Some(_)) => bail!("--nproc starts its own processes, but RANK and WORLD_SIZE are already set (torchrun or another launcher started this one); leave out --nproc"),
+        (Some(n), None) => {
+            if let Some(missing) = crate::train::c10d::missing() {
+                bail!("--nproc {n}: {missing}");
+            }
+            Ok(Role::Launcher(n))
+        }
+        (None, Some(job)) => Ok(Role::Rank(job)),
+        (None, None) => Ok(Role::Alone),
+    }
+}
+
+/// How long the processes of a job wait for each other.
+fn dist_timeout(args: &TrainArgs) -> Result<Duration> {
+    let seconds = args.dist_timeout.unwrap_or(DIST_TIMEOUT_S);
+    if !(seconds.is_finite() && seconds > 0.0) {
+        bail!("--dist-timeout {seconds} is not a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    let role = role(&args)?;
+    let timeout = dist_timeout(&args)?;
+    if let Role::Launcher(n) = role {
+        let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        return crate::train::launch::launch(n, &argv);
+    }
+    let job = match role {
+        Role::Rank(job) => Some(job),
+        _ => None,
+    };
+    let main = job.as_ref().is_none_or(|j| j.rank == 0);
     let (work_dir, config) = load_config(args.config.as_deref())?;
     let mut train = config.train.clone();
     apply_flags(&mut train, &args);
@@ -148,12 +214,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let dataset = cache.dataset().clone();
     check_concepts(&cache)?;
     // Held for the whole run: two runs in one folder would mix their files.
-    let _run_lock = crate::lock::exclusive(
-        &work_dir.join(&train.output).join(&train.name),
-        RUN_LOCK,
-        "sdtune train",
-        "wait for it to finish, or pass another --name",
-    )?;
+    // The main process of a job holds it for the job (it alone writes).
+    let _run_lock = if main {
+        Some(crate::lock::exclusive(
+            &work_dir.join(&train.output).join(&train.name),
+            RUN_LOCK,
+            "sdtune train",
+            "wait for it to finish, or pass another --name",
+        )?)
+    } else {
+        None
+    };
     let mut model_spec = args.model.clone().or(config.model.clone()).unwrap_or_else(|| dataset.model.clone());
     if crate::loaders::builtin::is_builtin(&model_spec) {
         // Written again if its cached copy was removed since prepare.
@@ -166,6 +237,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     let device = parse_device(&train.device)?;
+    let device = job.as_ref().map_or(device, |j| j.device(device));
     let precision = if args.full {
         full_precision(&train.precision)?
     } else {
@@ -184,15 +256,29 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let placement = Placement { device, kind: precision.kind(), vae_kind: Kind::Float };
     let model_path = resolve_against(&work_dir, &model_spec);
     let options = LoadOptions { vae: vae_path.clone(), ..LoadOptions::default() };
+    let sync: Box<dyn GradientSync> = match &job {
+        Some(job) => Box::new(DataParallel::join(job, device, timeout)?),
+        None => Box::new(SingleProcess),
+    };
     let model = StableDiffusion::load(&model_path.to_string_lossy(), placement, &options)?;
-    eprintln!(
-        "training {} on {} images from {} ({} on {})",
-        train.name,
-        dataset.items.len(),
-        dataset.data_dir,
-        precision.name(),
-        device_name(device)
-    );
+    let processes = match &job {
+        Some(job) => format!(", {} processes x {} images per step", job.world_size, train.batch_size * train.grad_accum),
+        None => String::new(),
+    };
+    if let Some(job) = job.as_ref().filter(|_| !main) {
+        // Kept by the launcher: the last line it shows if this rank fails.
+        eprintln!("rank {} of {} joined the job on {} (pid {})", job.rank, job.world_size, device_name(device), std::process::id());
+    }
+    if main {
+        eprintln!(
+            "training {} on {} images from {} ({} on {}{processes})",
+            train.name,
+            dataset.items.len(),
+            dataset.data_dir,
+            precision.name(),
+            device_name(device)
+        );
+    }
 
     let grid = grid_settings(&train, &cache, &model_path, vae_path.as_deref(), &model, precision, device)?;
     let mut plan = plan(&train, &config, &work_dir, &cache, precision, &model_spec, args.resume, grid)?;
@@ -208,16 +294,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
             bar.set_length(total);
             bar.set_position(from);
         }
-        Event::Step { step, outcome, smoothed_loss, .. } => {
+        Event::Step { step, outcome, smoothed_loss, world_size, samples_per_s, .. } => {
             bar.set_position(step);
             let skipped = if outcome.skipped { " (fp16 overflow: step skipped)" } else { "" };
-            bar.set_message(format!("loss {smoothed_loss:.4} lr {:.2e}{skipped}", outcome.lr));
+            let world = if world_size > 1 { format!(" {world_size} processes") } else { String::new() };
+            bar.set_message(format!("loss {smoothed_loss:.4} lr {:.2e}{world} {samples_per_s:.1} samples/s{skipped}", outcome.lr));
         }
         Event::Saved(path) => bar.suspend(|| eprintln!("saved {}", path.display())),
         Event::Grid(path) => bar.suspend(|| eprintln!("samples {}", path.display())),
         Event::Warning(w) => bar.suspend(|| eprintln!("{w}")),
     };
-    let finished = run::run(&model, &cache as &dyn TrainingData, &plan, stop, &mut on_event)?;
+    let finished = run::run_with(&model, &cache as &dyn TrainingData, &plan, sync, stop, &mut on_event)?;
     bar.finish_and_clear();
     if finished.interrupted {
         // stderr, and exit 130: the final LoRA was not written.
@@ -228,6 +315,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             plan.state_dir().display()
         );
         return Err(crate::interrupt::Interrupted.into());
+    }
+    if !main {
+        return Ok(());
     }
     if let Some(path) = finished.final_output {
         println!("wrote {} ({} steps)", path.display(), finished.steps_done);

@@ -76,7 +76,8 @@ pub struct RunPlan {
 /// Progress the command shows.
 pub enum Event {
     Started { from: u64, total: u64 },
-    Step { step: u64, outcome: StepOutcome, smoothed_loss: f64, steps_per_s: f64 },
+    /// `world_size` processes train together; `samples_per_s` counts all of theirs.
+    Step { step: u64, outcome: StepOutcome, smoothed_loss: f64, steps_per_s: f64, world_size: usize, samples_per_s: f64 },
     Saved(PathBuf),
     Grid(PathBuf),
     Warning(String),
@@ -140,7 +141,7 @@ pub fn run_with(
     model: &StableDiffusion,
     data: &dyn TrainingData,
     plan: &RunPlan,
-    sync: Box<dyn GradientSync + '_>,
+    mut sync: Box<dyn GradientSync + '_>,
     stop: &AtomicBool,
     events: &mut dyn FnMut(Event),
 ) -> Result<Finished> {
@@ -182,12 +183,16 @@ pub fn run_with(
         scaler = saved.scaler;
         emit(Event::Warning(format!("resuming from {} (step {start})", path.display())));
     }
+    // Every process starts from the main one's weights (and state).
+    sync.share_from_main(&trained.as_dyn().parameters())?;
+    let world = sync.world_size();
     let total = plan.step.total_steps;
-    let mut outputs = Outputs::open(main, model, &trained, plan, start)?;
+    let mut outputs = Outputs::open(main, model, &trained, plan, start, world)?;
     if start == 0 && plan.sample_every > 0 {
         if let Some(grid) = outputs.grid(0, &mut |w| emit(Event::Warning(w)))? {
             emit(Event::Grid(grid));
         }
+        sync.barrier()?;
     }
     let schedule = NoiseSchedule::from_config(&model.scheduler)?;
     let mut trainer =
@@ -198,11 +203,14 @@ pub fn run_with(
     let mut smoothed = f64::NAN;
     let mut last_save: Option<PathBuf> = None;
     let mut step = start;
+    let samples_per_step = (plan.step.batch_size * plan.step.grad_accum * world) as f64;
     while step < total {
-        if stop.load(Ordering::SeqCst) {
+        // Decided together: a process stopping alone would leave the others waiting.
+        if trainer.sync().any(stop.load(Ordering::SeqCst))? {
             if let Some(saved) = outputs.save(&trainer, step)? {
                 emit(Event::Saved(saved));
             }
+            trainer.sync().barrier()?;
             return Ok(Finished { steps_done: step, final_output: None, interrupted: true });
         }
         let outcome = trainer.step(step)?;
@@ -219,21 +227,25 @@ pub fn run_with(
             smoothed = if smoothed.is_nan() { outcome.loss } else { 0.9 * smoothed + 0.1 * outcome.loss };
         }
         let rate = (step - start) as f64 / began.elapsed().as_secs_f64().max(1e-9);
-        outputs.record(step, &outcome, began.elapsed().as_secs_f64())?;
-        emit(Event::Step { step, outcome, smoothed_loss: smoothed, steps_per_s: rate });
+        let samples_per_s = rate * samples_per_step;
+        outputs.record(step, &outcome, began.elapsed().as_secs_f64(), samples_per_s)?;
+        emit(Event::Step { step, outcome, smoothed_loss: smoothed, steps_per_s: rate, world_size: world, samples_per_s });
         if plan.save_every > 0 && step % plan.save_every == 0 && step < total {
             if let Some(saved) = outputs.save(&trainer, step)? {
                 emit(Event::Saved(saved.clone()));
                 last_save = Some(saved);
             }
+            trainer.sync().barrier()?;
         }
         if plan.sample_every > 0 && step % plan.sample_every == 0 {
             if let Some(grid) = outputs.grid(step, &mut |w| emit(Event::Warning(w)))? {
                 emit(Event::Grid(grid));
             }
+            trainer.sync().barrier()?;
         }
     }
     let final_output = outputs.finish(&trainer, total)?;
+    trainer.sync().barrier()?;
     if let Some(path) = &final_output {
         emit(Event::Saved(path.clone()));
     }
@@ -252,19 +264,19 @@ struct Outputs<'a> {
 }
 
 impl<'a> Outputs<'a> {
-    fn open(main: bool, model: &'a StableDiffusion, trained: &'a Trained, plan: &'a RunPlan, start: u64) -> Result<Self> {
+    fn open(main: bool, model: &'a StableDiffusion, trained: &'a Trained, plan: &'a RunPlan, start: u64, world: usize) -> Result<Self> {
         let metrics = if main {
             write_settings(model, plan)?;
-            Some(Metrics::open(&plan.dir.join("metrics.jsonl"), start)?)
+            Some(Metrics::open(&plan.dir.join("metrics.jsonl"), start, world)?)
         } else {
             None
         };
         Ok(Outputs { main, model, trained, plan, metrics })
     }
 
-    fn record(&mut self, step: u64, outcome: &StepOutcome, seconds: f64) -> Result<()> {
+    fn record(&mut self, step: u64, outcome: &StepOutcome, seconds: f64, samples_per_s: f64) -> Result<()> {
         match &mut self.metrics {
-            Some(m) => m.record(step, outcome, seconds),
+            Some(m) => m.record(step, outcome, seconds, samples_per_s),
             None => Ok(()),
         }
     }
@@ -478,10 +490,12 @@ fn grid_lora_use(plan: &RunPlan, file: &Path) -> Result<LoraUse> {
 /// step (written after the last save by the run that died) are dropped.
 struct Metrics {
     file: std::fs::File,
+    /// Processes training together.
+    world_size: usize,
 }
 
 impl Metrics {
-    fn open(path: &Path, keep_through: u64) -> Result<Self> {
+    fn open(path: &Path, keep_through: u64, world_size: usize) -> Result<Self> {
         let kept: String = match std::fs::read_to_string(path) {
             Ok(text) => text
                 .lines()
@@ -500,14 +514,15 @@ impl Metrics {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open {} for appending", path.display()))?;
-        Ok(Metrics { file })
+        Ok(Metrics { file, world_size })
     }
 
-    fn record(&mut self, step: u64, o: &StepOutcome, seconds: f64) -> Result<()> {
+    fn record(&mut self, step: u64, o: &StepOutcome, seconds: f64, samples_per_s: f64) -> Result<()> {
         let num = |v: f64| if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null };
         let line = serde_json::json!({
             "step": step, "loss": num(o.loss), "lr": o.lr, "grad_norm": num(o.grad_norm),
             "loss_scale": o.loss_scale, "skipped": o.skipped, "seconds": seconds,
+            "world_size": self.world_size, "samples_per_s": num(samples_per_s),
         });
         writeln!(self.file, "{line}").context("cannot append to metrics.jsonl")
     }

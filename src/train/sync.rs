@@ -14,6 +14,21 @@ pub trait GradientSync {
     /// Replaces `grad` (the flat fp32 adapter gradient, loss-scaled) and
     /// `loss` (this process's mean loss) by their means over all processes.
     fn average(&mut self, grad: &mut Tensor, loss: &mut Tensor) -> Result<()>;
+    /// Gives every process the main process's `tensors` (the trained
+    /// weights at the start), in place.
+    fn share_from_main(&mut self, _tensors: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
+    /// Returns once every process has called it: the others wait here
+    /// while the main one writes files.
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Whether `flag` is true on any process (a stop one of them was asked
+    /// for), the same answer on all.
+    fn any(&mut self, flag: bool) -> Result<bool> {
+        Ok(flag)
+    }
     /// The one process whose side effects (files, grids, logs, metrics) happen.
     fn is_main(&self) -> bool {
         self.rank() == 0
