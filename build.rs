@@ -42,7 +42,10 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SDTUNE_GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     compile_native(&lib);
-    match find_header(&gloo_dirs(), GLOO_HEADER) {
+    // SDTUNE_WITHOUT_GLOO=1 builds as a machine without gloo's headers would.
+    println!("cargo:rerun-if-env-changed=SDTUNE_WITHOUT_GLOO");
+    let gloo = if std::env::var_os("SDTUNE_WITHOUT_GLOO").is_some() { None } else { find_header(&gloo_dirs(), GLOO_HEADER) };
+    match gloo {
         Some(gloo) => {
             println!("cargo:rerun-if-changed={}", gloo.join(GLOO_HEADER).display());
             let nccl = nccl_includes(&lib);
