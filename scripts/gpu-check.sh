@@ -17,7 +17,8 @@
 #     2. sdtune doctor: CUDA must be seen
 #     3. tiny parity GPU vs CPU (fp32): the first training-step loss, and a
 #        sampled image of the tiny fixture (max pixel difference)
-#     4. end to end on CUDA, bf16 and fp16: prepare -> train -> sample (LoRA)
+#     4. end to end on CUDA, bf16 and fp16: prepare -> train -> sample (LoRA);
+#        then train --nproc 1 over NCCL (one GPU cannot run two NCCL ranks)
 #     5. bench train sd15 512 px bf16 batch 1 and 4, bench sample (30 steps,
 #        CFG 7.5), bench encode; SDXL base at 1024 px: bench train bf16 batch 1
 #        with and without gradient checkpointing, bench sample (30 steps, CFG
@@ -155,6 +156,21 @@ for prec in bf16 fp16; do
     --prompt "an orange acme poster" --seed 1 --steps 10 --width 64 --height 64 --device "$device" \
     --precision "$prec" --out "$out/e2e-$prec.png" | tail -1
 done
+
+stage "4b. data parallel on $device: train --nproc 1 (NCCL on cuda, Gloo on cpu)"
+# A one-GPU machine cannot run two NCCL ranks: this proves the NCCL group
+# (store, communicator, all-reduce, broadcast, barrier) on one; figures for
+# --nproc 2 and more are owed to a multi-GPU machine (BENCHMARKS.md).
+if grep -qE '^--nproc +gloo yes' "$out/doctor.txt"; then
+  (cd "$work" && "$bin" train --nproc 1 --device "$device" --precision fp32 --steps 10 --lr 1e-3 --save-every 0 \
+    --sample-every 0 --dist-timeout 120 --name "ddp-nproc1" | tail -1)
+  grep -q '"world_size":1' "$work/output/ddp-nproc1/metrics.jsonl" || { echo "FAIL: --nproc 1 wrote no metrics"; exit 1; }
+  if [ "$device" = cuda ] && ! grep -qE '^--nproc +gloo yes, nccl yes' "$out/doctor.txt"; then
+    echo "FAIL: this sdtune was built without NCCL (scripts/bootstrap.sh installs CUDA's headers for it)"; exit 1
+  fi
+else
+  echo "skipped: this sdtune was built without gloo's headers"
+fi
 
 # bench KIND ARCH RES FLAGS...: sdtune, then the same through diffusers+peft.
 bench() {
