@@ -13,6 +13,7 @@ pub mod interrupt;
 pub mod lora;
 pub mod loaders;
 pub mod lock;
+pub mod matmul_probe;
 pub mod models;
 pub mod progress;
 pub mod ranges;

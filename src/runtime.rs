@@ -208,7 +208,7 @@ pub fn auto_precision(device: Device) -> Precision {
     if !isa.iter().any(|f| *f == "avx512_bf16" || *f == "amx_bf16") || !supports(device, Kind::BFloat16) {
         return Precision::Fp32;
     }
-    let ratio = crate::bench::peak_probe::matmul_gflops(device, Kind::BFloat16) / crate::bench::peak_probe::matmul_gflops(device, Kind::Float).max(1e-9);
+    let ratio = crate::matmul_probe::matmul_gflops(device, Kind::BFloat16) / crate::matmul_probe::matmul_gflops(device, Kind::Float).max(1e-9);
     if ratio >= 1.3 {
         eprintln!("precision auto: bf16 (a bf16 matmul runs {ratio:.1}x as fast as fp32 on this CPU)");
         Precision::Bf16

@@ -44,7 +44,7 @@ pub fn run(setup: &Setup, bench: &DecodeBench) -> Result<Map<String, Value>> {
         decode()?;
     }
     memory.sample();
-    let probed_peak = super::peak_probe::matmul_gflops(device, precision.kind());
+    let probed_peak = crate::matmul_probe::matmul_gflops(device, precision.kind());
     let ((finite, flops), timing) =
         timed(device, || crate::models::flop_count::counted(|| (0..bench.batches).map(|_| decode()).collect::<Result<Vec<bool>>>()));
     let finite = finite?.into_iter().all(|f| f);

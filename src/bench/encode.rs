@@ -54,7 +54,7 @@ pub fn run(setup: &Setup, bench: &EncodeBench) -> Result<Map<String, Value>> {
         encode_text()?;
     }
     memory.sample();
-    let probed_peak = super::peak_probe::matmul_gflops(device, precision.kind());
+    let probed_peak = crate::matmul_probe::matmul_gflops(device, precision.kind());
     let ((_, vae_flops), vae) = timed(device, || counted(|| (0..bench.batches).for_each(|_| encode_images())));
     let ((result, text_flops), text) = timed(device, || counted(|| (0..bench.batches).try_for_each(|_| encode_text())));
     result?;

@@ -8,7 +8,6 @@ pub mod arch;
 pub mod decode;
 pub mod encode;
 pub mod measure;
-pub mod peak_probe;
 pub mod sample;
 pub mod train;
 

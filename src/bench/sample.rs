@@ -97,7 +97,7 @@ pub fn run(setup: &Setup, bench: &SampleBench) -> Result<Map<String, Value>> {
     }
     memory.sample();
     let reqs = requests(bench, setup.resolution, bench.images, 0);
-    let probed_peak = super::peak_probe::matmul_gflops(device, precision.kind());
+    let probed_peak = crate::matmul_probe::matmul_gflops(device, precision.kind());
     let ((images, flops), timing) = timed(device, || {
         crate::models::flop_count::counted(|| text_to_images_batched(&model, &reqs, setup.batch_size, &mut ignore, &mut |_, _| {}))
     });

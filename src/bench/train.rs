@@ -151,7 +151,7 @@ pub fn run(setup: &Setup, bench: &TrainBench) -> Result<Map<String, Value>> {
     });
     memory.sample();
     let forward_flops = counted_forward(&unet.model, &data, setup.batch_size, spec.unet.in_channels, latent, device, precision.kind())?;
-    let probed_peak = super::peak_probe::matmul_gflops(device, precision.kind());
+    let probed_peak = crate::matmul_probe::matmul_gflops(device, precision.kind());
     let (result, timing) = timed(device, || -> Result<()> {
         for step in bench.warmup as u64..total {
             last = Some(trainer.step(step)?);

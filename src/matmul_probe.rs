@@ -3,7 +3,6 @@
 //! datasheet figure fits every machine (threads, turbo, AVX-512, AMX).
 use tch::{Device, Kind, Tensor};
 
-use super::measure::sync;
 
 /// Best of a few square matmuls in `kind` on `device`, in GFLOP/s.
 pub fn matmul_gflops(device: Device, kind: Kind) -> f64 {
@@ -22,4 +21,10 @@ pub fn matmul_gflops(device: Device, kind: Kind) -> f64 {
             flops / start.elapsed().as_secs_f64().max(1e-9) / 1e9
         })
         .fold(0.0, f64::max)
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
 }
