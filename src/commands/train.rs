@@ -30,6 +30,7 @@ Examples:
   sdtune train --format diffusers --output runs --name acme-v2
   sdtune train --full --lr 1e-3 --name my-unet  # every UNet weight, not a LoRA
   sdtune train --gradient-checkpointing         # less GPU memory, slower steps
+  sdtune train --ema --ema-decay 0.999          # save the weights' moving average
 
 Writes <output>/<name>/<name>.safetensors (kohya format: loads in A1111 and ComfyUI;
 --format diffusers for load_lora_weights), lora/step-NNNNNN.safetensors and state/
@@ -123,6 +124,13 @@ pub struct TrainArgs {
     /// steps about 20-30% slower; the trained weights come out the same.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Keep an exponential moving average of the LoRA weights (fp32); the
+    /// saved LoRA files and the sample grids use it.
+    #[arg(long)]
+    pub ema: bool,
+    /// The EMA's decay, reached after diffusers' warm-up (1+s)/(10+s) [default: 0.999].
+    #[arg(allow_hyphen_values = true, long, value_name = "D")]
+    pub ema_decay: Option<f64>,
     /// Continue from the newest saved state of this run.
     #[arg(long)]
     pub resume: bool,
@@ -286,6 +294,10 @@ fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
     set!(format);
     set!(noise_offset);
     set!(caption_dropout);
+    set!(ema_decay);
+    if a.ema {
+        t.ema = true;
+    }
     // 0 turns it off; anything else (negative, NaN too) is kept for validate() to judge.
     if let Some(g) = a.min_snr_gamma {
         t.min_snr_gamma = (g != 0.0).then_some(g);
@@ -458,6 +470,7 @@ fn plan(
         concepts: concept_summary(cache),
         base_model: model_spec.to_string(),
         full: false,
+        ema: t.ema.then_some(t.ema_decay),
     })
 }
 

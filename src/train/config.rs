@@ -54,6 +54,11 @@ pub struct TrainConfig {
     /// Sampler steps and guidance of the grids rendered while training.
     pub sample_steps: usize,
     pub sample_guidance: f64,
+    /// Keep an exponential moving average of the adapter weights; saves
+    /// and grids then use it.
+    pub ema: bool,
+    /// The EMA's decay (diffusers' warm-up applies below it).
+    pub ema_decay: f64,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +89,8 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             sample_steps: 20,
             sample_guidance: 7.5,
+            ema: false,
+            ema_decay: super::ema::DEFAULT_DECAY,
         }
     }
 }
@@ -123,6 +130,9 @@ impl TrainConfig {
         crate::ranges::check_guidance(self.sample_guidance, "train.sample_guidance in sdtune.yaml")?;
         if !(0.0..1.0).contains(&self.caption_dropout) {
             bail!("{} is {}; it is a fraction of steps from 0 up to (not including) 1", setting("caption_dropout"), self.caption_dropout);
+        }
+        if !(self.ema_decay.is_finite() && self.ema_decay > 0.0 && self.ema_decay < 1.0) {
+            bail!("{} is {}; it must be a number between 0 and 1 (0.999 is usual)", setting("ema_decay"), number(self.ema_decay));
         }
         if self.keep_last == 0 {
             bail!("{} is 0; at least 1 resumable state must be kept", setting("keep_last"));
