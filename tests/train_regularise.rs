@@ -1,6 +1,6 @@
 //! Training aids on the tiny SD1 fixture through the CLI: the EMA of the
 //! LoRA weights (against a reference average of the per-step states, and
-//! across a resume).
+//! across a resume); the validation loss on held-out images.
 mod train_support;
 
 use std::collections::BTreeMap;
@@ -88,4 +88,35 @@ fn a_resumed_run_with_ema_ends_bit_identical() {
     let without = train(resumed.path(), &["--steps", "6", "--resume", "--save-every", "2", "--name", "r"]);
     assert!(!without.status.success(), "resuming an EMA run without --ema should be refused");
     assert!(String::from_utf8_lossy(&without.stderr).contains("ema_decay"), "{}", String::from_utf8_lossy(&without.stderr));
+}
+
+/// `(step, validation_loss)` of each validation line of a run's metrics.jsonl.
+fn validation_lines(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["validation_loss"].as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn validation_loss_is_held_out_deterministic_logged_and_reported() {
+    let dir = prepared();
+    let args = ["--steps", "2", "--save-every", "1", "--validation-split", "2"];
+    let out = train(dir.path(), &[&args[..], &["--name", "v1"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("validation: 2 held out of training"), "{stderr}");
+    let again = train(dir.path(), &[&args[..], &["--name", "v2"]].concat());
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+
+    let first = validation_lines(&run_dir(dir.path(), "v1"));
+    let second = validation_lines(&run_dir(dir.path(), "v2"));
+    assert_eq!(first.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 1, 2], "validation at step 0, each save and the end");
+    assert_eq!(first, second, "the same weights gave another validation loss");
+    assert_ne!(first[0].1, first[2].1, "training did not move the validation loss");
+    let report = std::fs::read_to_string(run_dir(dir.path(), "v1").join("report.html")).unwrap();
+    assert!(report.contains("<h2>Validation loss</h2>"), "the report has no validation section");
+    assert!(report.contains(&format!("<td>{:.5}</td>", first[2].1)), "the report lacks the step-2 figure");
 }

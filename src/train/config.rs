@@ -59,6 +59,14 @@ pub struct TrainConfig {
     pub ema: bool,
     /// The EMA's decay (diffusers' warm-up applies below it).
     pub ema_decay: f64,
+    /// Images held out of training for the validation loss: a fraction
+    /// below 1, else a count (0: none; a `validation/` folder in the
+    /// data folder is held out instead when there is one).
+    pub validation_split: f64,
+    /// Shuffle the comma-separated tags of each caption per sample (kohya's shuffle_caption).
+    pub shuffle_captions: bool,
+    /// Tags at the start of a caption that shuffling leaves in place.
+    pub keep_tokens: usize,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +99,9 @@ impl Default for TrainConfig {
             sample_guidance: 7.5,
             ema: false,
             ema_decay: super::ema::DEFAULT_DECAY,
+            validation_split: 0.0,
+            shuffle_captions: false,
+            keep_tokens: 0,
         }
     }
 }
@@ -133,6 +144,15 @@ impl TrainConfig {
         }
         if !(self.ema_decay.is_finite() && self.ema_decay > 0.0 && self.ema_decay < 1.0) {
             bail!("{} is {}; it must be a number between 0 and 1 (0.999 is usual)", setting("ema_decay"), number(self.ema_decay));
+        }
+        if !(self.validation_split.is_finite() && self.validation_split >= 0.0)
+            || (self.validation_split >= 1.0 && self.validation_split.fract() != 0.0)
+        {
+            bail!(
+                "{} is {}; it is a fraction below 1 or a whole count of images (0 turns it off)",
+                setting("validation_split"),
+                number(self.validation_split)
+            );
         }
         if self.keep_last == 0 {
             bail!("{} is 0; at least 1 resumable state must be kept", setting("keep_last"));

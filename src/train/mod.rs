@@ -12,3 +12,5 @@ pub mod config;
 pub mod cache_data;
 pub mod trainable;
 pub mod ema;
+pub mod validation;
+pub mod shuffle;

@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use super::checkpoint::{self, Identity};
 use super::data::TrainingData;
 use super::ema::{Ema, WithEma};
+use super::shuffle::ShuffledCaptions;
+use super::validation::{self, Training};
 use super::metadata::{lora_metadata, RunFacts};
 use super::optimizer::{AdamW, AdamWConfig};
 use super::precision::LossScaler;
@@ -75,6 +77,12 @@ pub struct RunPlan {
     /// The decay of an EMA of the trained weights, which the saved LoRA
     /// files and grids then hold; `None` trains without one.
     pub ema: Option<f64>,
+    /// Items held out of training; their loss on fixed draws is logged at
+    /// step 0, every `sample_every` steps, at each save and at the end.
+    pub validation: Vec<usize>,
+    /// Shuffle each sample's comma-separated tags, keeping this many first
+    /// ones in place; `None` trains on the captions as written.
+    pub shuffle_keep_tokens: Option<usize>,
 }
 
 /// Progress the command shows.
@@ -109,6 +117,11 @@ impl RunPlan {
 
     fn identity(&self) -> Identity {
         let mut identity = self.base_identity();
+        // The held-out images change the data order: a resume must hold out the same ones.
+        if !self.validation.is_empty() {
+            let held: Vec<String> = self.validation.iter().map(usize::to_string).collect();
+            identity.0.push(("validation_items".into(), held.join(",")));
+        }
         // Only when on, so states saved before EMA existed still resume.
         if let Some(decay) = self.ema {
             identity.0.push(("ema_decay".into(), decay.to_string()));
@@ -207,8 +220,19 @@ pub fn run_with(
         }
     }
     let schedule = NoiseSchedule::from_config(&model.scheduler)?;
+    if start == 0 {
+        if let Some(line) = outputs.validate(&schedule, data, ema.as_ref(), 0)? {
+            emit(Event::Warning(line));
+        }
+    }
+    let shuffled = plan.shuffle_keep_tokens.map(|keep_tokens| ShuffledCaptions { data, text: &model.text, keep_tokens, seed: plan.step.seed });
+    let captioned: &dyn TrainingData = match &shuffled {
+        Some(s) => s,
+        None => data,
+    };
+    let training = Training { data: captioned, held_out: plan.validation.iter().copied().collect() };
     let mut trainer =
-        Trainer::new(&model.unet.model, &schedule, data, optimizer, scaler, plan.step.clone(), device)?.with_sync(sync);
+        Trainer::new(&model.unet.model, &schedule, &training, optimizer, scaler, plan.step.clone(), device)?.with_sync(sync);
     emit(Event::Started { from: start, total });
 
     let began = Instant::now();
@@ -250,6 +274,13 @@ pub fn run_with(
         if plan.sample_every > 0 && step % plan.sample_every == 0 {
             if let Some(grid) = outputs.grid(step, ema.as_ref(), &mut |w| emit(Event::Warning(w)))? {
                 emit(Event::Grid(grid));
+            }
+        }
+        // At each grid and each save, so every saved LoRA has its figure.
+        let saved = plan.save_every > 0 && step % plan.save_every == 0 && step < total;
+        if (plan.sample_every > 0 && step % plan.sample_every == 0) || saved || step == total {
+            if let Some(line) = outputs.validate(&schedule, data, ema.as_ref(), step)? {
+                emit(Event::Warning(line));
             }
         }
     }
@@ -301,6 +332,23 @@ impl<'a> Outputs<'a> {
             return Ok(None);
         }
         with_ema(self.trained, ema, || render_grid(self.model, self.trained, self.plan, step, warn)).map(Some)
+    }
+
+    /// The loss on the held-out images now (with the EMA weights when on),
+    /// recorded in metrics.jsonl; a line saying it, or `None` when nothing
+    /// is held out or this is not the main process.
+    fn validate(&mut self, schedule: &NoiseSchedule, data: &dyn TrainingData, ema: Option<&Ema>, step: u64) -> Result<Option<String>> {
+        let Some(metrics) = self.metrics.as_mut() else { return Ok(None) };
+        if self.plan.validation.is_empty() {
+            return Ok(None);
+        }
+        let (model, plan) = (self.model, self.plan);
+        let s = &plan.step;
+        let loss = with_ema(self.trained, ema, || {
+            validation::loss(&model.unet.model, schedule, data, &plan.validation, s.seed, s.latent_scale, model.device())
+        })?;
+        metrics.record_validation(step, loss)?;
+        Ok(Some(format!("validation loss {loss:.5} at step {step} ({} held-out images)", plan.validation.len())))
     }
 
     /// The last state and the final LoRA file (or `unet/` folder).
@@ -383,6 +431,8 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
         ("noise offset", s.noise_offset.to_string()),
         ("min-SNR gamma", s.min_snr_gamma.map_or("off".to_string(), |g| g.to_string())),
         ("caption dropout", s.caption_dropout.to_string()),
+        ("validation images", plan.validation.len().to_string()),
+        ("caption shuffle", plan.shuffle_keep_tokens.map_or("off".to_string(), |k| format!("on, first {k} tags kept"))),
         ("EMA", plan.ema.map_or("off".to_string(), |d| format!("decay {d} (saves and grids use it)"))),
         ("grid", format!("{} prompts x {} seeds, {} {} steps, guidance {}", plan.grid.prompts.len(), plan.grid.seeds.len(), plan.grid.settings.steps, plan.grid.settings.scheduler, plan.grid.settings.guidance)),
     ];
@@ -550,6 +600,13 @@ impl Metrics {
             "step": step, "loss": num(o.loss), "lr": o.lr, "grad_norm": num(o.grad_norm),
             "loss_scale": o.loss_scale, "skipped": o.skipped, "seconds": seconds,
         });
+        writeln!(self.file, "{line}").context("cannot append to metrics.jsonl")
+    }
+
+    /// A line of its own, `{"step": N, "validation_loss": x}`, so the
+    /// per-step lines keep their shape.
+    fn record_validation(&mut self, step: u64, loss: f64) -> Result<()> {
+        let line = serde_json::json!({ "step": step, "validation_loss": loss });
         writeln!(self.file, "{line}").context("cannot append to metrics.jsonl")
     }
 }
