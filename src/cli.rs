@@ -47,6 +47,9 @@ pub enum Command {
     /// Write a run's report.html again: grids over steps, loss curve, consistency, settings.
     #[command(after_help = commands::report::EXAMPLES)]
     Report(commands::report::ReportArgs),
+    /// Rank a run's saved steps by palette distance, seed spread and validation loss; name the one to use.
+    #[command(after_help = commands::pick::EXAMPLES)]
+    Pick(commands::pick::PickArgs),
     /// Measure training steps/s, sampling s/image or encoding images/s and peak memory, no weights needed.
     #[command(after_help = commands::bench::EXAMPLES)]
     Bench(commands::bench::BenchArgs),
@@ -79,6 +82,7 @@ pub fn run() -> i32 {
         Command::Doctor => commands::doctor::run(),
         Command::Info(args) => commands::info::run(args),
         Command::Report(args) => commands::report::run(args),
+        Command::Pick(args) => commands::pick::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Lora(args) => commands::lora::run(args),
         Command::Serve(args) => commands::serve::run(args),

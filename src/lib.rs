@@ -18,6 +18,7 @@ pub mod models;
 pub mod progress;
 pub mod ranges;
 pub mod report;
+pub mod pick;
 pub mod runtime;
 pub mod sample;
 pub mod schedulers;

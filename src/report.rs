@@ -82,6 +82,7 @@ pub fn write(run_dir: &Path) -> Result<PathBuf> {
         Err(_) => SettingsFile::default(),
     };
     let losses = read_losses(&run_dir.join("metrics.jsonl"))?;
+    let validation = read_validation(&run_dir.join("metrics.jsonl"));
     let (grids, others) = read_samples(&run_dir.join("samples"))?;
     if losses.is_empty() && grids.is_empty() {
         bail!("{} holds no metrics.jsonl and no sample grids; is it a training run folder?", run_dir.display());
@@ -91,7 +92,20 @@ pub fn write(run_dir: &Path) -> Result<PathBuf> {
     } else {
         settings.name.clone()
     };
-    let html = render(&name, &settings, &losses, &grids, &others)?;
+    let mut html = render(&name, &settings, &losses, &grids, &others)?;
+    if let Ok(candidates) = crate::pick::candidates(run_dir) {
+        let at = html.find("<h2>Settings</h2>").or_else(|| html.rfind("</body>")).unwrap_or(html.len());
+        let section = format!(
+            "<h2>Which step to use</h2>\n<pre>{}</pre>\n<p class=\"note\">As <code>sdtune pick</code> ranks the saved steps: palette distance, seed spread and validation loss, each scaled to 0..1 over the steps; lower is better.</p>\n",
+            escape(&crate::pick::table(&candidates))
+        );
+        html.insert_str(at, &section);
+    }
+    if !validation.is_empty() {
+        // Beside the training loss: right after its section's note.
+        let at = html.find("<h2>Consistency over steps</h2>").unwrap_or(html.len());
+        html.insert_str(at, &validation_section(&losses, &validation));
+    }
     let path = run_dir.join(REPORT_FILE);
     crate::fsutil::write_atomic(&path, html.as_bytes())?;
     Ok(path)
@@ -110,6 +124,43 @@ fn read_losses(path: &Path) -> Result<Vec<(u64, f64)>> {
         }
     }
     Ok(out)
+}
+
+/// `(step, validation loss)` of every validation line of metrics.jsonl.
+fn read_validation(path: &Path) -> Vec<(u64, f64)> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["validation_loss"].as_f64()?)))
+        .filter(|(_, l)| l.is_finite())
+        .collect()
+}
+
+/// The validation loss over the steps, drawn on the training loss's
+/// axes (its smoothed curve beside it), and its table.
+fn validation_section(losses: &[(u64, f64)], validation: &[(u64, f64)]) -> String {
+    let mut smoothed = Vec::with_capacity(losses.len());
+    let mut m = f64::NAN;
+    for &(s, l) in losses {
+        m = if m.is_nan() { l } else { 0.9 * m + 0.1 * l };
+        smoothed.push((s as f64, m));
+    }
+    let points: Vec<(f64, f64)> = validation.iter().map(|&(s, l)| (s as f64, l)).collect();
+    let top = points.iter().chain(&smoothed).map(|p| p.1).fold(0.0, f64::max);
+    let last = points.iter().chain(&smoothed).map(|p| p.0).fold(1.0, f64::max);
+    let axes = Axes { x: (0.0, last), y: (0.0, top * 1.05) };
+    let mut body = format!("{}{}{}", axes.frame("step"), polyline(&smoothed, &axes, "#1d6f66", 2.0), polyline(&points, &axes, "#e76f51", 2.0));
+    for &(x, y) in &points {
+        let _ = write!(body, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#e76f51\"/>", axes.px(x), axes.py(y));
+    }
+    let mut h = String::from("<h2>Validation loss</h2>\n");
+    h.push_str(&svg(&body, "validation loss and smoothed training loss by step"));
+    h.push_str("<table><tr><th>step</th><th>validation loss</th></tr>\n");
+    for (step, loss) in validation {
+        let _ = writeln!(h, "<tr><td>{step}</td><td>{loss:.5}</td></tr>");
+    }
+    h.push_str("</table>\n<p class=\"note\">Validation loss (orange): plain MSE on the held-out images at fixed timesteps and noise, so it moves only when the weights do; the smoothed training loss (dark) for comparison.</p>\n");
+    h
 }
 
 /// The training grids in step order, and the other PNGs of `samples/`.

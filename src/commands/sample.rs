@@ -118,6 +118,7 @@ pub struct SampleArgs {
     pub target_size: Option<String>,
     /// A LoRA to apply, with an optional strength (default 1, at most 100 either
     /// way); repeat to stack several. kohya (A1111/ComfyUI) and diffusers/PEFT files load.
+    /// A training run's folder (output/<name>) takes the saved step `sdtune pick` recommends.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     pub loras: Vec<String>,
     /// Fuse the LoRAs into the weights (faster; same image up to rounding).
@@ -205,7 +206,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     check_for_model(&plan.work, &model)?;
     let layers = render::layers(&model)?;
-    let loras = plan.loras.iter().map(|spec| LoadedLora::read(spec, &layers)).collect::<Result<Vec<_>>>()?;
+    let specs = plan.loras.iter().map(|spec| picked_step(spec)).collect::<Result<Vec<_>>>()?;
+    let loras = specs.iter().map(|spec| LoadedLora::read(spec, &layers)).collect::<Result<Vec<_>>>()?;
     check_lora_hashes(&plan, &loras)?;
     let handling = session::Handling { precision: plan.precision, fuse: plan.fuse, vae_tiling: plan.vae_tiling };
     let shared = session::shared_settings(&plan.model, &plan.options, handling, model_hash, &loras, device);
@@ -219,6 +221,27 @@ pub fn run(args: SampleArgs) -> Result<()> {
             run_job(&model, &job, &loras, &plan.brand)
         }
     }
+}
+
+/// `--lora RUN_DIR[:SCALE]`: a training run's folder stands for the saved
+/// step `sdtune pick` recommends; any other spec is returned as it is.
+fn picked_step(spec: &str) -> Result<String> {
+    let (path, scale) = match spec.rsplit_once(':') {
+        Some((p, s)) if s.parse::<f64>().is_ok() => (p, Some(s)),
+        _ => (spec, None),
+    };
+    let dir = std::path::Path::new(path);
+    if !dir.is_dir() || !dir.join("lora").is_dir() {
+        return Ok(spec.to_string());
+    }
+    let candidates = crate::pick::candidates(dir)?;
+    let best = crate::pick::choice(&candidates).expect("candidates refuses a run without saves");
+    eprintln!("--lora {path}: step {} ({}), sdtune pick's choice", best.step, best.lora.display());
+    let file = best.lora.display().to_string();
+    Ok(match scale {
+        Some(s) => format!("{file}:{s}"),
+        None => file,
+    })
 }
 
 /// `--from`: a recorded LoRA file that changed since would silently render

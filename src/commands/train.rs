@@ -34,6 +34,7 @@ Examples:
   sdtune train --format diffusers --output runs --name acme-v2
   sdtune train --full --lr 1e-3 --name my-unet  # every UNet weight, not a LoRA
   sdtune train --gradient-checkpointing         # less GPU memory, slower steps
+  sdtune train --ema --ema-decay 0.999          # save the weights' moving average
   sdtune train --nproc 2                        # data parallel: 2 processes (Gloo on CPU, NCCL on CUDA)
   torchrun --nproc-per-node 4 --no-python sdtune train   # the same, started by torchrun
 
@@ -135,6 +136,25 @@ pub struct TrainArgs {
     /// steps about 20-30% slower; the trained weights come out the same.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Keep an exponential moving average of the LoRA weights (fp32); the
+    /// saved LoRA files and the sample grids use it.
+    #[arg(long)]
+    pub ema: bool,
+    /// The EMA's decay, reached after diffusers' warm-up (1+s)/(10+s) [default: 0.999].
+    #[arg(allow_hyphen_values = true, long, value_name = "D")]
+    pub ema_decay: Option<f64>,
+    /// Hold images out of training for a validation loss every
+    /// --sample-every steps: a fraction below 1 or a count [default: 0; a
+    /// validation/ folder in the data folder is held out instead].
+    #[arg(allow_hyphen_values = true, long, value_name = "F|N")]
+    pub validation_split: Option<f64>,
+    /// Shuffle each caption's comma-separated tags per sample (kohya's
+    /// shuffle_caption); the shuffled caption is encoded in the step.
+    #[arg(long)]
+    pub shuffle_captions: bool,
+    /// Tags at the start of each caption that --shuffle-captions keeps in place [default: 0].
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
+    pub keep_tokens: Option<usize>,
     /// Continue from the newest saved state of this run.
     #[arg(long)]
     pub resume: bool,
@@ -376,6 +396,15 @@ fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
     set!(format);
     set!(noise_offset);
     set!(caption_dropout);
+    set!(ema_decay);
+    set!(validation_split);
+    set!(keep_tokens);
+    if a.shuffle_captions {
+        t.shuffle_captions = true;
+    }
+    if a.ema {
+        t.ema = true;
+    }
     // 0 turns it off; anything else (negative, NaN too) is kept for validate() to judge.
     if let Some(g) = a.min_snr_gamma {
         t.min_snr_gamma = (g != 0.0).then_some(g);
@@ -548,7 +577,23 @@ fn plan(
         concepts: concept_summary(cache),
         base_model: model_spec.to_string(),
         full: false,
+        ema: t.ema.then_some(t.ema_decay),
+        validation: held_out(t, cache)?,
+        shuffle_keep_tokens: t.shuffle_captions.then_some(t.keep_tokens),
     })
+}
+
+/// The items held out for the validation loss.
+fn held_out(t: &TrainConfig, cache: &CacheReader) -> Result<Vec<usize>> {
+    let paths: Vec<String> = cache.dataset().items.iter().map(|i| i.path.clone()).collect();
+    let candidates: Vec<usize> = cache.items_by_bucket().into_iter().flatten().collect();
+    let mut held = crate::train::validation::held_out(&paths, &candidates, t.validation_split, t.seed)?;
+    held.sort_unstable();
+    if !held.is_empty() {
+        let names: Vec<&str> = held.iter().map(|&i| paths[i].as_str()).collect();
+        eprintln!("validation: {} held out of training ({})", held.len(), names.join(", "));
+    }
+    Ok(held)
 }
 
 /// What the training grids' images record, as `sdtune sample` would:

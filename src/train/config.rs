@@ -54,6 +54,19 @@ pub struct TrainConfig {
     /// Sampler steps and guidance of the grids rendered while training.
     pub sample_steps: usize,
     pub sample_guidance: f64,
+    /// Keep an exponential moving average of the adapter weights; saves
+    /// and grids then use it.
+    pub ema: bool,
+    /// The EMA's decay (diffusers' warm-up applies below it).
+    pub ema_decay: f64,
+    /// Images held out of training for the validation loss: a fraction
+    /// below 1, else a count (0: none; a `validation/` folder in the
+    /// data folder is held out instead when there is one).
+    pub validation_split: f64,
+    /// Shuffle the comma-separated tags of each caption per sample (kohya's shuffle_caption).
+    pub shuffle_captions: bool,
+    /// Tags at the start of a caption that shuffling leaves in place.
+    pub keep_tokens: usize,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +97,11 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             sample_steps: 20,
             sample_guidance: 7.5,
+            ema: false,
+            ema_decay: super::ema::DEFAULT_DECAY,
+            validation_split: 0.0,
+            shuffle_captions: false,
+            keep_tokens: 0,
         }
     }
 }
@@ -123,6 +141,18 @@ impl TrainConfig {
         crate::ranges::check_guidance(self.sample_guidance, "train.sample_guidance in sdtune.yaml")?;
         if !(0.0..1.0).contains(&self.caption_dropout) {
             bail!("{} is {}; it is a fraction of steps from 0 up to (not including) 1", setting("caption_dropout"), self.caption_dropout);
+        }
+        if !(self.ema_decay.is_finite() && self.ema_decay > 0.0 && self.ema_decay < 1.0) {
+            bail!("{} is {}; it must be a number between 0 and 1 (0.999 is usual)", setting("ema_decay"), number(self.ema_decay));
+        }
+        if !(self.validation_split.is_finite() && self.validation_split >= 0.0)
+            || (self.validation_split >= 1.0 && self.validation_split.fract() != 0.0)
+        {
+            bail!(
+                "{} is {}; it is a fraction below 1 or a whole count of images (0 turns it off)",
+                setting("validation_split"),
+                number(self.validation_split)
+            );
         }
         if self.keep_last == 0 {
             bail!("{} is 0; at least 1 resumable state must be kept", setting("keep_last"));

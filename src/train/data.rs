@@ -20,6 +20,15 @@ pub trait TrainingData {
     fn buckets(&self) -> Vec<Vec<usize>>;
     /// Sample `index`, horizontally flipped when `flip` and the cache has a flipped copy.
     fn sample(&self, index: usize, flip: bool) -> Result<TrainSample>;
+    /// Sample `index` as training sample `global` of the run sees it
+    /// (a shuffled caption); the plain sample unless the data says otherwise.
+    fn sample_for(&self, index: usize, flip: bool, _global: u64) -> Result<TrainSample> {
+        self.sample(index, flip)
+    }
+    /// Sample `index`'s caption text, where the data knows it.
+    fn caption(&self, _index: usize) -> Option<String> {
+        None
+    }
     /// Whether flipped copies were cached.
     fn has_flips(&self) -> bool;
     /// Conditioning of the empty caption (a batch of one), for caption dropout.

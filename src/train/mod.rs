@@ -14,3 +14,6 @@ pub mod launch;
 pub mod config;
 pub mod cache_data;
 pub mod trainable;
+pub mod ema;
+pub mod validation;
+pub mod shuffle;

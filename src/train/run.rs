@@ -11,6 +11,9 @@ use anyhow::{bail, Context, Result};
 
 use super::checkpoint::{self, Identity};
 use super::data::TrainingData;
+use super::ema::{Ema, WithEma};
+use super::shuffle::ShuffledCaptions;
+use super::validation::{self, Training};
 use super::metadata::{lora_metadata, RunFacts};
 use super::optimizer::{AdamW, AdamWConfig};
 use super::precision::LossScaler;
@@ -71,6 +74,15 @@ pub struct RunPlan {
     /// Train every UNet weight (fp32) instead of a LoRA; the result is a
     /// diffusers `unet/` folder.
     pub full: bool,
+    /// The decay of an EMA of the trained weights, which the saved LoRA
+    /// files and grids then hold; `None` trains without one.
+    pub ema: Option<f64>,
+    /// Items held out of training; their loss on fixed draws is logged at
+    /// step 0, every `sample_every` steps, at each save and at the end.
+    pub validation: Vec<usize>,
+    /// Shuffle each sample's comma-separated tags, keeping this many first
+    /// ones in place; `None` trains on the captions as written.
+    pub shuffle_keep_tokens: Option<usize>,
 }
 
 /// Progress the command shows.
@@ -105,6 +117,20 @@ impl RunPlan {
     }
 
     fn identity(&self) -> Identity {
+        let mut identity = self.base_identity();
+        // The held-out images change the data order: a resume must hold out the same ones.
+        if !self.validation.is_empty() {
+            let held: Vec<String> = self.validation.iter().map(usize::to_string).collect();
+            identity.0.push(("validation_items".into(), held.join(",")));
+        }
+        // Only when on, so states saved before EMA existed still resume.
+        if let Some(decay) = self.ema {
+            identity.0.push(("ema_decay".into(), decay.to_string()));
+        }
+        identity
+    }
+
+    fn base_identity(&self) -> Identity {
         if self.full {
             return Identity(vec![
                 ("mode".into(), "full".into()),
@@ -159,6 +185,7 @@ pub fn run_with(
         Trained::Lora(LoraNetwork::inject(&model.unet.layers, plan.targets, plan.rank, plan.alpha, DownInit::KaimingUniform, device)?)
     };
     let mut optimizer = AdamW::new(trained.as_dyn().parameters(), AdamWConfig::default());
+    let mut ema = plan.ema.map(|decay| Ema::new(trained.as_dyn(), decay));
     let mut scaler = if plan.precision == Precision::Fp16 { LossScaler::fp16() } else { LossScaler::disabled() };
     let mut start = 0;
     if plan.resume {
@@ -168,7 +195,7 @@ pub fn run_with(
         for line in damaged {
             emit(Event::Warning(format!("warning: {line}; passing over it")));
         }
-        let saved = checkpoint::load(&path, trained.as_dyn(), &mut optimizer, &plan.identity())?;
+        let saved = checkpoint::load(&path, &stateful(&trained, ema.as_ref()), &mut optimizer, &plan.identity())?;
         if saved.step > plan.step.total_steps {
             bail!(
                 "{} was saved after {} steps, more than --steps {}; pass --steps above {} to train further (a run is never cut back: the LoRA files of earlier steps are in {})",
@@ -188,15 +215,29 @@ pub fn run_with(
     let world = sync.world_size();
     let total = plan.step.total_steps;
     let mut outputs = Outputs::open(main, model, &trained, plan, start, world)?;
+    if let Some(e) = &ema {
+        emit(Event::Warning(format!("EMA of the LoRA weights on (decay {}): the saved LoRA files and the grids hold the average", e.decay)));
+    }
     if start == 0 && plan.sample_every > 0 {
-        if let Some(grid) = outputs.grid(0, &mut |w| emit(Event::Warning(w)))? {
+        if let Some(grid) = outputs.grid(0, ema.as_ref(), &mut |w| emit(Event::Warning(w)))? {
             emit(Event::Grid(grid));
         }
         sync.barrier()?;
     }
     let schedule = NoiseSchedule::from_config(&model.scheduler)?;
+    if start == 0 {
+        if let Some(line) = outputs.validate(&schedule, data, ema.as_ref(), 0)? {
+            emit(Event::Warning(line));
+        }
+    }
+    let shuffled = plan.shuffle_keep_tokens.map(|keep_tokens| ShuffledCaptions { data, text: &model.text, keep_tokens, seed: plan.step.seed });
+    let captioned: &dyn TrainingData = match &shuffled {
+        Some(s) => s,
+        None => data,
+    };
+    let training = Training { data: captioned, held_out: plan.validation.iter().copied().collect() };
     let mut trainer =
-        Trainer::new(&model.unet.model, &schedule, data, optimizer, scaler, plan.step.clone(), device)?.with_sync(sync);
+        Trainer::new(&model.unet.model, &schedule, &training, optimizer, scaler, plan.step.clone(), device)?.with_sync(sync);
     emit(Event::Started { from: start, total });
 
     let began = Instant::now();
@@ -207,7 +248,7 @@ pub fn run_with(
     while step < total {
         // Decided together: a process stopping alone would leave the others waiting.
         if trainer.sync().any(stop.load(Ordering::SeqCst))? {
-            if let Some(saved) = outputs.save(&trainer, step)? {
+            if let Some(saved) = outputs.save(&trainer, ema.as_ref(), step)? {
                 emit(Event::Saved(saved));
             }
             trainer.sync().barrier()?;
@@ -223,6 +264,9 @@ pub fn run_with(
             );
         }
         step += 1;
+        if let Some(e) = &mut ema {
+            e.update(trained.as_dyn(), step);
+        }
         if outcome.loss.is_finite() {
             smoothed = if smoothed.is_nan() { outcome.loss } else { 0.9 * smoothed + 0.1 * outcome.loss };
         }
@@ -231,20 +275,27 @@ pub fn run_with(
         outputs.record(step, &outcome, began.elapsed().as_secs_f64(), samples_per_s)?;
         emit(Event::Step { step, outcome, smoothed_loss: smoothed, steps_per_s: rate, world_size: world, samples_per_s });
         if plan.save_every > 0 && step % plan.save_every == 0 && step < total {
-            if let Some(saved) = outputs.save(&trainer, step)? {
+            if let Some(saved) = outputs.save(&trainer, ema.as_ref(), step)? {
                 emit(Event::Saved(saved.clone()));
                 last_save = Some(saved);
             }
             trainer.sync().barrier()?;
         }
         if plan.sample_every > 0 && step % plan.sample_every == 0 {
-            if let Some(grid) = outputs.grid(step, &mut |w| emit(Event::Warning(w)))? {
+            if let Some(grid) = outputs.grid(step, ema.as_ref(), &mut |w| emit(Event::Warning(w)))? {
                 emit(Event::Grid(grid));
             }
             trainer.sync().barrier()?;
         }
+        // At each grid and each save, so every saved LoRA has its figure.
+        let saved = plan.save_every > 0 && step % plan.save_every == 0 && step < total;
+        if (plan.sample_every > 0 && step % plan.sample_every == 0) || saved || step == total {
+            if let Some(line) = outputs.validate(&schedule, data, ema.as_ref(), step)? {
+                emit(Event::Warning(line));
+            }
+        }
     }
-    let final_output = outputs.finish(&trainer, total)?;
+    let final_output = outputs.finish(&trainer, ema.as_ref(), total)?;
     trainer.sync().barrier()?;
     if let Some(path) = &final_output {
         emit(Event::Saved(path.clone()));
@@ -281,30 +332,47 @@ impl<'a> Outputs<'a> {
         }
     }
 
-    fn save(&self, trainer: &Trainer, step: u64) -> Result<Option<PathBuf>> {
+    fn save(&self, trainer: &Trainer, ema: Option<&Ema>, step: u64) -> Result<Option<PathBuf>> {
         if !self.main {
             return Ok(None);
         }
-        save(self.model, self.trained, trainer, self.plan, step).map(Some)
+        save(self.model, self.trained, trainer, ema, self.plan, step).map(Some)
     }
 
-    fn grid(&self, step: u64, warn: &mut dyn FnMut(String)) -> Result<Option<PathBuf>> {
+    fn grid(&self, step: u64, ema: Option<&Ema>, warn: &mut dyn FnMut(String)) -> Result<Option<PathBuf>> {
         if !self.main {
             return Ok(None);
         }
-        render_grid(self.model, self.trained, self.plan, step, warn).map(Some)
+        with_ema(self.trained, ema, || render_grid(self.model, self.trained, self.plan, step, warn)).map(Some)
+    }
+
+    /// The loss on the held-out images now (with the EMA weights when on),
+    /// recorded in metrics.jsonl; a line saying it, or `None` when nothing
+    /// is held out or this is not the main process.
+    fn validate(&mut self, schedule: &NoiseSchedule, data: &dyn TrainingData, ema: Option<&Ema>, step: u64) -> Result<Option<String>> {
+        let Some(metrics) = self.metrics.as_mut() else { return Ok(None) };
+        if self.plan.validation.is_empty() {
+            return Ok(None);
+        }
+        let (model, plan) = (self.model, self.plan);
+        let s = &plan.step;
+        let loss = with_ema(self.trained, ema, || {
+            validation::loss(&model.unet.model, schedule, data, &plan.validation, s.seed, s.latent_scale, model.device())
+        })?;
+        metrics.record_validation(step, loss)?;
+        Ok(Some(format!("validation loss {loss:.5} at step {step} ({} held-out images)", plan.validation.len())))
     }
 
     /// The last state and the final LoRA file (or `unet/` folder).
-    fn finish(&self, trainer: &Trainer, total: u64) -> Result<Option<PathBuf>> {
+    fn finish(&self, trainer: &Trainer, ema: Option<&Ema>, total: u64) -> Result<Option<PathBuf>> {
         if !self.main {
             return Ok(None);
         }
         let (model, plan) = (self.model, self.plan);
-        save(model, self.trained, trainer, plan, total)?;
+        save(model, self.trained, trainer, ema, plan, total)?;
         let final_path = plan.final_path();
         match self.trained {
-            Trained::Lora(lora) => write_lora(model, lora, plan, total, &final_path)?,
+            Trained::Lora(lora) => with_ema(self.trained, ema, || write_lora(model, lora, plan, total, &final_path))?,
             Trained::Full(unet) => unet.write_diffusers(&final_path, &model.unet_config, settings_metadata(plan, total))?,
         }
         Ok(Some(final_path))
@@ -326,13 +394,28 @@ impl Trained {
     }
 }
 
+/// What a state file holds: the trained tensors, and their EMA when on.
+fn stateful<'a>(trained: &'a Trained, ema: Option<&'a Ema>) -> WithEma<'a> {
+    WithEma { trained: trained.as_dyn(), ema }
+}
+
+/// Runs `f` with the EMA weights swapped in when there is an EMA.
+fn with_ema<T>(trained: &Trained, ema: Option<&Ema>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match ema {
+        Some(ema) => ema.applied(trained.as_dyn(), f),
+        None => f(),
+    }
+}
+
 /// The periodic LoRA file (LoRA runs) plus the resumable state after
-/// `step` steps; returns the LoRA file, or the state of a full run.
-fn save(model: &StableDiffusion, trained: &Trained, trainer: &Trainer, plan: &RunPlan, step: u64) -> Result<PathBuf> {
-    let state = checkpoint::save(&plan.state_dir(), step, trained.as_dyn(), &trainer.optimizer, &trainer.scaler, &plan.identity(), plan.keep_last)?;
+/// `step` steps; returns the LoRA file, or the state of a full run. The
+/// state holds the trained weights (and their EMA); the LoRA file the EMA
+/// when there is one.
+fn save(model: &StableDiffusion, trained: &Trained, trainer: &Trainer, ema: Option<&Ema>, plan: &RunPlan, step: u64) -> Result<PathBuf> {
+    let state = checkpoint::save(&plan.state_dir(), step, &stateful(trained, ema), &trainer.optimizer, &trainer.scaler, &plan.identity(), plan.keep_last)?;
     let Trained::Lora(lora) = trained else { return Ok(state) };
     let path = lora_file(plan, step);
-    write_lora(model, lora, plan, step, &path)?;
+    with_ema(trained, ema, || write_lora(model, lora, plan, step, &path))?;
     Ok(path)
 }
 
@@ -360,6 +443,9 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
         ("noise offset", s.noise_offset.to_string()),
         ("min-SNR gamma", s.min_snr_gamma.map_or("off".to_string(), |g| g.to_string())),
         ("caption dropout", s.caption_dropout.to_string()),
+        ("validation images", plan.validation.len().to_string()),
+        ("caption shuffle", plan.shuffle_keep_tokens.map_or("off".to_string(), |k| format!("on, first {k} tags kept"))),
+        ("EMA", plan.ema.map_or("off".to_string(), |d| format!("decay {d} (saves and grids use it)"))),
         ("grid", format!("{} prompts x {} seeds, {} {} steps, guidance {}", plan.grid.prompts.len(), plan.grid.seeds.len(), plan.grid.settings.steps, plan.grid.settings.scheduler, plan.grid.settings.guidance)),
     ];
     if !plan.full {
@@ -426,7 +512,12 @@ fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step:
         gradient_checkpointing: plan.step.gradient_checkpointing,
         base_model: &plan.base_model,
     };
-    format::write(path, &weights, plan.format, &KohyaNames::of(&model.unet_config)?, lora_metadata(&facts))
+    let mut metadata = lora_metadata(&facts);
+    if let Some(decay) = plan.ema {
+        // Its callers swap the EMA in first: the file holds the average.
+        metadata.insert("sdtune_ema_decay".into(), decay.to_string());
+    }
+    format::write(path, &weights, plan.format, &KohyaNames::of(&model.unet_config)?, metadata)
 }
 
 /// Images per UNet batch of the training grids (bounds their memory).
@@ -524,6 +615,13 @@ impl Metrics {
             "loss_scale": o.loss_scale, "skipped": o.skipped, "seconds": seconds,
             "world_size": self.world_size, "samples_per_s": num(samples_per_s),
         });
+        writeln!(self.file, "{line}").context("cannot append to metrics.jsonl")
+    }
+
+    /// A line of its own, `{"step": N, "validation_loss": x}`, so the
+    /// per-step lines keep their shape.
+    fn record_validation(&mut self, step: u64, loss: f64) -> Result<()> {
+        let line = serde_json::json!({ "step": step, "validation_loss": loss });
         writeln!(self.file, "{line}").context("cannot append to metrics.jsonl")
     }
 }

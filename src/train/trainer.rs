@@ -288,7 +288,7 @@ impl<'a> Trainer<'a> {
         tch::manual_seed(derive_seed(s.seed, 2, global) as i64);
         let mut rng = super::data::SplitMix64::new(derive_seed(s.seed, 3, global));
         let flip = self.data.has_flips() && rng.below(2) == 1;
-        let sample = self.data.sample(item, flip)?;
+        let sample = self.data.sample_for(item, flip, global)?;
         // A fresh draw from the cached distribution each time the image is seen.
         let mean = sample.latent_mean.to_kind(Kind::Float);
         let eps = Tensor::randn(mean.size(), (Kind::Float, Device::Cpu));

@@ -1,0 +1,178 @@
+//! `sdtune pick`: which saved step of a run to use, by the numbers the run
+//! wrote. Each saved LoRA (`lora/step-NNNNNN.safetensors`) is scored on
+//! what its folder holds for that step: the grid's palette distance to the
+//! brand set and its spread across seeds (`samples/step-N.consistency.json`),
+//! and the validation loss (`metrics.jsonl`). Lower is better for each;
+//! each figure is scaled to 0..1 over the steps that have it, and a step's
+//! score is the mean of its scaled figures. The lowest score is the
+//! choice; a tie goes to the earlier step.
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+/// One saved step and its figures (`None` where the run has none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub step: u64,
+    pub lora: PathBuf,
+    pub palette: Option<f64>,
+    pub seed_spread: Option<f64>,
+    pub validation: Option<f64>,
+    pub score: f64,
+}
+
+/// Every saved step of the run in `run_dir` with its figures and score, in step order.
+pub fn candidates(run_dir: &Path) -> Result<Vec<Candidate>> {
+    let lora_dir = run_dir.join("lora");
+    let mut steps: Vec<(u64, PathBuf)> = match std::fs::read_dir(&lora_dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| {
+                let path = e.path();
+                let name = path.file_name()?.to_str()?.to_string();
+                let step = name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()?;
+                Some((step, path))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    steps.sort();
+    if steps.is_empty() {
+        bail!("{} holds no saved LoRA steps (lora/step-NNNNNN.safetensors); train with --save-every to save some", run_dir.display());
+    }
+    let validation = validation_losses(&run_dir.join("metrics.jsonl"));
+    let mut out: Vec<Candidate> = steps
+        .into_iter()
+        .map(|(step, lora)| {
+            let (palette, seed_spread) = grid_figures(&run_dir.join("samples").join(format!("step-{step:06}.consistency.json")));
+            let validation = validation.iter().rev().find(|(s, _)| *s == step).map(|p| p.1);
+            Candidate { step, lora, palette, seed_spread, validation, score: 0.0 }
+        })
+        .collect();
+    score(&mut out);
+    Ok(out)
+}
+
+/// The recommended candidate: the lowest score, the earlier step on a tie.
+pub fn choice(candidates: &[Candidate]) -> Option<&Candidate> {
+    candidates.iter().min_by(|a, b| a.score.total_cmp(&b.score).then(a.step.cmp(&b.step)))
+}
+
+/// Each candidate's score: the mean of its figures scaled to 0..1 over
+/// the candidates (a figure equal for all scales to 0).
+fn score(candidates: &mut [Candidate]) {
+    let figures: [fn(&Candidate) -> Option<f64>; 3] = [|c| c.palette, |c| c.seed_spread, |c| c.validation];
+    let ranges: Vec<Option<(f64, f64)>> = figures
+        .iter()
+        .map(|f| {
+            let values: Vec<f64> = candidates.iter().filter_map(|c| f(c)).collect();
+            (!values.is_empty()).then(|| (values.iter().copied().fold(f64::MAX, f64::min), values.iter().copied().fold(f64::MIN, f64::max)))
+        })
+        .collect();
+    for c in candidates.iter_mut() {
+        let scaled: Vec<f64> = figures
+            .iter()
+            .zip(&ranges)
+            .filter_map(|(f, range)| {
+                let (lo, hi) = (*range)?;
+                let v = f(c)?;
+                Some(if hi > lo { (v - lo) / (hi - lo) } else { 0.0 })
+            })
+            .collect();
+        // A step with no figure at all ranks last.
+        c.score = if scaled.is_empty() { 1.0 } else { scaled.iter().sum::<f64>() / scaled.len() as f64 };
+    }
+}
+
+/// The table `sdtune pick` prints, and its recommendation line.
+pub fn table(candidates: &[Candidate]) -> String {
+    let cell = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    let mut t = String::from("step     palette  seed-spread  validation  score\n");
+    for c in candidates {
+        let _ = writeln!(
+            t,
+            "{:<8} {:>7}  {:>11}  {:>10}  {:.3}",
+            c.step,
+            cell(c.palette, 2),
+            cell(c.seed_spread, 2),
+            cell(c.validation, 5),
+            c.score
+        );
+    }
+    if let Some(best) = choice(candidates) {
+        let _ = writeln!(t, "recommended: step {} ({})", best.step, best.lora.display());
+    }
+    t
+}
+
+/// `(palette distance, seed spread)` of the LoRA variant of a grid's figures.
+fn grid_figures(path: &Path) -> (Option<f64>, Option<f64>) {
+    let Some(v) = std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) else {
+        return (None, None);
+    };
+    let variants = v["variants"].as_array().cloned().unwrap_or_default();
+    let lora = variants.iter().find(|v| v["variant"].as_str() != Some("base")).or(variants.first());
+    match lora {
+        Some(v) => (v["mean"].as_f64(), v["seed_std"].as_f64()),
+        None => (None, None),
+    }
+}
+
+/// `(step, validation loss)` of each validation line of metrics.jsonl.
+fn validation_losses(path: &Path) -> Vec<(u64, f64)> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["validation_loss"].as_f64()?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run folder with three saves: the figures in the files decide, and
+    /// the printed table's recommendation is its lowest printed score.
+    #[test]
+    fn the_choice_is_the_lowest_score_of_the_printed_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        std::fs::create_dir_all(run.join("lora")).unwrap();
+        std::fs::create_dir_all(run.join("samples")).unwrap();
+        let figures = [(10u64, 30.0, 2.0, 0.20), (20, 18.0, 1.0, 0.15), (30, 17.0, 4.0, 0.19)];
+        let mut metrics = String::new();
+        for (step, mean, spread, val) in figures {
+            std::fs::write(run.join(format!("lora/step-{step:06}.safetensors")), b"").unwrap();
+            let json = format!("{{\"variants\":[{{\"variant\":\"lora\",\"mean\":{mean},\"seed_std\":{spread},\"seed_pairwise\":1.0}}]}}");
+            std::fs::write(run.join(format!("samples/step-{step:06}.consistency.json")), json).unwrap();
+            writeln!(metrics, "{{\"step\":{step},\"loss\":0.1}}\n{{\"step\":{step},\"validation_loss\":{val}}}").unwrap();
+        }
+        std::fs::write(run.join("metrics.jsonl"), metrics).unwrap();
+        let all = candidates(run).unwrap();
+        let printed = table(&all);
+        // Read the table back as a user would and check its recommendation.
+        let rows: Vec<(u64, f64)> = printed
+            .lines()
+            .skip(1)
+            .filter(|l| !l.starts_with("recommended"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split_whitespace().collect();
+                (cells[0].parse().unwrap(), cells[4].parse().unwrap())
+            })
+            .collect();
+        assert_eq!(rows.len(), 3, "{printed}");
+        let best = rows.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+        assert!(printed.contains(&format!("recommended: step {best} ")), "{printed}");
+        // Step 20: palette (18-17)/13, spread 0, validation 0 -> the lowest.
+        assert_eq!(best, 20, "{printed}");
+        assert!(printed.contains("0.15000"), "{printed}");
+    }
+
+    #[test]
+    fn a_run_without_saves_is_refused_in_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = candidates(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("--save-every"), "{err}");
+    }
+}
