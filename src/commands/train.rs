@@ -30,6 +30,7 @@ Examples:
   sdtune train --format diffusers --output runs --name acme-v2
   sdtune train --full --lr 1e-3 --name my-unet  # every UNet weight, not a LoRA
   sdtune train --gradient-checkpointing         # less GPU memory, slower steps
+  sdtune train --train-text-encoder --text-encoder-lr 5e-5   # UNet + text-encoder LoRA
 
 Writes <output>/<name>/<name>.safetensors (kohya format: loads in A1111 and ComfyUI;
 --format diffusers for load_lora_weights), lora/step-NNNNNN.safetensors and state/
@@ -123,6 +124,14 @@ pub struct TrainArgs {
     /// steps about 20-30% slower; the trained weights come out the same.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Also train a LoRA on the text encoder(s) (q/k/v/out_proj; fc1/fc2
+    /// too with --targets transformer), as kohya does; captions are then
+    /// encoded in every step instead of read from the cache.
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    /// The text encoders' learning rate [default: --lr].
+    #[arg(allow_hyphen_values = true, long, value_name = "LR")]
+    pub text_encoder_lr: Option<f64>,
     /// Continue from the newest saved state of this run.
     #[arg(long)]
     pub resume: bool,
@@ -294,6 +303,12 @@ fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
     if a.gradient_checkpointing {
         t.gradient_checkpointing = true;
     }
+    if a.train_text_encoder {
+        t.train_text_encoder = true;
+    }
+    if let Some(lr) = a.text_encoder_lr {
+        t.text_encoder_lr = Some(lr);
+    }
 }
 
 /// Full training keeps fp32 weights: they are the master weights.
@@ -458,6 +473,7 @@ fn plan(
         concepts: concept_summary(cache),
         base_model: model_spec.to_string(),
         full: false,
+        text_encoder_lr: t.train_text_encoder.then(|| t.text_encoder_lr.unwrap_or(t.lr)),
     })
 }
 

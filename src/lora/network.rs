@@ -28,6 +28,7 @@ pub struct LoraNetwork {
 }
 
 pub struct TrainedModule {
+    pub component: Component,
     pub layer: String,
     pub down: Tensor,
     pub up: Tensor,
@@ -48,12 +49,35 @@ impl LoraNetwork {
             bail!("--rank must be at least 1, got {rank}");
         }
         check_rank_fits(unet_layers, targets, rank)?;
-        let vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let mut modules = Vec::new();
+        let mut network = LoraNetwork { vs: nn::VarStore::new(device), modules: Vec::new(), rank, alpha };
+        let added = network.add_modules(Component::Unet, unet_layers, |name| targets.matches(name), init)?;
+        if added == 0 {
+            bail!("--targets {} selects no layer of this UNet", targets.name());
+        }
+        Ok(network)
+    }
+
+    /// Adds pairs on the text encoder's layers `targets` selects (its
+    /// attention projections; the MLP too with `transformer`), after the
+    /// UNet's, so the optimizer's order stays fixed.
+    pub fn inject_text_encoder(&mut self, component: Component, layers: &LayerIndex, targets: Targets, init: DownInit) -> Result<()> {
+        let selects = |name: &str| targets.matches_text_encoder(name);
+        check_rank_fits_where(layers, &selects, self.rank, component.name())?;
+        if self.add_modules(component, layers, selects, init)? == 0 {
+            bail!("the {} has no attention projections (q_proj, k_proj, v_proj, out_proj) to train", component.name());
+        }
+        Ok(())
+    }
+
+    /// Creates and attaches a pair on every layer of `layers` that `selects`;
+    /// returns how many.
+    fn add_modules(&mut self, component: Component, layers: &LayerIndex, selects: impl Fn(&str) -> bool, init: DownInit) -> Result<usize> {
+        let (rank, alpha) = (self.rank, self.alpha);
+        let root = self.vs.root();
+        let mut added = Vec::new();
         let mut failure = None;
-        unet_layers.for_each(|entry| {
-            if failure.is_some() || !targets.matches(&entry.name) {
+        layers.for_each(|entry| {
+            if failure.is_some() || !selects(&entry.name) {
                 return;
             }
             let (fan_in, out, conv) = match entry.shape {
@@ -66,7 +90,7 @@ impl LoraNetwork {
             };
             // Named as kohya names an SD1 module whatever the model, so state
             // files keep one naming; LoRA files are named when written.
-            let name = KohyaNames::Diffusers.name(Component::Unet, &entry.name).expect("diffusers paths always name");
+            let name = KohyaNames::Diffusers.name(component, &entry.name).expect("diffusers paths always name");
             let path = root.sub(name);
             let (down_dims, up_dims) = if conv {
                 (vec![rank, fan_in, 1, 1], vec![out, rank, 1, 1])
@@ -84,15 +108,19 @@ impl LoraNetwork {
             let down = path.sub("lora_down").var("weight", &down_dims, down_init);
             let up = path.sub("lora_up").var("weight", &up_dims, nn::Init::Const(0.0));
             entry.adapters.push(Box::new(LoraAdapter::new(&down, &up, alpha / rank as f64, entry.shape).with_conv(entry.conv)));
-            modules.push(TrainedModule { layer: entry.name.clone(), down, up });
+            added.push(TrainedModule { component, layer: entry.name.clone(), down, up });
         });
         if let Some(msg) = failure {
             bail!(msg);
         }
-        if modules.is_empty() {
-            bail!("--targets {} selects no layer of this UNet", targets.name());
-        }
-        Ok(LoraNetwork { vs, modules, rank, alpha })
+        let count = added.len();
+        self.modules.extend(added);
+        Ok(count)
+    }
+
+    /// Which parameters (in [`Self::parameters`]' order) belong to a text encoder.
+    pub fn text_encoder_parameters(&self) -> Vec<bool> {
+        self.modules.iter().flat_map(|m| [m.component != Component::Unet; 2]).collect()
     }
 
     /// All trainable tensors, in a fixed order (the optimizer relies on it).
@@ -106,7 +134,7 @@ impl LoraNetwork {
             .modules
             .iter()
             .map(|m| LoraModule {
-                component: Component::Unet,
+                component: m.component,
                 layer: m.layer.clone(),
                 down: m.down.detach().to_device(Device::Cpu).to_kind(Kind::Float),
                 up: m.up.detach().to_device(Device::Cpu).to_kind(Kind::Float),
@@ -120,9 +148,13 @@ impl LoraNetwork {
 /// A rank above a targeted layer's width adds parameters that cannot
 /// learn anything the layer could not: refused, naming the narrowest layer.
 fn check_rank_fits(unet_layers: &LayerIndex, targets: Targets, rank: i64) -> Result<()> {
+    check_rank_fits_where(unet_layers, &|name| targets.matches(name), rank, "UNet")
+}
+
+fn check_rank_fits_where(layers: &LayerIndex, selects: &dyn Fn(&str) -> bool, rank: i64, model: &str) -> Result<()> {
     let mut narrowest: Option<(i64, String)> = None;
-    unet_layers.for_each(|entry| {
-        if !targets.matches(&entry.name) {
+    layers.for_each(|entry| {
+        if !selects(&entry.name) {
             return;
         }
         let width = match entry.shape {
@@ -135,7 +167,7 @@ fn check_rank_fits(unet_layers: &LayerIndex, targets: Targets, rank: i64) -> Res
     });
     match narrowest {
         Some((width, name)) if rank > width => bail!(
-            "--rank {rank} is more than the width of the narrowest targeted layer ({name}, {width} features); use --rank {width} or less"
+            "--rank {rank} is more than the width of the narrowest targeted layer ({model} {name}, {width} features); use --rank {width} or less"
         ),
         _ => Ok(()),
     }

@@ -34,6 +34,16 @@ impl Targets {
         }
     }
 
+    /// Whether the text-encoder layer `name` (e.g.
+    /// `text_model.encoder.layers.0.self_attn.q_proj`) is targeted: the
+    /// attention projections always, the MLP (`fc1`/`fc2`) with
+    /// `transformer`, as kohya's `CLIPAttention` + `CLIPMLP` modules.
+    pub fn matches_text_encoder(self, name: &str) -> bool {
+        let attn = ["q_proj", "k_proj", "v_proj", "out_proj"].iter().any(|p| name.ends_with(&format!(".self_attn.{p}")));
+        let mlp = ["fc1", "fc2"].iter().any(|p| name.ends_with(&format!(".mlp.{p}")));
+        attn || (self == Targets::Transformer && mlp)
+    }
+
     /// Whether the UNet layer `name` (e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`) is targeted.
     pub fn matches(self, name: &str) -> bool {
         let in_attn = |attn: &str| ATTN_PROJECTIONS.iter().any(|p| name.ends_with(&format!(".{attn}.{p}")));

@@ -19,6 +19,10 @@ impl TrainingData for CacheReader {
         self.concept_of(index).map_or(1, |c| c.repeats as usize)
     }
 
+    fn caption(&self, index: usize) -> Result<String> {
+        self.item_caption(index)
+    }
+
     fn loss_weight(&self, index: usize) -> f64 {
         self.concept_of(index).map_or(1.0, |c| c.loss_weight)
     }

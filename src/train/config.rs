@@ -51,6 +51,11 @@ pub struct TrainConfig {
     /// Recompute the UNet's activations in backward instead of keeping
     /// them: much less memory, steps about 20-30% slower.
     pub gradient_checkpointing: bool,
+    /// Also train a LoRA on the text encoder(s): their attention
+    /// projections (and MLP with `targets: transformer`).
+    pub train_text_encoder: bool,
+    /// The text encoders' learning rate; null: the same as `lr`.
+    pub text_encoder_lr: Option<f64>,
     /// Sampler steps and guidance of the grids rendered while training.
     pub sample_steps: usize,
     pub sample_guidance: f64,
@@ -82,6 +87,8 @@ impl Default for TrainConfig {
             caption_dropout: 0.05,
             clip_norm: 1.0,
             gradient_checkpointing: false,
+            train_text_encoder: false,
+            text_encoder_lr: None,
             sample_steps: 20,
             sample_guidance: 7.5,
         }
@@ -112,6 +119,9 @@ impl TrainConfig {
         }
         positive_finite("lr", self.lr, "1e-4 is usual for a LoRA")?;
         positive_finite("alpha", self.alpha, "the rank, or half of it, is usual")?;
+        if let Some(lr) = self.text_encoder_lr {
+            positive_finite("text_encoder_lr", lr, "5e-5, half the UNet's, is usual")?;
+        }
         in_range("noise_offset", self.noise_offset, 0.0, 1.0, "0 turns it off, 0.05 to 0.1 is usual")?;
         if let Some(gamma) = self.min_snr_gamma {
             in_range("min_snr_gamma", gamma, 0.0, 1000.0, "0 turns it off, 5 is usual")?;
@@ -146,6 +156,9 @@ impl TrainConfig {
         }
         if self.lr > 1e-2 {
             out.push(format!("warning: lr {} is far above the usual 1e-4 for a LoRA; training may diverge", self.lr));
+        }
+        if self.text_encoder_lr.is_some() && !self.train_text_encoder {
+            out.push("warning: text_encoder_lr is set but the text encoder does not train; add --train-text-encoder (train_text_encoder: true) to train it".into());
         }
         if self.noise_offset > 0.2 {
             out.push(format!("warning: noise_offset {} is far above the usual 0.05 to 0.1; images may come out washed out or too dark", self.noise_offset));

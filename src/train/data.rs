@@ -34,6 +34,11 @@ pub trait TrainingData {
     fn repeats(&self, _index: usize) -> usize {
         1
     }
+    /// The caption of sample `index` as it was encoded (training the text
+    /// encoder encodes it again each step).
+    fn caption(&self, index: usize) -> Result<String> {
+        anyhow::bail!("this training data keeps no caption of sample {index}, which training the text encoder needs")
+    }
     /// Multiplies the loss of sample `index` (its concept's loss weight).
     fn loss_weight(&self, _index: usize) -> f64 {
         1.0

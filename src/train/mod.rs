@@ -11,3 +11,4 @@ pub mod sync;
 pub mod config;
 pub mod cache_data;
 pub mod trainable;
+pub mod text_encoder;

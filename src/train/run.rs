@@ -71,6 +71,9 @@ pub struct RunPlan {
     /// Train every UNet weight (fp32) instead of a LoRA; the result is a
     /// diffusers `unet/` folder.
     pub full: bool,
+    /// Also train a LoRA on the text encoders, at this learning rate
+    /// (`--train-text-encoder`, `--text-encoder-lr`).
+    pub text_encoder_lr: Option<f64>,
 }
 
 /// Progress the command shows.
@@ -120,6 +123,18 @@ impl RunPlan {
             ("batch_size".into(), self.step.batch_size.to_string()),
             ("grad_accum".into(), self.step.grad_accum.to_string()),
         ])
+        .with_text_encoder(self.text_encoder_lr.is_some())
+    }
+}
+
+impl Identity {
+    /// Runs that train the text encoders say so (others keep the identity
+    /// they always had, so their saved states still resume).
+    fn with_text_encoder(mut self, on: bool) -> Self {
+        if on {
+            self.0.push(("text_encoder".into(), "on".into()));
+        }
+        self
     }
 }
 
@@ -153,11 +168,21 @@ pub fn run_with(
     };
     tch::manual_seed(plan.step.seed as i64);
     let trained = if plan.full {
+        if plan.text_encoder_lr.is_some() {
+            bail!("--train-text-encoder trains a LoRA on the text encoder and does not go with --full; drop one of them");
+        }
         Trained::Full(FullUnet::new(&model.unet.vs)?)
     } else {
-        Trained::Lora(LoraNetwork::inject(&model.unet.layers, plan.targets, plan.rank, plan.alpha, DownInit::KaimingUniform, device)?)
+        let mut lora = LoraNetwork::inject(&model.unet.layers, plan.targets, plan.rank, plan.alpha, DownInit::KaimingUniform, device)?;
+        if plan.text_encoder_lr.is_some() {
+            super::text_encoder::inject(&mut lora, &model.text, plan.targets)?;
+        }
+        Trained::Lora(lora)
     };
     let mut optimizer = AdamW::new(trained.as_dyn().parameters(), AdamWConfig::default());
+    if let (Some(te_lr), Trained::Lora(lora)) = (plan.text_encoder_lr, &trained) {
+        optimizer = optimizer.with_lr_factors(&super::text_encoder::lr_factors(lora, plan.step.lr, te_lr))?;
+    }
     let mut scaler = if plan.precision == Precision::Fp16 { LossScaler::fp16() } else { LossScaler::disabled() };
     let mut start = 0;
     if plan.resume {
@@ -192,6 +217,9 @@ pub fn run_with(
     let schedule = NoiseSchedule::from_config(&model.scheduler)?;
     let mut trainer =
         Trainer::new(&model.unet.model, &schedule, data, optimizer, scaler, plan.step.clone(), device)?.with_sync(sync);
+    if plan.text_encoder_lr.is_some() {
+        trainer = trainer.with_text_encoder(super::text_encoder::TextEncoderTraining::new(&model.text, data)?);
+    }
     emit(Event::Started { from: start, total });
 
     let began = Instant::now();
@@ -355,6 +383,9 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
         list.insert(2, ("targets", plan.targets.name().to_string()));
         list.push(("format", plan.format.name().to_string()));
     }
+    if let Some(te_lr) = plan.text_encoder_lr {
+        list.push(("text encoder", format!("LoRA, learning rate {te_lr}")));
+    }
     list.into_iter().filter(|(k, v)| *k != "concepts" || !v.is_empty()).map(|(k, v)| (k.to_string(), v)).collect()
 }
 
@@ -413,6 +444,7 @@ fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step:
         min_snr_gamma: plan.step.min_snr_gamma,
         gradient_checkpointing: plan.step.gradient_checkpointing,
         base_model: &plan.base_model,
+        text_encoder_lr: plan.text_encoder_lr,
     };
     format::write(path, &weights, plan.format, &KohyaNames::of(&model.unet_config)?, lora_metadata(&facts))
 }
