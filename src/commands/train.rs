@@ -132,6 +132,11 @@ pub struct TrainArgs {
     /// The text encoders' learning rate [default: --lr].
     #[arg(allow_hyphen_values = true, long, value_name = "LR")]
     pub text_encoder_lr: Option<f64>,
+    /// Train DoRA (weight-decomposed LoRA, as PEFT's use_dora): each pair
+    /// gets a magnitude per output row; files carry kohya's dora_scale or
+    /// PEFT's lora_magnitude_vector.
+    #[arg(long)]
+    pub dora: bool,
     /// Continue from the newest saved state of this run.
     #[arg(long)]
     pub resume: bool,
@@ -302,6 +307,9 @@ fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
     // A switch: the flag turns it on, sdtune.yaml's `false` is the default.
     if a.gradient_checkpointing {
         t.gradient_checkpointing = true;
+    }
+    if a.dora {
+        t.dora = true;
     }
     if a.train_text_encoder {
         t.train_text_encoder = true;
@@ -474,6 +482,7 @@ fn plan(
         base_model: model_spec.to_string(),
         full: false,
         text_encoder_lr: t.train_text_encoder.then(|| t.text_encoder_lr.unwrap_or(t.lr)),
+        dora: t.dora,
     })
 }
 

@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::kohya_names::KohyaNames;
+use super::dora::DoraAdapter;
 use super::layer::LoraAdapter;
 use super::targets::Targets;
 use super::{Component, LoraModule, LoraWeights};
@@ -25,6 +26,8 @@ pub struct LoraNetwork {
     pub modules: Vec<TrainedModule>,
     pub rank: i64,
     pub alpha: f64,
+    /// Every module is DoRA (`dora.rs`): a trained magnitude per output row.
+    pub dora: bool,
 }
 
 pub struct TrainedModule {
@@ -32,6 +35,8 @@ pub struct TrainedModule {
     pub layer: String,
     pub down: Tensor,
     pub up: Tensor,
+    /// DoRA's magnitude `[out, 1]`, starting at the base weight's row norms.
+    pub magnitude: Option<Tensor>,
 }
 
 impl LoraNetwork {
@@ -45,11 +50,24 @@ impl LoraNetwork {
         init: DownInit,
         device: Device,
     ) -> Result<Self> {
+        Self::inject_with(unet_layers, targets, rank, alpha, init, device, false)
+    }
+
+    /// [`Self::inject`], with every module DoRA when `dora`.
+    pub fn inject_with(
+        unet_layers: &LayerIndex,
+        targets: Targets,
+        rank: i64,
+        alpha: f64,
+        init: DownInit,
+        device: Device,
+        dora: bool,
+    ) -> Result<Self> {
         if rank < 1 {
             bail!("--rank must be at least 1, got {rank}");
         }
         check_rank_fits(unet_layers, targets, rank)?;
-        let mut network = LoraNetwork { vs: nn::VarStore::new(device), modules: Vec::new(), rank, alpha };
+        let mut network = LoraNetwork { vs: nn::VarStore::new(device), modules: Vec::new(), rank, alpha, dora };
         let added = network.add_modules(Component::Unet, unet_layers, |name| targets.matches(name), init)?;
         if added == 0 {
             bail!("--targets {} selects no layer of this UNet", targets.name());
@@ -72,7 +90,7 @@ impl LoraNetwork {
     /// Creates and attaches a pair on every layer of `layers` that `selects`;
     /// returns how many.
     fn add_modules(&mut self, component: Component, layers: &LayerIndex, selects: impl Fn(&str) -> bool, init: DownInit) -> Result<usize> {
-        let (rank, alpha) = (self.rank, self.alpha);
+        let (rank, alpha, dora) = (self.rank, self.alpha, self.dora);
         let root = self.vs.root();
         let mut added = Vec::new();
         let mut failure = None;
@@ -107,8 +125,26 @@ impl LoraNetwork {
             };
             let down = path.sub("lora_down").var("weight", &down_dims, down_init);
             let up = path.sub("lora_up").var("weight", &up_dims, nn::Init::Const(0.0));
-            entry.adapters.push(Box::new(LoraAdapter::new(&down, &up, alpha / rank as f64, entry.shape).with_conv(entry.conv)));
-            added.push(TrainedModule { component, layer: entry.name.clone(), down, up });
+            let scale = alpha / rank as f64;
+            let magnitude = if dora {
+                // ||W|| per output row: a fresh DoRA leaves the layer as it was.
+                let norms = tch::no_grad(|| entry.weight.to_kind(Kind::Float).reshape([out, -1]).norm_scalaropt_dim(2, [1i64].as_slice(), true));
+                let magnitude = path.var_copy("dora_scale", &norms.to_device(down.device()));
+                let conv = conv.then(|| entry.conv.unwrap_or(crate::models::layers::ConvConfig::same(1)));
+                entry.adapters.push(Box::new(DoraAdapter {
+                    down: down.shallow_clone(),
+                    up: up.shallow_clone(),
+                    magnitude: magnitude.shallow_clone(),
+                    scale,
+                    weight: entry.weight.shallow_clone(),
+                    conv,
+                }));
+                Some(magnitude)
+            } else {
+                entry.adapters.push(Box::new(LoraAdapter::new(&down, &up, scale, entry.shape).with_conv(entry.conv)));
+                None
+            };
+            added.push(TrainedModule { component, layer: entry.name.clone(), down, up, magnitude });
         });
         if let Some(msg) = failure {
             bail!(msg);
@@ -120,12 +156,15 @@ impl LoraNetwork {
 
     /// Which parameters (in [`Self::parameters`]' order) belong to a text encoder.
     pub fn text_encoder_parameters(&self) -> Vec<bool> {
-        self.modules.iter().flat_map(|m| [m.component != Component::Unet; 2]).collect()
+        self.modules.iter().flat_map(|m| vec![m.component != Component::Unet; 2 + usize::from(m.magnitude.is_some())]).collect()
     }
 
     /// All trainable tensors, in a fixed order (the optimizer relies on it).
     pub fn parameters(&self) -> Vec<Tensor> {
-        self.modules.iter().flat_map(|m| [m.down.shallow_clone(), m.up.shallow_clone()]).collect()
+        self.modules
+            .iter()
+            .flat_map(|m| [m.down.shallow_clone(), m.up.shallow_clone()].into_iter().chain(m.magnitude.as_ref().map(Tensor::shallow_clone)))
+            .collect()
     }
 
     /// A detached fp32 CPU copy, ready to write to a file.
@@ -139,6 +178,7 @@ impl LoraNetwork {
                 down: m.down.detach().to_device(Device::Cpu).to_kind(Kind::Float),
                 up: m.up.detach().to_device(Device::Cpu).to_kind(Kind::Float),
                 alpha: self.alpha,
+                dora_scale: m.magnitude.as_ref().map(|t| t.detach().to_device(Device::Cpu).to_kind(Kind::Float)),
             })
             .collect();
         LoraWeights { modules, ..Default::default() }

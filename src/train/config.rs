@@ -56,6 +56,8 @@ pub struct TrainConfig {
     pub train_text_encoder: bool,
     /// The text encoders' learning rate; null: the same as `lr`.
     pub text_encoder_lr: Option<f64>,
+    /// DoRA (weight-decomposed LoRA): a trained magnitude per output row beside each pair.
+    pub dora: bool,
     /// Sampler steps and guidance of the grids rendered while training.
     pub sample_steps: usize,
     pub sample_guidance: f64,
@@ -89,6 +91,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             train_text_encoder: false,
             text_encoder_lr: None,
+            dora: false,
             sample_steps: 20,
             sample_guidance: 7.5,
         }

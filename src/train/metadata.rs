@@ -55,6 +55,8 @@ pub struct RunFacts<'a> {
     pub base_model: &'a str,
     /// The text encoders' learning rate, when their LoRA trained too.
     pub text_encoder_lr: Option<f64>,
+    /// DoRA modules (kohya's `dora_wd` network argument).
+    pub dora: bool,
 }
 
 /// The base model as a LoRA file names it: the file or folder name of a
@@ -100,7 +102,8 @@ pub fn lora_metadata(f: &RunFacts) -> HashMap<String, String> {
     put("ss_min_snr_gamma", f.min_snr_gamma.map_or("None".into(), |g| g.to_string()));
     put("ss_gradient_checkpointing", f.gradient_checkpointing.to_string());
     put("ss_sd_model_name", shared_model_name(f.base_model));
-    put("ss_network_args", serde_json::json!({ "targets": f.targets }).to_string());
+    let args = if f.dora { serde_json::json!({ "targets": f.targets, "dora_wd": "True" }) } else { serde_json::json!({ "targets": f.targets }) };
+    put("ss_network_args", args.to_string());
     put("ss_training_comment", "trained with sdtune".into());
     put("modelspec.sai_model_spec", "1.0.0".into());
     put("modelspec.architecture", modelspec_architecture(version).into());

@@ -74,6 +74,8 @@ pub struct RunPlan {
     /// Also train a LoRA on the text encoders, at this learning rate
     /// (`--train-text-encoder`, `--text-encoder-lr`).
     pub text_encoder_lr: Option<f64>,
+    /// Train DoRA (a magnitude per output row beside each pair) instead of plain LoRA.
+    pub dora: bool,
 }
 
 /// Progress the command shows.
@@ -124,6 +126,7 @@ impl RunPlan {
             ("grad_accum".into(), self.step.grad_accum.to_string()),
         ])
         .with_text_encoder(self.text_encoder_lr.is_some())
+        .with_dora(self.dora)
     }
 }
 
@@ -133,6 +136,13 @@ impl Identity {
     fn with_text_encoder(mut self, on: bool) -> Self {
         if on {
             self.0.push(("text_encoder".into(), "on".into()));
+        }
+        self
+    }
+
+    fn with_dora(mut self, on: bool) -> Self {
+        if on {
+            self.0.push(("dora".into(), "on".into()));
         }
         self
     }
@@ -168,12 +178,13 @@ pub fn run_with(
     };
     tch::manual_seed(plan.step.seed as i64);
     let trained = if plan.full {
-        if plan.text_encoder_lr.is_some() {
-            bail!("--train-text-encoder trains a LoRA on the text encoder and does not go with --full; drop one of them");
+        if plan.text_encoder_lr.is_some() || plan.dora {
+            bail!("--train-text-encoder and --dora train adapters and do not go with --full; drop one of them");
         }
         Trained::Full(FullUnet::new(&model.unet.vs)?)
     } else {
-        let mut lora = LoraNetwork::inject(&model.unet.layers, plan.targets, plan.rank, plan.alpha, DownInit::KaimingUniform, device)?;
+        let mut lora =
+            LoraNetwork::inject_with(&model.unet.layers, plan.targets, plan.rank, plan.alpha, DownInit::KaimingUniform, device, plan.dora)?;
         if plan.text_encoder_lr.is_some() {
             super::text_encoder::inject(&mut lora, &model.text, plan.targets)?;
         }
@@ -383,6 +394,9 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
         list.insert(2, ("targets", plan.targets.name().to_string()));
         list.push(("format", plan.format.name().to_string()));
     }
+    if plan.dora {
+        list.push(("adapter", "DoRA".to_string()));
+    }
     if let Some(te_lr) = plan.text_encoder_lr {
         list.push(("text encoder", format!("LoRA, learning rate {te_lr}")));
     }
@@ -445,6 +459,7 @@ fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step:
         gradient_checkpointing: plan.step.gradient_checkpointing,
         base_model: &plan.base_model,
         text_encoder_lr: plan.text_encoder_lr,
+        dora: plan.dora,
     };
     format::write(path, &weights, plan.format, &KohyaNames::of(&model.unet_config)?, lora_metadata(&facts))
 }
