@@ -2,7 +2,9 @@
 //! loaded by sdtune gives PEFT's UNet output, and a DoRA sdtune trained
 //! (`--dora`), put into PEFT, gives the output sdtune gives with it, from
 //! its diffusers file (`lora_magnitude_vector`) and its kohya file
-//! (`dora_scale`) alike.
+//! (`dora_scale`) alike. LoCon sdtune trained (`--targets conv`, 3x3
+//! pairs on the resnets and samplers) gives in sdtune the UNet output
+//! diffusers' `load_lora_weights` gives with it (make_locon_cases.py).
 mod common;
 
 use std::path::PathBuf;
@@ -55,3 +57,21 @@ fn dora_files_give_peft_dora_unet_output() {
     }
 }
 
+
+#[test]
+fn sdtune_trained_locon_gives_diffusers_unet_output() {
+    let r = common::read_tensors(&common::reference("locon.safetensors"));
+    for stem in ["sdtune_kohya", "sdtune_diffusers"] {
+        let m = model();
+        let layers = render::layers(&m).unwrap();
+        let file = common::fixtures().join("lora/locon").join(format!("{stem}.safetensors"));
+        let weights = format::read(&file, &layers).unwrap_or_else(|e| panic!("{e:#}"));
+        let convs = weights.modules.iter().filter(|x| x.down.dim() == 4 && x.down.size()[3] == 3).count();
+        assert!(convs > 0 && weights.modules.iter().any(|x| x.layer.contains("downsamplers")), "{stem}: no 3x3 LoCon pairs");
+        lora::attach(&weights, &layers, 1.0, stem).unwrap();
+        let got = unet_out(&m);
+        common::assert_close(stem, &got, &r[stem], 1e-4);
+        let effect = common::max_abs_diff(&got, &r["base"]);
+        assert!(effect > 1e-2, "{stem}: the LoCon barely changes the UNet ({effect})");
+    }
+}

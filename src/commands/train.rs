@@ -89,7 +89,9 @@ pub struct TrainArgs {
     /// auto, cpu, cuda or cuda:N [default: auto].
     #[arg(long)]
     pub device: Option<String>,
-    /// Layers that get LoRA: cross-attn, attn or transformer [default: cross-attn].
+    /// Layers that get LoRA: cross-attn, attn, transformer, conv (cross-attn plus
+    /// LoCon on the resnets' and samplers' 3x3 convs) or all (kohya's LoCon:
+    /// transformer plus every resnet layer) [default: cross-attn].
     #[arg(long)]
     pub targets: Option<String>,
     /// Save LoRA + resumable state every N steps (0: only at the end) [default: 250].
@@ -132,6 +134,12 @@ pub struct TrainArgs {
     /// The text encoders' learning rate [default: --lr].
     #[arg(allow_hyphen_values = true, long, value_name = "LR")]
     pub text_encoder_lr: Option<f64>,
+    /// LoCon rank on 3x3 convs with --targets conv or all (kohya's conv_dim) [default: --rank].
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
+    pub conv_rank: Option<i64>,
+    /// LoCon alpha (kohya's conv_alpha) [default: --alpha].
+    #[arg(allow_hyphen_values = true, long)]
+    pub conv_alpha: Option<f64>,
     /// Train DoRA (weight-decomposed LoRA, as PEFT's use_dora): each pair
     /// gets a magnitude per output row; files carry kohya's dora_scale or
     /// PEFT's lora_magnitude_vector.
@@ -308,6 +316,12 @@ fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
     if a.gradient_checkpointing {
         t.gradient_checkpointing = true;
     }
+    if let Some(r) = a.conv_rank {
+        t.conv_rank = Some(r);
+    }
+    if let Some(al) = a.conv_alpha {
+        t.conv_alpha = Some(al);
+    }
     if a.dora {
         t.dora = true;
     }
@@ -483,6 +497,7 @@ fn plan(
         full: false,
         text_encoder_lr: t.train_text_encoder.then(|| t.text_encoder_lr.unwrap_or(t.lr)),
         dora: t.dora,
+        conv: (t.conv_rank.unwrap_or(t.rank), t.conv_alpha.unwrap_or(t.alpha)),
     })
 }
 

@@ -26,6 +26,9 @@ pub struct LoraNetwork {
     pub modules: Vec<TrainedModule>,
     pub rank: i64,
     pub alpha: f64,
+    /// Rank and alpha of the pairs on kxk convs (LoCon; kohya's conv_dim / conv_alpha).
+    pub conv_rank: i64,
+    pub conv_alpha: f64,
     /// Every module is DoRA (`dora.rs`): a trained magnitude per output row.
     pub dora: bool,
 }
@@ -35,6 +38,8 @@ pub struct TrainedModule {
     pub layer: String,
     pub down: Tensor,
     pub up: Tensor,
+    /// This pair's alpha (a LoCon pair has the conv alpha).
+    pub alpha: f64,
     /// DoRA's magnitude `[out, 1]`, starting at the base weight's row norms.
     pub magnitude: Option<Tensor>,
 }
@@ -50,15 +55,16 @@ impl LoraNetwork {
         init: DownInit,
         device: Device,
     ) -> Result<Self> {
-        Self::inject_with(unet_layers, targets, rank, alpha, init, device, false)
+        Self::inject_with(unet_layers, targets, (rank, alpha), (rank, alpha), init, device, false)
     }
 
-    /// [`Self::inject`], with every module DoRA when `dora`.
+    /// [`Self::inject`] with `(rank, alpha)` of the kxk-conv pairs apart
+    /// (LoCon) and every module DoRA when `dora`.
     pub fn inject_with(
         unet_layers: &LayerIndex,
         targets: Targets,
-        rank: i64,
-        alpha: f64,
+        (rank, alpha): (i64, f64),
+        (conv_rank, conv_alpha): (i64, f64),
         init: DownInit,
         device: Device,
         dora: bool,
@@ -66,8 +72,11 @@ impl LoraNetwork {
         if rank < 1 {
             bail!("--rank must be at least 1, got {rank}");
         }
+        if conv_rank < 1 {
+            bail!("--conv-rank must be at least 1, got {conv_rank}");
+        }
         check_rank_fits(unet_layers, targets, rank)?;
-        let mut network = LoraNetwork { vs: nn::VarStore::new(device), modules: Vec::new(), rank, alpha, dora };
+        let mut network = LoraNetwork { vs: nn::VarStore::new(device), modules: Vec::new(), rank, alpha, conv_rank, conv_alpha, dora };
         let added = network.add_modules(Component::Unet, unet_layers, |name| targets.matches(name), init)?;
         if added == 0 {
             bail!("--targets {} selects no layer of this UNet", targets.name());
@@ -90,7 +99,7 @@ impl LoraNetwork {
     /// Creates and attaches a pair on every layer of `layers` that `selects`;
     /// returns how many.
     fn add_modules(&mut self, component: Component, layers: &LayerIndex, selects: impl Fn(&str) -> bool, init: DownInit) -> Result<usize> {
-        let (rank, alpha, dora) = (self.rank, self.alpha, self.dora);
+        let dora = self.dora;
         let root = self.vs.root();
         let mut added = Vec::new();
         let mut failure = None;
@@ -98,27 +107,29 @@ impl LoraNetwork {
             if failure.is_some() || !selects(&entry.name) {
                 return;
             }
-            let (fan_in, out, conv) = match entry.shape {
-                LayerShape::Linear { in_features, out_features } => (in_features, out_features, false),
-                LayerShape::Conv2d { in_channels, out_channels, kernel: 1 } => (in_channels, out_channels, true),
-                LayerShape::Conv2d { kernel, .. } => {
-                    failure = Some(format!("{} is a {kernel}x{kernel} conv, which LoRA targets do not support", entry.name));
-                    return;
-                }
+            let (fan_in, out, conv, kernel) = match entry.shape {
+                LayerShape::Linear { in_features, out_features } => (in_features, out_features, false, 1),
+                LayerShape::Conv2d { in_channels, out_channels, kernel } => (in_channels, out_channels, true, kernel),
             };
+            if kernel > 1 && dora {
+                failure = Some(format!("{} is a {kernel}x{kernel} conv; --dora trains linear and 1x1-conv layers only, so use --targets without conv layers", entry.name));
+                return;
+            }
+            // LoCon: a kxk down conv with the layer's stride and padding, a 1x1 up.
+            let (rank, alpha) = if kernel > 1 { (self.conv_rank, self.conv_alpha) } else { (self.rank, self.alpha) };
             // Named as kohya names an SD1 module whatever the model, so state
             // files keep one naming; LoRA files are named when written.
             let name = KohyaNames::Diffusers.name(component, &entry.name).expect("diffusers paths always name");
             let path = root.sub(name);
             let (down_dims, up_dims) = if conv {
-                (vec![rank, fan_in, 1, 1], vec![out, rank, 1, 1])
+                (vec![rank, fan_in, kernel, kernel], vec![out, rank, 1, 1])
             } else {
                 (vec![rank, fan_in], vec![out, rank])
             };
             let down_init = match init {
                 // kaiming_uniform(a = sqrt(5)): bound = sqrt(6 / ((1 + a^2) fan_in)) = 1 / sqrt(fan_in).
                 DownInit::KaimingUniform => {
-                    let bound = 1.0 / (fan_in as f64).sqrt();
+                    let bound = 1.0 / ((fan_in * kernel * kernel) as f64).sqrt();
                     nn::Init::Uniform { lo: -bound, up: bound }
                 }
                 DownInit::Gaussian => nn::Init::Randn { mean: 0.0, stdev: 1.0 / rank as f64 },
@@ -144,7 +155,7 @@ impl LoraNetwork {
                 entry.adapters.push(Box::new(LoraAdapter::new(&down, &up, scale, entry.shape).with_conv(entry.conv)));
                 None
             };
-            added.push(TrainedModule { component, layer: entry.name.clone(), down, up, magnitude });
+            added.push(TrainedModule { component, layer: entry.name.clone(), down, up, alpha, magnitude });
         });
         if let Some(msg) = failure {
             bail!(msg);
@@ -177,7 +188,7 @@ impl LoraNetwork {
                 layer: m.layer.clone(),
                 down: m.down.detach().to_device(Device::Cpu).to_kind(Kind::Float),
                 up: m.up.detach().to_device(Device::Cpu).to_kind(Kind::Float),
-                alpha: self.alpha,
+                alpha: m.alpha,
                 dora_scale: m.magnitude.as_ref().map(|t| t.detach().to_device(Device::Cpu).to_kind(Kind::Float)),
             })
             .collect();
@@ -194,7 +205,8 @@ fn check_rank_fits(unet_layers: &LayerIndex, targets: Targets, rank: i64) -> Res
 fn check_rank_fits_where(layers: &LayerIndex, selects: &dyn Fn(&str) -> bool, rank: i64, model: &str) -> Result<()> {
     let mut narrowest: Option<(i64, String)> = None;
     layers.for_each(|entry| {
-        if !selects(&entry.name) {
+        // LoCon pairs have their own --conv-rank.
+        if !selects(&entry.name) || matches!(entry.shape, LayerShape::Conv2d { kernel, .. } if kernel > 1) {
             return;
         }
         let width = match entry.shape {

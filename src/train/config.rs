@@ -19,7 +19,7 @@ pub struct TrainConfig {
     /// LoRA rank (dimension) and alpha; the update is scaled by alpha / rank.
     pub rank: i64,
     pub alpha: f64,
-    /// cross-attn, attn or transformer.
+    /// cross-attn, attn, transformer, conv or all (LoCon).
     pub targets: String,
     pub lr: f64,
     /// constant, constant_with_warmup or cosine.
@@ -56,6 +56,10 @@ pub struct TrainConfig {
     pub train_text_encoder: bool,
     /// The text encoders' learning rate; null: the same as `lr`.
     pub text_encoder_lr: Option<f64>,
+    /// Rank and alpha of the LoCon pairs on 3x3 convs (`targets: conv` or
+    /// `all`; kohya's conv_dim / conv_alpha); null: `rank` / `alpha`.
+    pub conv_rank: Option<i64>,
+    pub conv_alpha: Option<f64>,
     /// DoRA (weight-decomposed LoRA): a trained magnitude per output row beside each pair.
     pub dora: bool,
     /// Sampler steps and guidance of the grids rendered while training.
@@ -92,6 +96,8 @@ impl Default for TrainConfig {
             train_text_encoder: false,
             text_encoder_lr: None,
             dora: false,
+            conv_rank: None,
+            conv_alpha: None,
             sample_steps: 20,
             sample_guidance: 7.5,
         }
@@ -122,6 +128,12 @@ impl TrainConfig {
         }
         positive_finite("lr", self.lr, "1e-4 is usual for a LoRA")?;
         positive_finite("alpha", self.alpha, "the rank, or half of it, is usual")?;
+        if let Some(rank) = self.conv_rank.filter(|&r| r < 1) {
+            bail!("{} is {rank}; a LoCon rank is a whole number of 1 or more (4 to 32 is usual)", setting("conv_rank"));
+        }
+        if let Some(alpha) = self.conv_alpha {
+            positive_finite("conv_alpha", alpha, "the conv rank, or half of it, is usual")?;
+        }
         if let Some(lr) = self.text_encoder_lr {
             positive_finite("text_encoder_lr", lr, "5e-5, half the UNet's, is usual")?;
         }

@@ -74,6 +74,8 @@ pub struct RunPlan {
     /// Also train a LoRA on the text encoders, at this learning rate
     /// (`--train-text-encoder`, `--text-encoder-lr`).
     pub text_encoder_lr: Option<f64>,
+    /// Rank and alpha of the LoCon pairs on 3x3 convs (`--conv-rank`, `--conv-alpha`).
+    pub conv: (i64, f64),
     /// Train DoRA (a magnitude per output row beside each pair) instead of plain LoRA.
     pub dora: bool,
 }
@@ -127,6 +129,7 @@ impl RunPlan {
         ])
         .with_text_encoder(self.text_encoder_lr.is_some())
         .with_dora(self.dora)
+        .with_conv(self.targets, self.conv)
     }
 }
 
@@ -136,6 +139,15 @@ impl Identity {
     fn with_text_encoder(mut self, on: bool) -> Self {
         if on {
             self.0.push(("text_encoder".into(), "on".into()));
+        }
+        self
+    }
+
+    /// Presets with 3x3 convs record their rank and alpha.
+    fn with_conv(mut self, targets: Targets, (rank, alpha): (i64, f64)) -> Self {
+        if matches!(targets, Targets::Conv | Targets::All) {
+            self.0.push(("conv_rank".into(), rank.to_string()));
+            self.0.push(("conv_alpha".into(), alpha.to_string()));
         }
         self
     }
@@ -184,7 +196,7 @@ pub fn run_with(
         Trained::Full(FullUnet::new(&model.unet.vs)?)
     } else {
         let mut lora =
-            LoraNetwork::inject_with(&model.unet.layers, plan.targets, plan.rank, plan.alpha, DownInit::KaimingUniform, device, plan.dora)?;
+            LoraNetwork::inject_with(&model.unet.layers, plan.targets, (plan.rank, plan.alpha), plan.conv, DownInit::KaimingUniform, device, plan.dora)?;
         if plan.text_encoder_lr.is_some() {
             super::text_encoder::inject(&mut lora, &model.text, plan.targets)?;
         }
@@ -393,6 +405,9 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
         list.insert(1, ("rank / alpha", format!("{} / {}", plan.rank, plan.alpha)));
         list.insert(2, ("targets", plan.targets.name().to_string()));
         list.push(("format", plan.format.name().to_string()));
+    }
+    if matches!(plan.targets, Targets::Conv | Targets::All) && !plan.full {
+        list.push(("conv rank / alpha", format!("{} / {}", plan.conv.0, plan.conv.1)));
     }
     if plan.dora {
         list.push(("adapter", "DoRA".to_string()));
