@@ -345,6 +345,7 @@ fn kohya_files_with_both_text_encoders_reach_each_encoder() {
             down: Tensor::randn([4, 32], (Kind::Float, Device::Cpu)) * 0.5,
             up: Tensor::randn([out, 4], (Kind::Float, Device::Cpu)) * 0.5,
             alpha: 4.0,
+            dora_scale: None,
         }
     })
     .collect();

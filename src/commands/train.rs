@@ -34,6 +34,7 @@ Examples:
   sdtune train --format diffusers --output runs --name acme-v2
   sdtune train --full --lr 1e-3 --name my-unet  # every UNet weight, not a LoRA
   sdtune train --gradient-checkpointing         # less GPU memory, slower steps
+  sdtune train --train-text-encoder --text-encoder-lr 5e-5   # UNet + text-encoder LoRA
   sdtune train --ema --ema-decay 0.999          # save the weights' moving average
   sdtune train --nproc 2                        # data parallel: 2 processes (Gloo on CPU, NCCL on CUDA)
   torchrun --nproc-per-node 4 --no-python sdtune train   # the same, started by torchrun
@@ -101,7 +102,9 @@ pub struct TrainArgs {
     /// auto, cpu, cuda or cuda:N [default: auto].
     #[arg(long)]
     pub device: Option<String>,
-    /// Layers that get LoRA: cross-attn, attn or transformer [default: cross-attn].
+    /// Layers that get LoRA: cross-attn, attn, transformer, conv (cross-attn plus
+    /// LoCon on the resnets' and samplers' 3x3 convs) or all (kohya's LoCon:
+    /// transformer plus every resnet layer) [default: cross-attn].
     #[arg(long)]
     pub targets: Option<String>,
     /// Save LoRA + resumable state every N steps (0: only at the end) [default: 250].
@@ -155,6 +158,25 @@ pub struct TrainArgs {
     /// Tags at the start of each caption that --shuffle-captions keeps in place [default: 0].
     #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub keep_tokens: Option<usize>,
+    /// Also train a LoRA on the text encoder(s) (q/k/v/out_proj; fc1/fc2
+    /// too with --targets transformer), as kohya does; captions are then
+    /// encoded in every step instead of read from the cache.
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    /// The text encoders' learning rate [default: --lr].
+    #[arg(allow_hyphen_values = true, long, value_name = "LR")]
+    pub text_encoder_lr: Option<f64>,
+    /// LoCon rank on 3x3 convs with --targets conv or all (kohya's conv_dim) [default: --rank].
+    #[arg(allow_negative_numbers = true, long, value_name = "N")]
+    pub conv_rank: Option<i64>,
+    /// LoCon alpha (kohya's conv_alpha) [default: --alpha].
+    #[arg(allow_hyphen_values = true, long)]
+    pub conv_alpha: Option<f64>,
+    /// Train DoRA (weight-decomposed LoRA, as PEFT's use_dora): each pair
+    /// gets a magnitude per output row; files carry kohya's dora_scale or
+    /// PEFT's lora_magnitude_vector.
+    #[arg(long)]
+    pub dora: bool,
     /// Continue from the newest saved state of this run.
     #[arg(long)]
     pub resume: bool,
@@ -413,6 +435,21 @@ fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
     if a.gradient_checkpointing {
         t.gradient_checkpointing = true;
     }
+    if let Some(r) = a.conv_rank {
+        t.conv_rank = Some(r);
+    }
+    if let Some(al) = a.conv_alpha {
+        t.conv_alpha = Some(al);
+    }
+    if a.dora {
+        t.dora = true;
+    }
+    if a.train_text_encoder {
+        t.train_text_encoder = true;
+    }
+    if let Some(lr) = a.text_encoder_lr {
+        t.text_encoder_lr = Some(lr);
+    }
 }
 
 /// Full training keeps fp32 weights: they are the master weights.
@@ -580,6 +617,9 @@ fn plan(
         ema: t.ema.then_some(t.ema_decay),
         validation: held_out(t, cache)?,
         shuffle_keep_tokens: t.shuffle_captions.then_some(t.keep_tokens),
+        text_encoder_lr: t.train_text_encoder.then(|| t.text_encoder_lr.unwrap_or(t.lr)),
+        dora: t.dora,
+        conv: (t.conv_rank.unwrap_or(t.rank), t.conv_alpha.unwrap_or(t.alpha)),
     })
 }
 

@@ -550,6 +550,11 @@ impl CacheReader {
         Ok(super::time_ids::kohya_time_ids(item.width, item.height, item.bucket, flipped))
     }
 
+    /// Item `index`'s caption, as its embedding was made from it.
+    pub fn item_caption(&self, index: usize) -> Result<String> {
+        Ok(self.item_at(index)?.caption.clone())
+    }
+
     fn item_at(&self, index: usize) -> Result<&Item> {
         self.dataset().items.get(index).with_context(|| format!("the cache has no item {index}"))
     }

@@ -32,6 +32,13 @@ pub fn read_plain(path: &Path, flag: &str) -> Result<PlainLora> {
             m.base
         );
     }
+    if let Some(m) = stored.modules.iter().find(|m| m.dora_scale.is_some()) {
+        bail!(
+            "{} holds DoRA modules (e.g. {}), whose magnitudes belong to their exact weights, so sdtune lora cannot resize or merge them; it works on plain LoRA and LoCon files",
+            path.display(),
+            m.base
+        );
+    }
     Ok(PlainLora { stored, metadata: file.string_metadata() })
 }
 

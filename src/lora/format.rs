@@ -30,7 +30,7 @@ pub fn read(path: &Path, layers: &ModelLayers) -> Result<LoraWeights> {
                 .into_iter()
                 .map(|m| {
                     let (component, layer) = model_layer(&legacy_processor_path(&m.base));
-                    LoraModule { component, layer, down: m.down, up: m.up, alpha: m.alpha }
+                    LoraModule { component, layer, down: m.down, up: m.up, alpha: m.alpha, dora_scale: m.dora_scale }
                 })
                 .collect();
             let lycoris = stored_lycoris
@@ -55,6 +55,9 @@ pub struct StoredModule {
     pub down: Tensor,
     pub up: Tensor,
     pub alpha: f64,
+    /// DoRA's magnitude (kohya `.dora_scale`, PEFT `.lora_magnitude_vector`
+    /// as `[out, 1]`); `None` for a plain LoRA.
+    pub dora_scale: Option<Tensor>,
 }
 
 /// What an open LoRA file holds, checked on its own.
@@ -134,7 +137,7 @@ fn resolve_kohya(stored: Vec<StoredModule>, by_kohya: &HashMap<String, (Componen
             let Some((component, layer)) = by_kohya.get(&m.base) else {
                 bail!("{source}: LoRA module {} matches no layer of this model; the LoRA was made for a different architecture", m.base);
             };
-            Ok(LoraModule { component: *component, layer: layer.clone(), down: m.down, up: m.up, alpha: m.alpha })
+            Ok(LoraModule { component: *component, layer: layer.clone(), down: m.down, up: m.up, alpha: m.alpha, dora_scale: m.dora_scale })
         })
         .collect()
 }
@@ -172,8 +175,8 @@ fn read_kohya(file: &TensorFile, names: &[String], source: &str) -> Result<Vec<S
                 Some(_) => Some(scalar_alpha(file, &alpha_name, source)?),
                 None => None,
             };
-            modules.push(stored_module(file, base, name, &up_name, alpha, source)?);
-        } else if !(name.ends_with(".lora_up.weight") || name.ends_with(".alpha") || lycoris::base_of(name).is_some()) {
+            modules.push(stored_module(file, base, name, &up_name, alpha, source)?.with_dora(file, &format!("{base}{KOHYA_DORA}"), source)?);
+        } else if !(name.ends_with(".lora_up.weight") || name.ends_with(".alpha") || name.ends_with(KOHYA_DORA) || lycoris::base_of(name).is_some()) {
             bail!("{source}: tensor {name} is not part of a kohya LoRA module (expected .lora_down.weight, .lora_up.weight, .alpha, or LyCORIS' .hada_* / .lokr_*)");
         }
     }
@@ -197,8 +200,8 @@ fn read_paired(
             if file.info(&up_name).is_none() {
                 bail!("{source}: module {base} has no {}", up_suffix.trim_start_matches('.'));
             }
-            modules.push(stored_module(file, base, name, &up_name, alpha_of(base), source)?);
-        } else if !(name.ends_with(up_suffix) || lycoris::base_of(name).is_some()) {
+            modules.push(stored_module(file, base, name, &up_name, alpha_of(base), source)?.with_dora(file, &format!("{base}{PEFT_DORA}"), source)?);
+        } else if !(name.ends_with(up_suffix) || name.ends_with(PEFT_DORA) || lycoris::base_of(name).is_some()) {
             bail!("{source}: tensor {name} is not part of a LoRA module (expected {down_suffix} / {up_suffix} pairs, or LyCORIS' .hada_* / .lokr_*)");
         }
     }
@@ -215,7 +218,31 @@ fn stored_module(file: &TensorFile, base: &str, down_name: &str, up_name: &str, 
             bail!("{source}: tensor {name} holds NaN or infinite numbers; the LoRA is damaged (a diverged training run?), use another file");
         }
     }
-    Ok(StoredModule { base: base.to_string(), down, up, alpha: alpha.unwrap_or(rank as f64) })
+    Ok(StoredModule { base: base.to_string(), down, up, alpha: alpha.unwrap_or(rank as f64), dora_scale: None })
+}
+
+/// DoRA's magnitude beside a module: kohya/LyCORIS `.dora_scale`, PEFT `.lora_magnitude_vector`.
+const KOHYA_DORA: &str = ".dora_scale";
+const PEFT_DORA: &str = ".lora_magnitude_vector";
+
+impl StoredModule {
+    /// Reads the module's DoRA magnitude `name` when the file has one. PEFT's
+    /// is always per output (`[out]`, `[1, out, 1, 1]` on convs) and becomes
+    /// `[out, 1]`; kohya's keeps its shape, which says its convention.
+    fn with_dora(mut self, file: &TensorFile, name: &str, source: &str) -> Result<Self> {
+        if file.info(name).is_none() {
+            return Ok(self);
+        }
+        let mut m = file.tensor(name)?.to_kind(Kind::Float);
+        if name.ends_with(PEFT_DORA) || m.dim() == 1 {
+            m = m.reshape([-1, 1]);
+        }
+        if !crate::models::finite::all_finite(&m) {
+            bail!("{source}: tensor {name} holds NaN or infinite numbers; the LoRA is damaged, use another file");
+        }
+        self.dora_scale = Some(m);
+        Ok(self)
+    }
 }
 
 /// The module's rank, once down [r, in(, 1, 1)] and up [out, r(, 1, 1)] are
@@ -398,6 +425,14 @@ pub fn write(
             LoraFormat::Peft | LoraFormat::DiffusersLegacy => format!("{}.{}", file_prefix(m.component), m.layer),
         };
         tensors.extend(pair_tensors(format, &base, &m.down, &m.up, m.alpha));
+        if let Some(magnitude) = &m.dora_scale {
+            tensors.push(match format {
+                // kohya/LyCORIS 3.2+ keep [out, 1]; PEFT [out], or [1, out, 1, 1] on a conv.
+                LoraFormat::Kohya => (format!("{base}{KOHYA_DORA}"), magnitude.shallow_clone()),
+                _ if m.down.dim() == 4 => (format!("{base}{PEFT_DORA}"), magnitude.reshape([1, -1, 1, 1])),
+                _ => (format!("{base}{PEFT_DORA}"), magnitude.reshape([-1])),
+            });
+        }
     }
     write_tensors(path, &tensors, Some(metadata))
 }

@@ -81,7 +81,7 @@ pub fn merge(inputs: &[Input], rank: Option<i64>, out: &Path) -> Result<Merged> 
         let first_rank = first.down.size()[0];
         if parts.len() == 1 && rank.is_none_or(|r| first_rank <= r) {
             kept.push(1.0);
-            modules.push(StoredModule { base: base.to_string(), down: first.down.copy(), up: &first.up * strength, alpha: first.alpha });
+            modules.push(StoredModule { base: base.to_string(), down: first.down.copy(), up: &first.up * strength, alpha: first.alpha, dora_scale: None });
             continue;
         }
         shared += usize::from(parts.len() > 1);
@@ -96,7 +96,7 @@ pub fn merge(inputs: &[Input], rank: Option<i64>, out: &Path) -> Result<Merged> 
         let t = svd::truncate(&sum, target, &down_tail(first), first.up.dim() == 4)?;
         kept.push(t.kept_energy);
         let new_rank = t.down.size()[0];
-        modules.push(StoredModule { base: base.to_string(), down: t.down, up: t.up, alpha: new_rank as f64 });
+        modules.push(StoredModule { base: base.to_string(), down: t.down, up: t.up, alpha: new_rank as f64, dora_scale: None });
     }
     let mut metadata = files[0].metadata.clone();
     let recipe = inputs

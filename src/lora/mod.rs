@@ -3,6 +3,7 @@
 //!
 //! It knows the model only through its [`LayerIndex`] (names, shapes,
 //! adapter slots) and nothing of the training loop.
+pub mod dora;
 pub mod edit;
 pub mod format;
 pub mod kohya_names;
@@ -51,6 +52,8 @@ pub struct LoraModule {
     /// [out, r] or [out, r, 1, 1].
     pub up: Tensor,
     pub alpha: f64,
+    /// DoRA's magnitude as the file stores it: `[out, 1]` or `[1, in]` (`dora.rs`).
+    pub dora_scale: Option<Tensor>,
 }
 
 impl LoraModule {
@@ -139,6 +142,10 @@ pub fn check_fits(weights: &LoraWeights, layers: &ModelLayers, source: &str) -> 
         };
         let got_in = m.down.size()[1];
         let got_out = m.up.size()[0];
+        if let (Some(magnitude), true) = (&m.dora_scale, got_in == want_in && got_out == want_out) {
+            let size = index.with(&m.layer, |e| e.weight.size()).expect("found above");
+            dora::axis_of(magnitude, &size, &m.layer, source)?;
+        }
         if got_in != want_in || got_out != want_out {
             let hint = if m.layer.contains("attn2.to_k") || m.layer.contains("attn2.to_v") {
                 format!(
@@ -187,6 +194,14 @@ fn lycoris_layer(m: &LycorisModule, layers: &ModelLayers, source: &str) -> Resul
     Ok((shape, size, conv))
 }
 
+/// `W' - W` of a DoRA module on `weight` (`None` for a plain LoRA); its
+/// shape was checked by `check_fits`.
+fn dora_delta(m: &LoraModule, weight: &Tensor, source: &str) -> Option<Tensor> {
+    let magnitude = m.dora_scale.as_ref()?;
+    let axis = dora::axis_of(magnitude, &weight.size(), &m.layer, source).expect("checked by check_fits");
+    Some(tch::no_grad(|| dora::weight_delta_of(weight, &m.down, &m.up, m.scale(), magnitude, axis)))
+}
+
 /// Attaches every module as an adapter with `strength` (kept separate from
 /// the base weights, so it can be removed or re-weighted).
 pub fn attach(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: &str) -> Result<()> {
@@ -196,6 +211,12 @@ pub fn attach(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source
     for m in &weights.modules {
         let index = layers.index(m.component).expect("checked by check_fits");
         index.with(&m.layer, |e| {
+            if let Some(delta) = dora_delta(m, &e.weight, source) {
+                // DoRA renormalises the whole weight: applied as its exact delta, scaled as ComfyUI does.
+                let delta = (delta * strength).to_device(e.weight.device());
+                e.adapters.push(Box::new(WeightDeltaAdapter { delta, conv: e.conv }));
+                return;
+            }
             let down = m.down.to_device(e.weight.device());
             let up = m.up.to_device(e.weight.device());
             e.adapters.push(Box::new(LoraAdapter::new(&down, &up, m.scale() * strength, e.shape).with_conv(e.conv)));
@@ -220,7 +241,10 @@ pub fn fuse(weights: &LoraWeights, layers: &ModelLayers, strength: f64, source: 
         for m in &weights.modules {
             let index = layers.index(m.component).expect("checked by check_fits");
             index.with(&m.layer, |e| {
-                let delta = weight_delta(&m.down, &m.up, m.scale() * strength, &e.weight.size());
+                let delta = match dora_delta(m, &e.weight, source) {
+                    Some(delta) => delta * strength,
+                    None => weight_delta(&m.down, &m.up, m.scale() * strength, &e.weight.size()),
+                };
                 let mut w = e.weight.shallow_clone();
                 let updated = w.to_kind(Kind::Float) + delta.to_device(w.device());
                 w.copy_(&updated.to_kind(w.kind()));

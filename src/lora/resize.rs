@@ -46,7 +46,7 @@ pub fn resize(input: &Path, rank: i64, out: &Path) -> Result<Resized> {
         kept.push(t.kept_energy);
         truncated += 1;
         let new_rank = t.down.size()[0];
-        modules.push(StoredModule { base: m.base, down: t.down, up: t.up, alpha: scale * new_rank as f64 });
+        modules.push(StoredModule { base: m.base, down: t.down, up: t.up, alpha: scale * new_rank as f64, dora_scale: None });
     }
     let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     edit::one_alpha(&mut modules);

@@ -124,8 +124,7 @@ impl TextStack {
             bail!("clip skip {clip_skip} is more than the text encoder's {max} layers; use at most {max}");
         }
         let mut truncated = Vec::new();
-        let mut states = Vec::with_capacity(self.encoders.len());
-        let mut pooled = None;
+        let mut ids_per_encoder = Vec::with_capacity(self.encoders.len());
         for encoder in &self.encoders {
             let tokenizer = encoder.tokenizer()?;
             let mut ids = Vec::new();
@@ -136,7 +135,23 @@ impl TextStack {
                 }
                 ids.extend(encoded.ids);
             }
-            let ids = Tensor::from_slice(&ids).view([prompts.len() as i64, -1]).to_device(self.device());
+            ids_per_encoder.push(Tensor::from_slice(&ids).view([prompts.len() as i64, -1]));
+        }
+        let conditioning = self.encode_ids(&ids_per_encoder, clip_skip)?;
+        Ok(Encoded { conditioning, truncated })
+    }
+
+    /// Token ids (one `[B, 77]` tensor per encoder, in order) as one batch of
+    /// conditioning, as [`Self::encode`] gives it; what training runs when
+    /// the text encoders learn.
+    pub fn encode_ids(&self, ids_per_encoder: &[Tensor], clip_skip: usize) -> Result<Conditioning> {
+        if ids_per_encoder.len() != self.encoders.len() {
+            bail!("internal: token ids for {} text encoders, the model has {}", ids_per_encoder.len(), self.encoders.len());
+        }
+        let mut states = Vec::with_capacity(self.encoders.len());
+        let mut pooled = None;
+        for (encoder, ids) in self.encoders.iter().zip(ids_per_encoder) {
+            let ids = ids.to_device(self.device());
             match self.style {
                 TextStyle::FinalNormed => states.push(encoder.model.model.f_encode(&ids, clip_skip)?),
                 TextStyle::Sdxl => {
@@ -148,7 +163,6 @@ impl TextStack {
             }
         }
         let text = if states.len() == 1 { states.pop().expect("one state") } else { Tensor::f_cat(&states, -1)? };
-        let conditioning = Conditioning { text, pooled, time_ids: None };
-        Ok(Encoded { conditioning, truncated })
+        Ok(Conditioning { text, pooled, time_ids: None })
     }
 }

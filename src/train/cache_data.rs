@@ -15,12 +15,12 @@ impl TrainingData for CacheReader {
         Ok(TrainSample { latent_mean, latent_std, text: self.item_conditioning(index)? })
     }
 
-    fn caption(&self, index: usize) -> Option<String> {
-        self.dataset().items.get(index).map(|item| item.caption.clone())
-    }
-
     fn repeats(&self, index: usize) -> usize {
         self.concept_of(index).map_or(1, |c| c.repeats as usize)
+    }
+
+    fn caption(&self, index: usize) -> Result<String> {
+        self.item_caption(index)
     }
 
     fn loss_weight(&self, index: usize) -> f64 {

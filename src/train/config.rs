@@ -19,7 +19,7 @@ pub struct TrainConfig {
     /// LoRA rank (dimension) and alpha; the update is scaled by alpha / rank.
     pub rank: i64,
     pub alpha: f64,
-    /// cross-attn, attn or transformer.
+    /// cross-attn, attn, transformer, conv or all (LoCon).
     pub targets: String,
     pub lr: f64,
     /// constant, constant_with_warmup or cosine.
@@ -51,6 +51,17 @@ pub struct TrainConfig {
     /// Recompute the UNet's activations in backward instead of keeping
     /// them: much less memory, steps about 20-30% slower.
     pub gradient_checkpointing: bool,
+    /// Also train a LoRA on the text encoder(s): their attention
+    /// projections (and MLP with `targets: transformer`).
+    pub train_text_encoder: bool,
+    /// The text encoders' learning rate; null: the same as `lr`.
+    pub text_encoder_lr: Option<f64>,
+    /// Rank and alpha of the LoCon pairs on 3x3 convs (`targets: conv` or
+    /// `all`; kohya's conv_dim / conv_alpha); null: `rank` / `alpha`.
+    pub conv_rank: Option<i64>,
+    pub conv_alpha: Option<f64>,
+    /// DoRA (weight-decomposed LoRA): a trained magnitude per output row beside each pair.
+    pub dora: bool,
     /// Sampler steps and guidance of the grids rendered while training.
     pub sample_steps: usize,
     pub sample_guidance: f64,
@@ -95,6 +106,11 @@ impl Default for TrainConfig {
             caption_dropout: 0.05,
             clip_norm: 1.0,
             gradient_checkpointing: false,
+            train_text_encoder: false,
+            text_encoder_lr: None,
+            dora: false,
+            conv_rank: None,
+            conv_alpha: None,
             sample_steps: 20,
             sample_guidance: 7.5,
             ema: false,
@@ -130,6 +146,15 @@ impl TrainConfig {
         }
         positive_finite("lr", self.lr, "1e-4 is usual for a LoRA")?;
         positive_finite("alpha", self.alpha, "the rank, or half of it, is usual")?;
+        if let Some(rank) = self.conv_rank.filter(|&r| r < 1) {
+            bail!("{} is {rank}; a LoCon rank is a whole number of 1 or more (4 to 32 is usual)", setting("conv_rank"));
+        }
+        if let Some(alpha) = self.conv_alpha {
+            positive_finite("conv_alpha", alpha, "the conv rank, or half of it, is usual")?;
+        }
+        if let Some(lr) = self.text_encoder_lr {
+            positive_finite("text_encoder_lr", lr, "5e-5, half the UNet's, is usual")?;
+        }
         in_range("noise_offset", self.noise_offset, 0.0, 1.0, "0 turns it off, 0.05 to 0.1 is usual")?;
         if let Some(gamma) = self.min_snr_gamma {
             in_range("min_snr_gamma", gamma, 0.0, 1000.0, "0 turns it off, 5 is usual")?;
@@ -176,6 +201,9 @@ impl TrainConfig {
         }
         if self.lr > 1e-2 {
             out.push(format!("warning: lr {} is far above the usual 1e-4 for a LoRA; training may diverge", self.lr));
+        }
+        if self.text_encoder_lr.is_some() && !self.train_text_encoder {
+            out.push("warning: text_encoder_lr is set but the text encoder does not train; add --train-text-encoder (train_text_encoder: true) to train it".into());
         }
         if self.noise_offset > 0.2 {
             out.push(format!("warning: noise_offset {} is far above the usual 0.05 to 0.1; images may come out washed out or too dark", self.noise_offset));

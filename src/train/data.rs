@@ -25,10 +25,6 @@ pub trait TrainingData {
     fn sample_for(&self, index: usize, flip: bool, _global: u64) -> Result<TrainSample> {
         self.sample(index, flip)
     }
-    /// Sample `index`'s caption text, where the data knows it.
-    fn caption(&self, _index: usize) -> Option<String> {
-        None
-    }
     /// Whether flipped copies were cached.
     fn has_flips(&self) -> bool;
     /// Conditioning of the empty caption (a batch of one), for caption dropout.
@@ -42,6 +38,11 @@ pub trait TrainingData {
     /// Times sample `index` is seen per epoch (its concept's repeats).
     fn repeats(&self, _index: usize) -> usize {
         1
+    }
+    /// The caption of sample `index` as it was encoded (training the text
+    /// encoder encodes it again each step).
+    fn caption(&self, index: usize) -> Result<String> {
+        anyhow::bail!("this training data keeps no caption of sample {index}, which training the text encoder needs")
     }
     /// Multiplies the loss of sample `index` (its concept's loss weight).
     fn loss_weight(&self, _index: usize) -> f64 {

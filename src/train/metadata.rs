@@ -53,6 +53,10 @@ pub struct RunFacts<'a> {
     pub min_snr_gamma: Option<f64>,
     pub gradient_checkpointing: bool,
     pub base_model: &'a str,
+    /// The text encoders' learning rate, when their LoRA trained too.
+    pub text_encoder_lr: Option<f64>,
+    /// DoRA modules (kohya's `dora_wd` network argument).
+    pub dora: bool,
 }
 
 /// The base model as a LoRA file names it: the file or folder name of a
@@ -85,8 +89,8 @@ pub fn lora_metadata(f: &RunFacts) -> HashMap<String, String> {
     put("ss_max_train_steps", f.total_steps.to_string());
     put("ss_learning_rate", f.lr.to_string());
     put("ss_unet_lr", f.lr.to_string());
-    put("ss_text_encoder_lr", "0".into());
-    put("ss_network_train_unet_only", "true".into());
+    put("ss_text_encoder_lr", f.text_encoder_lr.map_or("0".into(), |lr| lr.to_string()));
+    put("ss_network_train_unet_only", f.text_encoder_lr.is_none().to_string());
     put("ss_lr_scheduler", f.lr_schedule.into());
     put("ss_batch_size_per_device", f.batch_size.to_string());
     put("ss_gradient_accumulation_steps", f.grad_accum.to_string());
@@ -98,7 +102,8 @@ pub fn lora_metadata(f: &RunFacts) -> HashMap<String, String> {
     put("ss_min_snr_gamma", f.min_snr_gamma.map_or("None".into(), |g| g.to_string()));
     put("ss_gradient_checkpointing", f.gradient_checkpointing.to_string());
     put("ss_sd_model_name", shared_model_name(f.base_model));
-    put("ss_network_args", serde_json::json!({ "targets": f.targets }).to_string());
+    let args = if f.dora { serde_json::json!({ "targets": f.targets, "dora_wd": "True" }) } else { serde_json::json!({ "targets": f.targets }) };
+    put("ss_network_args", args.to_string());
     put("ss_training_comment", "trained with sdtune".into());
     put("modelspec.sai_model_spec", "1.0.0".into());
     put("modelspec.architecture", modelspec_architecture(version).into());

@@ -17,3 +17,4 @@ pub mod trainable;
 pub mod ema;
 pub mod validation;
 pub mod shuffle;
+pub mod text_encoder;

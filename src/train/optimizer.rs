@@ -35,6 +35,9 @@ pub struct AdamW {
     pub exp_avg_sq: Tensor,
     /// Optimizer steps taken (skipped steps not counted).
     pub step: i64,
+    /// Each element's learning rate as a multiple of the step's (param
+    /// groups with their own lr, e.g. the text encoder's); `None`: all 1.
+    lr_factors: Option<Tensor>,
 }
 
 impl AdamW {
@@ -43,7 +46,21 @@ impl AdamW {
         let device = params.first().map(|p| p.device()).unwrap_or(tch::Device::Cpu);
         let zeros = || Tensor::zeros([numel], (Kind::Float, device));
         let packed = pack(&params, numel, device);
-        AdamW { config, exp_avg: zeros(), exp_avg_sq: zeros(), step: 0, params, packed }
+        AdamW { config, exp_avg: zeros(), exp_avg_sq: zeros(), step: 0, params, packed, lr_factors: None }
+    }
+
+    /// Gives each parameter (in order) its own learning rate as a multiple
+    /// of the step's; weight decay follows each one's rate, as in torch's
+    /// param groups.
+    pub fn with_lr_factors(mut self, factors: &[f64]) -> Result<Self> {
+        if factors.len() != self.params.len() {
+            bail!("internal: {} learning-rate factors for {} parameters", factors.len(), self.params.len());
+        }
+        let device = self.exp_avg.device();
+        let parts: Vec<Tensor> =
+            self.params.iter().zip(factors).map(|(p, &f)| Tensor::full([p.numel() as i64], f, (Kind::Float, device))).collect();
+        self.lr_factors = (!parts.is_empty()).then(|| Tensor::cat(&parts, 0));
+        Ok(self)
     }
 
     /// The parameters, in order.
@@ -113,6 +130,10 @@ impl AdamW {
             let mut update = (&exp_avg / bias1) / denom * lr;
             // Decoupled weight decay, then the Adam update.
             let mut decay = Tensor::from((1.0 - lr * c.weight_decay) as f32).to_device(update.device());
+            if let Some(factors) = &self.lr_factors {
+                update *= factors;
+                decay = (factors * (-lr * c.weight_decay)) + 1.0;
+            }
             match apply {
                 Some(apply) => {
                     self.exp_avg.copy_(&exp_avg.where_self(apply, &self.exp_avg));
@@ -134,7 +155,8 @@ impl AdamW {
                     for p in &mut self.params {
                         let n = p.numel() as i64;
                         let u = update.narrow(0, offset, n).view_(p.size()).to_kind(p.kind());
-                        let _ = p.g_mul_(&decay.to_kind(p.kind())).g_sub_(&u);
+                        let d = if decay.dim() == 0 { decay.shallow_clone() } else { decay.narrow(0, offset, n).view_(p.size()) };
+                        let _ = p.g_mul_(&d.to_kind(p.kind())).g_sub_(&u);
                         offset += n;
                     }
                 }
@@ -262,6 +284,30 @@ mod tests {
         assert_eq!(opt.step, 1);
         assert!((b.double_value(&[0]) - 2.5).abs() < 1e-5);
         assert_eq!(Vec::<f32>::try_from(&opt.exp_avg).unwrap(), before);
+    }
+
+    /// A parameter with factor f moves as it would alone at lr * f.
+    #[test]
+    fn lr_factors_give_each_parameter_its_own_rate() {
+        let moved = |factors: Option<&[f64]>, lr: f64| {
+            let a = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+            let b = Tensor::from_slice(&[0.5f32]).set_requires_grad(true);
+            let mut opt = AdamW::new(vec![a.shallow_clone(), b.shallow_clone()], AdamWConfig::default());
+            if let Some(f) = factors {
+                opt = opt.with_lr_factors(f).unwrap();
+            }
+            for step in 1..=3 {
+                opt.step(&Tensor::from_slice(&[0.3f32 * step as f32, -0.1, 0.2]), lr);
+            }
+            (Vec::<f32>::try_from(&a.detach()).unwrap(), Vec::<f32>::try_from(&b.detach()).unwrap())
+        };
+        let (a, b) = moved(Some(&[1.0, 0.25]), 0.1);
+        let (a_full, _) = moved(None, 0.1);
+        let (_, b_quarter) = moved(None, 0.025);
+        for (x, y) in a.iter().zip(&a_full).chain(b.iter().zip(&b_quarter)) {
+            assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+        }
+        assert!((b[0] - 0.5).abs() > 1e-3, "the slow parameter did not move");
     }
 
     #[test]

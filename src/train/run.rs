@@ -83,6 +83,13 @@ pub struct RunPlan {
     /// Shuffle each sample's comma-separated tags, keeping this many first
     /// ones in place; `None` trains on the captions as written.
     pub shuffle_keep_tokens: Option<usize>,
+    /// Also train a LoRA on the text encoders, at this learning rate
+    /// (`--train-text-encoder`, `--text-encoder-lr`).
+    pub text_encoder_lr: Option<f64>,
+    /// Rank and alpha of the LoCon pairs on 3x3 convs (`--conv-rank`, `--conv-alpha`).
+    pub conv: (i64, f64),
+    /// Train DoRA (a magnitude per output row beside each pair) instead of plain LoRA.
+    pub dora: bool,
 }
 
 /// Progress the command shows.
@@ -147,6 +154,36 @@ impl RunPlan {
             ("batch_size".into(), self.step.batch_size.to_string()),
             ("grad_accum".into(), self.step.grad_accum.to_string()),
         ])
+        .with_text_encoder(self.text_encoder_lr.is_some())
+        .with_dora(self.dora)
+        .with_conv(self.targets, self.conv)
+    }
+}
+
+impl Identity {
+    /// Runs that train the text encoders say so (others keep the identity
+    /// they always had, so their saved states still resume).
+    fn with_text_encoder(mut self, on: bool) -> Self {
+        if on {
+            self.0.push(("text_encoder".into(), "on".into()));
+        }
+        self
+    }
+
+    /// Presets with 3x3 convs record their rank and alpha.
+    fn with_conv(mut self, targets: Targets, (rank, alpha): (i64, f64)) -> Self {
+        if matches!(targets, Targets::Conv | Targets::All) {
+            self.0.push(("conv_rank".into(), rank.to_string()));
+            self.0.push(("conv_alpha".into(), alpha.to_string()));
+        }
+        self
+    }
+
+    fn with_dora(mut self, on: bool) -> Self {
+        if on {
+            self.0.push(("dora".into(), "on".into()));
+        }
+        self
     }
 }
 
@@ -179,13 +216,28 @@ pub fn run_with(
         }
     };
     tch::manual_seed(plan.step.seed as i64);
+    if plan.full && (plan.text_encoder_lr.is_some() || plan.dora) {
+        bail!("--train-text-encoder and --dora train adapters and do not go with --full; drop one of them");
+    }
+    if plan.text_encoder_lr.is_some() && plan.shuffle_keep_tokens.is_some() {
+        // The trained encoder takes each caption's tokens as prepared; shuffled tags would need them per sample.
+        bail!("--shuffle-captions does not go with --train-text-encoder yet; drop one of them");
+    }
     let trained = if plan.full {
         Trained::Full(FullUnet::new(&model.unet.vs)?)
     } else {
-        Trained::Lora(LoraNetwork::inject(&model.unet.layers, plan.targets, plan.rank, plan.alpha, DownInit::KaimingUniform, device)?)
+        let mut lora =
+            LoraNetwork::inject_with(&model.unet.layers, plan.targets, (plan.rank, plan.alpha), plan.conv, DownInit::KaimingUniform, device, plan.dora)?;
+        if plan.text_encoder_lr.is_some() {
+            super::text_encoder::inject(&mut lora, &model.text, plan.targets)?;
+        }
+        Trained::Lora(lora)
     };
     let mut optimizer = AdamW::new(trained.as_dyn().parameters(), AdamWConfig::default());
     let mut ema = plan.ema.map(|decay| Ema::new(trained.as_dyn(), decay));
+    if let (Some(te_lr), Trained::Lora(lora)) = (plan.text_encoder_lr, &trained) {
+        optimizer = optimizer.with_lr_factors(&super::text_encoder::lr_factors(lora, plan.step.lr, te_lr))?;
+    }
     let mut scaler = if plan.precision == Precision::Fp16 { LossScaler::fp16() } else { LossScaler::disabled() };
     let mut start = 0;
     if plan.resume {
@@ -238,6 +290,9 @@ pub fn run_with(
     let training = Training { data: captioned, held_out: plan.validation.iter().copied().collect() };
     let mut trainer =
         Trainer::new(&model.unet.model, &schedule, &training, optimizer, scaler, plan.step.clone(), device)?.with_sync(sync);
+    if plan.text_encoder_lr.is_some() {
+        trainer = trainer.with_text_encoder(super::text_encoder::TextEncoderTraining::new(&model.text, data)?);
+    }
     emit(Event::Started { from: start, total });
 
     let began = Instant::now();
@@ -453,6 +508,15 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
         list.insert(2, ("targets", plan.targets.name().to_string()));
         list.push(("format", plan.format.name().to_string()));
     }
+    if matches!(plan.targets, Targets::Conv | Targets::All) && !plan.full {
+        list.push(("conv rank / alpha", format!("{} / {}", plan.conv.0, plan.conv.1)));
+    }
+    if plan.dora {
+        list.push(("adapter", "DoRA".to_string()));
+    }
+    if let Some(te_lr) = plan.text_encoder_lr {
+        list.push(("text encoder", format!("LoRA, learning rate {te_lr}")));
+    }
     list.into_iter().filter(|(k, v)| *k != "concepts" || !v.is_empty()).map(|(k, v)| (k.to_string(), v)).collect()
 }
 
@@ -511,6 +575,8 @@ fn write_lora(model: &StableDiffusion, lora: &LoraNetwork, plan: &RunPlan, step:
         min_snr_gamma: plan.step.min_snr_gamma,
         gradient_checkpointing: plan.step.gradient_checkpointing,
         base_model: &plan.base_model,
+        text_encoder_lr: plan.text_encoder_lr,
+        dora: plan.dora,
     };
     let mut metadata = lora_metadata(&facts);
     if let Some(decay) = plan.ema {

@@ -10,6 +10,7 @@ use super::lr::LrSchedule;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
 use super::sync::{GradientSync, SingleProcess};
+use super::text_encoder::TextEncoderTraining;
 use crate::models::conditioning::Conditioning;
 use crate::models::config::Prediction;
 use crate::models::unet::UNet2DConditionModel;
@@ -85,6 +86,8 @@ pub struct Trainer<'a> {
     buckets: Vec<Vec<usize>>,
     empty_caption: Conditioning,
     sync: Box<dyn GradientSync + 'a>,
+    /// When the text encoders' LoRA trains: captions are encoded in the step.
+    text_encoder: Option<TextEncoderTraining<'a>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -115,7 +118,14 @@ impl<'a> Trainer<'a> {
             crate::runtime::keep_freed_big_blocks();
         }
         let sync: Box<dyn GradientSync + 'a> = Box::new(SingleProcess);
-        Ok(Trainer { unet, schedule, data, optimizer, scaler, settings, device, buckets, empty_caption, sync })
+        Ok(Trainer { unet, schedule, data, optimizer, scaler, settings, device, buckets, empty_caption, sync, text_encoder: None })
+    }
+
+    /// Encodes each batch's captions through `text` in the step (its
+    /// encoders carry a LoRA that trains) instead of reading cached embeddings.
+    pub fn with_text_encoder(mut self, text: TextEncoderTraining<'a>) -> Self {
+        self.text_encoder = Some(text);
+        self
     }
 
     /// Exchanges gradients through `sync` (data parallel) instead of
@@ -246,8 +256,10 @@ impl<'a> Trainer<'a> {
         let mut texts = Vec::with_capacity(batch.len());
         let mut noises = Vec::with_capacity(batch.len());
         let mut timesteps = Vec::with_capacity(batch.len());
+        let mut captions = Vec::with_capacity(batch.len());
         for (position, &i) in batch.iter().enumerate() {
             let draws = self.sample_draws(global_sample_index(index, position, s.batch_size), i)?;
+            captions.push((!draws.drop_caption).then_some(i));
             latents.push(draws.latent);
             let text = if draws.drop_caption { self.empty_caption.shallow_clone() } else { draws.text.to_device(self.device) };
             texts.push(Conditioning { time_ids: draws.time_ids.map(|t| t.to_device(self.device)), ..text });
@@ -256,6 +268,10 @@ impl<'a> Trainer<'a> {
         }
         let latents = (Tensor::cat(&latents, 0) * s.latent_scale).to_device(self.device);
         let context = Conditioning::cat(&texts)?;
+        let context = match &self.text_encoder {
+            Some(text) => Conditioning { time_ids: context.time_ids, ..text.encode(&captions)? },
+            None => context,
+        };
         let noise = Tensor::cat(&noises, 0).to_device(self.device);
         let timesteps = Tensor::cat(&timesteps, 0);
 

@@ -75,7 +75,7 @@ impl TrainingData for Training<'_> {
     fn sample_for(&self, index: usize, flip: bool, global: u64) -> Result<TrainSample> {
         self.data.sample_for(index, flip, global)
     }
-    fn caption(&self, index: usize) -> Option<String> {
+    fn caption(&self, index: usize) -> Result<String> {
         self.data.caption(index)
     }
     fn has_flips(&self) -> bool {
