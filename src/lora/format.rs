@@ -176,7 +176,9 @@ fn read_kohya(file: &TensorFile, names: &[String], source: &str) -> Result<Vec<S
                 None => None,
             };
             modules.push(stored_module(file, base, name, &up_name, alpha, source)?.with_dora(file, &format!("{base}{KOHYA_DORA}"), source)?);
-        } else if !(name.ends_with(".lora_up.weight") || name.ends_with(".alpha") || name.ends_with(KOHYA_DORA) || lycoris::base_of(name).is_some()) {
+        } else if let Some(base) = name.strip_suffix(KOHYA_DORA) {
+            check_dora_has_pair(file, name, &format!("{base}.lora_down.weight"), source)?;
+        } else if !(name.ends_with(".lora_up.weight") || name.ends_with(".alpha") || lycoris::base_of(name).is_some()) {
             bail!("{source}: tensor {name} is not part of a kohya LoRA module (expected .lora_down.weight, .lora_up.weight, .alpha, or LyCORIS' .hada_* / .lokr_*)");
         }
     }
@@ -201,7 +203,9 @@ fn read_paired(
                 bail!("{source}: module {base} has no {}", up_suffix.trim_start_matches('.'));
             }
             modules.push(stored_module(file, base, name, &up_name, alpha_of(base), source)?.with_dora(file, &format!("{base}{PEFT_DORA}"), source)?);
-        } else if !(name.ends_with(up_suffix) || name.ends_with(PEFT_DORA) || lycoris::base_of(name).is_some()) {
+        } else if let Some(base) = name.strip_suffix(PEFT_DORA) {
+            check_dora_has_pair(file, name, &format!("{base}{down_suffix}"), source)?;
+        } else if !(name.ends_with(up_suffix) || lycoris::base_of(name).is_some()) {
             bail!("{source}: tensor {name} is not part of a LoRA module (expected {down_suffix} / {up_suffix} pairs, or LyCORIS' .hada_* / .lokr_*)");
         }
     }
@@ -219,6 +223,15 @@ fn stored_module(file: &TensorFile, base: &str, down_name: &str, up_name: &str, 
         }
     }
     Ok(StoredModule { base: base.to_string(), down, up, alpha: alpha.unwrap_or(rank as f64), dora_scale: None })
+}
+
+/// A DoRA magnitude applies to the LoRA pair beside it; one beside a LoHa /
+/// LoKr module or none would be dropped silently, so it is refused.
+fn check_dora_has_pair(file: &TensorFile, name: &str, down: &str, source: &str) -> Result<()> {
+    if file.info(down).is_none() {
+        bail!("{source}: tensor {name} is a DoRA magnitude with no LoRA pair ({down}) beside it; sdtune applies DoRA to LoRA modules only, so this file's DoRA cannot be loaded as its tool meant");
+    }
+    Ok(())
 }
 
 /// DoRA's magnitude beside a module: kohya/LyCORIS `.dora_scale`, PEFT `.lora_magnitude_vector`.
