@@ -16,8 +16,10 @@ bootstrap:
 build: bootstrap
 	$(CARGO) build --release
 
+# Two tests at a time, one torch thread each (2 cores in CI): more torch threads
+# than cores make OpenMP workers spin against each other.
 test: bootstrap
-	$(CARGO) test --release -- --test-threads=2
+	OMP_NUM_THREADS=1 $(CARGO) test --release -- --test-threads=2
 
 demo: build
 	bash scripts/demo.sh

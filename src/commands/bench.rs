@@ -126,6 +126,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     let device = parse_device(&args.device)?;
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let resolution = args.resolution.unwrap_or_else(|| spec.native_resolution());
+    // Checked before `precision auto` measures the CPU, so a bad flag is the one line said.
+    spec.latent_size(resolution)?;
     let precision = match args.precision.as_str() {
         // What `sdtune train` would pick.
         "auto" => crate::runtime::auto_precision(device),
@@ -134,11 +140,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !supports(device, precision.kind()) {
         bail!("--precision {} does not compute on this device; use --precision fp32", precision.name());
     }
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let setup = Setup {
-        resolution: args.resolution.unwrap_or_else(|| spec.native_resolution()),
+        resolution,
         spec,
         device,
         precision,

@@ -295,7 +295,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     let vae_path = vae_spec.as_deref().map(|v| resolve_against(&work_dir, v));
-    let placement = Placement { device, kind: precision.kind(), vae_kind: Kind::Float };
+    // The grids' VAE in the run's precision, as `sdtune sample` places it for
+    // that precision: a grid's recipe says the precision, and `sample --from`
+    // must render the same pixels from it.
+    let placement = Placement { device, kind: precision.kind(), vae_kind: precision.kind() };
     let model_path = resolve_against(&work_dir, &model_spec);
     let options = LoadOptions { vae: vae_path.clone(), ..LoadOptions::default() };
     let sync: Box<dyn GradientSync> = match &job {

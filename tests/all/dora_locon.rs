@@ -1,0 +1,77 @@
+//! DoRA against PEFT's `use_dora` layer (make_dora_cases.py): a PEFT DoRA file
+//! loaded by sdtune gives PEFT's UNet output, and a DoRA sdtune trained
+//! (`--dora`), put into PEFT, gives the output sdtune gives with it, from
+//! its diffusers file (`lora_magnitude_vector`) and its kohya file
+//! (`dora_scale`) alike. LoCon sdtune trained (`--targets conv`, 3x3
+//! pairs on the resnets and samplers) gives in sdtune the UNet output
+//! diffusers' `load_lora_weights` gives with it (make_locon_cases.py).
+use crate::common;
+
+use std::path::PathBuf;
+
+use sdtune::lora::{self, format};
+use sdtune::models::conditioning::Conditioning;
+use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
+use sdtune::sample::render;
+use tch::Tensor;
+
+fn model() -> StableDiffusion {
+    StableDiffusion::from_diffusers_folder(&common::fixtures().join("tiny-sd1"), Placement::cpu_f32(), None).unwrap()
+}
+
+fn unet_out(m: &StableDiffusion) -> Tensor {
+    let r = common::read_tensors(&common::reference("unet_sd1.safetensors"));
+    let context = Conditioning::text_only(r["encoder_hidden_states"].shallow_clone());
+    tch::no_grad(|| m.unet.model.forward(&r["sample"], &r["timestep"], &context))
+}
+
+fn dora_file(stem: &str) -> PathBuf {
+    common::fixtures().join("lora/dora").join(format!("{stem}.safetensors"))
+}
+
+/// The UNet output with `stem` attached (or fused) at strength 1.
+fn with_dora(stem: &str, fused: bool) -> Tensor {
+    let m = model();
+    let layers = render::layers(&m).unwrap();
+    let weights = format::read(&dora_file(stem), &layers).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(weights.modules.iter().all(|x| x.dora_scale.is_some()), "{stem}: a module was read without its magnitude");
+    if fused {
+        lora::fuse(&weights, &layers, 1.0, stem).unwrap();
+    } else {
+        lora::attach(&weights, &layers, 1.0, stem).unwrap();
+    }
+    unet_out(&m)
+}
+
+#[test]
+fn dora_files_give_peft_dora_unet_output() {
+    let r = common::read_tensors(&common::reference("dora.safetensors"));
+    common::assert_close("base", &unet_out(&model()), &r["base"], 1e-4);
+    for (stem, reference) in [("peft_dora", "peft_dora"), ("sdtune_diffusers", "sdtune_diffusers"), ("sdtune_kohya", "sdtune_diffusers")] {
+        for fused in [false, true] {
+            let got = with_dora(stem, fused);
+            common::assert_close(&format!("{stem} (fused: {fused})"), &got, &r[reference], 1e-4);
+            let effect = common::max_abs_diff(&got, &r["base"]);
+            assert!(effect > 1e-2, "{stem}: the DoRA barely changes the UNet ({effect}); the test would not discriminate");
+        }
+    }
+}
+
+
+#[test]
+fn sdtune_trained_locon_gives_diffusers_unet_output() {
+    let r = common::read_tensors(&common::reference("locon.safetensors"));
+    for stem in ["sdtune_kohya", "sdtune_diffusers"] {
+        let m = model();
+        let layers = render::layers(&m).unwrap();
+        let file = common::fixtures().join("lora/locon").join(format!("{stem}.safetensors"));
+        let weights = format::read(&file, &layers).unwrap_or_else(|e| panic!("{e:#}"));
+        let convs = weights.modules.iter().filter(|x| x.down.dim() == 4 && x.down.size()[3] == 3).count();
+        assert!(convs > 0 && weights.modules.iter().any(|x| x.layer.contains("downsamplers")), "{stem}: no 3x3 LoCon pairs");
+        lora::attach(&weights, &layers, 1.0, stem).unwrap();
+        let got = unet_out(&m);
+        common::assert_close(stem, &got, &r[stem], 1e-4);
+        let effect = common::max_abs_diff(&got, &r["base"]);
+        assert!(effect > 1e-2, "{stem}: the LoCon barely changes the UNet ({effect})");
+    }
+}
