@@ -64,7 +64,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_leaves_neither_the_target_nor_a_temp_file() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let target = tmp.path().join("out.bin");
         std::fs::write(&target, b"earlier").unwrap();
         let err = write_atomic_with(&target, |f| {

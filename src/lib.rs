@@ -21,6 +21,7 @@ pub mod report;
 pub mod pick;
 pub mod runtime;
 pub mod sample;
+pub mod scratch;
 pub mod schedulers;
 pub mod serve;
 pub mod train;

@@ -84,7 +84,7 @@ mod tests {
 
     #[test]
     fn a_second_writer_is_refused_with_the_holders_pid_and_a_reader_too() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let held = exclusive(tmp.path(), ".lock", "sdtune train", "wait").unwrap();
         let err = exclusive(tmp.path(), ".lock", "sdtune train", "wait for it").err().unwrap().to_string();
         assert!(err.contains(&format!("process {}", std::process::id())) && err.contains("wait for it"), "{err}");

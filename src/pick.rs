@@ -136,7 +136,7 @@ mod tests {
     /// the printed table's recommendation is its lowest printed score.
     #[test]
     fn the_choice_is_the_lowest_score_of_the_printed_figures() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::scratch::ScratchDir::new().unwrap();
         let run = dir.path();
         std::fs::create_dir_all(run.join("lora")).unwrap();
         std::fs::create_dir_all(run.join("samples")).unwrap();
@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn a_run_without_saves_is_refused_in_words() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::scratch::ScratchDir::new().unwrap();
         let err = candidates(dir.path()).unwrap_err().to_string();
         assert!(err.contains("--save-every"), "{err}");
     }

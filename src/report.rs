@@ -512,7 +512,7 @@ mod tests {
 
     #[test]
     fn concepts_get_their_own_figures() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::scratch::ScratchDir::new().unwrap();
         let run = dir.path();
         std::fs::create_dir_all(run.join("samples")).unwrap();
         for (step, circle, star) in [(0, 80.0, 60.0), (10, 20.0, 59.0)] {
@@ -552,7 +552,7 @@ mod tests {
 
     #[test]
     fn writes_a_self_contained_page() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::scratch::ScratchDir::new().unwrap();
         let run = dir.path();
         std::fs::create_dir_all(run.join("samples")).unwrap();
         let metrics: String = (1..=30).map(|s| format!("{{\"step\":{s},\"loss\":{}}}\n", 1.0 / s as f64)).collect();

@@ -608,7 +608,7 @@ mod tests {
 
     #[test]
     fn journal_survives_a_crash_and_torn_lines_are_ignored() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let dir = tmp.path().join("cache");
         {
             let mut w = CacheWriter::open(&dir).unwrap();
@@ -663,7 +663,7 @@ mod tests {
 
     #[test]
     fn missing_shards_drop_their_entries_and_retain_collects_at_finish() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let dir = tmp.path().join("cache");
         let mut w = CacheWriter::open(&dir).unwrap();
         w.add_latents(vec![latent("a", 1.0)]).unwrap();
@@ -686,7 +686,7 @@ mod tests {
 
     #[test]
     fn a_run_that_does_not_finish_leaves_the_finished_dataset_readable() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let dir = tmp.path().join(CACHE_DIR);
         let mut w = CacheWriter::open(&dir).unwrap();
         w.add_latents(vec![latent("a", 1.0)]).unwrap();
@@ -708,7 +708,7 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_in_a_shard_is_named_by_the_reader_and_re_encoded_by_the_writer() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let dir = tmp.path().join(CACHE_DIR);
         let mut w = CacheWriter::open(&dir).unwrap();
         w.add_latents(vec![latent("a", 1.0)]).unwrap();
@@ -733,7 +733,7 @@ mod tests {
 
     #[test]
     fn a_second_writer_is_refused() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let _w = CacheWriter::open(tmp.path()).unwrap();
         let err = CacheWriter::open(tmp.path()).err().unwrap().to_string();
         assert!(err.contains("another sdtune prepare"), "{err}");
@@ -741,7 +741,7 @@ mod tests {
 
     #[test]
     fn reader_needs_a_complete_cache() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let dir = tmp.path().join(CACHE_DIR);
         let mut w = CacheWriter::open(&dir).unwrap();
         w.add_latents(vec![latent("a", 1.5)]).unwrap();
@@ -771,7 +771,7 @@ mod tests {
     fn text_shards_of_sd1_sd2_caches_read_as_text_only_conditioning() {
         // The layout every cache had before pooled embeddings: `<key>` alone,
         // written here by hand as the old `add_texts` wrote it.
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let dir = tmp.path().join(CACHE_DIR);
         let states = Tensor::arange(77 * 8, (tch::Kind::Float, tch::Device::Cpu)).view([77, 8]);
         cache_with_texts(&dir, |w| {
@@ -791,7 +791,7 @@ mod tests {
 
     #[test]
     fn pooled_embeddings_round_trip_beside_the_text_states() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let dir = tmp.path().join(CACHE_DIR);
         let text = Tensor::randn([1, 77, 8], (tch::Kind::Float, tch::Device::Cpu));
         let pooled = Tensor::randn([1, 12], (tch::Kind::Float, tch::Device::Cpu));

@@ -324,7 +324,7 @@ mod tests {
 
     #[test]
     fn sources_in_order_with_issues() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let d = tmp.path();
         std::fs::create_dir(d.join("sub")).unwrap();
         std::fs::write(d.join("a.txt"), "\u{feff}red shoes\nwith laces\n").unwrap();
@@ -355,7 +355,7 @@ mod tests {
 
     #[test]
     fn a_bad_metadata_line_costs_only_itself() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let d = tmp.path();
         let mut bytes = "\u{feff}{\"file_name\": \"a.png\", \"text\": \"red shoes\"}\r\n".as_bytes().to_vec();
         bytes.extend_from_slice(b"{\"file_name\": \"b.png\", \"text\": \"caf\xe9 table\"}\n");

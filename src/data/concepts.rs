@@ -404,7 +404,7 @@ mod tests {
 
     #[test]
     fn a_kohya_tree_gives_concepts_with_repeats_and_folder_captions() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let d = tmp.path();
         touch(&d.join("10_tidewave circle/a.png"));
         touch(&d.join("10_tidewave circle/b.png"));
@@ -432,7 +432,7 @@ mod tests {
 
     #[test]
     fn a_flat_folder_has_no_concepts() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         touch(&tmp.path().join("a/b/x.png"));
         touch(&tmp.path().join("y.png"));
         let layout = from_folder(tmp.path(), &defaults(), &mut |_| {}).unwrap();
@@ -456,7 +456,7 @@ mod tests {
 
     #[test]
     fn configured_concepts_resolve_against_the_config_folder() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let work = tmp.path().join("project");
         touch(&work.join("photos/roadster/a.png"));
         touch(&work.join("photos/roadster/a.txt"));
@@ -480,7 +480,7 @@ mod tests {
 
     #[test]
     fn bad_concepts_are_one_sentence() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let err = from_config(&[entry("nowhere")], tmp.path(), &defaults(), &mut |_| {}).unwrap_err().to_string();
         assert!(err.contains("data.concepts[0].path nowhere does not exist"), "{err}");
         let err = validate(&[ConceptConfig { repeats: 0, ..entry("a") }]).unwrap_err().to_string();

@@ -160,7 +160,7 @@ mod tests {
 
     #[test]
     fn file_hashes_are_remembered() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let f = tmp.path().join("w.bin");
         std::fs::write(&f, b"weights").unwrap();
         let memo = tmp.path().join("ids.json");

@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn walks_nested_folders_and_sets_aside_the_rest() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let root = tmp.path();
         std::fs::create_dir_all(root.join("a/b")).unwrap();
         std::fs::create_dir_all(root.join("__MACOSX")).unwrap();
@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn names_that_are_not_utf8_are_found_again_from_their_shown_path() {
         use std::os::unix::ffi::OsStrExt;
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let root = tmp.path();
         let dir = root.join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
         std::fs::create_dir(&dir).unwrap();

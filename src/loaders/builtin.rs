@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn writes_a_loadable_folder_once() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         std::env::set_var("SDTUNE_CACHE_DIR", tmp.path());
         let dir = path().unwrap();
         assert!(dir.starts_with(tmp.path()) && is_complete(&dir));

@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn lora_files_name_the_base_without_local_folders() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::scratch::ScratchDir::new().unwrap();
         let model = dir.path().join("acme-sd15.safetensors");
         std::fs::write(&model, b"").unwrap();
         assert_eq!(shared_model_name(&model.to_string_lossy()), "acme-sd15.safetensors");

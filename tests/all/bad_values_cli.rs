@@ -48,7 +48,7 @@ fn sample(dir: &Path, extra: &[&str], expect: &[&str]) -> String {
 
 #[test]
 fn sample_values_out_of_range_are_refused_naming_flag_and_range() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     for g in ["-1", "inf", "-inf", "NaN", "1e30", "100.5"] {
         sample(d, &["--guidance", g], &["--guidance", "0 to 100"]);
@@ -67,7 +67,7 @@ fn sample_values_out_of_range_are_refused_naming_flag_and_range() {
 
 #[test]
 fn sample_values_the_model_must_judge_are_refused_before_rendering() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     // The fixture's text encoder has 3 layers.
     sample(d, &["--clip-skip", "3"], &["--clip-skip 3", "has 3", "0 to 2"]);
@@ -79,7 +79,7 @@ fn sample_values_the_model_must_judge_are_refused_before_rendering() {
 
 #[test]
 fn suspicious_sample_values_are_warned_and_rendered() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let model = tiny().display().to_string();
     let out = sdtune(dir.path(), &["sample", "--model", &model, "--prompt", "a red square", "--device", "cpu", "--steps", "1", "--guidance", "40"]);
     let err = stderr(&out);
@@ -91,7 +91,7 @@ fn suspicious_sample_values_are_warned_and_rendered() {
 #[test]
 fn train_values_out_of_range_are_refused_naming_flag_and_range() {
     // Checked before the cache is opened: no prepared folder needed.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let train = |extra: &[&str], expect: &[&str]| {
         let mut args = vec!["train", "--device", "cpu"];
@@ -116,7 +116,7 @@ fn train_values_out_of_range_are_refused_naming_flag_and_range() {
 
 #[test]
 fn sdtune_yaml_values_are_refused_naming_the_key() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let with_yaml = |yaml: &str, expect: &[&str]| {
         std::fs::write(d.join("sdtune.yaml"), yaml).unwrap();
@@ -144,7 +144,7 @@ fn sdtune_yaml_values_are_refused_naming_the_key() {
 
 #[test]
 fn contradicting_upscale_flags_are_refused_by_the_parser() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let out = sdtune(dir.path(), &["prepare", "images", "--no-upscale", "--allow-upscale"]);
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
@@ -153,7 +153,7 @@ fn contradicting_upscale_flags_are_refused_by_the_parser() {
 
 #[test]
 fn a_folder_where_a_file_is_wanted_is_called_a_folder() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let folder = d.join("a folder");
     std::fs::create_dir(&folder).unwrap();
@@ -173,8 +173,8 @@ fn a_folder_where_a_file_is_wanted_is_called_a_folder() {
 }
 
 /// A working folder with 2 prepared 64-px images of the tiny model.
-fn prepared() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+fn prepared() -> sdtune::scratch::ScratchDir {
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let brand = dir.path().join("brand");
     std::fs::create_dir_all(&brand).unwrap();
     for i in 0..2u32 {

@@ -81,7 +81,7 @@ fn concept_figures(work: &Path) -> BTreeMap<String, (u64, f64)> {
 #[test]
 fn a_kohya_tree_prepares_names_a_broken_concept_and_trains() {
     let _rng = crate::common::torch_rng();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     let img = work.join("img");
     for n in 0..3 {
@@ -151,7 +151,7 @@ fn a_kohya_tree_prepares_names_a_broken_concept_and_trains() {
 #[test]
 fn configured_concepts_caption_with_their_own_trigger_and_share_latents() {
     let _rng = crate::common::torch_rng();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path().join("project");
     for n in 0..2 {
         shape(&work.join(format!("photos/roadster/r{n}.png")), [200, 30, 30], [250, 250, 250], n);

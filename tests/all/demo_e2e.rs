@@ -44,7 +44,7 @@ struct Variant {
 
 fn a_short_lora_moves_samples_to_the_brand_palette() {
     let started = Instant::now();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let dir = tmp.path();
     std::fs::copy(repo().join("configs/demo.yaml"), dir.join("sdtune.yaml")).unwrap();
     let brand = repo().join("datasets/example-brand");

@@ -220,12 +220,12 @@ fn the_safetensors_and_lora_readers_never_panic() {
         .map(|n| (n.to_string(), std::fs::read(common::fixtures().join(format!("lora/{n}.safetensors"))).unwrap()))
         .collect();
     for (name, bytes) in &fixtures {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = sdtune::scratch::ScratchDir::new().unwrap();
         let path = dir.path().join("f.safetensors");
         std::fs::write(&path, bytes).unwrap();
         read_everything(&path, &layers).unwrap_or_else(|e| panic!("fixture {name} should read: {e:#}"));
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let mut rng = Rng(0xF0_22_18);
     let (mut accepted, mut refused) = (0, 0);
     for case in 0..400 {

@@ -11,7 +11,7 @@ use sdtune::loaders::tensor_file::write_tensors;
 use tch::{Device, Kind, Tensor};
 
 fn info(target: &std::path::Path) -> std::process::Output {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     run(sdtune(cache.path()).arg("info").arg(target))
 }
 
@@ -23,7 +23,7 @@ fn describes_folders_and_single_files() {
     {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let path = write_single_file(dir.path(), "tiny-sd2", "m", Some(Kind::Half));
     write_beside(dir.path(), "m", "tiny-sd2", &["unet", "vae", "text_encoder"]);
     let text = stdout_ok(&info(&path));
@@ -42,7 +42,7 @@ fn describes_folders_and_single_files() {
 
 #[test]
 fn describes_loras_with_their_metadata() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let zeros = |s: &[i64]| Tensor::zeros(s, (Kind::Float, Device::Cpu));
     let mut tensors = Vec::new();
     for (block, width) in [("down_blocks_0_attentions_0", 32), ("up_blocks_1_attentions_2", 32)] {
@@ -92,13 +92,13 @@ fn describes_loras_with_their_metadata() {
 
 #[test]
 fn pickles_are_refused_without_being_read() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     // A named pipe: opening it would block until a writer comes, so a prompt
     // answer proves the refusal came from the name alone.
     let fifo = dir.path().join("model.ckpt");
     let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(made.success());
-    let cache = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     for args in [vec!["info"], vec!["sample", "--prompt", "x", "--model"]] {
         let mut child = sdtune(cache.path())
             .args(&args)
@@ -135,7 +135,7 @@ fn pickles_are_refused_without_being_read() {
 
 #[test]
 fn anything_else_gets_one_sentence() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let text_file = dir.path().join("notes.safetensors");
     std::fs::write(&text_file, "just some text, not tensors").unwrap();
     let line = one_line_error(&info(&text_file));
@@ -150,7 +150,7 @@ fn anything_else_gets_one_sentence() {
     let line = one_line_error(&info(&component));
     assert!(line.contains("diffusers UNet") && line.contains("model_index.json"), "{line}");
 
-    let folder_of_files = tempfile::tempdir().unwrap();
+    let folder_of_files = sdtune::scratch::ScratchDir::new().unwrap();
     std::fs::copy(&other, folder_of_files.path().join("model.safetensors")).unwrap();
     let line = one_line_error(&info(folder_of_files.path()));
     assert!(line.contains("pass the file itself"), "{line}");
@@ -167,7 +167,7 @@ fn anything_else_gets_one_sentence() {
         None,
     )
     .unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     let line = one_line_error(&run(sdtune(cache.path()).args(["sample", "--prompt", "x", "--model"]).arg(&lora)));
     assert!(line.contains("is a LoRA (kohya), not a base model"), "{line}");
 }

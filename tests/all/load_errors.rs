@@ -25,8 +25,8 @@ fn sample_fails(model: &Path) -> String {
     stderr
 }
 
-fn tiny_copy() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+fn tiny_copy() -> sdtune::scratch::ScratchDir {
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     common::copy_dir(&common::fixtures().join("tiny-sd1"), dir.path());
     dir
 }
@@ -87,7 +87,7 @@ fn missing_tensor_names_the_tensor() {
 
 #[test]
 fn a_folder_that_is_not_a_model_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     std::fs::write(dir.path().join("notes.txt"), "holiday photos").unwrap();
     let err = sample_fails(dir.path());
     assert!(err.contains("not a diffusers model folder"), "{err}");
@@ -95,7 +95,7 @@ fn a_folder_that_is_not_a_model_is_refused() {
 
 #[test]
 fn a_missing_path_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let err = sample_fails(&dir.path().join("nope"));
     assert!(err.contains("does not exist"), "{err}");
 }

@@ -28,11 +28,11 @@ fn sample(cmd: &mut std::process::Command, model: &str, out: &Path, extra: &[&st
 
 #[test]
 fn hub_id_resolves_in_the_cache_offline_and_samples_like_the_folder() {
-    let cache = tempfile::tempdir().unwrap();
-    let out = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
+    let out = sdtune::scratch::ScratchDir::new().unwrap();
     fake_hub_repo(cache.path(), "acme/tiny-sd1", &fixture("tiny-sd1"), &|_| {});
     let from_id = sample(&mut sdtune(cache.path()), "acme/tiny-sd1", &out.path().join("id.png"), &[]);
-    let empty = tempfile::tempdir().unwrap();
+    let empty = sdtune::scratch::ScratchDir::new().unwrap();
     let from_folder =
         sample(&mut sdtune(empty.path()), fixture("tiny-sd1").to_str().unwrap(), &out.path().join("folder.png"), &[]);
     assert!(from_id == from_folder, "the hub id's image differs from the folder's");
@@ -45,7 +45,7 @@ fn hub_id_resolves_in_the_cache_offline_and_samples_like_the_folder() {
 
 #[test]
 fn cache_location_follows_hf_home_and_home() {
-    let home = tempfile::tempdir().unwrap();
+    let home = sdtune::scratch::ScratchDir::new().unwrap();
     // HF_HOME/hub
     fake_hub_repo(&home.path().join("hf/hub"), "acme/tiny-sd2", &fixture("tiny-sd2"), &|_| {});
     let mut cmd = sdtune(Path::new("/unused"));
@@ -65,7 +65,7 @@ fn cache_location_follows_hf_home_and_home() {
 
 #[test]
 fn missing_id_offline_says_where_it_looked_and_how_to_fetch_it() {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     for args in [vec!["info", "acme/not-there"], vec!["sample", "--prompt", "x", "--model", "acme/not-there"]] {
         let line = one_line_error(&run(sdtune(cache.path()).args(&args)));
         let folder = cache.path().join("models--acme--not-there");
@@ -119,8 +119,8 @@ fn fp16_sharded(files: &mut BTreeMap<String, PathBuf>, scratch: &Path) {
 
 #[test]
 fn fp16_variant_and_sharded_weights_load() {
-    let cache = tempfile::tempdir().unwrap();
-    let scratch = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
+    let scratch = sdtune::scratch::ScratchDir::new().unwrap();
     let scratch_path = scratch.path().to_path_buf();
     let snapshot = fake_hub_repo(cache.path(), "acme/tiny-fp16", &fixture("tiny-sd1"), &|files| {
         fp16_sharded(files, &scratch_path)
@@ -135,7 +135,7 @@ fn fp16_variant_and_sharded_weights_load() {
         assert_same_weights("VAE", &ours.vae.vs, &folder.vae.vs, Some(Kind::Half));
         assert_same_weights("text encoder", &ours.text.first().model.vs, &folder.text.first().model.vs, Some(Kind::Half));
     }
-    let out = tempfile::tempdir().unwrap();
+    let out = sdtune::scratch::ScratchDir::new().unwrap();
     let image = sample(&mut sdtune(cache.path()), "acme/tiny-fp16", &out.path().join("a.png"), &["--variant", "fp16"]);
     assert!(!image.is_empty());
     let info = stdout_ok(&run(sdtune(cache.path()).args(["info", "acme/tiny-fp16"])));
@@ -144,8 +144,8 @@ fn fp16_variant_and_sharded_weights_load() {
 
 #[test]
 fn single_file_tokenizer_comes_from_the_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     let path = write_single_file(dir.path(), "tiny-sd1", "brand", None);
     // Configs beside the file, but no tokenizer/.
     write_beside(dir.path(), "brand", "tiny-sd1", &["unet", "vae", "text_encoder", "scheduler"]);
@@ -178,8 +178,8 @@ fn single_file_tokenizer_comes_from_the_cache() {
 
 #[test]
 fn sdxl_hub_id_with_fp16_variant_loads_both_text_encoders() {
-    let cache = tempfile::tempdir().unwrap();
-    let scratch = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
+    let scratch = sdtune::scratch::ScratchDir::new().unwrap();
     let scratch_path = scratch.path().to_path_buf();
     // Every part only as its fp16 variant, as `from_pretrained(..., variant="fp16")` downloads SDXL.
     let snapshot = fake_hub_repo(cache.path(), "acme/tiny-sdxl", &fixture("tiny-sdxl"), &|files| {
@@ -210,7 +210,7 @@ fn sdxl_hub_id_with_fp16_variant_loads_both_text_encoders() {
         assert_eq!(a.tokenizer().unwrap().pad_id(), b.tokenizer().unwrap().pad_id(), "tokenizer {}", i + 1);
     }
     // The id resolves to that snapshot: the same image as the snapshot folder itself.
-    let out = tempfile::tempdir().unwrap();
+    let out = sdtune::scratch::ScratchDir::new().unwrap();
     let fp16 = ["--variant", "fp16"];
     let by_id = sample(&mut sdtune(cache.path()), "acme/tiny-sdxl", &out.path().join("id.png"), &fp16);
     let by_dir = sample(&mut sdtune(cache.path()), snapshot.to_str().unwrap(), &out.path().join("dir.png"), &fp16);

@@ -253,9 +253,9 @@ fn sample_args<'a>(cmd: &'a mut Command, model: &str, out: &Path) -> &'a mut Com
 #[test]
 fn hub_id_downloads_into_the_cache_and_samples_like_the_folder() {
     let hub = Hub::start(&fixture("tiny-sd1"));
-    let cache = tempfile::tempdir().unwrap();
-    let home = tempfile::tempdir().unwrap();
-    let out = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
+    let home = sdtune::scratch::ScratchDir::new().unwrap();
+    let out = sdtune::scratch::ScratchDir::new().unwrap();
 
     let t = Instant::now();
     let res = run(sample_args(&mut online(cache.path(), home.path(), &hub), REPO, &out.path().join("hub.png")));
@@ -285,7 +285,7 @@ fn hub_id_downloads_into_the_cache_and_samples_like_the_folder() {
     assert!(requests.iter().any(|r| r.contains("/cdn/")), "no LFS redirect followed: {requests:#?}");
 
     // The same image as from the fixture folder, bit for bit.
-    let empty = tempfile::tempdir().unwrap();
+    let empty = sdtune::scratch::ScratchDir::new().unwrap();
     let folder = fixture("tiny-sd1");
     stdout_ok(&run(sample_args(&mut sdtune(empty.path()), folder.to_str().unwrap(), &out.path().join("folder.png"))));
     let from_hub = pixels(&out.path().join("hub.png"));
@@ -306,9 +306,9 @@ fn hub_id_downloads_into_the_cache_and_samples_like_the_folder() {
 #[test]
 fn repo_missing_on_the_hub_fails_in_one_line() {
     let hub = Hub::start(&fixture("tiny-sd1"));
-    let cache = tempfile::tempdir().unwrap();
-    let home = tempfile::tempdir().unwrap();
-    let out = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
+    let home = sdtune::scratch::ScratchDir::new().unwrap();
+    let out = sdtune::scratch::ScratchDir::new().unwrap();
     let t = Instant::now();
     let res =
         run(sample_args(&mut online(cache.path(), home.path(), &hub), "testorg/not-there", &out.path().join("x.png")));

@@ -79,7 +79,7 @@ fn exported_files_are_the_ones_diffusers_accepted() {
 
 #[test]
 fn single_files_load_the_folder_weights_exactly() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     for name in MODELS {
         let path = write_single_file(dir.path(), name, name, None);
         // The tiny models have 8 norm groups and 4 text heads, which no
@@ -98,8 +98,8 @@ fn single_files_load_the_folder_weights_exactly() {
 
 #[test]
 fn sample_from_single_file_equals_the_folder_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     for name in MODELS {
         let path = write_single_file(dir.path(), name, name, None);
         write_beside(dir.path(), name, name, &["unet", "vae", "text_encoder", "scheduler", "tokenizer"]);
@@ -122,7 +122,7 @@ fn sample_from_single_file_equals_the_folder_image() {
 
 #[test]
 fn fp16_and_bf16_files_load_as_the_rounded_weights() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     for (name, kind) in [("tiny-sd1", Kind::Half), ("tiny-sd2", Kind::BFloat16)] {
         let stem = format!("{name}-{kind:?}");
         let path = write_single_file(dir.path(), name, &stem, Some(kind));
@@ -147,7 +147,7 @@ fn fp16_and_bf16_files_load_as_the_rounded_weights() {
 
 #[test]
 fn full_files_with_an_ema_copy_load_the_main_weights() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let mut tensors = export("tiny-sd1");
     // kohya/CompVis full files: the EMA UNet under flattened names, plus counters.
     let ema: Vec<(String, Tensor)> = tensors
@@ -167,7 +167,7 @@ fn full_files_with_an_ema_copy_load_the_main_weights() {
 
 #[test]
 fn configs_read_from_the_tensors_match_the_folders() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     for name in MODELS {
         let path = write_single_file(dir.path(), name, name, None);
         let file = TensorFile::open(&path).unwrap();
@@ -231,7 +231,7 @@ fn configs_read_from_the_tensors_match_the_folders() {
 
 #[test]
 fn prediction_type_comes_from_flag_config_yaml_or_a_warned_guess() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let path = write_single_file(dir.path(), "tiny-sd2", "sd2", None);
     write_beside(dir.path(), "sd2", "tiny-sd2", &["unet", "vae", "text_encoder"]);
     let file = TensorFile::open(&path).unwrap();
@@ -278,8 +278,8 @@ fn prediction_type_comes_from_flag_config_yaml_or_a_warned_guess() {
 
 #[test]
 fn guessed_prediction_warns_once_on_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     let path = write_single_file(dir.path(), "tiny-sd2", "sd2", None);
     write_beside(dir.path(), "sd2", "tiny-sd2", &["unet", "vae", "text_encoder", "tokenizer"]);
     let out = dir.path().join("x.png");
@@ -306,8 +306,8 @@ fn guessed_prediction_warns_once_on_the_command_line() {
 
 #[test]
 fn broken_checkpoints_fail_in_one_sentence_naming_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     let all = export("tiny-sd1");
     type Case<'a> = (&'a str, Vec<(String, Tensor)>, &'a str);
     let cases: Vec<Case> = vec![
@@ -370,8 +370,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn prepare_and_train_take_a_single_file() {
     const TOL: f64 = 1e-5;
-    let dir = tempfile::tempdir().unwrap();
-    let hub = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let hub = sdtune::scratch::ScratchDir::new().unwrap();
     let path = write_single_file(dir.path(), "tiny-sd1", "tiny-sd1", None);
     write_beside(dir.path(), "tiny-sd1", "tiny-sd1", &["unet", "vae", "text_encoder", "scheduler", "tokenizer"]);
     let images = dir.path().join("images");

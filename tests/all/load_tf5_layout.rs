@@ -58,8 +58,8 @@ fn text_encoder_loads_to_the_classic_weights_and_hidden_states() {
 
 #[test]
 fn sample_gives_the_classic_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     let mut images = Vec::new();
     for model in [TF5, CLASSIC] {
         let out = dir.path().join(format!("{model}.png"));
@@ -78,7 +78,7 @@ fn sample_gives_the_classic_image() {
 
 #[test]
 fn info_reads_both_layouts() {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     let tf5 = stdout_ok(&run(sdtune(cache.path()).arg("info").arg(fixture(TF5))));
     let classic = stdout_ok(&run(sdtune(cache.path()).arg("info").arg(fixture(CLASSIC))));
     assert!(tf5.contains("no text_model. prefix"), "{tf5}");
@@ -93,7 +93,7 @@ fn info_reads_both_layouts() {
 
 #[test]
 fn a_text_encoder_of_neither_layout_fails_in_one_sentence_naming_the_file() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let model = dir.path().join("model");
     for entry in walk(&fixture(TF5)) {
         let rel = entry.strip_prefix(fixture(TF5)).unwrap();
@@ -107,7 +107,7 @@ fn a_text_encoder_of_neither_layout_fails_in_one_sentence_naming_the_file() {
         src.names().into_iter().map(|n| (format!("clip.{n}"), src.tensor(&n).unwrap())).collect();
     drop(src);
     write_tensors(&file, &renamed, None).unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     let sample = run(sdtune(cache.path())
         .args(["sample", "--device", "cpu", "--prompt", "x", "--steps", "2", "--model"])
         .arg(&model)

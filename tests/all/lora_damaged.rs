@@ -47,7 +47,7 @@ fn assert_refused(out: &Output, file: &Path, words: &[&str]) -> String {
 
 #[test]
 fn damaged_lora_files_are_refused_by_info_and_sample_alike() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let down = format!("{MODULE}.lora_down.weight");
     let up = format!("{MODULE}.lora_up.weight");

@@ -65,7 +65,7 @@ fn metadata(path: &Path) -> std::collections::HashMap<String, String> {
 
 #[test]
 fn resize_at_or_above_the_rank_keeps_every_delta() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     // ref_sdxl_peft has a lora_alpha per model (8, 2 and 6) in its header, folded into lora_B.
     for file in ["sdtune_kohya.safetensors", "peft_a.safetensors", "lycoris/kohya_locon.safetensors", "ref_sdxl_peft.safetensors"] {
         let want: BTreeMap<String, Tensor> = deltas(Path::new(&fixture(file))).into_iter().map(|(k, (d, _))| (k, d)).collect();
@@ -89,7 +89,7 @@ fn squared_singular_values(m: &Tensor) -> Tensor {
 /// optimality without trusting sdtune's own SVD.
 #[test]
 fn resize_below_the_rank_is_the_best_approximation() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let files = [
         ("sdtune_kohya.safetensors", 2),
         ("peft_a.safetensors", 3),
@@ -121,7 +121,7 @@ fn resize_below_the_rank_is_the_best_approximation() {
 
 #[test]
 fn resize_keeps_the_layout_and_base_metadata_and_records_itself() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let out = tmp.path().join("r2.safetensors");
     ok(&sdtune(tmp.path(), &["lora", "resize", &fixture("sdtune_kohya.safetensors"), "--rank", "2", "--out", out.to_str().unwrap()]));
     let names = |p: &Path| {
@@ -148,7 +148,7 @@ fn resize_keeps_the_layout_and_base_metadata_and_records_itself() {
 
 #[test]
 fn resized_and_merged_files_sample_in_sdtune() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let d = tmp.path();
     ok(&sdtune(d, &["lora", "resize", &fixture("sdtune_kohya.safetensors"), "--rank", "2", "--out", "r2.safetensors"]));
     ok(&sdtune(d, &["lora", "merge", &fixture("peft_a.safetensors"), &fixture("sdtune_diffusers.safetensors"), "--rank", "3", "--out", "m.safetensors"]));
@@ -177,7 +177,7 @@ fn merged(dir: &Path, specs: &[String], rank: Option<&str>) -> BTreeMap<String, 
 
 #[test]
 fn merging_a_file_with_itself_scales_it() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let a = fixture("kohya_a.safetensors");
     let a_deltas = deltas(Path::new(&a));
     let zero = merged(tmp.path(), &[format!("{a}:1"), format!("{a}:-1")], None);
@@ -191,7 +191,7 @@ fn merging_a_file_with_itself_scales_it() {
 
 #[test]
 fn merging_two_files_at_full_rank_sums_their_deltas() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let (a, b) = (fixture("kohya_a.safetensors"), fixture("kohya_b.safetensors"));
     let (da, db) = (deltas(Path::new(&a)), deltas(Path::new(&b)));
     let mut want: BTreeMap<String, Tensor> = db.iter().map(|(k, (d, _))| (k.clone(), d * 0.4)).collect();
@@ -230,7 +230,7 @@ fn one_sentence_error(out: &Output) -> String {
 
 #[test]
 fn loras_for_different_bases_are_one_sentence_naming_both() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let (sd1, sdxl) = (fixture("sdtune_kohya.safetensors"), fixture("sdtune_sdxl_kohya.safetensors"));
     let err = one_sentence_error(&sdtune(tmp.path(), &["lora", "merge", &sd1, &sdxl, "--out", "m.safetensors"]));
     assert!(err.contains("sdtune_kohya.safetensors") && err.contains("sdtune_sdxl_kohya.safetensors") && err.contains("different base models"), "{err}");
@@ -245,7 +245,7 @@ fn loras_for_different_bases_are_one_sentence_naming_both() {
 
 #[test]
 fn bad_input_is_one_sentence_and_writes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let d = tmp.path();
     let a = fixture("kohya_a.safetensors");
     let (loha, peft) = (fixture("lycoris/kohya_loha.safetensors"), fixture("peft_a.safetensors"));
@@ -281,7 +281,7 @@ fn reference() -> std::collections::HashMap<String, Tensor> {
 /// SD1 file trained by sdtune.
 #[test]
 fn resize_matches_torch_svd() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let out = tmp.path().join("r2.safetensors");
     ok(&sdtune(tmp.path(), &["lora", "resize", &fixture("sdtune_kohya.safetensors"), "--rank", "2", "--out", out.to_str().unwrap()]));
     let r = reference();
@@ -301,7 +301,7 @@ fn edited_files_load_in_diffusers_as_in_sdtune() {
     use sdtune::models::conditioning::Conditioning;
     use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
 
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let d = tmp.path();
     ok(&sdtune(d, &["lora", "resize", &fixture("sdtune_kohya.safetensors"), "--rank", "2", "--out", "kohya_r2.safetensors"]));
     let (a, b) = (fixture("kohya_a.safetensors"), fixture("kohya_b.safetensors"));

@@ -71,7 +71,7 @@ fn written_files_read_back_identically() {
     let m = model();
     let layers = ModelLayers { unet: &m.unet.layers, text_encoder: None, text_encoder_2: None, kohya: KohyaNames::Diffusers };
     let original = format::read(&lora_file("kohya_a.safetensors"), &layers).unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     for fmt in [format::LoraFormat::Kohya, format::LoraFormat::Peft] {
         let path = dir.path().join(format!("{}.safetensors", fmt.name().split(' ').next().unwrap()));
         format::write(&path, &original, fmt, &KohyaNames::Diffusers, Default::default()).unwrap();
@@ -90,7 +90,7 @@ fn written_files_read_back_identically() {
 #[test]
 fn a_lora_for_other_layers_is_an_error_naming_the_key() {
     let m = model();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let path = dir.path().join("alien.safetensors");
     let tensors = vec![
         ("lora_unet_input_blocks_1_1_proj_in.lora_down.weight".to_string(), Tensor::zeros([4, 16], (tch::Kind::Float, tch::Device::Cpu))),
@@ -105,7 +105,7 @@ fn a_lora_for_other_layers_is_an_error_naming_the_key() {
 #[test]
 fn sample_with_two_loras_matches_diffusers_image() {
     let r = reference();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let out = dir.path().join("two.png");
     let run = Command::new(env!("CARGO_BIN_EXE_sdtune"))
         .args(["sample", "--device", "cpu", "--model"])

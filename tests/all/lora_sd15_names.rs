@@ -37,7 +37,7 @@ fn sd15_kohya_file_holds_exactly_the_64_attn2_modules() {
     let lora = LoraNetwork::inject(&unet.layers, Targets::CrossAttn, 16, 16.0, DownInit::KaimingUniform, Device::Cpu).unwrap();
     assert_eq!(lora.modules.len(), 64);
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let path = dir.path().join("sd15.safetensors");
     format::write(&path, &lora.to_weights(), LoraFormat::Kohya, &KohyaNames::Diffusers, Default::default()).unwrap();
     let file = TensorFile::open(&path).unwrap();

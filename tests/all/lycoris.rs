@@ -96,7 +96,7 @@ fn a_module_that_does_not_fit_its_layer_is_one_sentence() {
         .filter(|(k, _)| !k.starts_with("lora_unet_conv_out."))
         .map(|(k, t)| (k.replace("lora_unet_conv_in.", "lora_unet_conv_out."), t.shallow_clone()))
         .collect();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let path = dir.path().join("moved.safetensors");
     sdtune::loaders::tensor_file::write_tensors(&path, &tensors, None).unwrap();
     let err = format!("{:#}", format::read(&path, &layers(&m)).err().expect("must fail"));
@@ -110,7 +110,7 @@ fn an_unknown_lycoris_key_is_one_sentence() {
     let mut tensors: Vec<(String, Tensor)> =
         common::read_tensors(&file("kohya_lokr.safetensors")).into_iter().collect();
     tensors.push(("lora_unet_conv_in.dora_scale".into(), Tensor::ones([16, 1, 1, 1], (tch::Kind::Float, tch::Device::Cpu))));
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let path = dir.path().join("dora.safetensors");
     sdtune::loaders::tensor_file::write_tensors(&path, &tensors, None).unwrap();
     let err = format!("{:#}", format::read(&path, &layers(&m)).err().expect("must fail"));
@@ -148,7 +148,7 @@ fn info_names_each_kind() {
 
 #[test]
 fn sample_runs_with_a_loha() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let out = dir.path().join("loha.png");
     let base = dir.path().join("base.png");
     for (path, lora) in [(&out, true), (&base, false)] {

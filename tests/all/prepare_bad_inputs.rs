@@ -86,7 +86,7 @@ fn find<'a>(list: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::V
 
 #[test]
 fn bad_inputs_are_reported_and_good_ones_cached() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     let data = work.join("brand photos");
     let good = build_corpus(&data);
@@ -208,7 +208,7 @@ fn decode_all(bytes: &[u8]) -> image::RgbImage {
 
 #[test]
 fn missing_or_empty_folders_fail_in_one_sentence() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     for (dir, expected) in [("nowhere", "does not exist"), ("empty", "holds no image files")] {
         if dir == "empty" {
@@ -225,7 +225,7 @@ fn missing_or_empty_folders_fail_in_one_sentence() {
 
 #[test]
 fn a_folder_of_only_bad_files_exits_non_zero_with_the_reasons() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     write(&work.join("bad/empty.png"), b"");
     write(&work.join("bad/readme.jpg"), b"hello");
@@ -240,7 +240,7 @@ fn a_folder_of_only_bad_files_exits_non_zero_with_the_reasons() {
 
 #[test]
 fn a_bad_config_names_the_file_and_line() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     write_picture(&work.join("imgs/a.png"), 64, 64, 1, ImageFormat::Png);
     write(&work.join("sdtune.yaml"), b"data:\n  resolution: 64\n  flipp: true\n");
@@ -252,7 +252,7 @@ fn a_bad_config_names_the_file_and_line() {
 
 #[test]
 fn no_model_anywhere_uses_the_built_in_one_and_says_so() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     write_picture(&work.join("imgs/a.png"), 64, 64, 1, ImageFormat::Png);
     let args = ["prepare".to_string(), "imgs".to_string(), "--device".to_string(), "cpu".to_string()];
@@ -276,7 +276,7 @@ fn no_model_anywhere_uses_the_built_in_one_and_says_so() {
 
 #[test]
 fn the_model_comes_from_sdtune_yaml_and_the_config_is_not_an_image() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     write_picture(&work.join("a.png"), 64, 64, 1, ImageFormat::Png);
     write_picture(&work.join("b.jpg"), 64, 48, 2, ImageFormat::Jpeg);

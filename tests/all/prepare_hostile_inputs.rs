@@ -31,7 +31,7 @@ fn flags_at(data: &str, extra: &[&str]) -> Vec<String> {
 fn names_that_are_not_utf8_are_read_and_paired() {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     let data = work.join(OsStr::from_bytes(b"fotos caf\xe9"));
     write_picture(&data.join(OsStr::from_bytes(b"caf\xe9 table.png")), 64, 64, 1, ImageFormat::Png);
@@ -81,7 +81,7 @@ fn names_that_are_not_utf8_are_read_and_paired() {
     assert!(!yaml.contains("path:"), "{yaml}");
 
     // A kohya concept folder named so: its name, the default caption, is said to hold U+FFFD.
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     write_picture(&work.join("kohya").join(OsStr::from_bytes(b"3_caf\xe9")).join("a.png"), 64, 64, 1, ImageFormat::Png);
     let stdout = run_ok(work, &small_flags(Path::new("kohya")));
@@ -96,7 +96,7 @@ fn names_that_are_not_utf8_are_read_and_paired() {
 /// the file and line, every other caption kept.
 #[test]
 fn a_bad_metadata_line_costs_only_that_line() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     let data = work.join("imgs");
     for (i, name) in ["a", "b", "c", "d", "e"].iter().enumerate() {
@@ -137,7 +137,7 @@ fn a_bad_metadata_line_costs_only_that_line() {
 /// An image whose bucket keeps most of it is not warned about.
 #[test]
 fn an_image_cropped_to_a_sliver_is_named() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     write_picture(&work.join("imgs/banner.png"), 6000, 40, 1, ImageFormat::Png);
     write_picture(&work.join("imgs/photo.png"), 96, 64, 2, ImageFormat::Png);
@@ -160,7 +160,7 @@ fn an_image_cropped_to_a_sliver_is_named() {
 /// does not fit, a resolution far past the limit.
 #[test]
 fn sizes_past_memory_are_refused_in_one_sentence() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     write(&work.join("imgs/huge.png"), &png_claiming(2_000_000, 2_000_000));
     write_picture(&work.join("imgs/fine.png"), 64, 64, 1, ImageFormat::Png);
@@ -175,7 +175,7 @@ fn sizes_past_memory_are_refused_in_one_sentence() {
     assert!(reason.contains("2000000×2000000") && reason.contains("GiB are free"), "{reason}");
 
     // One image of a 4096×4096 bucket needs ~6 GiB for the tiny VAE's encode in fp32.
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     write_picture(&work.join("imgs/a.png"), 64, 64, 1, ImageFormat::Png);
     let out = command(work, &flags_at("imgs", &["--resolution", "4096"]))
@@ -189,7 +189,7 @@ fn sizes_past_memory_are_refused_in_one_sentence() {
     assert!(stderr.contains("4096×4096 bucket") && stderr.contains("--resolution"), "{stderr}");
 
     // Three 64×64 images, batch 4: 1.5 MiB each, 3 MiB free -> 2 at a time.
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     for i in 0..3 {
         write_picture(&work.join(format!("imgs/{i}.png")), 64, 64, i + 1, ImageFormat::Png);
@@ -205,7 +205,7 @@ fn sizes_past_memory_are_refused_in_one_sentence() {
     assert!(lowered[0]["message"].as_str().unwrap().contains("so 2 at a time"), "{:#}", lowered[0]);
 
     // A file larger than the free memory is not read: 6.4 MiB of BMP, 6 MiB free.
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     write_picture(&work.join("imgs/a.png"), 64, 64, 1, ImageFormat::Png);
     write_picture(&work.join("imgs/big.bmp"), 1500, 1500, 2, ImageFormat::Bmp);

@@ -26,7 +26,7 @@ fn small_config() -> DataConfig {
 
 #[test]
 fn cached_latents_match_diffusers() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     let data = work.join("images");
     std::fs::create_dir_all(&data).unwrap();

@@ -42,7 +42,7 @@ fn flags(model: &Path, precision: &str) -> Vec<String> {
 
 #[test]
 fn non_finite_half_precision_latents_are_re_encoded_in_fp32() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     for i in 0..3 {
         write_picture(&work.join(format!("data/p{i}.png")), 64, 64, 20 + i, ImageFormat::Png);
@@ -68,7 +68,7 @@ fn non_finite_half_precision_latents_are_re_encoded_in_fp32() {
 
 #[test]
 fn bf16_latents_are_close_to_fp32_and_keyed_apart() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     write_picture(&work.join("data/p.png"), 64, 64, 30, ImageFormat::Png);
     run_ok(work, &flags(&tiny_model(), "fp32"));

@@ -105,7 +105,7 @@ fn assert_consistent_after_kill(work: &Path, recorded: &BTreeMap<String, String>
 
 #[test]
 fn killed_runs_resume_and_edits_re_encode_only_what_changed() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     make_images(&work.join("data"));
 
@@ -177,7 +177,7 @@ fn killed_runs_resume_and_edits_re_encode_only_what_changed() {
 
 #[test]
 fn flip_caches_flipped_latents_and_settings_are_part_of_the_key() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let work = tmp.path();
     for i in 0..3 {
         write_picture(&work.join(format!("data/f{i}.png")), 64, 64, 40 + i, ImageFormat::Png);

@@ -100,7 +100,7 @@ fn first_grid(dir: &Path, name: &str) -> PathBuf {
 
 #[test]
 fn the_prepared_vae_goes_into_sdtune_yaml_and_decodes_trains_grids() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     other_vae(dir.path());
     std::fs::create_dir_all(dir.path().join("imgs")).unwrap();
     for i in 0..2u8 {

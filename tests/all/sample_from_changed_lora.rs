@@ -20,7 +20,7 @@ fn ok(out: &Output) -> String {
 
 #[test]
 fn a_changed_lora_is_refused_with_both_hashes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let fixture = common::fixtures().join("lora/kohya_a.safetensors");
     let lora = d.join("brand.safetensors");

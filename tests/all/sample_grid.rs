@@ -140,7 +140,7 @@ fn chunk(path: &Path, keyword: &str) -> String {
 
 #[test]
 fn grid_has_its_size_layout_labels_and_images() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let stdout = run_tiny(d, &["--prompt", "a red car", "--prompt", "a blue mug", "--seeds", "1,2,3", "--negative-prompt", "blurry", "--out", "grid.png"]);
     assert!(stdout.contains("wrote grid.png (6 images beside it)"), "{stdout}");
@@ -177,7 +177,7 @@ fn grid_has_its_size_layout_labels_and_images() {
 
 #[test]
 fn every_png_carries_a1111_parameters_and_sdtune_settings() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let spec = format!("{}:0.8", lora().display());
     run_tiny(d, &["--prompt", "a red car, studio", "--negative-prompt", "blurry", "--seed", "7", "--lora", &spec, "--out", "one.png"]);
@@ -206,7 +206,7 @@ fn every_png_carries_a1111_parameters_and_sdtune_settings() {
 
 #[test]
 fn from_renders_images_and_grids_again_bit_for_bit() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let spec = format!("{}:0.7", lora().display());
     // An ancestral sampler: per-step noise must be replayed too.
@@ -226,7 +226,7 @@ fn from_renders_images_and_grids_again_bit_for_bit() {
 
 #[test]
 fn the_built_in_model_is_recorded_by_name_and_replays_from_another_cache() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let with_cache = |cache: &str, args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_sdtune"))
@@ -250,7 +250,7 @@ fn the_built_in_model_is_recorded_by_name_and_replays_from_another_cache() {
 
 #[test]
 fn compare_lays_base_and_lora_strengths_side_by_side() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let spec = format!("{}:0.8", lora().display());
     run_tiny(d, &["--prompt", "a red car", "--seeds", "1,2", "--lora", &spec, "--compare", "0.5,1", "--out", "c.png"]);
@@ -275,7 +275,7 @@ fn compare_lays_base_and_lora_strengths_side_by_side() {
 
 #[test]
 fn the_runs_grid_renders_from_sdtune_yaml_with_consistency_figures() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     let yaml = format!(
         "model: {}\nsample:\n  prompts: [\"a red car\", \"a blue mug\"]\n  seeds: [3, 4]\ntrain:\n  name: acme\n  sample_steps: 2\n",
@@ -318,7 +318,7 @@ fn the_runs_grid_renders_from_sdtune_yaml_with_consistency_figures() {
 
 #[test]
 fn bad_input_gets_one_sentence() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let d = dir.path();
     // A PNG without settings.
     RgbImage::new(8, 8).save(d.join("plain.png")).unwrap();

@@ -30,7 +30,7 @@ fn cases() -> Vec<Case> {
 fn every_reference_case_matches_diffusers() {
     let cases = cases();
     assert!(cases.len() >= 6, "expected at least 6 reference cases");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     for case in cases {
         let out = dir.path().join(format!("{}.png", case.name));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdtune"));

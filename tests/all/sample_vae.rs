@@ -28,7 +28,7 @@ fn other_vae() -> Vec<(String, Tensor)> {
 }
 
 struct Setup {
-    _dir: tempfile::TempDir,
+    _dir: sdtune::scratch::ScratchDir,
     root: PathBuf,
     /// tiny-sd1 with the other VAE in its vae/.
     swapped_model: PathBuf,
@@ -37,7 +37,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let root = dir.path().to_path_buf();
     let tensors = other_vae();
     let config = fixture("tiny-sd1/vae/config.json");

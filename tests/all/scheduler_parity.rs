@@ -80,7 +80,7 @@ fn every_reference_case_matches_diffusers() {
     let _rng = crate::common::torch_rng();
     let cases = cases();
     assert!(cases.len() >= 8, "expected at least 8 reference cases");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     for case in cases {
         let out = dir.path().join(format!("{}.png", case.name));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdtune"));

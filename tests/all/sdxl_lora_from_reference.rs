@@ -79,7 +79,7 @@ fn sample(model: &Path, lora: Option<&Path>, out: &Path) -> Output {
 
 #[test]
 fn sample_runs_with_each_reference_file() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let without = dir.path().join("without.png");
     let run = sample(&tiny("tiny-sdxl"), None, &without);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
@@ -95,7 +95,7 @@ fn sample_runs_with_each_reference_file() {
 
 /// A LoRA of the other family is refused in one sentence that names the file.
 fn assert_refused(model: &str, stem: &str) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let run = sample(&tiny(model), Some(&lora_file(stem)), &dir.path().join("x.png"));
     assert!(!run.status.success(), "{stem} on {model} was not refused");
     let stderr = String::from_utf8_lossy(&run.stderr);

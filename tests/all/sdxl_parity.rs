@@ -105,7 +105,7 @@ fn sample_matches_the_sdxl_pipeline_for_every_scheduler() {
     let cases: Vec<Case> =
         serde_json::from_str(&std::fs::read_to_string(common::reference("sdxl/cases.json")).unwrap()).unwrap();
     assert!(cases.len() >= 17, "every scheduler with and without a negative prompt, plus sizes and v");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let mut worst = (0.0, String::new());
     for case in cases {
         let out = dir.path().join(format!("{}.png", case.name));
@@ -141,7 +141,7 @@ fn sample_matches_the_sdxl_pipeline_for_every_scheduler() {
 
 #[test]
 fn an_sdxl_unet_with_an_sd1_text_encoder_is_refused_in_one_sentence() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let copy = tmp.path().join("mixed");
     common::copy_dir(&folder(), &copy);
     // The first encoder alone: no pooled embedding for the UNet's added embedding.

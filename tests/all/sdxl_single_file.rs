@@ -72,7 +72,7 @@ fn exported_file_is_the_one_diffusers_accepted() {
 
 #[test]
 fn single_file_loads_the_folder_weights_exactly() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let path = single_file(dir.path(), NAME);
     let ours = StableDiffusion::load(path.to_str().unwrap(), Placement::cpu_f32(), &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{e:#}"));
@@ -90,8 +90,8 @@ fn single_file_loads_the_folder_weights_exactly() {
 
 #[test]
 fn sample_from_single_file_equals_the_folder_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     let path = single_file(dir.path(), NAME);
     for scheduler in ["euler", "dpmpp_2m"] {
         for negative in [None, Some("blurry, low quality")] {
@@ -119,8 +119,8 @@ fn sample_from_single_file_equals_the_folder_image() {
 
 #[test]
 fn v_prediction_files_sample_with_the_flag() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     // No scheduler config beside the file: epsilon unless the flag says v. (Euler: the
     // tiny folder's Euler config leaves DDIM's clip_sample / set_alpha_to_one unset,
     // SDXL base's, which the file gets, sets them false.)
@@ -149,8 +149,8 @@ fn v_prediction_files_sample_with_the_flag() {
 
 #[test]
 fn info_names_the_file_sdxl() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     let path = single_file(dir.path(), NAME);
     let out = stdout_ok(&run(sdtune(cache.path()).arg("info").arg(&path)));
     assert!(out.contains("Stable Diffusion XL"), "{out}");
@@ -160,8 +160,8 @@ fn info_names_the_file_sdxl() {
 
 #[test]
 fn a_refiner_and_a_truncated_file_are_refused_in_one_sentence() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     // Refiner-like: bigG alone in the first slot, no CLIP-L.
     let refiner: Vec<(String, Tensor)> = export(NAME)
         .into_iter()
@@ -189,7 +189,7 @@ fn a_refiner_and_a_truncated_file_are_refused_in_one_sentence() {
 
 #[test]
 fn tokenizers_come_from_beside_the_cache_or_the_bundled_files() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     // Configs beside the file, but no tokenizer/ or tokenizer_2/.
     let path = write_single_file(dir.path(), NAME, NAME, None);
     write_beside(dir.path(), NAME, NAME, &PARTS[..5]);
@@ -204,7 +204,7 @@ fn tokenizers_come_from_beside_the_cache_or_the_bundled_files() {
         stdout_ok(&res);
         (pixels(&out), String::from_utf8_lossy(&res.stderr).to_string())
     };
-    let empty = tempfile::tempdir().unwrap();
+    let empty = sdtune::scratch::ScratchDir::new().unwrap();
     let (folder_image, _) = {
         let out = dir.path().join("folder.png");
         let res = run(sdtune(empty.path())
@@ -217,7 +217,7 @@ fn tokenizers_come_from_beside_the_cache_or_the_bundled_files() {
         (pixels(&out), ())
     };
     // SDXL base's two tokenizers in the Hugging Face cache.
-    let cache = tempfile::tempdir().unwrap();
+    let cache = sdtune::scratch::ScratchDir::new().unwrap();
     fake_hub_repo(cache.path(), "stabilityai/stable-diffusion-xl-base-1.0", &fixture(NAME), &|files| {
         files.retain(|rel, _| rel.starts_with("tokenizer"));
     });

@@ -107,7 +107,7 @@ fn prepare_train_and_sample_with_the_lora() {
 
 #[test]
 fn an_sdxl_model_prepares_at_1024_px_in_kohyas_buckets_by_default() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     std::fs::create_dir_all(dir.path().join("imgs")).unwrap();
     image::RgbImage::from_pixel(384, 256, image::Rgb([200, 100, 50])).save(dir.path().join("imgs/a.png")).unwrap();
     let out = train_support::sdtune(dir.path(), &["prepare", "imgs", "--device", "cpu", "--model"], Some(&tiny_sdxl()));
@@ -181,7 +181,7 @@ fn kohya_files_read_back_to_the_layers_of_the_diffusers_file() {
 
     // Written again in kohya layout, the names stay SGM's and read back the same.
     let weights = read_lora(&m, &fixture_lora("sdtune_sdxl_kohya"));
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let path = dir.path().join("again.safetensors");
     let names = render::layers(&m).unwrap().kohya;
     format::write(&path, &weights, LoraFormat::Kohya, &names, Default::default()).unwrap();
@@ -352,7 +352,7 @@ fn kohya_files_with_both_text_encoders_reach_each_encoder() {
     })
     .collect();
     let weights = LoraWeights { modules, ..Default::default() };
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let path = tmp.path().join("te.safetensors");
     format::write(&path, &weights, LoraFormat::Kohya, &layers.kohya, Default::default()).unwrap();
     let names = TensorFile::open(&path).unwrap().names();

@@ -142,8 +142,8 @@ fn sample(dir: &Path, out: &str, extra: &[&str]) -> Vec<u8> {
 
 /// A temporary folder with `adapters/kohya_a.safetensors` and `kohya_b`,
 /// and a training run `output/acme/` whose final LoRA is kohya_b's weights.
-fn workspace() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+fn workspace() -> sdtune::scratch::ScratchDir {
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let adapters = dir.path().join("adapters");
     std::fs::create_dir(&adapters).unwrap();
     for name in ["kohya_a", "kohya_b"] {

@@ -70,11 +70,11 @@ fn sd_rule_model(family: Family) -> StableDiffusion {
 #[test]
 fn sd1_and_sd2_files_alone_sample_offline_with_an_empty_hf_home() {
     for (family, stem) in [(Family::Sd1, "sd1"), (Family::Sd2, "sd2")] {
-        let alone = tempfile::tempdir().unwrap();
-        let hf_home = tempfile::tempdir().unwrap();
+        let alone = sdtune::scratch::ScratchDir::new().unwrap();
+        let hf_home = sdtune::scratch::ScratchDir::new().unwrap();
         let tensors = to_ldm(&sd_rule_model(family), family).unwrap_or_else(|e| panic!("{e:#}"));
         let path = write_file(alone.path(), &format!("{stem}.safetensors"), &tensors, None);
-        let out = tempfile::tempdir().unwrap();
+        let out = sdtune::scratch::ScratchDir::new().unwrap();
         let png = out.path().join("x.png");
         // SD2: say what it predicts, so the only line is the tokenizer's.
         let extra: &[&str] = if family == Family::Sd2 { &["--prediction-type", "v"] } else { &[] };
@@ -125,9 +125,9 @@ fn bundled_tokenizer_gives_the_reference_ids_with_each_familys_padding() {
 /// folders give with their own tokenizers, padding included.
 #[test]
 fn tiny_files_without_a_tokenizer_sample_their_folders_image() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     for name in ["tiny-sd1", "tiny-sd2"] {
-        let hf_home = tempfile::tempdir().unwrap();
+        let hf_home = sdtune::scratch::ScratchDir::new().unwrap();
         let path = write_single_file(dir.path(), name, name, None);
         write_beside(dir.path(), name, name, &["unet", "vae", "text_encoder", "scheduler"]);
         let mut images = Vec::new();

@@ -65,7 +65,7 @@ fn sd2_folder_matches_reference() {
 
 #[test]
 fn sd2_tokenizer_json_alone_matches_reference() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     for file in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(tokenizer_dir("tiny-sd2").join(file), tmp.path().join(file)).unwrap();
     }
@@ -104,14 +104,14 @@ fn truncation_is_flagged() {
 
 #[test]
 fn folder_without_vocab_files_is_an_error() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let err = format!("{:#}", ClipTokenizer::from_folder(tmp.path()).err().expect("an error"));
     assert!(err.contains("vocab.json") && err.contains("tokenizer.json"), "{err}");
 }
 
 #[test]
 fn corrupt_vocab_json_is_an_error_naming_it() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     std::fs::copy(tokenizer_dir("tiny-sd1").join("merges.txt"), tmp.path().join("merges.txt")).unwrap();
     std::fs::write(tmp.path().join("vocab.json"), "{\"a\": 1,").unwrap();
     let err = format!("{:#}", ClipTokenizer::from_folder(tmp.path()).err().expect("an error"));
@@ -120,7 +120,7 @@ fn corrupt_vocab_json_is_an_error_naming_it() {
 
 #[test]
 fn missing_merges_is_an_error_naming_it() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     std::fs::copy(tokenizer_dir("tiny-sd1").join("vocab.json"), tmp.path().join("vocab.json")).unwrap();
     let err = format!("{:#}", ClipTokenizer::from_folder(tmp.path()).err().expect("an error"));
     assert!(err.contains("merges.txt"), "{err}");

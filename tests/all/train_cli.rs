@@ -110,7 +110,7 @@ fn bad_settings_get_one_sentence() {
     let err = String::from_utf8_lossy(&train(dir.path(), &["--targets", "everything", "--steps", "1"]).stderr).to_string();
     assert!(err.contains("everything") && err.contains("cross-attn"), "{err}");
 
-    let empty = tempfile::tempdir().unwrap();
+    let empty = sdtune::scratch::ScratchDir::new().unwrap();
     let err = String::from_utf8_lossy(&train(empty.path(), &["--steps", "1"]).stderr).to_string();
     assert!(err.contains("sdtune prepare"), "{err}");
 }

@@ -153,7 +153,7 @@ fn resume_is_bit_identical() {
         lora_tensors(&lora).into_iter().map(|(k, v)| (k, v.copy())).collect::<Vec<_>>()
     };
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     {
         let model = unet(Kind::Float);
         let lora = lora_for(&model);

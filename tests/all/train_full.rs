@@ -22,8 +22,8 @@ fn ok(out: Output) -> Output {
 }
 
 /// A working folder with 4 prepared 64-px images of the tiny fixture model.
-fn prepared() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+fn prepared() -> sdtune::scratch::ScratchDir {
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let images = dir.path().join("shapes");
     std::fs::create_dir_all(&images).unwrap();
     for i in 0..4u32 {

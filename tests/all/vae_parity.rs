@@ -83,7 +83,7 @@ fn load_vae(file: PathBuf, cfg: &VaeConfig) -> Built<AutoencoderKL> {
 #[test]
 fn legacy_attention_names_load_and_decode_the_same() {
     let cfg = config("tiny-sd1");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let legacy = load_vae(write_legacy_copy(tmp.path()), &cfg);
     let current = load_vae(weights("tiny-sd1"), &cfg);
 
@@ -98,7 +98,7 @@ fn legacy_attention_names_load_and_decode_the_same() {
 fn legacy_names_need_the_renaming_loader() {
     // Plain build_and_load knows only the current names, and says which tensor is missing.
     let cfg = config("tiny-sd1");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = sdtune::scratch::ScratchDir::new().unwrap();
     let file = write_legacy_copy(tmp.path());
     let err = build_and_load(&[file], Device::Cpu, Kind::Float, |vb| AutoencoderKL::new(vb, &cfg))
         .err()

@@ -66,7 +66,7 @@ fn sdtune(args: &[&str], dir: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn sample_with_vae_tiling_records_it_and_renders_again_alike() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let model = fixtures().join("tiny-sd1");
     let model = model.to_str().unwrap();
     let common = ["sample", "--model", model, "--prompt", "a red circle", "--steps", "2", "--width", "136", "--height", "104"];

@@ -11,13 +11,13 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// A working folder with 6 prepared images (two buckets) of the tiny model.
-pub fn prepared() -> tempfile::TempDir {
+pub fn prepared() -> sdtune::scratch::ScratchDir {
     prepared_with(&fixtures().join("tiny-sd1"))
 }
 
 /// The same 6 images prepared for `model` (a diffusers folder).
-pub fn prepared_with(model: &Path) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+pub fn prepared_with(model: &Path) -> sdtune::scratch::ScratchDir {
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
     let brand = dir.path().join("brand");
     std::fs::create_dir_all(&brand).unwrap();
     for i in 0..6u32 {
