@@ -121,6 +121,14 @@ fn a_training_grid_image_renders_again_bit_for_bit() {
     let out = train(dir.path(), &["--steps", "2", "--name", "grid", "--sample-every", "2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let run = run_dir(dir.path(), "grid");
+    // The brand set's palette the grids were measured against is recorded
+    // in the run folder (what `sdtune serve` measures served grids against).
+    let recorded = sdtune::sample::brand_palette::load(&run.join("brand-palette.json")).unwrap_or_else(|e| panic!("{e:#}"));
+    let prepared = sdtune::sample::metrics::Brand::from_prepared(dir.path()).unwrap().expect("prepared");
+    assert_eq!((recorded.source.as_str(), recorded.images), (prepared.source.as_str(), 6));
+    for (x, y) in recorded.histogram.weights.iter().zip(&prepared.histogram.weights) {
+        assert!((x - y).abs() <= 1e-15, "{x} vs {y}");
+    }
     // The grid of a step without a periodic save still has its LoRA file.
     assert!(run.join("lora/step-000002.safetensors").is_file());
     for image in ["step-000002-p1-s1.png", "step-000002-p2-s4.png", "step-000000-p1-s2.png"] {

@@ -148,5 +148,5 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_prompt_chars: 4000,
         text_layers: 0,
     };
-    serve::run(ServeConfig { choice, adapters: args.adapters, runs: Some(runs), host, port: args.port, token: args.token, limits })
+    serve::run(ServeConfig { choice, adapters: args.adapters, runs: Some(runs), work_dir: PathBuf::from("."), host, port: args.port, token: args.token, limits })
 }

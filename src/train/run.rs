@@ -373,6 +373,7 @@ impl<'a> Outputs<'a> {
     fn open(main: bool, model: &'a StableDiffusion, trained: &'a Trained, plan: &'a RunPlan, start: u64, world: usize) -> Result<Self> {
         let metrics = if main {
             write_settings(model, plan)?;
+            write_brand_palette(plan)?;
             Some(Metrics::open(&plan.dir.join("metrics.jsonl"), start, world)?)
         } else {
             None
@@ -532,6 +533,16 @@ fn write_settings(model: &StableDiffusion, plan: &RunPlan) -> Result<()> {
     });
     std::fs::create_dir_all(&plan.dir).with_context(|| format!("cannot create {}", plan.dir.display()))?;
     crate::fsutil::write_atomic(&plan.dir.join("settings.json"), serde_json::to_string_pretty(&json)?.as_bytes())
+}
+
+/// `brand-palette.json` in the run folder: the palette the grids are
+/// measured against, so the figures can be computed again without the
+/// images (`sdtune serve` does, for this run's LoRA).
+fn write_brand_palette(plan: &RunPlan) -> Result<()> {
+    match &plan.grid.brand {
+        Some(brand) => crate::sample::brand_palette::save(brand, &plan.dir.join(crate::sample::brand_palette::FILE_NAME)),
+        None => Ok(()),
+    }
 }
 
 /// The header metadata of a full run's UNet file.
