@@ -90,6 +90,8 @@ pub struct RunPlan {
     pub conv: (i64, f64),
     /// Train DoRA (a magnitude per output row beside each pair) instead of plain LoRA.
     pub dora: bool,
+    /// Processes training together (data parallel); 1 alone.
+    pub processes: usize,
 }
 
 /// Progress the command shows.
@@ -137,13 +139,21 @@ impl RunPlan {
         identity
     }
 
+    /// Micro-batches of `batch_size` per optimizer step over all processes:
+    /// with the seed and batch size they fix each step's samples, so a
+    /// resume may split them differently (`--nproc 2` saved, `--nproc 1
+    /// --grad-accum 2` resumed) and still continue the same run.
+    fn micro_batches_per_step(&self) -> usize {
+        self.step.grad_accum * self.processes.max(1)
+    }
+
     fn base_identity(&self) -> Identity {
         if self.full {
             return Identity(vec![
                 ("mode".into(), "full".into()),
                 ("seed".into(), self.step.seed.to_string()),
                 ("batch_size".into(), self.step.batch_size.to_string()),
-                ("grad_accum".into(), self.step.grad_accum.to_string()),
+                (checkpoint::MICRO_BATCHES.into(), self.micro_batches_per_step().to_string()),
             ]);
         }
         Identity(vec![
@@ -152,7 +162,7 @@ impl RunPlan {
             ("targets".into(), self.targets.name().into()),
             ("seed".into(), self.step.seed.to_string()),
             ("batch_size".into(), self.step.batch_size.to_string()),
-            ("grad_accum".into(), self.step.grad_accum.to_string()),
+            (checkpoint::MICRO_BATCHES.into(), self.micro_batches_per_step().to_string()),
         ])
         .with_text_encoder(self.text_encoder_lr.is_some())
         .with_dora(self.dora)
