@@ -41,6 +41,8 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(sdtune_nccl)");
     println!("cargo:rerun-if-env-changed=SDTUNE_GLOO_INCLUDE");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    // Included by both shims.
+    println!("cargo:rerun-if-changed=src/native/error_message.h");
     compile_native(&lib);
     // SDTUNE_WITHOUT_GLOO=1 builds as a machine without gloo's headers would.
     println!("cargo:rerun-if-env-changed=SDTUNE_WITHOUT_GLOO");

@@ -3,7 +3,8 @@
 websocket library is needed; stdlib only) for scripts/browser-check.sh:
 opens URL, watches the page until it has rendered EXPECT grid images (noting
 whether its progress bar was seen part-way), checks every image decoded,
-and writes a PNG screenshot.
+reads the consistency figures shown beside the grid's rows, and writes a
+PNG screenshot.
 
   python3 scripts/browser_cdp.py URL EXPECT SCREENSHOT.png
 Prints one JSON line of what it saw; exits 1 with a sentence when the page failed.
@@ -99,10 +100,13 @@ def main():
         cells = json.loads(cells)
         if len(cells) != expect or any(w == 0 or src != "blob:" for w, src in cells):
             raise SystemExit(f"browser-check: the grid should hold {expect} decoded images, it holds {cells}")
+        figures = json.loads(b.send("Runtime.evaluate", {"expression":
+            "JSON.stringify([...document.querySelectorAll('td.figures')].map(t => t.innerText.replace(/\\s+/g, ' ').trim()))",
+            "returnByValue": True}, session=s)["result"]["value"])
         png = base64.b64decode(b.send("Page.captureScreenshot", {"format": "png"}, session=s)["data"])
         with open(shot, "wb") as f:
             f.write(png)
-        print(json.dumps({"images": len(cells), "progress_seen_partway": seen_partway, "status": state["s"], "screenshot_bytes": len(png)}))
+        print(json.dumps({"images": len(cells), "progress_seen_partway": seen_partway, "status": state["s"], "figures": figures, "screenshot_bytes": len(png)}))
     finally:
         b.close()
 

@@ -3,6 +3,7 @@ pub mod bench;
 pub mod doctor;
 pub mod info;
 pub mod lora;
+pub mod model_args;
 pub mod pick;
 pub mod prepare;
 pub mod report;

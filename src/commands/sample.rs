@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 use crate::config::Config;
 use crate::loaders::builtin;
 use crate::loaders::source::{parse_prediction, LoadOptions};
+use super::model_args::ModelArgs;
 use crate::models::stable_diffusion::{Placement, StableDiffusion};
-use crate::runtime::{parse_device, Precision};
+use crate::runtime::Precision;
 use crate::ranges;
 use crate::sample::limits;
 use crate::sample::pipeline::SizeConditioning;
@@ -47,26 +48,6 @@ distance of each image to it is printed and written to <stem>.consistency.json."
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// The model: a diffusers folder (holding model_index.json), a single-file
-    /// .safetensors checkpoint (A1111/civitai, SD1.x or SD2.x), or a Hugging Face
-    /// id (org/name) found in the local Hugging Face cache. Pickles (.ckpt, .pt,
-    /// .bin) are refused. A single file reads configs from a folder or NAME.yaml
-    /// named like it, when present.
-    /// [default: sdtune.yaml's model, or the one the --from image was made with]
-    #[arg(long, value_name = "DIR|FILE|ID")]
-    pub model: Option<PathBuf>,
-    /// Weight variant of a diffusers folder or Hub id, e.g. fp16 (*.fp16.safetensors).
-    #[arg(long, value_name = "NAME")]
-    pub variant: Option<String>,
-    /// Another VAE instead of the model's: a diffusers vae/ folder, or one VAE
-    /// .safetensors file in diffusers' or LDM names (e.g. the fp16-fix SDXL VAE).
-    /// It changes the model hash the images record.
-    #[arg(long, value_name = "DIR|FILE")]
-    pub vae: Option<PathBuf>,
-    /// What the UNet predicts: epsilon or v [default: the model's config; for a
-    /// single file without one, epsilon for SD1 and v for SD2, with a warning].
-    #[arg(long, value_name = "epsilon|v")]
-    pub prediction_type: Option<String>,
     /// What to render; repeat for more grid rows. Without any prompt, sdtune.yaml's
     /// sample prompts and seeds are rendered with the run's trained LoRA.
     #[arg(long, value_name = "TEXT")]
@@ -124,12 +105,6 @@ pub struct SampleArgs {
     /// Fuse the LoRAs into the weights (faster; same image up to rounding).
     #[arg(long)]
     pub fuse: bool,
-    /// Decode in overlapping tiles of the VAE's own size, blended (diffusers'
-    /// enable_tiling): a 2048 px image then fits in a few GB; pixels near the
-    /// seams differ slightly from an untiled decode. Images that fit one tile
-    /// are unchanged.
-    #[arg(long)]
-    pub vae_tiling: bool,
     /// Put the base model's image beside the LoRAs' for each seed: alone, the LoRAs
     /// at the strengths given; with values (0.5,1), at those multiples of them.
     #[arg(allow_negative_numbers = true, long, value_name = "M,M,...", num_args = 0.., value_delimiter = ',')]
@@ -154,12 +129,10 @@ pub struct SampleArgs {
     /// IMAGE-again.png with --from].
     #[arg(long, value_name = "FILE.png")]
     pub out: Option<PathBuf>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Weight precision: fp32, bf16 or fp16.
-    #[arg(long, default_value = "fp32")]
-    pub precision: String,
+    // The model and how it runs, under a heading of its own in --help (last,
+    // since the heading carries over to the flags after it).
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 /// What to render, decided before the model is loaded.
@@ -197,7 +170,7 @@ struct Plan {
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
+    let device = args.model.device()?;
     let plan = plan(&args)?;
     let placement = Placement { device, kind: plan.precision.kind(), vae_kind: plan.precision.kind() };
     let (mut model, model_hash) = session::load_and_hash(&plan.model, &plan.options, placement)?;
@@ -276,17 +249,13 @@ fn check_for_model(work: &Work, model: &StableDiffusion) -> Result<()> {
 
 /// Decides the model, LoRAs and images from `--from`, the flags or sdtune.yaml.
 fn plan(args: &SampleArgs) -> Result<Plan> {
-    let options = LoadOptions {
-        variant: args.variant.clone(),
-        prediction_type: args.prediction_type.as_deref().map(parse_prediction).transpose()?,
-        vae: args.vae.clone(),
-    };
+    let options = args.model.load_options()?;
     let mut plan = Plan {
-        model: args.model.as_ref().map(|m| m.to_string_lossy().into_owned()).unwrap_or_default(),
+        model: args.model.model.as_ref().map(|m| m.to_string_lossy().into_owned()).unwrap_or_default(),
         options,
-        precision: Precision::parse(&args.precision)?,
+        precision: args.model.precision()?,
         fuse: args.fuse,
-        vae_tiling: args.vae_tiling,
+        vae_tiling: args.model.vae_tiling,
         loras: args.loras.clone(),
         work: Work::Job(empty_job()),
         brand: args.brand.clone().map_or(BrandFrom::None, BrandFrom::Dir),

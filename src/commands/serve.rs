@@ -8,8 +8,7 @@ use clap::Args;
 
 use crate::config::Config;
 use crate::loaders::builtin;
-use crate::loaders::source::{parse_prediction, LoadOptions};
-use crate::runtime::{parse_device, Precision};
+use super::model_args::ModelArgs;
 use crate::serve::limits::Limits;
 use crate::serve::worker::ModelChoice;
 use crate::serve::{self, ServeConfig};
@@ -38,24 +37,6 @@ the running one; a second Ctrl-C quits at once.";
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// The base model: a diffusers folder, a single-file .safetensors checkpoint,
-    /// or a Hugging Face id in the local cache [default: sdtune.yaml's model, else
-    /// the built-in tiny model].
-    #[arg(long, value_name = "DIR|FILE|ID")]
-    pub model: Option<PathBuf>,
-    /// Weight variant of a diffusers folder or Hub id, e.g. fp16.
-    #[arg(long, value_name = "NAME")]
-    pub variant: Option<String>,
-    /// Another VAE instead of the model's (a diffusers vae/ folder or one file).
-    #[arg(long, value_name = "DIR|FILE")]
-    pub vae: Option<PathBuf>,
-    /// What the UNet predicts: epsilon or v [default: the model's config].
-    #[arg(long, value_name = "epsilon|v")]
-    pub prediction_type: Option<String>,
-    /// Decode in overlapping tiles of the VAE's own size (diffusers' enable_tiling):
-    /// large images fit in less memory; pixels near the seams differ slightly.
-    #[arg(long)]
-    pub vae_tiling: bool,
     /// Folder of LoRA files (searched 4 levels deep); each is an adapter by its file stem.
     #[arg(long, value_name = "DIR")]
     pub adapters: Option<PathBuf>,
@@ -94,12 +75,10 @@ pub struct ServeArgs {
     /// Finished jobs kept for GET /v1/jobs/{id} (oldest dropped first).
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub keep_jobs: usize,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Weight precision: fp32, bf16 or fp16.
-    #[arg(long, default_value = "fp32")]
-    pub precision: String,
+    // The model and how it runs, under a heading of its own in --help (last,
+    // since the heading carries over to the flags after it).
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -120,7 +99,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
     }
     let config = Config::load_from_dir(Path::new("."))?;
-    let model = match (&args.model, config.as_ref().and_then(|c| c.model.clone())) {
+    let model = match (&args.model.model, config.as_ref().and_then(|c| c.model.clone())) {
         (Some(m), _) => m.to_string_lossy().into_owned(),
         (None, Some(m)) => m,
         (None, None) => builtin::fallback()?.display().to_string(),
@@ -128,14 +107,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let runs = args.runs.clone().unwrap_or_else(|| config.as_ref().map_or_else(|| PathBuf::from("output"), |c| PathBuf::from(&c.train.output)));
     let choice = ModelChoice {
         model,
-        options: LoadOptions {
-            variant: args.variant.clone(),
-            prediction_type: args.prediction_type.as_deref().map(parse_prediction).transpose()?,
-            vae: args.vae.clone(),
-        },
-        precision: Precision::parse(&args.precision)?,
-        device: parse_device(&args.device)?,
-        vae_tiling: args.vae_tiling,
+        options: args.model.load_options()?,
+        precision: args.model.precision()?,
+        device: args.model.device()?,
+        vae_tiling: args.model.vae_tiling,
     };
     let limits = Limits {
         max_side: args.max_side.unwrap_or(0),
@@ -148,5 +123,5 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_prompt_chars: 4000,
         text_layers: 0,
     };
-    serve::run(ServeConfig { choice, adapters: args.adapters, runs: Some(runs), host, port: args.port, token: args.token, limits })
+    serve::run(ServeConfig { choice, adapters: args.adapters, runs: Some(runs), work_dir: PathBuf::from("."), host, port: args.port, token: args.token, limits })
 }

@@ -307,7 +307,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let model = StableDiffusion::load(&model_path.to_string_lossy(), placement, &options)?;
     let processes = match &job {
-        Some(job) => format!(", {} processes x {} images per step", job.world_size, train.batch_size * train.grad_accum),
+        Some(job) => format!(
+            ", {} processes x {} images per step, store at {}:{} served by {}",
+            job.world_size,
+            train.batch_size * train.grad_accum,
+            job.master_addr,
+            job.master_port,
+            if job.agent_store { "torchrun's agent" } else { "rank 0" }
+        ),
         None => String::new(),
     };
     if let Some(job) = job.as_ref().filter(|_| !main) {
@@ -328,6 +335,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let grid = grid_settings(&train, &cache, &model_path, vae_path.as_deref(), &model, precision, device)?;
     let mut plan = plan(&train, &config, &work_dir, &cache, precision, &model_spec, args.resume, grid)?;
     plan.full = args.full;
+    plan.processes = job.as_ref().map_or(1, |j| j.world_size);
     plan.grid.brand = brand_palette(&work_dir);
     if plan.grid.brand.is_some() {
         plan.grid.concepts = concept_palettes(&work_dir, &plan.grid.prompts);
@@ -623,6 +631,7 @@ fn plan(
         text_encoder_lr: t.train_text_encoder.then(|| t.text_encoder_lr.unwrap_or(t.lr)),
         dora: t.dora,
         conv: (t.conv_rank.unwrap_or(t.rank), t.conv_alpha.unwrap_or(t.alpha)),
+        processes: 1,
     })
 }
 

@@ -9,7 +9,7 @@
 //
 // Tensors cross as tch's C_tensor, a heap at::Tensor*. Errors cross as
 // strings: the Rust side never unwinds into C++, and C++ exceptions never
-// reach Rust.
+// reach Rust (error_message.h).
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -18,6 +18,8 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "error_message.h"
 
 extern "C" {
 // Runs the segment on `inputs` (borrowed), hands each output to
@@ -123,12 +125,6 @@ struct Checkpoint : torch::autograd::Function<Checkpoint> {
   }
 };
 
-char* copy_message(const char* what) {
-  char* out = static_cast<char*>(std::malloc(std::strlen(what) + 1));
-  if (out) std::strcpy(out, what);
-  return out;
-}
-
 variable_list borrowed(at::Tensor* const* tensors, size_t n) {
   variable_list out;
   out.reserve(n);
@@ -167,22 +163,15 @@ char* sdtune_checkpoint(at::Tensor* const* inputs, size_t n_inputs, at::Tensor* 
     segment = c10::make_intrusive<Segment>(closure, run, drop);
   } catch (...) {
     drop(closure);
-    return copy_message("out of memory for a checkpointed segment");
+    return sdtune::copy_message("out of memory for a checkpointed segment");
   }
-  try {
+  return sdtune::guarded("a checkpointed segment", [&] {
     const auto input_list = borrowed(inputs, n_inputs);
     const auto param_list = borrowed(params, n_params);
     auto result =
         Checkpoint::apply(at::TensorList(input_list), at::TensorList(param_list), std::move(segment));
     for (auto& t : result) take(outputs, new at::Tensor(std::move(t)));
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception in a checkpointed segment");
-  }
+  });
 }
 
 }  // extern "C"

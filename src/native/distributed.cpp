@@ -16,37 +16,19 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
+#include "error_message.h"
+
 namespace {
+
+using sdtune::guarded;
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
 };
-
-char* copy_message(const std::string& what) {
-  char* out = static_cast<char*>(std::malloc(what.size() + 1));
-  if (out) std::memcpy(out, what.c_str(), what.size() + 1);
-  return out;
-}
-
-// Runs `body`; returns NULL, or the message of what it threw.
-template <typename F>
-char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("an unknown C++ exception in c10d");
-  }
-}
 
 bool is_loopback(const std::string& addr) {
   return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
@@ -87,7 +69,7 @@ int sdtune_dist_has_nccl() {
 void* sdtune_dist_init(const char* backend, int rank, int world, const char* addr, int port, int64_t timeout_ms,
                        int agent_store, int cuda_device, char** error) {
   Group* group = nullptr;
-  *error = guarded([&] {
+  *error = guarded("c10d", [&] {
     const std::string kind(backend);
     const std::chrono::milliseconds timeout(timeout_ms);
     c10d::TCPStoreOptions opts;
@@ -125,7 +107,7 @@ void* sdtune_dist_init(const char* backend, int rank, int world, const char* add
 
 // Sums `tensor` over all ranks, in place.
 char* sdtune_dist_all_reduce_sum(void* handle, at::Tensor* tensor) {
-  return guarded([&] {
+  return guarded("c10d", [&] {
     auto& g = *static_cast<Group*>(handle);
     std::vector<at::Tensor> tensors{*tensor};
     finish(g, g.backend->allreduce(tensors, c10d::AllreduceOptions{}), "an all-reduce");
@@ -134,7 +116,7 @@ char* sdtune_dist_all_reduce_sum(void* handle, at::Tensor* tensor) {
 
 // Replaces `tensor` on every rank by rank `root`'s.
 char* sdtune_dist_broadcast(void* handle, at::Tensor* tensor, int root) {
-  return guarded([&] {
+  return guarded("c10d", [&] {
     auto& g = *static_cast<Group*>(handle);
     std::vector<at::Tensor> tensors{*tensor};
     c10d::BroadcastOptions opts;
@@ -145,7 +127,7 @@ char* sdtune_dist_broadcast(void* handle, at::Tensor* tensor, int root) {
 
 // Returns once every rank has called it.
 char* sdtune_dist_barrier(void* handle) {
-  return guarded([&] {
+  return guarded("c10d", [&] {
     auto& g = *static_cast<Group*>(handle);
     finish(g, g.backend->barrier(c10d::BarrierOptions{}), "a barrier");
   });
@@ -155,7 +137,7 @@ char* sdtune_dist_barrier(void* handle) {
 void sdtune_dist_shutdown(void* handle) {
   auto* g = static_cast<Group*>(handle);
   // A failing shutdown (a peer already gone) still frees what is ours.
-  char* ignored = guarded([&] { g->backend->shutdown(); });
+  char* ignored = guarded("c10d", [&] { g->backend->shutdown(); });
   std::free(ignored);
   try {
     delete g;

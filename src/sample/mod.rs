@@ -1,5 +1,6 @@
 //! Rendering images: the sampling pipeline, grids, the settings each PNG
 //! carries, and consistency figures against the brand set.
+pub mod brand_palette;
 pub mod concept_figures;
 pub mod grid;
 pub mod image_out;

@@ -33,6 +33,13 @@ pub struct Adapter {
     pub info: Info,
 }
 
+impl Adapter {
+    /// The training run's folder, for a run's final LoRA.
+    pub fn run_dir(&self) -> Option<&Path> {
+        (self.source == "run").then(|| self.path.parent()).flatten()
+    }
+}
+
 /// What the file's header says (what `sdtune info` shows first).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Info {

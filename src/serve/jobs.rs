@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use super::figures::GridFigures;
 use super::rejection::Rejection;
 use super::request::Order;
 
@@ -64,6 +65,8 @@ struct Job {
     warnings: Vec<String>,
     cancel: Arc<AtomicBool>,
     seconds: Option<f64>,
+    /// The grid against each run adapter's brand set, once rendered.
+    figures: Vec<GridFigures>,
 }
 
 #[derive(Default)]
@@ -100,6 +103,9 @@ pub struct JobView {
     pub warnings: Vec<String>,
     pub request: serde_json::Value,
     pub results: Vec<ResultView>,
+    /// The grid's palette distance and seed spread against each run
+    /// adapter's brand set (empty when no brand set is known).
+    pub consistency: Vec<GridFigures>,
 }
 
 #[derive(Serialize)]
@@ -150,6 +156,7 @@ impl Jobs {
             warnings: Vec::new(),
             cancel: Arc::default(),
             seconds: None,
+            figures: Vec::new(),
         };
         t.jobs.insert(id, job);
         t.queue.push_back(id);
@@ -199,6 +206,12 @@ impl Jobs {
             job.images.push(image);
             let done = job.images.len();
             job.progress.send_modify(|p| p.images_done = done);
+        }
+    }
+
+    pub fn set_figures(&self, id: u64, figures: Vec<GridFigures>) {
+        if let Some(job) = self.lock().jobs.get_mut(&id) {
+            job.figures = figures;
         }
     }
 
@@ -294,6 +307,7 @@ impl Jobs {
             "height": s.height,
             "scheduler": s.scheduler,
             "clip_skip": s.clip_skip,
+            "brand": order.brand_named.then(|| order.brand_of.first().map(|a| a.name.clone())).flatten(),
         });
         let results = job
             .images
@@ -310,6 +324,7 @@ impl Jobs {
             warnings: order.warnings.iter().chain(&job.warnings).cloned().collect(),
             request,
             results,
+            consistency: job.figures.clone(),
         })
     }
 

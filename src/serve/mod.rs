@@ -10,6 +10,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod cache;
+pub mod figures;
 pub mod jobs;
 pub mod limits;
 pub mod names;
@@ -41,6 +42,9 @@ pub struct ServeConfig {
     pub adapters: Option<PathBuf>,
     /// Training runs' folder: each run's final LoRA is an adapter.
     pub runs: Option<PathBuf>,
+    /// The training folder: its prepared images are the brand set of runs
+    /// that recorded none.
+    pub work_dir: PathBuf,
     pub host: IpAddr,
     pub port: u16,
     pub token: Option<String>,
@@ -65,7 +69,13 @@ pub fn run(config: ServeConfig) -> Result<()> {
     let mut limits = config.limits;
     let jobs = Arc::new(Jobs::new(limits.queue, limits.keep_jobs, limits.batch_size));
     eprintln!("loading {} ...", config.choice.model);
-    let (worker, loaded) = worker::start(config.choice, jobs.clone(), limits.batch_size, limits.adapter_cache_bytes)?;
+    let (worker, loaded) = worker::start(
+        config.choice,
+        jobs.clone(),
+        limits.batch_size,
+        limits.adapter_cache_bytes,
+        figures::BrandSets::new(config.work_dir),
+    )?;
     if limits.max_side == 0 {
         limits.max_side = 2 * loaded.native_side;
     }

@@ -40,6 +40,10 @@ pub struct ImagesRequest {
     pub scheduler: Option<String>,
     #[serde(default)]
     pub clip_skip: Option<usize>,
+    /// The training run's adapter whose brand set the grid is measured
+    /// against [default: each run adapter of the request].
+    #[serde(default)]
+    pub brand: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +69,10 @@ pub struct Order {
     /// The render's own settings (steps, guidance, size, scheduler, clip
     /// skip); a size of 0 is the model's native size.
     pub settings: Settings,
+    /// The run adapters whose brand sets the images are measured against.
+    pub brand_of: Vec<Adapter>,
+    /// `brand_of` was asked for by name (so a missing brand set is said).
+    pub brand_named: bool,
     /// Legal but unusual values (a very high guidance), said back to the client.
     pub warnings: Vec<String>,
 }
@@ -129,6 +137,7 @@ pub fn check(req: ImagesRequest, registry: &Registry, limits: &Limits) -> Result
         note(ranges::check_lora_scale(choice.scale, &format!("adapter {}", choice.name)).map_err(|e| Rejection::bad(e.to_string()))?);
         adapters.push((adapter, choice.scale));
     }
+    let brand_of = brand_sets(req.brand.as_deref(), &adapters, registry)?;
     let mut settings = session::default_settings();
     settings.steps = steps;
     settings.guidance = guidance;
@@ -136,7 +145,29 @@ pub fn check(req: ImagesRequest, registry: &Registry, limits: &Limits) -> Result
     settings.height = height;
     settings.scheduler = scheduler.name().into();
     settings.clip_skip = clip_skip;
-    Ok(Order { prompt: req.prompt, negative_prompt: req.negative_prompt, seeds, adapters, settings, warnings })
+    let brand_named = req.brand.is_some();
+    Ok(Order { prompt: req.prompt, negative_prompt: req.negative_prompt, seeds, adapters, settings, brand_of, brand_named, warnings })
+}
+
+/// The adapter `named`, which must come from a training run, else every
+/// run adapter of the request (each once).
+fn brand_sets(named: Option<&str>, adapters: &[(Adapter, f64)], registry: &Registry) -> Result<Vec<Adapter>, Rejection> {
+    let Some(name) = named else {
+        let mut runs: Vec<Adapter> = Vec::new();
+        for (a, _) in adapters.iter().filter(|(a, _)| a.run_dir().is_some()) {
+            if !runs.iter().any(|r| r.name == a.name) {
+                runs.push(a.clone());
+            }
+        }
+        return Ok(runs);
+    };
+    let adapter = registry.find(name).map_err(|e| Rejection::bad(format!("brand: {e}")))?;
+    if adapter.run_dir().is_none() {
+        return Err(Rejection::bad(format!(
+            "brand {name:?} is a file in the adapter folder, not a training run's LoRA, so no brand set is known for it; name a run's adapter (source \"run\" in GET /v1/adapters) or leave brand out"
+        )));
+    }
+    Ok(vec![adapter])
 }
 
 /// `seeds`, else `count` seeds from `seed` (42) on; each once, at most the limit.

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use tch::Device;
 
 use super::cache::AdapterCache;
+use super::figures::{self, BrandSets, GridFigures};
 use super::jobs::{Jobs, ServedImage, Work};
 use crate::loaders::source::LoadOptions;
 use crate::models::stable_diffusion::{Placement, StableDiffusion};
@@ -52,6 +53,7 @@ pub fn start(
     jobs: Arc<Jobs>,
     batch_size: usize,
     cache_bytes: u64,
+    brands: BrandSets,
 ) -> Result<(std::thread::JoinHandle<()>, Loaded)> {
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Loaded>>();
     let handle = std::thread::Builder::new()
@@ -77,7 +79,8 @@ pub fn start(
                 seconds: started.elapsed().as_secs_f64(),
             };
             let _ = ready_tx.send(Ok(loaded));
-            let mut renderer = Renderer { model, hash, choice, cache: AdapterCache::new(cache_bytes), batch_size: batch_size.max(1) };
+            let mut renderer =
+                Renderer { model, hash, choice, cache: AdapterCache::new(cache_bytes), brands, batch_size: batch_size.max(1) };
             while let Some(work) = jobs.next() {
                 let started = Instant::now();
                 let outcome = renderer.run(&work, &jobs);
@@ -94,6 +97,7 @@ struct Renderer {
     hash: String,
     choice: ModelChoice,
     cache: AdapterCache,
+    brands: BrandSets,
     batch_size: usize,
 }
 
@@ -131,6 +135,7 @@ impl Renderer {
             .collect();
         let total = members.len().div_ceil(batch) * settings.steps;
         let mut done = 0;
+        let mut pixels = Vec::with_capacity(members.len());
         for chunk in members.chunks(batch) {
             if work.cancel.load(Ordering::SeqCst) {
                 return Err(Cancelled.into());
@@ -148,9 +153,36 @@ impl Renderer {
                 let png = encode_png_with_text(&image, &recipe.text_chunks()?).context("cannot encode a rendered image as PNG")?;
                 let parameters = recipe.to_parameters()?;
                 jobs.add_image(work.id, ServedImage { seed: recipe.member.seed, png: Arc::new(png), parameters });
+                pixels.push((recipe.member.seed, image));
             }
         }
+        let figures = self.measure(work, jobs, &pixels);
+        jobs.set_figures(work.id, figures);
         Ok(())
+    }
+
+    /// The grid against the brand set of each run adapter the job names;
+    /// one that has none is said only when the request named it.
+    fn measure(&mut self, work: &Work, jobs: &Jobs, pixels: &[(u64, image::RgbImage)]) -> Vec<GridFigures> {
+        let order = &work.order;
+        let mut out = Vec::new();
+        for adapter in &order.brand_of {
+            let Some(run_dir) = adapter.run_dir() else { continue };
+            match self.brands.of_run(run_dir) {
+                Ok(Some(brand)) => out.push(figures::measure(&adapter.name, &brand, &order.prompt, pixels)),
+                Ok(None) if order.brand_named => jobs.add_warning(
+                    work.id,
+                    format!(
+                        "no brand set is known for {}: its run folder holds no {} and no prepared images are cached where the server runs",
+                        adapter.name,
+                        crate::sample::brand_palette::FILE_NAME
+                    ),
+                ),
+                Ok(None) => {}
+                Err(e) => jobs.add_warning(work.id, format!("no consistency figures against {}'s brand set: {}", adapter.name, crate::errors::one_sentence(&e))),
+            }
+        }
+        out
     }
 }
 

@@ -27,6 +27,12 @@ const DAMAGED: &str = "the state is damaged; sdtune resumes from an earlier one 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity(pub Vec<(String, String)>);
 
+/// The identity key of the micro-batches per optimizer step over all
+/// processes (`--grad-accum` x processes). States saved before it record
+/// `grad_accum` instead, from one process: read as this key.
+pub const MICRO_BATCHES: &str = "micro_batches_per_step";
+const LEGACY_GRAD_ACCUM: &str = "identity.grad_accum";
+
 /// What a saved state holds besides tensors.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Saved {
@@ -139,7 +145,13 @@ fn prune(dir: &Path, keep: usize, index: &mut BTreeMap<String, String>) -> Resul
 /// Loads `path` into the trained tensors and optimizer; returns step and scaler.
 pub fn load(path: &Path, trained: &dyn Trainable, opt: &mut AdamW, identity: &Identity) -> Result<Saved> {
     let file = TensorFile::open_with_advice(path, DAMAGED)?;
-    let meta = file.string_metadata();
+    let mut meta = file.string_metadata();
+    let micro_batches = format!("identity.{MICRO_BATCHES}");
+    if !meta.contains_key(&micro_batches) {
+        if let Some(accum) = meta.remove(LEGACY_GRAD_ACCUM) {
+            meta.insert(micro_batches, accum);
+        }
+    }
     // A setting the saved run had and this one lacks (a full run's mode) also differs.
     let mut extra: Vec<(&String, &String)> =
         meta.iter().filter(|(k, _)| k.strip_prefix("identity.").is_some_and(|k| !identity.0.iter().any(|(n, _)| n == k))).collect();
@@ -153,6 +165,12 @@ pub fn load(path: &Path, trained: &dyn Trainable, opt: &mut AdamW, identity: &Id
     }
     for (key, want) in &identity.0 {
         let got = meta.get(&format!("identity.{key}")).map(String::as_str).unwrap_or("(unset)");
+        if got != want && key == MICRO_BATCHES {
+            bail!(
+                "{} was saved with {got} micro-batches per step (--grad-accum x processes), but this run has {want}; resume with --grad-accum and --nproc whose product is {got} (the same samples per step), or start a new --output",
+                path.display()
+            );
+        }
         if got != want {
             bail!(
                 "{} was saved with {key} = {got}, but this run has {key} = {want}; resume with the same settings or start a new --output",

@@ -90,6 +90,8 @@ pub struct RunPlan {
     pub conv: (i64, f64),
     /// Train DoRA (a magnitude per output row beside each pair) instead of plain LoRA.
     pub dora: bool,
+    /// Processes training together (data parallel); 1 alone.
+    pub processes: usize,
 }
 
 /// Progress the command shows.
@@ -137,13 +139,21 @@ impl RunPlan {
         identity
     }
 
+    /// Micro-batches of `batch_size` per optimizer step over all processes:
+    /// with the seed and batch size they fix each step's samples, so a
+    /// resume may split them differently (`--nproc 2` saved, `--nproc 1
+    /// --grad-accum 2` resumed) and still continue the same run.
+    fn micro_batches_per_step(&self) -> usize {
+        self.step.grad_accum * self.processes.max(1)
+    }
+
     fn base_identity(&self) -> Identity {
         if self.full {
             return Identity(vec![
                 ("mode".into(), "full".into()),
                 ("seed".into(), self.step.seed.to_string()),
                 ("batch_size".into(), self.step.batch_size.to_string()),
-                ("grad_accum".into(), self.step.grad_accum.to_string()),
+                (checkpoint::MICRO_BATCHES.into(), self.micro_batches_per_step().to_string()),
             ]);
         }
         Identity(vec![
@@ -152,7 +162,7 @@ impl RunPlan {
             ("targets".into(), self.targets.name().into()),
             ("seed".into(), self.step.seed.to_string()),
             ("batch_size".into(), self.step.batch_size.to_string()),
-            ("grad_accum".into(), self.step.grad_accum.to_string()),
+            (checkpoint::MICRO_BATCHES.into(), self.micro_batches_per_step().to_string()),
         ])
         .with_text_encoder(self.text_encoder_lr.is_some())
         .with_dora(self.dora)
@@ -373,6 +383,7 @@ impl<'a> Outputs<'a> {
     fn open(main: bool, model: &'a StableDiffusion, trained: &'a Trained, plan: &'a RunPlan, start: u64, world: usize) -> Result<Self> {
         let metrics = if main {
             write_settings(model, plan)?;
+            write_brand_palette(plan)?;
             Some(Metrics::open(&plan.dir.join("metrics.jsonl"), start, world)?)
         } else {
             None
@@ -532,6 +543,16 @@ fn write_settings(model: &StableDiffusion, plan: &RunPlan) -> Result<()> {
     });
     std::fs::create_dir_all(&plan.dir).with_context(|| format!("cannot create {}", plan.dir.display()))?;
     crate::fsutil::write_atomic(&plan.dir.join("settings.json"), serde_json::to_string_pretty(&json)?.as_bytes())
+}
+
+/// `brand-palette.json` in the run folder: the palette the grids are
+/// measured against, so the figures can be computed again without the
+/// images (`sdtune serve` does, for this run's LoRA).
+fn write_brand_palette(plan: &RunPlan) -> Result<()> {
+    match &plan.grid.brand {
+        Some(brand) => crate::sample::brand_palette::save(brand, &plan.dir.join(crate::sample::brand_palette::FILE_NAME)),
+        None => Ok(()),
+    }
 }
 
 /// The header metadata of a full run's UNet file.

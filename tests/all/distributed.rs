@@ -62,8 +62,11 @@ fn output_within(mut cmd: Command) -> Output {
     }
 }
 
+/// What every run here adds to [`FAST`] (which pins fp32): the job's timeout.
+const JOB: [&str; 2] = ["--dist-timeout", DIST_TIMEOUT];
+
 fn train(dir: &Path, extra: &[&str]) -> Output {
-    let args: Vec<&str> = FAST.iter().copied().chain(["--dist-timeout", DIST_TIMEOUT]).chain(extra.iter().copied()).collect();
+    let args: Vec<&str> = FAST.iter().copied().chain(JOB).chain(extra.iter().copied()).collect();
     output_within(command(dir, &sdtune_bin(), &args))
 }
 
@@ -151,7 +154,7 @@ fn a_killed_rank_stops_the_job_and_resume_ends_as_an_uninterrupted_run() {
     let want = final_lora(straight.path(), "k");
 
     let killed = prepared();
-    let all: Vec<&str> = FAST.iter().copied().chain(["--dist-timeout", DIST_TIMEOUT]).chain(args).collect();
+    let all: Vec<&str> = FAST.iter().copied().chain(JOB).chain(args).collect();
     let mut launcher = command(killed.path(), &sdtune_bin(), &all).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let (pids, lines) = rank_pids(&mut launcher);
     assert_eq!(pids.len(), 2);
@@ -218,6 +221,51 @@ fn a_rank_that_cannot_reach_the_store_says_so_after_the_timeout() {
 }
 
 #[test]
+fn a_job_resumes_with_another_number_of_processes_taking_the_same_samples() {
+    if !has_c10d() {
+        return;
+    }
+    let run = ["--save-every", "4", "--batch-size", "1", "--name", "n"];
+    let with = |steps: &str, extra: &[&str]| -> Vec<String> {
+        ["--steps", steps].iter().chain(&run).chain(extra).map(|s| s.to_string()).collect()
+    };
+    let train_ok = |dir: &Path, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = train(dir, &args);
+        succeeded(&out);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let straight = prepared();
+    train_ok(straight.path(), with("8", &["--nproc", "2"]));
+    let want = final_lora(straight.path(), "n");
+
+    // Two processes stop after their save at step 4; one process
+    // accumulating two micro-batches (the same 2 samples a step) continues.
+    let two_then_one = prepared();
+    train_ok(two_then_one.path(), with("4", &["--nproc", "2"]));
+    let said = train_ok(two_then_one.path(), with("8", &["--nproc", "1", "--grad-accum", "2", "--resume"]));
+    assert!(said.contains("resuming from") && said.contains("state-000004"), "{said}");
+    assert_identical(&want, &final_lora(two_then_one.path(), "n"), "--nproc 2, resumed by --nproc 1 --grad-accum 2");
+    let metrics = std::fs::read_to_string(run_dir(two_then_one.path(), "n").join("metrics.jsonl")).unwrap();
+    let worlds: Vec<u64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["world_size"].as_u64().unwrap()).collect();
+    assert_eq!(worlds, [2, 2, 2, 2, 1, 1, 1, 1], "each step once, with the processes that trained it");
+
+    // And the other way round.
+    let one_then_two = prepared();
+    train_ok(one_then_two.path(), with("4", &["--nproc", "1", "--grad-accum", "2"]));
+    train_ok(one_then_two.path(), with("8", &["--nproc", "2", "--resume"]));
+    assert_identical(&want, &final_lora(one_then_two.path(), "n"), "--nproc 1 --grad-accum 2, resumed by --nproc 2");
+
+    // Other samples per step would be another run: refused in one sentence.
+    let args: Vec<String> = with("8", &["--nproc", "1", "--resume"]);
+    let out = train(one_then_two.path(), &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let said = err.lines().find(|l| l.contains("micro-batches per step")).unwrap_or_else(|| panic!("{err}"));
+    assert!(said.contains("was saved with 2 micro-batches per step (--grad-accum x processes), but this run has 1;"), "{said}");
+}
+
+#[test]
 fn torchrun_starts_the_same_job() {
     if !has_c10d() {
         return;
@@ -233,9 +281,24 @@ fn torchrun_starts_the_same_job() {
     let bin = sdtune_bin();
     let mut args: Vec<&str> = vec!["--standalone", "--nproc-per-node", "2", "--no-python", bin.to_str().unwrap()];
     args.extend(FAST);
-    args.extend(["--dist-timeout", DIST_TIMEOUT]);
+    args.extend(JOB);
     args.extend(steps);
-    args.extend(["--name", "torchrun"]);
-    succeeded(&output_within(command(dir.path(), &torchrun, &args)));
-    assert_identical(&final_lora(dir.path(), "accum"), &final_lora(dir.path(), "torchrun"), "torchrun x 2 vs one process accumulating");
+    let want = final_lora(dir.path(), "accum");
+    // torchrun's standalone rendezvous serves the store from its agent and
+    // says so (TORCHELASTIC_USE_AGENT_STORE=True): rank 0 joins it rather
+    // than serving one. With the store sharing turned off, rank 0 serves it.
+    for (name, share, served_by) in [("agent", None, "served by torchrun's agent"), ("own", Some("1"), "served by rank 0")] {
+        let mut named = args.clone();
+        named.extend(["--name", name]);
+        let mut cmd = command(dir.path(), &torchrun, &named);
+        match share {
+            Some(off) => cmd.env("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", off),
+            None => cmd.env_remove("TORCH_DISABLE_SHARE_RDZV_TCP_STORE"),
+        };
+        let out = output_within(cmd);
+        succeeded(&out);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("2 processes") && said.contains(served_by), "{name}: {said}");
+        assert_identical(&want, &final_lora(dir.path(), name), &format!("torchrun x 2 ({served_by}) vs one process accumulating"));
+    }
 }

@@ -350,3 +350,100 @@ fn cancelling_stops_a_queued_job_at_once_and_a_running_one_at_its_next_step() {
     let job = get(&server, &format!("/v1/jobs/{slow}")).json();
     assert!(job["results"].as_array().unwrap().is_empty() && job["step"].as_u64().unwrap() < 100, "{job}");
 }
+
+/// The job's figures against a brand set, beside what the metric code
+/// (the training grids' and `sdtune pick`'s) computes on the job's own PNGs.
+fn assert_figures_match(s: &Server, job: &serde_json::Value, brand: &sdtune::sample::metrics::Brand) {
+    use sdtune::sample::metrics::{consistency, Cell};
+    let figures = &job["consistency"][0];
+    let pngs: Vec<image::RgbImage> = job["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| image::load_from_memory(&get(s, r["url"].as_str().unwrap()).body).unwrap().to_rgb8())
+        .collect();
+    let seeds: Vec<u64> = job["results"].as_array().unwrap().iter().map(|r| r["seed"].as_u64().unwrap()).collect();
+    let cells: Vec<Cell> =
+        pngs.iter().zip(&seeds).map(|(image, &seed)| Cell { file: String::new(), prompt: PROMPT, seed, variant: "lora", image }).collect();
+    let want = consistency(&cells, brand);
+    let close = |got: &serde_json::Value, want: f64| {
+        let got = got.as_f64().unwrap_or_else(|| panic!("not a number: {got} in {figures}"));
+        // Only the JSON's decimal text between them.
+        assert!((got - want).abs() <= 1e-9 * want.abs().max(1.0), "{got} vs {want}: {figures}");
+    };
+    close(&figures["palette_distance"], want.variants[0].mean);
+    close(&figures["seed_spread"], want.variants[0].seed_std);
+    close(&figures["seed_pairwise"], want.variants[0].seed_pairwise);
+    let images = figures["images"].as_array().unwrap();
+    assert_eq!(images.len(), want.images.len());
+    for (got, w) in images.iter().zip(&want.images) {
+        close(got, w.palette_distance);
+    }
+    assert_eq!(figures["brand_images"], want.brand_images);
+    assert!(want.variants[0].seed_std > 0.0 && want.variants[0].mean > 0.0, "two seeds, two distances: {figures}");
+}
+
+/// POST and follow a job to its end; the job's JSON.
+fn finished_job(s: &Server, body: &str) -> serde_json::Value {
+    let queued = post(s, "/v1/images", body);
+    assert_eq!(queued.status, 202, "{}", queued.text());
+    let id = queued.json()["id"].as_str().unwrap().to_string();
+    assert!(get(s, &format!("/v1/jobs/{id}/events")).text().contains("event: done"));
+    let job = get(s, &format!("/v1/jobs/{id}")).json();
+    assert_eq!(job["status"], "done", "{job}\n{}", s.log());
+    job
+}
+
+#[test]
+fn a_run_adapters_grid_carries_the_consistency_figures_of_its_brand_set() {
+    use sdtune::sample::brand_palette;
+    use sdtune::sample::metrics::Brand;
+    let dir = workspace();
+    let d = dir.path();
+    // This folder's brand set, prepared as for training.
+    let brand_dir = d.join("brand");
+    std::fs::create_dir(&brand_dir).unwrap();
+    for i in 0..3u32 {
+        let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(200 + i * 20) as u8, (x * 3) as u8, (y * 2 + 40 * i) as u8]));
+        img.save(brand_dir.join(format!("poster{i}.png"))).unwrap();
+    }
+    let model = common::fixtures().join("tiny-sd1");
+    sdtune(d, &["prepare", "brand", "--model", model.to_str().unwrap(), "--device", "cpu", "--resolution", "64", "--min-bucket", "32",
+        "--max-bucket", "128", "--bucket-step", "32", "--min-side", "64"]);
+    let prepared = Brand::from_prepared(d).unwrap().expect("prepared");
+    // The run `acme` recorded another palette when it trained: that one is its brand set.
+    let other = image::RgbImage::from_fn(32, 32, |x, _| image::Rgb([10, (x * 8) as u8, 230]));
+    let other_file = d.join("other.png");
+    other.save(&other_file).unwrap();
+    let recorded = Brand::from_files(&[other_file], "elsewhere (prepared)".into()).unwrap();
+    let palette = d.join("output/acme").join(brand_palette::FILE_NAME);
+    brand_palette::save(&recorded, &palette).unwrap();
+
+    let server = Server::start(d, &[]);
+    let body = |adapters: &str, brand: &str| format!(r#"{{"prompt": "{PROMPT}", "seeds": [3, 5], "steps": 2, "adapters": [{adapters}]{brand}}}"#);
+    let job = finished_job(&server, &body(r#"{"name": "acme"}"#, ""));
+    assert_eq!(job["consistency"].as_array().unwrap().len(), 1, "{job}");
+    assert_eq!(job["consistency"][0]["adapter"], "acme");
+    assert_figures_match(&server, &job, &brand_palette::load(&palette).unwrap());
+    assert_eq!(job["consistency"][0]["brand"], "elsewhere (prepared)");
+
+    // The base model's grid measured against acme's brand set, for the side by side.
+    let base = finished_job(&server, &body("", r#", "brand": "acme""#));
+    assert_figures_match(&server, &base, &brand_palette::load(&palette).unwrap());
+    assert_ne!(base["consistency"][0]["palette_distance"], job["consistency"][0]["palette_distance"], "the LoRA changes the colours");
+
+    // A run that recorded no palette: the images prepared where the server runs.
+    std::fs::remove_file(&palette).unwrap();
+    let job = finished_job(&server, &body(r#"{"name": "acme"}"#, ""));
+    assert_figures_match(&server, &job, &prepared);
+    assert!(job["consistency"][0]["brand"].as_str().unwrap().ends_with("(prepared)"), "{job}");
+
+    // A file from the adapter folder has no brand set: no figures, and naming it is a 400.
+    let plain = finished_job(&server, &body(r#"{"name": "kohya_a"}"#, ""));
+    assert_eq!(plain["consistency"], serde_json::json!([]), "{plain}");
+    let refused = post(&server, "/v1/images", &body("", r#", "brand": "kohya_a""#));
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(refused.json()["error"].as_str().unwrap().contains("not a training run"), "{}", refused.text());
+    let refused = post(&server, "/v1/images", &body("", r#", "brand": "../acme""#));
+    assert_eq!(refused.status, 400, "{}", refused.text());
+}

@@ -135,6 +135,16 @@ fn grid_images_render_again(precision: &str, images: &[&str]) {
     let out = sdtune(dir.path(), &args, None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let run = run_dir(dir.path(), "grid");
+    // The brand set's palette the grids were measured against is recorded
+    // in the run folder (what `sdtune serve` measures served grids against).
+    let recorded = sdtune::sample::brand_palette::load(&run.join("brand-palette.json")).unwrap_or_else(|e| panic!("{e:#}"));
+    let prepared = sdtune::sample::metrics::Brand::from_prepared(dir.path()).unwrap().expect("prepared");
+    // (Training names the folder from where it ran: relative to it.)
+    assert!(recorded.source.ends_with("brand (prepared)") && prepared.source.ends_with("brand (prepared)"), "{}", recorded.source);
+    assert_eq!((recorded.images, prepared.images), (6, 6));
+    for (x, y) in recorded.histogram.weights.iter().zip(&prepared.histogram.weights) {
+        assert!((x - y).abs() <= 1e-15, "{x} vs {y}");
+    }
     assert!(run.join("lora/step-000002.safetensors").is_file());
     for image in images {
         let original = run.join("samples").join(image);
