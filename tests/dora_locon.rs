@@ -10,20 +10,10 @@ mod common;
 use std::path::PathBuf;
 
 use sdtune::lora::{self, format};
-use sdtune::models::conditioning::Conditioning;
-use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
 use sdtune::sample::render;
 use tch::Tensor;
 
-fn model() -> StableDiffusion {
-    StableDiffusion::from_diffusers_folder(&common::fixtures().join("tiny-sd1"), Placement::cpu_f32(), None).unwrap()
-}
-
-fn unet_out(m: &StableDiffusion) -> Tensor {
-    let r = common::read_tensors(&common::reference("unet_sd1.safetensors"));
-    let context = Conditioning::text_only(r["encoder_hidden_states"].shallow_clone());
-    tch::no_grad(|| m.unet.model.forward(&r["sample"], &r["timestep"], &context))
-}
+use common::sd1::{model, unet_out};
 
 fn dora_file(stem: &str) -> PathBuf {
     common::fixtures().join("lora/dora").join(format!("{stem}.safetensors"))
