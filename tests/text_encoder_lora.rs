@@ -2,8 +2,9 @@
 //! it wrote (tests/fixtures/lora/text_encoder/, SD1 with the MLP in kohya's
 //! layout, SD1 attention-only and SDXL's two encoders in both layouts) change
 //! the text conditioning exactly as diffusers' `load_lora_weights` makes them
-//! change it (make_te_lora_cases.py), and a run that trains the encoder
-//! resumes bit for bit.
+//! change it (make_te_lora_cases.py; for SDXL each encoder's part of the
+//! joined states moves), and a run that trains the encoder resumes bit for
+//! bit, also with `--shuffle-captions`.
 mod common;
 #[path = "train_support/mod.rs"]
 mod train_support;
@@ -42,6 +43,16 @@ fn sdtune_trained_text_encoder_lora_changes_the_conditioning_as_diffusers_does()
             }
             lora::attach(&weights, &layers, 1.0, stem).unwrap();
             let ours = tch::no_grad(|| m.text.encode(&[PROMPT], 0)).unwrap().conditioning;
+            // SDXL joins the two encoders' states along the width: each part must move.
+            let mut start = 0;
+            for (e, &c) in m.text.encoders.iter().zip(encoders) {
+                let width = e.config.hidden_size;
+                let part = |t: &tch::Tensor| t.narrow(2, start, width);
+                let effect = common::max_abs_diff(&part(&ours.text), &part(&r[&format!("{model}.base.text")]));
+                assert!(effect > 1e-2, "{stem}: the {} states barely move ({effect})", c.name());
+                start += width;
+            }
+            assert_eq!(start, ours.text.size()[2], "{stem}: the text states are the encoders' joined");
             let mut outputs = vec![("text", ours.text)];
             if let Some(pooled) = ours.pooled {
                 outputs.push(("pooled", pooled));
