@@ -40,12 +40,18 @@ fixtures:
 	.venv-ref/bin/python scripts/fixtures/make_prepare_reference.py
 	.venv-ref/bin/python scripts/fixtures/make_scheduler_cases.py
 	.venv-ref/bin/python scripts/fixtures/make_lora_cases.py
+	.venv-ref/bin/python scripts/fixtures/make_lora_edit_reference.py
 	.venv-ref/bin/python scripts/fixtures/make_lycoris_cases.py
+	.venv-ref/bin/python scripts/fixtures/make_lycoris_sample_cases.py
 	.venv-ref/bin/python scripts/fixtures/make_single_file.py
 	.venv-ref/bin/python scripts/fixtures/make_tf5_fixture.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_fixture.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_single_file.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_lora_cases.py
 	.venv-ref/bin/python scripts/fixtures/make_sdxl_lora_reference.py
+	.venv-ref/bin/python scripts/fixtures/make_sdxl_adapter_cases.py
+	.venv-ref/bin/python scripts/fixtures/make_te_lora_cases.py
+	.venv-ref/bin/python scripts/fixtures/make_dora_cases.py
+	.venv-ref/bin/python scripts/fixtures/make_locon_cases.py
 	.venv-ref/bin/python scripts/fixtures/make_vae_tiling_reference.py
 	.venv-ref/bin/python scripts/fixtures/make_flop_reference.py

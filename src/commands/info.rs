@@ -303,7 +303,7 @@ fn count(n: i64) -> String {
 
 struct Module {
     unet: bool,
-    /// The adapter: LoRA, LoCon (a kxk conv LoRA), LoHa or LoKr.
+    /// The adapter: LoRA, LoCon (a kxk conv LoRA), DoRA, LoHa or LoKr.
     adapter: &'static str,
     kind: String,
     /// None: a LoKr module with no factorised part (full rank).
@@ -336,9 +336,11 @@ fn lora(path: &Path, file: &TensorFile, format: &str) -> Result<()> {
             None => None,
         };
         let locon = shape.len() == 4 && shape[2..].iter().any(|&k| k > 1);
+        // kohya/LyCORIS store DoRA's magnitude as `dora_scale`, PEFT as `lora_magnitude_vector`.
+        let dora = ["dora_scale", "lora_magnitude_vector"].iter().any(|m| file.info(&format!("{base}.{m}")).is_some());
         modules.push(Module {
             unet: is_unet(base),
-            adapter: if locon { "LoCon" } else { "LoRA" },
+            adapter: if dora { "DoRA" } else if locon { "LoCon" } else { "LoRA" },
             kind: module_kind(base, kohya),
             rank: Some(shape.first().copied().unwrap_or(0) as i64),
             alpha,

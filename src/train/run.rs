@@ -13,6 +13,7 @@ use super::checkpoint::{self, Identity};
 use super::data::TrainingData;
 use super::ema::{Ema, WithEma};
 use super::shuffle::ShuffledCaptions;
+use super::text_encoder::{CaptionShuffle, TextEncoderTraining};
 use super::validation::{self, Training};
 use super::metadata::{lora_metadata, RunFacts};
 use super::optimizer::{AdamW, AdamWConfig};
@@ -229,10 +230,6 @@ pub fn run_with(
     if plan.full && (plan.text_encoder_lr.is_some() || plan.dora) {
         bail!("--train-text-encoder and --dora train adapters and do not go with --full; drop one of them");
     }
-    if plan.text_encoder_lr.is_some() && plan.shuffle_keep_tokens.is_some() {
-        // The trained encoder takes each caption's tokens as prepared; shuffled tags would need them per sample.
-        bail!("--shuffle-captions does not go with --train-text-encoder yet; drop one of them");
-    }
     let trained = if plan.full {
         Trained::Full(FullUnet::new(&model.unet.vs)?)
     } else {
@@ -292,7 +289,9 @@ pub fn run_with(
             emit(Event::Warning(line));
         }
     }
-    let shuffled = plan.shuffle_keep_tokens.map(|keep_tokens| ShuffledCaptions { data, text: &model.text, keep_tokens, seed: plan.step.seed });
+    // A trained encoder shuffles in the step itself; the frozen one's shuffled embeddings would be thrown away.
+    let frozen_shuffle = plan.shuffle_keep_tokens.filter(|_| plan.text_encoder_lr.is_none());
+    let shuffled = frozen_shuffle.map(|keep_tokens| ShuffledCaptions { data, text: &model.text, keep_tokens, seed: plan.step.seed });
     let captioned: &dyn TrainingData = match &shuffled {
         Some(s) => s,
         None => data,
@@ -301,7 +300,8 @@ pub fn run_with(
     let mut trainer =
         Trainer::new(&model.unet.model, &schedule, &training, optimizer, scaler, plan.step.clone(), device)?.with_sync(sync);
     if plan.text_encoder_lr.is_some() {
-        trainer = trainer.with_text_encoder(super::text_encoder::TextEncoderTraining::new(&model.text, data)?);
+        let shuffle = plan.shuffle_keep_tokens.map(|keep_tokens| CaptionShuffle { keep_tokens, seed: plan.step.seed });
+        trainer = trainer.with_text_encoder(TextEncoderTraining::new(&model.text, data, shuffle)?);
     }
     emit(Event::Started { from: start, total });
 

@@ -7,7 +7,9 @@
 //! encoded in the step by the model's own text encoder (no gradient); an
 //! order equal to the cached caption takes the cached embedding. The text
 //! encoder costs a fraction of the UNet's forward and backward, and needs
-//! no cache of every order.
+//! no cache of every order. While the text encoder trains, the caption is
+//! encoded in the step anyway: `text_encoder.rs` tokenizes the shuffled
+//! caption there (the same [`shuffled_caption`]) instead of this wrapper.
 use anyhow::Result;
 use tch::{Device, Kind};
 
@@ -29,6 +31,14 @@ pub fn shuffle_tags(caption: &str, keep_tokens: usize, rng: &mut SplitMix64) -> 
     fixed.iter().chain(&rest).copied().collect::<Vec<_>>().join(", ")
 }
 
+/// The caption training sample `global` of a run seeded `seed` reads in
+/// place of `caption`: the same order whichever process draws the sample
+/// and however often the run was resumed.
+pub fn shuffled_caption(caption: &str, keep_tokens: usize, seed: u64, global: u64) -> String {
+    let mut rng = SplitMix64::new(derive_seed(seed, STREAM, global));
+    shuffle_tags(caption, keep_tokens, &mut rng)
+}
+
 /// The data with each sample's caption shuffled and encoded afresh.
 pub struct ShuffledCaptions<'a> {
     pub data: &'a dyn TrainingData,
@@ -42,8 +52,7 @@ impl ShuffledCaptions<'_> {
     pub fn caption_for(&self, index: usize, global: u64) -> Option<(String, String)> {
         // Data that keeps no caption (benchmarks' random cache) is not shuffled.
         let caption = self.data.caption(index).ok()?;
-        let mut rng = SplitMix64::new(derive_seed(self.seed, STREAM, global));
-        let shuffled = shuffle_tags(&caption, self.keep_tokens, &mut rng);
+        let shuffled = shuffled_caption(&caption, self.keep_tokens, self.seed, global);
         Some((caption, shuffled))
     }
 }
@@ -111,6 +120,7 @@ mod tests {
         let mut a = SplitMix64::new(derive_seed(7, STREAM, 3));
         let mut b = SplitMix64::new(derive_seed(7, STREAM, 3));
         assert_eq!(shuffle_tags(caption, 2, &mut a), shuffle_tags(caption, 2, &mut b), "the order follows (seed, index)");
+        assert_eq!(shuffled_caption(caption, 2, 7, 3), shuffle_tags(caption, 2, &mut SplitMix64::new(derive_seed(7, STREAM, 3))));
         assert_eq!(shuffle_tags("one tag", 1, &mut a), "one tag");
         assert_eq!(shuffle_tags("a, b", 5, &mut a), "a, b", "keep_tokens beyond the tags keeps them all");
     }

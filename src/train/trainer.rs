@@ -10,7 +10,7 @@ use super::lr::LrSchedule;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
 use super::sync::{GradientSync, SingleProcess};
-use super::text_encoder::TextEncoderTraining;
+use super::text_encoder::{CaptionDraw, TextEncoderTraining};
 use crate::models::conditioning::Conditioning;
 use crate::models::config::Prediction;
 use crate::models::unet::UNet2DConditionModel;
@@ -258,8 +258,9 @@ impl<'a> Trainer<'a> {
         let mut timesteps = Vec::with_capacity(batch.len());
         let mut captions = Vec::with_capacity(batch.len());
         for (position, &i) in batch.iter().enumerate() {
-            let draws = self.sample_draws(global_sample_index(index, position, s.batch_size), i)?;
-            captions.push((!draws.drop_caption).then_some(i));
+            let global = global_sample_index(index, position, s.batch_size);
+            let draws = self.sample_draws(global, i)?;
+            captions.push((!draws.drop_caption).then_some(CaptionDraw { item: i, global }));
             latents.push(draws.latent);
             let text = if draws.drop_caption { self.empty_caption.shallow_clone() } else { draws.text.to_device(self.device) };
             texts.push(Conditioning { time_ids: draws.time_ids.map(|t| t.to_device(self.device)), ..text });

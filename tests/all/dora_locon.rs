@@ -10,20 +10,10 @@ use crate::common;
 use std::path::PathBuf;
 
 use sdtune::lora::{self, format};
-use sdtune::models::conditioning::Conditioning;
-use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
 use sdtune::sample::render;
 use tch::Tensor;
 
-fn model() -> StableDiffusion {
-    StableDiffusion::from_diffusers_folder(&common::fixtures().join("tiny-sd1"), Placement::cpu_f32(), None).unwrap()
-}
-
-fn unet_out(m: &StableDiffusion) -> Tensor {
-    let r = common::read_tensors(&common::reference("unet_sd1.safetensors"));
-    let context = Conditioning::text_only(r["encoder_hidden_states"].shallow_clone());
-    tch::no_grad(|| m.unet.model.forward(&r["sample"], &r["timestep"], &context))
-}
+use common::sd1::{model, unet_out};
 
 fn dora_file(stem: &str) -> PathBuf {
     common::fixtures().join("lora/dora").join(format!("{stem}.safetensors"))
@@ -73,5 +63,28 @@ fn sdtune_trained_locon_gives_diffusers_unet_output() {
         common::assert_close(stem, &got, &r[stem], 1e-4);
         let effect = common::max_abs_diff(&got, &r["base"]);
         assert!(effect > 1e-2, "{stem}: the LoCon barely changes the UNet ({effect})");
+    }
+}
+
+/// `sdtune info` names DoRA files (PEFT's `lora_magnitude_vector`, kohya's
+/// `dora_scale`) as DoRA, and a plain LoCon as LoCon.
+#[test]
+fn info_names_dora_and_locon() {
+    let cases = [
+        (dora_file("peft_dora"), "DoRA"),
+        (dora_file("sdtune_kohya"), "DoRA"),
+        (dora_file("sdtune_diffusers"), "DoRA"),
+        (common::fixtures().join("lora/locon/sdtune_kohya.safetensors"), "LoCon"),
+        (common::fixtures().join("lora/sdxl_adapters/sdtune_dora_kohya.safetensors"), "DoRA"),
+    ];
+    for (path, kind) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune")).arg("info").arg(&path).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        let format = text.lines().find(|l| l.starts_with("format")).unwrap_or_else(|| panic!("no format line in\n{text}"));
+        assert!(format.contains(kind), "{}: {format}", path.display());
+        if kind == "DoRA" {
+            assert!(!format.contains("LoRA"), "{}: a DoRA file has no plain LoRA modules: {format}", path.display());
+        }
     }
 }

@@ -7,19 +7,10 @@ use std::process::Command;
 
 use sdtune::lora::kohya_names::KohyaNames;
 use sdtune::lora::{self, format, ModelLayers};
-use sdtune::models::conditioning::Conditioning;
-use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
+use sdtune::models::stable_diffusion::StableDiffusion;
 use tch::Tensor;
 
-fn model() -> StableDiffusion {
-    StableDiffusion::from_diffusers_folder(&common::fixtures().join("tiny-sd1"), Placement::cpu_f32(), None).unwrap()
-}
-
-fn unet_out(m: &StableDiffusion) -> Tensor {
-    let r = common::read_tensors(&common::reference("unet_sd1.safetensors"));
-    let context = Conditioning::text_only(r["encoder_hidden_states"].shallow_clone());
-    tch::no_grad(|| m.unet.model.forward(&r["sample"], &r["timestep"], &context))
-}
+use common::sd1::{model, unet_out};
 
 fn lora_file(name: &str) -> PathBuf {
     common::fixtures().join("lora").join(name)

@@ -186,3 +186,41 @@ fn sdxl_conv_layers_have_sgm_kohya_names() {
         assert_eq!(names.name(Component::Unet, layer).as_deref(), Some(kohya), "{layer}");
     }
 }
+
+/// `sdtune sample` with the LoHa, and with a mixed stack (the LoHa at 0.5
+/// plus the LoKr, attached and `--fuse`d), renders what diffusers' pipeline
+/// renders with peft's adapters (make_lycoris_sample_cases.py), within 1/255.
+#[test]
+fn sample_with_lycoris_adapters_matches_diffusers_with_peft() {
+    let r = common::read_tensors(&common::reference("lycoris_sample.safetensors"));
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let loha = file("kohya_loha.safetensors").display().to_string();
+    let lokr = file("kohya_lokr.safetensors").display().to_string();
+    let cases: [(&str, Vec<String>, bool, &str); 3] = [
+        ("loha", vec![loha.clone()], false, "loha_image"),
+        ("mixed", vec![format!("{loha}:0.5"), lokr.clone()], false, "loha05_lokr_image"),
+        ("mixed fused", vec![format!("{loha}:0.5"), lokr], true, "loha05_lokr_image"),
+    ];
+    for (what, loras, fuse, key) in cases {
+        let out = dir.path().join(format!("{}.png", what.replace(' ', "_")));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdtune"));
+        cmd.args(["sample", "--device", "cpu", "--model"])
+            .arg(common::fixtures().join("tiny-sd1"))
+            .args(["--prompt", "product shot of a blue ceramic mug on a wooden table", "--negative-prompt", "blurry"])
+            .args(["--seed", "7", "--steps", "10", "--guidance", "7.5", "--width", "64", "--height", "64", "--scheduler", "ddim"]);
+        for lora in &loras {
+            cmd.arg("--lora").arg(lora);
+        }
+        if fuse {
+            cmd.arg("--fuse");
+        }
+        let run = cmd.arg("--out").arg(&out).output().unwrap();
+        assert!(run.status.success(), "{what}: {}", String::from_utf8_lossy(&run.stderr));
+        let ours = image::open(&out).unwrap().to_rgb8();
+        let ours = Tensor::from_slice(ours.as_raw()).view([64, 64, 3]).to_kind(tch::Kind::Double);
+        let theirs = (&r[key] * 255.0).round().to_kind(tch::Kind::Double);
+        let diff = (ours - theirs).abs().mean(tch::Kind::Double).double_value(&[]);
+        eprintln!("{what}: mean abs pixel diff {diff:.4} of 255");
+        assert!(diff <= 1.0, "{what}: mean abs pixel diff {diff} of 255 against diffusers with peft's adapters");
+    }
+}

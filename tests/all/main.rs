@@ -48,6 +48,7 @@ mod sample_grid;
 mod sample_parity;
 mod sample_vae;
 mod scheduler_parity;
+mod sdxl_adapters;
 mod sdxl_lora_from_reference;
 mod sdxl_parity;
 mod sdxl_single_file;

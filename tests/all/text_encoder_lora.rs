@@ -2,8 +2,9 @@
 //! it wrote (tests/fixtures/lora/text_encoder/, SD1 with the MLP in kohya's
 //! layout, SD1 attention-only and SDXL's two encoders in both layouts) change
 //! the text conditioning exactly as diffusers' `load_lora_weights` makes them
-//! change it (make_te_lora_cases.py), and a run that trains the encoder
-//! resumes bit for bit.
+//! change it (make_te_lora_cases.py; for SDXL each encoder's part of the
+//! joined states moves), and a run that trains the encoder resumes bit for
+//! bit, also with `--shuffle-captions`.
 use crate::common;
 use crate::train_support;
 
@@ -41,6 +42,16 @@ fn sdtune_trained_text_encoder_lora_changes_the_conditioning_as_diffusers_does()
             }
             lora::attach(&weights, &layers, 1.0, stem).unwrap();
             let ours = tch::no_grad(|| m.text.encode(&[PROMPT], 0)).unwrap().conditioning;
+            // SDXL joins the two encoders' states along the width: each part must move.
+            let mut start = 0;
+            for (e, &c) in m.text.encoders.iter().zip(encoders) {
+                let width = e.config.hidden_size;
+                let part = |t: &tch::Tensor| t.narrow(2, start, width);
+                let effect = common::max_abs_diff(&part(&ours.text), &part(&r[&format!("{model}.base.text")]));
+                assert!(effect > 1e-2, "{stem}: the {} states barely move ({effect})", c.name());
+                start += width;
+            }
+            assert_eq!(start, ours.text.size()[2], "{stem}: the text states are the encoders' joined");
             let mut outputs = vec![("text", ours.text)];
             if let Some(pooled) = ours.pooled {
                 outputs.push(("pooled", pooled));
@@ -88,5 +99,100 @@ fn a_run_training_the_text_encoder_resumes_bit_identically() {
     assert_eq!(want.len(), got.len());
     for ((name, a), (_, b)) in want.iter().zip(&got) {
         assert!(a == b, "LoRA tensor {name} differs between the straight and the resumed run");
+    }
+}
+
+/// Tag captions for the shuffle tests: items 0 and 1 of one bucket.
+struct TagCaptions;
+
+const TAGS: [&str; 2] = ["acme, poster, blue circle, orange ground, flat", "acme, mug, white, studio light"];
+
+impl sdtune::train::data::TrainingData for TagCaptions {
+    fn buckets(&self) -> Vec<Vec<usize>> {
+        vec![vec![0, 1]]
+    }
+    fn sample(&self, _index: usize, _flip: bool) -> anyhow::Result<sdtune::train::data::TrainSample> {
+        anyhow::bail!("the shuffle test reads captions only")
+    }
+    fn has_flips(&self) -> bool {
+        false
+    }
+    fn empty_caption(&self) -> anyhow::Result<sdtune::models::conditioning::Conditioning> {
+        anyhow::bail!("the shuffle test reads captions only")
+    }
+    fn caption(&self, index: usize) -> anyhow::Result<String> {
+        Ok(TAGS[index].to_string())
+    }
+}
+
+/// With `--shuffle-captions`, the trained encoder reads sample `global`'s
+/// shuffled caption: the step's conditioning is the encoding of exactly
+/// the caption `shuffled_caption(caption, keep, seed, global)` gives.
+#[test]
+fn the_trained_encoder_reads_each_samples_shuffled_caption() {
+    use sdtune::train::shuffle::shuffled_caption;
+    use sdtune::train::text_encoder::{CaptionDraw, CaptionShuffle, TextEncoderTraining};
+    let m = StableDiffusion::from_diffusers_folder(&common::fixtures().join("tiny-sd1"), Placement::cpu_f32(), None).unwrap();
+    let (keep_tokens, seed) = (1, 42);
+    let training = TextEncoderTraining::new(&m.text, &TagCaptions, Some(CaptionShuffle { keep_tokens, seed })).unwrap();
+    let plain = TextEncoderTraining::new(&m.text, &TagCaptions, None).unwrap();
+    let mut reordered = 0;
+    for global in 0..8u64 {
+        let draws = [Some(CaptionDraw { item: 0, global }), None, Some(CaptionDraw { item: 1, global: global + 100 })];
+        let got = tch::no_grad(|| training.encode(&draws)).unwrap();
+        let captions = [shuffled_caption(TAGS[0], keep_tokens, seed, global), String::new(), shuffled_caption(TAGS[1], keep_tokens, seed, global + 100)];
+        assert!(captions[0].starts_with("acme, ") && captions[2].starts_with("acme, "), "the kept tag moved: {captions:?}");
+        let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let want = tch::no_grad(|| m.text.encode(&refs, 0)).unwrap().conditioning;
+        common::assert_close(&format!("sample {global}"), &got.text, &want.text, 1e-6);
+        assert_eq!(training.caption_of(CaptionDraw { item: 0, global }).unwrap(), captions[0]);
+        if captions[0] != TAGS[0] {
+            reordered += 1;
+            let unshuffled = tch::no_grad(|| plain.encode(&draws)).unwrap();
+            assert!(common::max_abs_diff(&unshuffled.text, &got.text) > 1e-3, "sample {global}: a reordered caption encoded as the original");
+        }
+    }
+    assert!(reordered >= 4, "only {reordered} of 8 samples drew another order of 5 tags");
+}
+
+/// A training folder of the 6 posters whose captions are comma-separated tags.
+fn prepared_with_tags() -> sdtune::scratch::ScratchDir {
+    let dir = prepared();
+    let brand = dir.path().join("brand");
+    for i in 0..6 {
+        std::fs::write(brand.join(format!("poster{i}.txt")), format!("acme, poster {i}, blue circle, orange ground, flat, print")).unwrap();
+    }
+    let out = train_support::sdtune(dir.path(), &["prepare", "brand", "--device", "cpu"], None);
+    assert!(out.status.success(), "prepare failed: {}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+/// `--shuffle-captions` with `--train-text-encoder`: the shuffle changes
+/// what the encoder's LoRA learns, and a resumed run draws the same orders
+/// (they follow the seed and each sample's index), bit for bit.
+#[test]
+fn shuffled_captions_train_the_text_encoder_and_resume_bit_identically() {
+    let dir = prepared_with_tags();
+    let te = ["--train-text-encoder", "--text-encoder-lr", "5e-3", "--precision", "fp32", "--save-every", "1"];
+    let run = |name: &'static str, steps: &'static str, extra: &[&'static str]| {
+        let args: Vec<&str> = te.iter().copied().chain(["--steps", steps, "--name", name]).chain(extra.iter().copied()).collect();
+        let out = train(dir.path(), &args);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        run_dir(dir.path(), name).join(format!("{name}.safetensors"))
+    };
+    let shuffle = ["--shuffle-captions", "--keep-tokens", "1"];
+    let straight = lora_tensors(&run("shuffled", "2", &shuffle));
+    let plain = lora_tensors(&run("plain", "2", &[]));
+    let te_differs = straight
+        .iter()
+        .zip(&plain)
+        .any(|((name, a), (_, b))| name.starts_with("lora_te_") && name.contains("lora_up") && a != b);
+    assert!(te_differs, "shuffled captions left the text encoder's LoRA as the unshuffled run's");
+    run("resumed", "1", &shuffle);
+    let resumed: Vec<&str> = shuffle.iter().copied().chain(["--resume"]).collect();
+    let got = lora_tensors(&run("resumed", "2", &resumed));
+    assert_eq!(straight.len(), got.len());
+    for ((name, a), (_, b)) in straight.iter().zip(&got) {
+        assert!(a == b, "LoRA tensor {name} differs between the straight and the resumed shuffled run");
     }
 }

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use sdtune::loaders::tensor_file::TensorFile;
 use tch::{Kind, Tensor};
 
+pub mod sd1;
+pub mod sdxl;
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
