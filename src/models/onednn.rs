@@ -3,7 +3,7 @@
 //! libtorch computes `linear`/`matmul` in fp32 on the CPU with MKL's sgemm,
 //! which takes a slower code path on CPUs that are not Intel's: on this
 //! project's AMD EPYC VM (AVX-512) it runs at about half oneDNN's rate for
-//! every linear shape of SD1.5 (BENCHMARKS.md "oneDNN for the CPU's matrix
+//! every linear shape of SD1.5 (BENCHMARKS.md "oneDNN for the CPU's fp32
 //! products"). oneDNN reads the weights as they are stored, so this costs no
 //! memory; a weight packed once into oneDNN's blocked layout was measured
 //! too and gained 5-8% more on the largest shapes for a second copy of every
