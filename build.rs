@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 /// The C++ shims, one concern per file.
-const NATIVE_SOURCES: &[&str] = &["src/native/checkpoint.cpp"];
+const NATIVE_SOURCES: &[&str] = &["src/native/checkpoint.cpp", "src/native/onednn.cpp"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -1,41 +1,52 @@
-//! Each 3x3 convolution shape of an SD1.5 UNet at 256 px (32x32 latents)
-//! through libtorch's own choice (oneDNN on the CPU) and through
-//! `sdtune::models::conv::conv2d`, which takes one GEMM over unfolded patches
-//! for wide inputs on small maps.
+//! Each convolution shape of an SD1.5 UNet at 256 px (32x32 latents)
+//! through libtorch's own choice (oneDNN's convolution for 3x3 kernels, an
+//! MKL GEMM for 1x1 on one thread) and through `sdtune::models::conv::conv2d`,
+//! which computes some as one oneDNN product per image.
 //!
 //!     OMP_NUM_THREADS=1 cargo run --release --example bench_conv
 //!
 //! Forward at batch 2 (sampling with guidance) and forward + backward to the
 //! input at batch 1 (LoRA training: the weight is frozen). Best of 4 after a
-//! warm-up. Prints a Markdown table for BENCHMARKS.md.
+//! warm-up, the two sides alternating twice. Prints a Markdown table for
+//! BENCHMARKS.md.
 use std::time::Instant;
 
 use sdtune::models::conv;
 use tch::{Device, Kind, Tensor};
 
-/// (input channels, output channels, input side, stride, layers of this shape in the UNet).
-const SHAPES: [(i64, i64, i64, i64, usize); 21] = [
-    (320, 320, 32, 1, 7),
-    (320, 320, 32, 2, 1),
-    (960, 320, 32, 1, 1),
-    (640, 320, 32, 1, 2),
-    (640, 640, 32, 1, 1),
-    (320, 640, 16, 1, 1),
-    (640, 640, 16, 1, 6),
-    (640, 640, 16, 2, 1),
-    (960, 640, 16, 1, 1),
-    (1280, 640, 16, 1, 1),
-    (1920, 640, 16, 1, 1),
-    (1280, 1280, 16, 1, 1),
-    (640, 1280, 8, 1, 1),
-    (1280, 1280, 8, 1, 7),
-    (1280, 1280, 8, 2, 1),
-    (1920, 1280, 8, 1, 1),
-    (2560, 1280, 8, 1, 2),
-    (1280, 1280, 4, 1, 11),
-    (2560, 1280, 4, 1, 3),
-    (4, 320, 32, 1, 1),
-    (320, 4, 32, 1, 1),
+/// (input channels, output channels, kernel, input side, stride, layers of this shape in the UNet).
+const SHAPES: [(i64, i64, i64, i64, i64, usize); 31] = [
+    (320, 320, 3, 32, 1, 7),
+    (320, 320, 3, 32, 2, 1),
+    (960, 320, 3, 32, 1, 1),
+    (640, 320, 3, 32, 1, 2),
+    (640, 640, 3, 32, 1, 1),
+    (320, 640, 3, 16, 1, 1),
+    (640, 640, 3, 16, 1, 6),
+    (640, 640, 3, 16, 2, 1),
+    (960, 640, 3, 16, 1, 1),
+    (1280, 640, 3, 16, 1, 1),
+    (1920, 640, 3, 16, 1, 1),
+    (1280, 1280, 3, 16, 1, 1),
+    (640, 1280, 3, 8, 1, 1),
+    (1280, 1280, 3, 8, 1, 7),
+    (1280, 1280, 3, 8, 2, 1),
+    (1920, 1280, 3, 8, 1, 1),
+    (2560, 1280, 3, 8, 1, 2),
+    (1280, 1280, 3, 4, 1, 11),
+    (2560, 1280, 3, 4, 1, 3),
+    (4, 320, 3, 32, 1, 1),
+    (320, 4, 3, 32, 1, 1),
+    (320, 320, 1, 32, 1, 10),
+    (640, 640, 1, 16, 1, 10),
+    (1280, 1280, 1, 8, 1, 12),
+    (320, 640, 1, 16, 1, 1),
+    (640, 1280, 1, 8, 1, 1),
+    (2560, 1280, 1, 4, 1, 3),
+    (2560, 1280, 1, 8, 1, 2),
+    (1920, 1280, 1, 8, 1, 1),
+    (1920, 640, 1, 16, 1, 1),
+    (640, 320, 1, 32, 1, 2),
 ];
 
 fn best_ms(mut f: impl FnMut()) -> f64 {
@@ -51,32 +62,39 @@ fn best_ms(mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let opts = (Kind::Float, Device::Cpu);
-    println!("| in -> out | map | stride | layers | fwd b2 libtorch ms | fwd b2 sdtune ms | fwd+bwd b1 libtorch ms | fwd+bwd b1 sdtune ms |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| in -> out | kernel | map | stride | layers | fwd b2 libtorch ms | fwd b2 sdtune ms | fwd+bwd b1 libtorch ms | fwd+bwd b1 sdtune ms |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut totals = [0.0; 4];
-    for (cin, cout, side, stride, layers) in SHAPES {
-        let weight = Tensor::randn([cout, cin, 3, 3], opts) * 0.01;
+    for (cin, cout, kernel, side, stride, layers) in SHAPES {
+        let weight = Tensor::randn([cout, cin, kernel, kernel], opts) * 0.01;
         let bias = Tensor::randn([cout], opts);
+        let pad = kernel / 2;
         let x2 = Tensor::randn([2, cin, side, side], opts);
         let x1 = Tensor::randn([1, cin, side, side], opts).set_requires_grad(true);
-        let libtorch = |x: &Tensor| x.conv2d(&weight, Some(&bias), [stride, stride], [1, 1], [1, 1], 1);
-        let ours = |x: &Tensor| conv::conv2d(x, &weight, &bias, stride, 1);
-        let row = [
-            best_ms(|| drop(libtorch(&x2))),
-            best_ms(|| drop(ours(&x2))),
-            best_ms(|| libtorch(&x1).sum(Kind::Float).backward()),
-            best_ms(|| ours(&x1).sum(Kind::Float).backward()),
-        ];
+        let libtorch = |x: &Tensor| x.conv2d(&weight, Some(&bias), [stride, stride], [pad, pad], [1, 1], 1);
+        let ours = |x: &Tensor| conv::conv2d(x, &weight, &bias, stride, pad);
+        let mut row = [f64::INFINITY; 4];
+        for _ in 0..2 {
+            let times = [
+                best_ms(|| drop(libtorch(&x2))),
+                best_ms(|| drop(ours(&x2))),
+                best_ms(|| libtorch(&x1).sum(Kind::Float).backward()),
+                best_ms(|| ours(&x1).sum(Kind::Float).backward()),
+            ];
+            for (best, t) in row.iter_mut().zip(times) {
+                *best = best.min(t);
+            }
+        }
         for (total, ms) in totals.iter_mut().zip(row) {
             *total += ms * layers as f64;
         }
         println!(
-            "| {cin} -> {cout} | {side}x{side} | {stride} | {layers} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {cin} -> {cout} | {kernel}x{kernel} | {side}x{side} | {stride} | {layers} | {:.1} | {:.1} | {:.1} | {:.1} |",
             row[0], row[1], row[2], row[3]
         );
     }
     println!(
-        "| all 3x3 convolutions (x layers) | | | | {:.0} | {:.0} | {:.0} | {:.0} |",
+        "| all convolutions (x layers) | | | | | {:.0} | {:.0} | {:.0} | {:.0} |",
         totals[0], totals[1], totals[2], totals[3]
     );
 }

@@ -25,7 +25,7 @@
 # SD15_TRAIN_STEPS (5), SD15_TRAIN_WARMUP (3), SD15_SAMPLE_STEPS (10),
 # SD15_SAMPLE_WARMUP (1 image; 0 times both sides cold, as a user's first image),
 # SDXL_RESOLUTION (512), SDXL_TRAIN_STEPS (1), SDXL_TRAIN_WARMUP (1), SDXL_SAMPLE_STEPS (4),
-# DEVICE (cpu), PRECISION (auto), ONLY (train,sample,encode; or sdxl-train,sdxl-ckpt,sdxl-sample), QUICK, SDTUNE (a
+# ARCHS (tiny,sd15,sdxl: the model configs to run), DEVICE (cpu), PRECISION (fp32 on cpu, auto otherwise), ONLY (train,sample,encode; or sdxl-train,sdxl-ckpt,sdxl-sample), QUICK, SDTUNE (a
 # prebuilt binary; otherwise cargo builds one), BENCH_PY (a python with the
 # pinned stack; otherwise .venv-bench/ is created from scripts/bench/requirements.txt).
 # Raw JSON lines go to target/bench/results-<time>.jsonl; the Markdown table to stdout.
@@ -35,8 +35,11 @@ cd "$root"
 threads="${THREADS:-1}"
 rounds="${ROUNDS:-2}"
 device="${DEVICE:-cpu}"
-precision="${PRECISION:-auto}"
+# Both sides in one precision: fp32 on the CPU unless PRECISION says otherwise
+# (sdtune's own `auto` picks bf16 on a CPU with AVX512-BF16, diffusers' fp32).
+if [ "$device" = cpu ]; then precision="${PRECISION:-fp32}"; else precision="${PRECISION:-auto}"; fi
 only="${ONLY:-train,sample,encode}"
+archs="${ARCHS:-tiny,sd15,sdxl}"
 sd15_train_steps="${SD15_TRAIN_STEPS:-5}"
 sd15_train_warmup="${SD15_TRAIN_WARMUP:-3}"
 sd15_sample_steps="${SD15_SAMPLE_STEPS:-10}"
@@ -81,6 +84,7 @@ done
 run_case() {
   local kind="$1" arch="$2" res="$3"
   shift 3
+  [[ ",$archs," == *",$arch,"* ]] || return 0
   local flags=(--resolution "$res" --batch-size 1 --device "$device" --precision "$precision" "$@")
   for r in $(seq "$rounds"); do
     local order=(sdtune diffusers)

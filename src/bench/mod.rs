@@ -40,6 +40,8 @@ impl Setup {
         out.insert("threads".into(), Value::from(tch::get_num_threads()));
         out.insert("resolution".into(), Value::from(self.resolution));
         out.insert("batch_size".into(), Value::from(self.batch_size));
+        let kernels = if crate::models::onednn::enabled() { "sdtune" } else { "libtorch" };
+        out.insert("kernels".into(), Value::from(kernels));
         out
     }
 }

@@ -25,6 +25,7 @@ Examples:
   sdtune bench train --arch sdxl --resolution 1024 --precision bf16 --gradient-checkpointing --device cuda
   sdtune bench sample --arch sdxl --resolution 1024 --steps 30 --device cuda
   sdtune bench train --model ./stable-diffusion-v1-5 --resolution 512
+  sdtune bench sample --arch sd15 --resolution 256 --libtorch-kernels   (libtorch's kernels, for A/B)
   sdtune bench train --arch tiny --dump-configs cfg     (write the configs and stop)
 
 Models are built from a config with random weights (--arch) or loaded (--model), so no
@@ -107,6 +108,10 @@ pub struct BenchArgs {
     /// The device's peak dense TFLOP/s in this precision, for model FLOP utilisation [default: 790 on CUDA].
     #[arg(allow_hyphen_values = true, long, value_name = "TFLOPS")]
     pub peak_tflops: Option<f64>,
+    /// Leave every CPU product and convolution to libtorch's own kernels (MKL, oneDNN's
+    /// convolution) instead of sdtune's choices, to measure what those choices gain.
+    #[arg(long)]
+    pub libtorch_kernels: bool,
     /// Write the model's configs as diffusers config files into DIR and stop.
     #[arg(long, value_name = "DIR")]
     pub dump_configs: Option<PathBuf>,
@@ -132,6 +137,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let resolution = args.resolution.unwrap_or_else(|| spec.native_resolution());
     // Checked before `precision auto` measures the CPU, so a bad flag is the one line said.
     spec.latent_size(resolution)?;
+    crate::models::onednn::set_enabled(!args.libtorch_kernels);
     let precision = match args.precision.as_str() {
         // What `sdtune train` would pick.
         "auto" => crate::runtime::auto_precision(device),

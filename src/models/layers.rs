@@ -219,8 +219,13 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Whether backward must reach into this layer: a trained weight or bias, or an adapter.
+    pub fn trains(&self) -> bool {
+        self.weight.requires_grad() || self.bias.as_ref().is_some_and(Tensor::requires_grad) || !self.adapters.is_empty()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        let y = super::onednn::linear(x, &self.weight, self.bias.as_ref());
         super::flop_count::linear(x, &self.weight);
         self.adapters.apply(x, y)
     }
@@ -248,6 +253,11 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
+    /// Whether backward must reach into this layer: a trained weight or bias, or an adapter.
+    pub fn trains(&self) -> bool {
+        self.weight.requires_grad() || self.bias.requires_grad() || !self.adapters.is_empty()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = super::conv::conv2d(x, &self.weight, &self.bias, self.stride, self.padding);
         super::flop_count::conv(&y, &self.weight);
@@ -263,6 +273,10 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
+    pub fn trains(&self) -> bool {
+        self.weight.requires_grad() || self.bias.requires_grad()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
     }
@@ -276,6 +290,10 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    pub fn trains(&self) -> bool {
+        self.weight.requires_grad() || self.bias.requires_grad()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
     }

@@ -10,6 +10,7 @@ pub mod finite;
 pub mod flop_count;
 pub mod gradient_checkpoint;
 pub mod layers;
+pub mod onednn;
 pub mod stable_diffusion;
 pub mod text_stack;
 pub mod tokenizer;

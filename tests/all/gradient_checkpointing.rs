@@ -224,8 +224,9 @@ fn train_with_the_flag_writes_the_same_lora_and_records_it() {
     let _rng = crate::common::torch_rng();
     let dir = train_support::prepared();
     // At FAST's lr 1e-3: fp32's other summation order moves Adam's steps
-    // by ~1e-7; a broken gradient would move them by about the lr.
-    let steps = ["--steps", "3"];
+    // by ~1e-7; a broken gradient would move them by about the lr. fp32 said
+    // outright: `auto` picks bf16 on a CPU with AVX512-BF16.
+    let steps = ["--steps", "3", "--precision", "fp32"];
     let run = |name: &str, extra: &[&str]| {
         let args: Vec<&str> = steps.iter().chain(["--name", name].iter()).chain(extra).copied().collect();
         let out = train_support::train(dir.path(), &args);

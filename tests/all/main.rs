@@ -17,6 +17,7 @@ mod bad_values_cli;
 mod bench_cli;
 mod clip_parity;
 mod concepts;
+mod cpu_kernels;
 mod demo_e2e;
 mod distributed;
 mod dora_locon;

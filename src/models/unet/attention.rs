@@ -52,6 +52,10 @@ impl Attention {
         }
     }
 
+    fn trains(&self) -> bool {
+        [&self.to_q, &self.to_k, &self.to_v, &self.to_out].iter().any(|l| l.trains())
+    }
+
     /// `x` [B, L, query_dim] attends to `context` [B, S, context_dim], or to
     /// itself when `context` is `None`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
@@ -108,6 +112,10 @@ impl FeedForward {
         }
     }
 
+    fn trains(&self) -> bool {
+        self.proj.trains() || self.out.trains()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let halves = self.proj.forward(x).chunk(2, -1);
         let (hidden, gate) = (&halves[0], &halves[1]);
@@ -141,6 +149,15 @@ impl BasicTransformerBlock {
         }
     }
 
+    fn trains(&self) -> bool {
+        self.norm1.trains()
+            || self.attn1.trains()
+            || self.norm2.trains()
+            || self.attn2.trains()
+            || self.norm3.trains()
+            || self.ff.trains()
+    }
+
     /// `x` [B, HW, dim], `context` [B, S, cross_attention_dim].
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
         let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
@@ -157,6 +174,13 @@ enum Projection {
 }
 
 impl Projection {
+    fn trains(&self) -> bool {
+        match self {
+            Projection::Conv(conv) => conv.trains(),
+            Projection::Linear(linear) => linear.trains(),
+        }
+    }
+
     fn new(vb: Vb, linear: bool, in_dim: i64, out_dim: i64) -> Self {
         if linear {
             Projection::Linear(vb.linear(in_dim, out_dim, true))
@@ -196,6 +220,14 @@ impl Transformer2DModel {
             (0..s.layers).map(|i| BasicTransformerBlock::new(blocks.pp(i), inner, s, head_dim)).collect();
         let proj_out = Projection::new(vb.pp("proj_out"), s.use_linear_projection, inner, s.channels);
         Ok(Transformer2DModel { norm, proj_in, transformer_blocks, proj_out })
+    }
+
+    /// Whether any of its tensors is trained or carries an adapter.
+    pub fn trains(&self) -> bool {
+        self.norm.trains()
+            || self.proj_in.trains()
+            || self.transformer_blocks.iter().any(BasicTransformerBlock::trains)
+            || self.proj_out.trains()
     }
 
     /// `x` [B, C, h, w], `context` [B, S, cross_attention_dim] -> [B, C, h, w].

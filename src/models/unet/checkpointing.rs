@@ -48,6 +48,7 @@ pub enum Segments<'a> {
 impl Segments<'_> {
     pub fn resnet(&self, resnet: &Shared<ResnetBlock2D>, x: &Tensor, temb: &Tensor) -> Tensor {
         match self {
+            Segments::Checkpointed(_) if needs_no_backward(resnet.trains(), &[x, temb]) => resnet.forward(x, temb),
             Segments::Direct => resnet.forward(x, temb),
             Segments::Checkpointed(params) => {
                 let resnet = resnet.share();
@@ -58,6 +59,9 @@ impl Segments<'_> {
 
     pub fn transformer(&self, attention: &Shared<Transformer2DModel>, x: &Tensor, context: &Tensor) -> Tensor {
         match self {
+            Segments::Checkpointed(_) if needs_no_backward(attention.trains(), &[x, context]) => {
+                attention.forward(x, context)
+            }
             Segments::Direct => attention.forward(x, context),
             Segments::Checkpointed(params) => {
                 let attention = attention.share();
@@ -65,6 +69,14 @@ impl Segments<'_> {
             }
         }
     }
+}
+
+/// A segment that trains nothing on inputs that need no gradient (the
+/// first resnets, before the first LoRA layer) is left out of backward
+/// altogether: run directly it records nothing, where a checkpoint would
+/// run it again in backward for no gradient at all.
+fn needs_no_backward(trains: bool, inputs: &[&Tensor]) -> bool {
+    !trains && !inputs.iter().any(|t| t.requires_grad())
 }
 
 /// The one output of a segment. The forward is infallible like tch's own

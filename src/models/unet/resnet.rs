@@ -53,6 +53,16 @@ impl ResnetBlock2D {
         })
     }
 
+    /// Whether any of its tensors is trained or carries an adapter.
+    pub fn trains(&self) -> bool {
+        self.norm1.trains()
+            || self.conv1.trains()
+            || self.time_emb_proj.trains()
+            || self.norm2.trains()
+            || self.conv2.trains()
+            || self.conv_shortcut.as_ref().is_some_and(Conv2d::trains)
+    }
+
     /// `x` [B, in, h, w], `temb` [B, temb_channels] -> [B, out, h, w].
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Tensor {
         let h = self.conv1.forward(&self.norm1.forward(x).silu());
