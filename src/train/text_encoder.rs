@@ -39,7 +39,8 @@ impl<'a> TextEncoderTraining<'a> {
                 .collect()
         };
         let mut ids = HashMap::new();
-        for &item in data.buckets().iter().flatten() {
+        // Class samples (prior preservation) are encoded in the step too.
+        for &item in data.buckets().iter().flatten().chain(&data.class_items()) {
             if let std::collections::hash_map::Entry::Vacant(slot) = ids.entry(item) {
                 slot.insert(tokenize(&data.caption(item)?)?);
             }
