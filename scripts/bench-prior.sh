@@ -9,15 +9,23 @@
 # and the prompt drift of the control prompts (the class prompt plus two
 # non-brand prompts) from the base model's images at the same seeds.
 #
-#   scripts/bench-prior.sh [CLASS_IMAGES]      (default 24; needs `make build`)
+#   scripts/bench-prior.sh [CLASS_IMAGES [STEPS [LR]]]
+#
+# Defaults: 24 class images, the demo's 200 steps at lr 0.002; a grid and a
+# save every STEPS/2 steps. The two runs train at once. The prepared folder
+# (output/bench-prior) is kept between calls: prepare renders and encodes
+# only what is missing. Needs `make build`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-bin=$root/target/release/sdtune
+bin=${SDTUNE:-$root/target/release/sdtune}
 work=$root/output/bench-prior
 count=${1:-24}
+steps=${2:-200}
+lr=${3:-0.002}
+every=$(( steps / 2 ))
 
-rm -rf "$work"
+rm -rf "$work/output"
 mkdir -p "$work"
 cp configs/demo.yaml "$work/sdtune.yaml"
 cd "$work"
@@ -31,14 +39,17 @@ open("sdtune.yaml", "w").write(text)
 PY
 echo "== sdtune prepare datasets/example-brand (with $count class images of \"a shape\")"
 "$bin" prepare "$root/datasets/example-brand" | grep -E "^class images|usable" || true
+started=$(date +%s)
 for run in with-prior:1 without-prior:0; do
   name=${run%%:*}
   weight=${run##*:}
-  echo "== sdtune train --name $name --prior-loss-weight $weight"
-  started=$(date +%s)
-  "$bin" train --name "$name" --prior-loss-weight "$weight" 2>&1 | grep -E "prior preservation|wrote" || true
-  echo "   $(( $(date +%s) - started )) s"
+  echo "== sdtune train --name $name --prior-loss-weight $weight --steps $steps --lr $lr --sample-every $every --save-every $every"
+  "$bin" train --name "$name" --prior-loss-weight "$weight" --steps "$steps" --lr "$lr" --sample-every "$every" \
+    --save-every "$every" >"$name.log" 2>&1 &
 done
+wait
+grep -hE "prior preservation|^wrote|error" with-prior.log without-prior.log || true
+echo "   both runs: $(( $(date +%s) - started )) s"
 
 python3 - <<'PY'
 import json, os

@@ -58,6 +58,7 @@ fn class_images_are_rendered_once_and_come_back_byte_for_byte() {
     let cache = CacheReader::open(dir.path()).unwrap();
     assert_eq!(cache.class_items().len(), 5);
     assert_eq!(cache.buckets().iter().map(Vec::len).sum::<usize>(), 6, "class images went into the brand buckets");
+    drop(cache); // a reader's lock would keep the next prepare out
 
     std::fs::remove_file(file(1)).unwrap();
     std::fs::remove_file(file(4)).unwrap();
@@ -145,7 +146,11 @@ fn a_resumed_run_with_class_images_ends_bit_identical() {
 #[test]
 fn grids_measure_the_drift_that_pick_ranks_by() {
     let dir = with_class_images("2");
-    let out = train(dir.path(), &["--steps", "4", "--save-every", "2", "--sample-every", "2", "--sample-steps", "2", "--name", "d"]);
+    // Two sampler steps per grid image are enough to tell images apart.
+    let yaml = std::fs::read_to_string(dir.path().join("sdtune.yaml")).unwrap();
+    assert!(yaml.contains("sample_steps: 20"), "{yaml}");
+    std::fs::write(dir.path().join("sdtune.yaml"), yaml.replace("sample_steps: 20", "sample_steps: 2")).unwrap();
+    let out = train(dir.path(), &["--steps", "4", "--save-every", "2", "--sample-every", "2", "--name", "d"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let run = run_dir(dir.path(), "d");
     let drift = |step: u64| {
@@ -191,7 +196,8 @@ fn bad_class_settings_are_refused_in_one_sentence() {
     std::fs::remove_file(d.join(".sdtune/class")).unwrap();
     // A configured class concept whose folder is missing.
     std::fs::write(d.join("sdtune.yaml"), "data:\n  concepts:\n  - path: brand\n  - path: reg-missing\n    is_class: true\n").unwrap();
-    refused(&prepare(d, &[]), &["reg-missing", "does not exist"]);
+    let tiny = fixtures().join("tiny-sd1");
+    refused(&sdtune(d, &["prepare", "--device", "cpu", "--model"], Some(&tiny)), &["reg-missing", "does not exist"]);
     std::fs::remove_file(d.join("sdtune.yaml")).unwrap();
     // Training: a prior weight with no class images, and a negative weight.
     refused(&train(d, &["--steps", "1", "--prior-loss-weight", "1"]), &["--prior-loss-weight", "no class images", "--class-prompt"]);
