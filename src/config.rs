@@ -41,6 +41,11 @@ pub struct Config {
 pub struct SampleConfig {
     pub prompts: Vec<String>,
     pub seeds: Vec<u64>,
+    /// Prompts the LoRA should leave alone: training's grids render them
+    /// too, and `sdtune pick` and the report rank steps by how far their
+    /// images drift from the base model's (the class prompt is one of them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub control_prompts: Vec<String>,
 }
 
 impl SampleConfig {
@@ -56,7 +61,7 @@ impl SampleConfig {
 
 impl Default for SampleConfig {
     fn default() -> Self {
-        SampleConfig { prompts: Vec::new(), seeds: vec![1, 2, 3, 4] }
+        SampleConfig { prompts: Vec::new(), seeds: vec![1, 2, 3, 4], control_prompts: Vec::new() }
     }
 }
 

@@ -2,7 +2,10 @@
 //! wrote. Each saved LoRA (`lora/step-NNNNNN.safetensors`) is scored on
 //! what its folder holds for that step: the grid's palette distance to the
 //! brand set and its spread across seeds (`samples/step-N.consistency.json`),
-//! and the validation loss (`metrics.jsonl`). Lower is better for each;
+//! the prompt drift of the control prompts (the class prompt and
+//! `sample.control_prompts`: how far their images at the grid's seeds moved
+//! from the base model's, `samples/step-N.drift.json`) and the validation
+//! loss (`metrics.jsonl`). Lower is better for each;
 //! each figure is scaled to 0..1 over the steps that have it, and a step's
 //! score is the mean of its scaled figures. The lowest score is the
 //! choice; a tie goes to the earlier step.
@@ -18,6 +21,8 @@ pub struct Candidate {
     pub lora: PathBuf,
     pub palette: Option<f64>,
     pub seed_spread: Option<f64>,
+    /// Mean palette distance of the control prompts' images to the base model's.
+    pub drift: Option<f64>,
     pub validation: Option<f64>,
     pub score: f64,
 }
@@ -31,23 +36,26 @@ pub fn candidates(run_dir: &Path) -> Result<Vec<Candidate>> {
             .filter_map(|e| {
                 let path = e.path();
                 let name = path.file_name()?.to_str()?.to_string();
-                let step = name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()?;
-                Some((step, path))
+                let step: u64 = name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()?;
+                // Step 0 is the untrained LoRA (the base model, written for the first grid): no candidate.
+                (step > 0).then_some((step, path))
             })
             .collect(),
         Err(_) => Vec::new(),
     };
     steps.sort();
     if steps.is_empty() {
-        bail!("{} holds no saved LoRA steps (lora/step-NNNNNN.safetensors); train with --save-every to save some", run_dir.display());
+        bail!("{} holds no saved LoRA steps after step 0 (lora/step-NNNNNN.safetensors); train with --save-every to save some", run_dir.display());
     }
     let validation = validation_losses(&run_dir.join("metrics.jsonl"));
     let mut out: Vec<Candidate> = steps
         .into_iter()
         .map(|(step, lora)| {
-            let (palette, seed_spread) = grid_figures(&run_dir.join("samples").join(format!("step-{step:06}.consistency.json")));
+            let grid = run_dir.join("samples").join(format!("step-{step:06}.png"));
+            let (palette, seed_spread) = grid_figures(&crate::sample::render::consistency_path(&grid));
+            let drift = crate::sample::drift::Drift::load(&crate::sample::drift::drift_path(&grid)).map(|d| d.mean);
             let validation = validation.iter().rev().find(|(s, _)| *s == step).map(|p| p.1);
-            Candidate { step, lora, palette, seed_spread, validation, score: 0.0 }
+            Candidate { step, lora, palette, seed_spread, drift, validation, score: 0.0 }
         })
         .collect();
     score(&mut out);
@@ -62,7 +70,7 @@ pub fn choice(candidates: &[Candidate]) -> Option<&Candidate> {
 /// Each candidate's score: the mean of its figures scaled to 0..1 over
 /// the candidates (a figure equal for all scales to 0).
 fn score(candidates: &mut [Candidate]) {
-    let figures: [fn(&Candidate) -> Option<f64>; 3] = [|c| c.palette, |c| c.seed_spread, |c| c.validation];
+    let figures: [fn(&Candidate) -> Option<f64>; 4] = [|c| c.palette, |c| c.seed_spread, |c| c.drift, |c| c.validation];
     let ranges: Vec<Option<(f64, f64)>> = figures
         .iter()
         .map(|f| {
@@ -88,20 +96,26 @@ fn score(candidates: &mut [Candidate]) {
 /// The table `sdtune pick` prints, and its recommendation line.
 pub fn table(candidates: &[Candidate]) -> String {
     let cell = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
-    let mut t = String::from("step     palette  seed-spread  validation  score\n");
+    let mut t = String::from("step     palette  seed-spread  drift  validation  score\n");
     for c in candidates {
         let _ = writeln!(
             t,
-            "{:<8} {:>7}  {:>11}  {:>10}  {:.3}",
+            "{:<8} {:>7}  {:>11}  {:>5}  {:>10}  {:.3}",
             c.step,
             cell(c.palette, 2),
             cell(c.seed_spread, 2),
+            cell(c.drift, 2),
             cell(c.validation, 5),
             c.score
         );
     }
     if let Some(best) = choice(candidates) {
-        let _ = writeln!(t, "recommended: step {} ({})", best.step, best.lora.display());
+        let figures: Vec<String> = [("palette", best.palette, 2), ("seed spread", best.seed_spread, 2), ("drift", best.drift, 2), ("validation", best.validation, 5)]
+            .iter()
+            .filter_map(|&(name, v, digits)| v.map(|v| format!("{name} {v:.digits$}")))
+            .collect();
+        let shown = if figures.is_empty() { String::new() } else { format!(": {}", figures.join(", ")) };
+        let _ = writeln!(t, "recommended: step {} ({}){shown}", best.step, best.lora.display());
     }
     t
 }
@@ -140,12 +154,19 @@ mod tests {
         let run = dir.path();
         std::fs::create_dir_all(run.join("lora")).unwrap();
         std::fs::create_dir_all(run.join("samples")).unwrap();
-        let figures = [(10u64, 30.0, 2.0, 0.20), (20, 18.0, 1.0, 0.15), (30, 17.0, 4.0, 0.19)];
+        let figures = [(10u64, 30.0, 2.0, 0.20, 1.0), (20, 18.0, 1.0, 0.15, 6.0), (30, 17.0, 4.0, 0.19, 3.0)];
         let mut metrics = String::new();
-        for (step, mean, spread, val) in figures {
+        for (step, mean, spread, val, drift) in figures {
             std::fs::write(run.join(format!("lora/step-{step:06}.safetensors")), b"").unwrap();
             let json = format!("{{\"variants\":[{{\"variant\":\"lora\",\"mean\":{mean},\"seed_std\":{spread},\"seed_pairwise\":1.0}}]}}");
             std::fs::write(run.join(format!("samples/step-{step:06}.consistency.json")), json).unwrap();
+            let drift = crate::sample::drift::Drift {
+                metric: "m".into(),
+                base: "b".into(),
+                mean: drift,
+                prompts: vec![crate::sample::drift::PromptDrift { prompt: "a shape".into(), mean: drift, per_seed: vec![drift] }],
+            };
+            drift.save(&run.join(format!("samples/step-{step:06}.drift.json"))).unwrap();
             writeln!(metrics, "{{\"step\":{step},\"loss\":0.1}}\n{{\"step\":{step},\"validation_loss\":{val}}}").unwrap();
         }
         std::fs::write(run.join("metrics.jsonl"), metrics).unwrap();
@@ -158,15 +179,20 @@ mod tests {
             .filter(|l| !l.starts_with("recommended"))
             .map(|l| {
                 let cells: Vec<&str> = l.split_whitespace().collect();
-                (cells[0].parse().unwrap(), cells[4].parse().unwrap())
+                (cells[0].parse().unwrap(), cells[5].parse().unwrap())
             })
             .collect();
         assert_eq!(rows.len(), 3, "{printed}");
         let best = rows.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
         assert!(printed.contains(&format!("recommended: step {best} ")), "{printed}");
-        // Step 20: palette (18-17)/13, spread 0, validation 0 -> the lowest.
+        // Scores: step 10 (1 + 1/3 + 0 + 1) / 4 = 0.583; step 20 (1/13 + 0 + 1 + 0) / 4 = 0.269;
+        // step 30 (0 + 1 + 2/5 + 0.8) / 4 = 0.55. The drift alone would pick step 10; with the rest, 20.
         assert_eq!(best, 20, "{printed}");
         assert!(printed.contains("0.15000"), "{printed}");
+        assert!(printed.contains("drift 6.00"), "the recommendation names its figures: {printed}");
+        let drift_of = |step: u64| all.iter().find(|c| c.step == step).unwrap().drift;
+        assert_eq!((drift_of(10), drift_of(30)), (Some(1.0), Some(3.0)));
+        assert!((all[0].score - (1.0 + 1.0 / 3.0 + 0.0 + 1.0) / 4.0).abs() < 1e-12, "{printed}");
     }
 
     #[test]

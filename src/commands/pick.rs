@@ -12,9 +12,11 @@ Examples:
   sdtune pick output/acme           any run folder
 
 Scores every saved LoRA (lora/step-NNNNNN.safetensors) on the figures the run wrote for
-its step: palette distance of its grid to the brand set, spread across seeds, and the
-validation loss (train with --validation-split). Each is scaled to 0..1 over the steps;
-the score is their mean, lower is better.";
+its step: palette distance of its grid to the brand set, spread across seeds, prompt
+drift (how far the images of the class prompt and sample.control_prompts moved from the
+base model's at the same seeds; 0 is the base model) and the validation loss (train with
+--validation-split). Each is scaled to 0..1 over the steps; the score is their mean,
+lower is better.";
 
 #[derive(Args, Debug)]
 pub struct PickArgs {

@@ -8,7 +8,9 @@ use tch::{Device, Kind};
 use crate::config::{Config, CONFIG_FILE};
 use crate::data::config::{Background, MAX_BUCKET_SIDE};
 use crate::data::prepare::{self, sample_prompts, Options, REPORT_FILE};
+use crate::data::class_set::CLASS_DIR;
 use crate::loaders::builtin;
+use crate::sample::class_images::{self, ClassRequest};
 use crate::loaders::model_files::ModelFiles;
 use crate::loaders::source::LoadOptions;
 use crate::runtime::{parse_device, supports, Precision};
@@ -21,12 +23,17 @@ Examples:
   sdtune prepare ./brand_photos --resolution 768 --flip --no-upscale
   sdtune prepare ./brand_photos --model ./sd_xl_base_1.0.safetensors   (SDXL: 1024 px by default)
   sdtune prepare                    (the folder and model named in ./sdtune.yaml)
+  sdtune prepare ./brand_photos --class-prompt \"a photo of a car\" --class-images 200
+                                    (prior preservation: 200 class images by the base model)
 
 Run it in your working folder: it reads ./sdtune.yaml (and writes one when there
 is none) and caches into ./.sdtune/cache. Captions come from NAME.txt beside each
 image, else metadata.jsonl (file_name, text), else --caption-template. Every file
 that is not used is listed with the reason, also in .sdtune/prepare-report.json.
 Run it again after adding, editing or removing images: only what changed is encoded.
+Class images (--class-prompt) go to ./.sdtune/class/, image i with seed i and its recipe
+in the PNG; only missing ones are rendered, and a deleted one comes back byte for byte.
+Your own class images work too: a reg/N_name folder (kohya) or a concept with is_class.
 Exits 0 when at least one image is usable.";
 
 
@@ -93,6 +100,16 @@ pub struct PrepareArgs {
     /// Images per VAE-encode batch [default: 4].
     #[arg(allow_negative_numbers = true, long, value_name = "N")]
     pub batch_size: Option<usize>,
+    /// Prior preservation (DreamBooth): the prompt of the class your brand
+    /// belongs to, e.g. "a photo of a car"; prepare renders --class-images
+    /// of it with the base model into .sdtune/class/ and caches them, and
+    /// training adds their loss (train --prior-loss-weight) [default: data.class_prompt].
+    #[arg(long, value_name = "TEXT")]
+    pub class_prompt: Option<String>,
+    /// How many class images of --class-prompt to keep; only the missing
+    /// ones are rendered [default: data.num_class_images].
+    #[arg(allow_negative_numbers = true, long = "class-images", value_name = "N")]
+    pub class_images: Option<i64>,
 }
 
 /// With no model named, the built-in tiny model; a folder with no
@@ -154,6 +171,27 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         other => Precision::parse(other)?,
     };
 
+    if let Some((prompt, count)) = config.data.class_images() {
+        let Some(model) = model_dir.to_str() else {
+            bail!("the model path {} is not valid UTF-8, so sdtune cannot open it; rename the folder or file to UTF-8", model_dir.display());
+        };
+        let vae = config.vae.clone().map(PathBuf::from);
+        let class = class_images::ensure(&ClassRequest {
+            work_dir: &work_dir,
+            model,
+            vae: vae.as_deref(),
+            device,
+            precision,
+            prompt,
+            count,
+            resolution: config.data.resolution,
+        })?;
+        say(&format!(
+            "class images: {} of {prompt:?} in {CLASS_DIR}/ ({} rendered now, the rest kept)\n",
+            class.files.len(),
+            class.rendered
+        ));
+    }
     let prepared = prepare::run(&Options {
         data_dir: data_dir.clone(),
         work_dir: work_dir.clone(),
@@ -262,6 +300,15 @@ fn apply_flags(args: &PrepareArgs, config: &mut Config) -> Result<()> {
     }
     if let Some(v) = args.batch_size {
         d.encode_batch_size = v;
+    }
+    if let Some(v) = &args.class_prompt {
+        d.class_prompt = Some(v.clone());
+    }
+    if let Some(v) = args.class_images {
+        let Ok(count) = usize::try_from(v) else {
+            bail!("--class-images {v} is negative; give how many class images to render (100 to 200 is usual)");
+        };
+        d.num_class_images = Some(count);
     }
     d.flip |= args.flip;
     d.no_upscale |= args.no_upscale;

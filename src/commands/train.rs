@@ -36,6 +36,7 @@ Examples:
   sdtune train --gradient-checkpointing         # less GPU memory, slower steps
   sdtune train --train-text-encoder --text-encoder-lr 5e-5   # UNet + text-encoder LoRA
   sdtune train --ema --ema-decay 0.999          # save the weights' moving average
+  sdtune train --prior-loss-weight 0.5          # prior preservation (class images from prepare)
   sdtune train --nproc 2                        # data parallel: 2 processes (Gloo on CPU, NCCL on CUDA)
   torchrun --nproc-per-node 4 --no-python sdtune train   # the same, started by torchrun
 
@@ -177,6 +178,12 @@ pub struct TrainArgs {
     /// PEFT's lora_magnitude_vector.
     #[arg(long)]
     pub dora: bool,
+    /// DreamBooth prior preservation: the loss of the class images (made by
+    /// `sdtune prepare` from data.class_prompt, or a reg/ folder) is added
+    /// times this; one class image goes with each brand image; 0 turns it
+    /// off [default: 1.0].
+    #[arg(allow_hyphen_values = true, long, value_name = "W")]
+    pub prior_loss_weight: Option<f64>,
     /// Continue from the newest saved state of this run.
     #[arg(long)]
     pub resume: bool,
@@ -255,6 +262,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let dataset = cache.dataset().clone();
     check_concepts(&cache)?;
+    check_prior(&args, &train, &cache)?;
     // Held for the whole run: two runs in one folder would mix their files.
     // The main process of a job holds it for the job (it alone writes).
     let _run_lock = if main {
@@ -322,10 +330,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         eprintln!("rank {} of {} joined the job on {} (pid {})", job.rank, job.world_size, device_name(device), std::process::id());
     }
     if main {
+        let classes = cache.class_items().len();
+        let class_note = if classes > 0 { format!(" (+ {classes} class images)") } else { String::new() };
         eprintln!(
-            "training {} on {} images from {} ({} on {}{processes})",
+            "training {} on {} images{class_note} from {} ({} on {}{processes})",
             train.name,
-            dataset.items.len(),
+            dataset.items.len() - classes,
             dataset.data_dir,
             precision.name(),
             device_name(device)
@@ -432,6 +442,7 @@ fn apply_flags(t: &mut TrainConfig, a: &TrainArgs) {
     set!(ema_decay);
     set!(validation_split);
     set!(keep_tokens);
+    set!(prior_loss_weight);
     if a.shuffle_captions {
         t.shuffle_captions = true;
     }
@@ -489,17 +500,24 @@ fn check_concepts(cache: &CacheReader) -> Result<()> {
     if dataset.concepts.is_empty() {
         return Ok(());
     }
-    for c in dataset.concepts.iter().filter(|c| c.is_class) {
-        eprintln!(
-            "note: concept {:?} is a regularisation (class) set; it is kept for prior preservation, which sdtune does not train yet, so this run leaves it out",
-            c.name
-        );
-    }
+
     if cache.items_by_bucket().iter().all(Vec::is_empty) {
         bail!("every prepared image belongs to a regularisation (class) concept; add a concept without is_class (or a kohya N_name folder outside reg/) and run `sdtune prepare` again");
     }
     if let Some(summary) = concept_summary(cache) {
         eprintln!("concepts: {summary}");
+    }
+    Ok(())
+}
+
+/// A prior weight asked for on a set without class images is refused in words.
+fn check_prior(args: &TrainArgs, t: &TrainConfig, cache: &CacheReader) -> Result<()> {
+    let classes = cache.class_items().len();
+    if classes > 0 && t.prior_loss_weight == 0.0 {
+        eprintln!("note: the prepared set holds {classes} class images, which prior_loss_weight 0 leaves out of this run");
+    }
+    if classes == 0 && args.prior_loss_weight.is_some_and(|w| w > 0.0) {
+        bail!("--prior-loss-weight asks for prior preservation, but the prepared set holds no class images; set data.class_prompt and data.num_class_images in sdtune.yaml (or pass --class-prompt and --class-images to sdtune prepare), or add a reg/ folder of class images, and run `sdtune prepare` again");
     }
     Ok(())
 }
@@ -619,9 +637,10 @@ fn plan(
             settings: grid,
             brand: None,
             concepts: Vec::new(),
+            control_prompts: control_prompts(config, cache),
         },
         resolution: dataset.resolution,
-        num_images: dataset.items.len(),
+        num_images: dataset.items.len() - cache.class_items().len(),
         concepts: concept_summary(cache),
         base_model: model_spec.to_string(),
         full: false,
@@ -630,9 +649,27 @@ fn plan(
         shuffle_keep_tokens: t.shuffle_captions.then_some(t.keep_tokens),
         text_encoder_lr: t.train_text_encoder.then(|| t.text_encoder_lr.unwrap_or(t.lr)),
         dora: t.dora,
+        prior_loss_weight: t.prior_loss_weight,
+        class_images: cache.class_items().len(),
         conv: (t.conv_rank.unwrap_or(t.rank), t.conv_alpha.unwrap_or(t.alpha)),
         processes: 1,
     })
+}
+
+/// The class prompt (data.class_prompt, else a reg set's first caption)
+/// and `sample.control_prompts`, each once: the prompts whose drift from
+/// the base model the grids measure.
+fn control_prompts(config: &Config, cache: &CacheReader) -> Vec<String> {
+    let dataset = cache.dataset();
+    let class = config.data.class_prompt.clone().or_else(|| cache.class_items().first().map(|&i| dataset.items[i].caption.clone()));
+    let mut prompts: Vec<String> = Vec::new();
+    for p in class.into_iter().chain(config.sample.control_prompts.iter().cloned()) {
+        let p = p.trim().to_string();
+        if !p.is_empty() && !prompts.contains(&p) {
+            prompts.push(p);
+        }
+    }
+    prompts
 }
 
 /// The items held out for the validation loss.

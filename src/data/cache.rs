@@ -495,7 +495,7 @@ impl CacheReader {
 
     /// Item indices grouped by bucket (a batch never mixes buckets), buckets
     /// in order. Items of regularisation (class) concepts are left out: they
-    /// wait for the prior-preservation loss.
+    /// are prior preservation's class samples (`TrainingData::class_items`).
     pub fn items_by_bucket(&self) -> Vec<Vec<usize>> {
         let mut groups: BTreeMap<Bucket, Vec<usize>> = BTreeMap::new();
         for (i, item) in self.dataset().items.iter().enumerate() {

@@ -10,9 +10,10 @@
 //! - `data.concepts` in `sdtune.yaml`: a list of folders with their own
 //!   settings, relative paths resolved against the config's folder.
 //!
-//! Regularisation concepts (`is_class`, kohya's `reg/`) are prepared and
-//! recorded for the prior-preservation loss; training leaves them out until
-//! that loss exists.
+//! Regularisation concepts (`is_class`, kohya's `reg/`, and the class
+//! images prepare renders from `data.class_prompt`) are prepared and
+//! recorded apart: training draws them as prior preservation's class
+//! samples, one beside each brand sample.
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 

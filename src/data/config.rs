@@ -46,7 +46,18 @@ pub struct DataConfig {
     /// Several subjects, each its own folder and settings (instead of `path`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub concepts: Vec<super::concepts::ConceptConfig>,
+    /// Prior preservation: the prompt of the class the brand belongs to
+    /// ("a shape", "a photo of a car"); prepare renders `num_class_images`
+    /// of it with the base model into `.sdtune/class/`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_prompt: Option<String>,
+    /// How many class images of `class_prompt` to render and cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_class_images: Option<usize>,
 }
+
+/// The most class images prepare renders (each is a full render).
+pub const MAX_CLASS_IMAGES: usize = 100_000;
 
 /// The training resolution of SDXL models when none is given (kohya's
 /// `--resolution 1024` for SDXL; its buckets keep the default range).
@@ -70,6 +81,8 @@ impl Default for DataConfig {
             max_pixels: DEFAULT_MAX_PIXELS,
             encode_batch_size: 4,
             concepts: Vec::new(),
+            class_prompt: None,
+            num_class_images: None,
         }
     }
 }
@@ -108,7 +121,36 @@ impl DataConfig {
         if self.no_upscale && self.allow_upscale {
             bail!("no_upscale (--no-upscale) and allow_upscale (--allow-upscale) contradict each other: one forbids scaling images up, the other asks for it; keep one");
         }
+        self.validate_class()?;
         super::concepts::validate(&self.concepts)
+    }
+
+    /// The class prompt and count come together, each usable.
+    fn validate_class(&self) -> Result<()> {
+        match (self.class_prompt.as_deref(), self.num_class_images) {
+            (None, None) => Ok(()),
+            (Some(p), _) if p.trim().is_empty() => bail!(
+                "data.class_prompt (--class-prompt) is empty; give the prompt of the class your brand belongs to, e.g. \"a photo of a car\", or leave it out"
+            ),
+            (Some(_), None) => bail!(
+                "data.class_prompt is set but data.num_class_images is not; give how many class images prepare should render (--class-images N; 100 to 200 is usual)"
+            ),
+            (None, Some(_)) => bail!(
+                "data.num_class_images is set but data.class_prompt is not; give the prompt they are rendered from (--class-prompt \"a photo of a car\")"
+            ),
+            (Some(_), Some(0)) => bail!(
+                "data.num_class_images (--class-images) is 0; render 1 or more (100 to 200 is usual), or remove class_prompt to train without prior preservation"
+            ),
+            (Some(_), Some(n)) if n > MAX_CLASS_IMAGES => bail!(
+                "data.num_class_images (--class-images) is {n}; it can be at most {MAX_CLASS_IMAGES} (100 to 200 is usual)"
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The class prompt and count when prior preservation's images are asked for.
+    pub fn class_images(&self) -> Option<(&str, usize)> {
+        Some((self.class_prompt.as_deref()?.trim(), self.num_class_images?))
     }
 }
 

@@ -4,6 +4,7 @@ pub mod buckets;
 pub mod config;
 pub mod cache;
 pub mod captions;
+pub mod class_set;
 pub mod concepts;
 pub mod decode;
 pub mod encode;

@@ -13,6 +13,7 @@ use tch::Device;
 use super::buckets::{crop_and_resize, crop_for, kept_fraction, resize_bytes, Bucket, Buckets, Crop, CROP_WARNING_KEPT};
 use super::cache::{CacheWriter, Dataset, Item, LatentEntry, NewLatent, CACHE_DIR};
 use super::captions::{Caption, Captions, Issue, Source};
+use super::class_set;
 use super::concepts::{self, Defaults, Layout};
 use super::decode::{self, content_hash, format_name, Header, Rejection};
 use super::encode::Encoders;
@@ -298,7 +299,9 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         }
         let caption = captions_of(c.concept).caption_for(&c.found.path);
         // In a kohya tree the folder's name is the caption by convention, not a gap.
-        let folder_caption = cfg.concepts.is_empty() && c.concept.is_some() && caption.issue == Some(Issue::Missing);
+        let folder_caption = (cfg.concepts.is_empty() || scanned.concept(c.concept).is_some_and(class_set::is_rendered))
+            && c.concept.is_some()
+            && caption.issue == Some(Issue::Missing);
         if !folder_caption {
             caption_notes(&caption, &c.found, &mut notes);
         }
@@ -595,7 +598,8 @@ pub fn run(opts: &Options) -> Result<Prepared> {
         .collect();
     report.add_concepts(&scanned.concepts, &per_concept);
     let mut captions: Vec<String> = Vec::new();
-    for p in &live {
+    // The class prompt is no sample prompt of the brand.
+    for p in live.iter().filter(|p| !scanned.concept(p.concept).is_some_and(|c| c.is_class)) {
         if !p.caption.is_empty() && !captions.contains(&p.caption) {
             captions.push(p.caption.clone());
         }
@@ -613,11 +617,15 @@ fn scan_layout(opts: &Options, on_file: &mut dyn FnMut(usize)) -> Result<Layout>
     let cfg = &opts.data;
     let defaults =
         Defaults { trigger: cfg.trigger.as_deref(), caption_template: cfg.caption_template.as_deref(), flip: cfg.flip };
-    if cfg.concepts.is_empty() {
-        concepts::from_folder(&opts.data_dir, &defaults, on_file)
+    let mut layout = if cfg.concepts.is_empty() {
+        concepts::from_folder(&opts.data_dir, &defaults, on_file)?
     } else {
-        concepts::from_config(&cfg.concepts, &opts.work_dir, &defaults, on_file)
+        concepts::from_config(&cfg.concepts, &opts.work_dir, &defaults, on_file)?
+    };
+    if let Some((prompt, count)) = cfg.class_images() {
+        class_set::add_to_layout(&mut layout, &opts.work_dir, prompt, count);
     }
+    Ok(layout)
 }
 
 /// Images per VAE encode: `data.encode_batch_size`, lowered until the

@@ -74,7 +74,7 @@ pub struct ConceptRow {
     pub images: usize,
     pub repeats: u32,
     pub loss_weight: f64,
-    /// A regularisation set (kept for prior preservation, not trained yet).
+    /// A regularisation set (prior preservation's class images).
     pub is_class: bool,
     /// Its fraction of an epoch's draws: images x repeats over every training concept's.
     pub share: f64,
@@ -205,11 +205,7 @@ impl Report {
             };
             self.warn(None, "empty_concept", format!("{named} {files}; it is left out and the other concepts train"));
         } else if c.is_class {
-            self.warn(
-                None,
-                "class_concept",
-                format!("{named} is a regularisation (class) set: its {} image{} cached for prior preservation, which sdtune does not train yet, so training leaves {}", c.images, if c.images == 1 { " is" } else { "s are" }, if c.images == 1 { "it out" } else { "them out" }),
-            );
+            // Trained as prior preservation's class samples (train --prior-loss-weight): nothing to warn of.
         } else if c.share < SMALL_SHARE {
             self.warn(
                 None,

@@ -216,8 +216,11 @@ impl Brand {
         let dataset = cache.dataset();
         let data_dir = work_dir.join(&dataset.data_dir);
         // The recorded paths show names that are not UTF-8 lossily; find the files again.
-        let files: Vec<PathBuf> =
-            dataset.items.iter().map(|i| crate::data::scan::resolve(&data_dir.join(&i.path))).collect();
+        // Class images (prior preservation) are not the brand.
+        let files: Vec<PathBuf> = (0..dataset.items.len())
+            .filter(|&i| !cache.concept_of(i).is_some_and(|c| c.is_class))
+            .map(|i| crate::data::scan::resolve(&data_dir.join(&dataset.items[i].path)))
+            .collect();
         let missing: Vec<&PathBuf> = files.iter().filter(|f| !f.is_file()).collect();
         if let Some(first) = missing.first() {
             bail!(

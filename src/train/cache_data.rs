@@ -38,4 +38,8 @@ impl TrainingData for CacheReader {
     fn time_ids(&self, index: usize, flip: bool) -> Result<Option<[f32; 6]>> {
         self.item_time_ids(index, flip).map(Some)
     }
+
+    fn class_items(&self) -> Vec<usize> {
+        (0..self.dataset().items.len()).filter(|&i| self.concept_of(i).is_some_and(|c| c.is_class)).collect()
+    }
 }

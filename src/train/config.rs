@@ -78,6 +78,9 @@ pub struct TrainConfig {
     pub shuffle_captions: bool,
     /// Tags at the start of a caption that shuffling leaves in place.
     pub keep_tokens: usize,
+    /// DreamBooth's prior preservation: the class images' loss (data.class_prompt,
+    /// or a reg/ folder) is added times this; 0 turns it off.
+    pub prior_loss_weight: f64,
 }
 
 impl Default for TrainConfig {
@@ -118,6 +121,7 @@ impl Default for TrainConfig {
             validation_split: 0.0,
             shuffle_captions: false,
             keep_tokens: 0,
+            prior_loss_weight: 1.0,
         }
     }
 }
@@ -160,6 +164,7 @@ impl TrainConfig {
             in_range("min_snr_gamma", gamma, 0.0, 1000.0, "0 turns it off, 5 is usual")?;
         }
         in_range("clip_norm", self.clip_norm, 0.0, f64::MAX, "0 turns clipping off, 1 is usual")?;
+        in_range("prior_loss_weight", self.prior_loss_weight, 0.0, f64::MAX, "1 is usual, 0 turns prior preservation off")?;
         if self.sample_steps == 0 {
             bail!("{} is 0; grids need 1 or more sampler steps (20 is usual)", setting("sample_steps"));
         }

@@ -48,6 +48,11 @@ pub trait TrainingData {
     fn loss_weight(&self, _index: usize) -> f64 {
         1.0
     }
+    /// The items of regularisation (class) sets, for the prior-preservation
+    /// loss (never in [`Self::buckets`]); none unless the data has some.
+    fn class_items(&self) -> Vec<usize> {
+        Vec::new()
+    }
 }
 
 /// SplitMix64: small, fast, and fully determined by its seed, so the data

@@ -135,11 +135,13 @@ impl GradientSync for DataParallel {
     /// rank makes the same finite-check and skip decision after it.
     fn average(&mut self, grad: &mut Tensor, loss: &mut Tensor) -> Result<()> {
         let n = grad.numel() as i64;
-        let mut packed = Tensor::cat(&[grad.reshape([-1]), loss.to_kind(Kind::Float).reshape([1])], 0);
+        // The loss is one value, or two with prior preservation (total, class).
+        let losses = loss.numel() as i64;
+        let mut packed = Tensor::cat(&[grad.reshape([-1]), loss.to_kind(Kind::Float).reshape([-1])], 0);
         self.group.all_reduce_sum(&mut packed)?;
         packed /= self.group.world_size() as f64;
         *grad = packed.narrow(0, 0, n);
-        *loss = packed.get(n);
+        *loss = packed.narrow(0, n, losses).reshape(loss.size());
         Ok(())
     }
 

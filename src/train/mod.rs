@@ -4,6 +4,8 @@ pub mod optimizer;
 pub mod precision;
 pub mod checkpoint;
 pub mod data;
+pub mod data_view;
+pub mod prior;
 pub mod trainer;
 pub mod metadata;
 pub mod run;

@@ -29,6 +29,7 @@ use crate::models::finite::all_finite;
 use crate::models::stable_diffusion::StableDiffusion;
 use crate::runtime::Precision;
 use crate::sample::concept_figures::{self, ConceptPalette};
+use crate::sample::drift;
 use crate::sample::metrics::Brand;
 use crate::sample::render::{self, consistency_path, Job, Recipes};
 use crate::sample::settings::{lora_hash, LoraUse, Settings};
@@ -48,6 +49,11 @@ pub struct GridPlan {
     pub brand: Option<Brand>,
     /// Each concept's own palette and prompts, for per-concept figures.
     pub concepts: Vec<ConceptPalette>,
+    /// Prompts the LoRA should leave alone (the class prompt,
+    /// `sample.control_prompts`): each grid of a LoRA run renders them too,
+    /// at the same seeds, and measures their drift from step 0's images
+    /// (the base model's).
+    pub control_prompts: Vec<String>,
 }
 
 /// Everything a run needs beyond the model and the data.
@@ -93,6 +99,11 @@ pub struct RunPlan {
     pub dora: bool,
     /// Processes training together (data parallel); 1 alone.
     pub processes: usize,
+    /// DreamBooth's prior-preservation weight: the class images' loss is
+    /// added times this (0, or a set without class images: off).
+    pub prior_loss_weight: f64,
+    /// Class images the prepared set holds (for the identity and the settings).
+    pub class_images: usize,
 }
 
 /// Progress the command shows.
@@ -137,6 +148,11 @@ impl RunPlan {
         if let Some(decay) = self.ema {
             identity.0.push(("ema_decay".into(), decay.to_string()));
         }
+        // Class samples change every step's loss: a resume must mix in the same ones.
+        if self.prior_on() {
+            identity.0.push(("prior_loss_weight".into(), self.prior_loss_weight.to_string()));
+            identity.0.push(("class_images".into(), self.class_images.to_string()));
+        }
         identity
     }
 
@@ -146,6 +162,11 @@ impl RunPlan {
     /// --grad-accum 2` resumed) and still continue the same run.
     fn micro_batches_per_step(&self) -> usize {
         self.step.grad_accum * self.processes.max(1)
+    }
+
+    /// Whether the class images' loss is added.
+    pub fn prior_on(&self) -> bool {
+        self.class_images > 0 && self.prior_loss_weight > 0.0
     }
 
     fn base_identity(&self) -> Identity {
@@ -297,8 +318,16 @@ pub fn run_with(
         None => data,
     };
     let training = Training { data: captioned, held_out: plan.validation.iter().copied().collect() };
-    let mut trainer =
-        Trainer::new(&model.unet.model, &schedule, &training, optimizer, scaler, plan.step.clone(), device)?.with_sync(sync);
+    let mut trainer = Trainer::new(&model.unet.model, &schedule, &training, optimizer, scaler, plan.step.clone(), device)?
+        .with_sync(sync)
+        .with_prior(plan.prior_loss_weight);
+    if let Some(prior) = trainer.prior() {
+        emit(Event::Warning(format!(
+            "prior preservation on: one of {} class images beside each brand image, prior loss weight {}",
+            prior.items.len(),
+            prior.weight
+        )));
+    }
     if plan.text_encoder_lr.is_some() {
         let shuffle = plan.shuffle_keep_tokens.map(|keep_tokens| CaptionShuffle { keep_tokens, seed: plan.step.seed });
         trainer = trainer.with_text_encoder(TextEncoderTraining::new(&model.text, data, shuffle)?);
@@ -384,7 +413,7 @@ impl<'a> Outputs<'a> {
         let metrics = if main {
             write_settings(model, plan)?;
             write_brand_palette(plan)?;
-            Some(Metrics::open(&plan.dir.join("metrics.jsonl"), start, world)?)
+            Some(Metrics::open(&plan.dir.join("metrics.jsonl"), start, world, plan.prior_loss_weight)?)
         } else {
             None
         };
@@ -525,6 +554,9 @@ pub fn settings_list(plan: &RunPlan) -> Vec<(String, String)> {
     if plan.dora {
         list.push(("adapter", "DoRA".to_string()));
     }
+    if plan.prior_on() {
+        list.push(("prior preservation", format!("{} class images, prior loss weight {}", plan.class_images, plan.prior_loss_weight)));
+    }
     if let Some(te_lr) = plan.text_encoder_lr {
         list.push(("text encoder", format!("LoRA, learning rate {te_lr}")));
     }
@@ -650,7 +682,45 @@ pub fn render_grid(
         figures.concepts = concept_figures::per_concept(&render::cells(&job, &rendered), &job.prompts, &g.concepts);
         figures.save(&consistency_path(&job.out))?;
     }
+    if recipes == Recipes::Written && !g.control_prompts.is_empty() {
+        let control = Job { prompts: g.control_prompts.clone(), out: control_grid(plan, step), ..job.clone() };
+        render_control(model, &control, step, &drift::drift_path(&job.out), warn)?;
+    }
     Ok(job.out)
+}
+
+/// `samples/control-NNNNNN.png`: the control prompts' grid of `step`.
+fn control_grid(plan: &RunPlan, step: u64) -> PathBuf {
+    plan.dir.join("samples").join(format!("control-{step:06}.png"))
+}
+
+/// Renders the control prompts with the LoRA of this step and writes
+/// their drift from step 0's images (the base model's, as the LoRA starts
+/// as a no-op) to `figures`; step 0's drift is 0 by definition.
+fn render_control(model: &StableDiffusion, job: &Job, step: u64, figures: &Path, warn: &mut dyn FnMut(String)) -> Result<()> {
+    let rendered = render::render_attached(model, job, "lora", Recipes::Written, warn, &mut |_, _| {})?;
+    let base_grid = job.out.with_file_name(format!("control-{:06}.png", 0));
+    let base_job = Job { out: base_grid.clone(), ..job.clone() };
+    let variant = render::Variant { label: "lora".into(), file_tag: String::new(), multiplier: 1.0 };
+    let mut rows = Vec::with_capacity(job.prompts.len());
+    for (row, prompt) in job.prompts.iter().enumerate() {
+        let mut base = Vec::with_capacity(job.seeds.len());
+        let mut lora = Vec::with_capacity(job.seeds.len());
+        for &seed in &job.seeds {
+            let image = &rendered.iter().find(|r| r.row == row && r.seed == seed).context("a control image is missing")?.image;
+            lora.push(image);
+            let file = base_job.image_path(row, seed, &variant);
+            match if step == 0 { Ok(image.clone()) } else { drift::read_image(&file) } {
+                Ok(b) => base.push(b),
+                Err(e) => {
+                    warn(format!("warning: no prompt drift at step {step}: {}", crate::errors::one_sentence(&e)));
+                    return Ok(());
+                }
+            }
+        }
+        rows.push(drift::PromptImages { prompt, base, lora });
+    }
+    drift::measure(&rows, &base_grid)?.save(figures)
 }
 
 /// `lora/step-NNNNNN.safetensors`: the periodic LoRA file of `step`.
@@ -670,10 +740,12 @@ struct Metrics {
     file: std::fs::File,
     /// Processes training together.
     world_size: usize,
+    /// The prior loss's weight, to log the brand images' own loss.
+    prior_weight: f64,
 }
 
 impl Metrics {
-    fn open(path: &Path, keep_through: u64, world_size: usize) -> Result<Self> {
+    fn open(path: &Path, keep_through: u64, world_size: usize, prior_weight: f64) -> Result<Self> {
         let kept: String = match std::fs::read_to_string(path) {
             Ok(text) => text
                 .lines()
@@ -692,7 +764,7 @@ impl Metrics {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open {} for appending", path.display()))?;
-        Ok(Metrics { file, world_size })
+        Ok(Metrics { file, world_size, prior_weight })
     }
 
     fn record(&mut self, step: u64, o: &StepOutcome, seconds: f64, samples_per_s: f64) -> Result<()> {
@@ -702,6 +774,12 @@ impl Metrics {
             "loss_scale": o.loss_scale, "skipped": o.skipped, "seconds": seconds,
             "world_size": self.world_size, "samples_per_s": num(samples_per_s),
         });
+        let mut line = line;
+        if let Some(prior) = o.prior_loss {
+            // Both losses of prior preservation: the class images' and the brand images' own.
+            line["prior_loss"] = num(prior);
+            line["instance_loss"] = num(o.loss - self.prior_weight * prior);
+        }
         writeln!(self.file, "{line}").context("cannot append to metrics.jsonl")
     }
 

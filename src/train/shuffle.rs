@@ -14,6 +14,7 @@ use anyhow::Result;
 use tch::{Device, Kind};
 
 use super::data::{derive_seed, SplitMix64, TrainSample, TrainingData};
+use super::data_view::DataView;
 use crate::models::conditioning::Conditioning;
 use crate::models::text_stack::TextStack;
 
@@ -57,14 +58,11 @@ impl ShuffledCaptions<'_> {
     }
 }
 
-impl TrainingData for ShuffledCaptions<'_> {
-    fn buckets(&self) -> Vec<Vec<usize>> {
-        self.data.buckets()
+impl DataView for ShuffledCaptions<'_> {
+    fn inner(&self) -> &dyn TrainingData {
+        self.data
     }
-    fn sample(&self, index: usize, flip: bool) -> Result<TrainSample> {
-        self.data.sample(index, flip)
-    }
-    fn sample_for(&self, index: usize, flip: bool, global: u64) -> Result<TrainSample> {
+    fn view_sample_for(&self, index: usize, flip: bool, global: u64) -> Result<TrainSample> {
         let mut sample = self.data.sample_for(index, flip, global)?;
         if let Some((caption, shuffled)) = self.caption_for(index, global) {
             if shuffled != caption {
@@ -78,24 +76,6 @@ impl TrainingData for ShuffledCaptions<'_> {
             }
         }
         Ok(sample)
-    }
-    fn caption(&self, index: usize) -> Result<String> {
-        self.data.caption(index)
-    }
-    fn has_flips(&self) -> bool {
-        self.data.has_flips()
-    }
-    fn empty_caption(&self) -> Result<Conditioning> {
-        self.data.empty_caption()
-    }
-    fn time_ids(&self, index: usize, flip: bool) -> Result<Option<[f32; 6]>> {
-        self.data.time_ids(index, flip)
-    }
-    fn repeats(&self, index: usize) -> usize {
-        self.data.repeats(index)
-    }
-    fn loss_weight(&self, index: usize) -> f64 {
-        self.data.loss_weight(index)
     }
 }
 

@@ -52,7 +52,8 @@ impl<'a> TextEncoderTraining<'a> {
     /// Tokenizes the caption of every item `buckets` holds.
     pub fn new(stack: &'a TextStack, data: &dyn TrainingData, shuffle: Option<CaptionShuffle>) -> Result<Self> {
         let mut captions = HashMap::new();
-        for &item in data.buckets().iter().flatten() {
+        // Class samples (prior preservation) are encoded in the step too.
+        for &item in data.buckets().iter().flatten().chain(&data.class_items()) {
             if let std::collections::hash_map::Entry::Vacant(slot) = captions.entry(item) {
                 slot.insert(data.caption(item)?);
             }

@@ -9,6 +9,7 @@ use super::data::{derive_seed, epoch_micro_batches, micro_batches_per_epoch, wei
 use super::lr::LrSchedule;
 use super::optimizer::AdamW;
 use super::precision::LossScaler;
+use super::prior::Prior;
 use super::sync::{GradientSync, SingleProcess};
 use super::text_encoder::{CaptionDraw, TextEncoderTraining};
 use crate::models::conditioning::Conditioning;
@@ -44,6 +45,9 @@ pub struct StepOutcome {
     pub loss_scale: f64,
     /// fp16 overflow: the update was skipped and the loss scale backed off.
     pub skipped: bool,
+    /// With prior preservation: the class samples' mean loss, which `loss`
+    /// holds times the prior weight beside the brand samples' loss.
+    pub prior_loss: Option<f64>,
 }
 
 /// A step's gradients before they are applied.
@@ -54,6 +58,8 @@ struct Accumulated {
     loss: Tensor,
     /// The loss scale the gradient carries.
     scale: f64,
+    /// With prior preservation: the class samples' mean loss (unweighted).
+    prior: Option<Tensor>,
 }
 
 /// What one training sample drew, on the CPU.
@@ -67,6 +73,32 @@ struct SampleDraws {
     noise: Tensor,
     /// [1]
     timestep: Tensor,
+    /// The run's sample index it was drawn for (a shuffled caption's order comes from it).
+    global: u64,
+}
+
+impl SampleDraws {
+    fn shallow_clone(&self) -> Self {
+        SampleDraws {
+            latent: self.latent.shallow_clone(),
+            text: self.text.shallow_clone(),
+            time_ids: self.time_ids.as_ref().map(Tensor::shallow_clone),
+            drop_caption: self.drop_caption,
+            noise: self.noise.shallow_clone(),
+            timestep: self.timestep.shallow_clone(),
+            global: self.global,
+        }
+    }
+}
+
+/// The random streams of a brand sample's draws (torch's, SplitMix64's).
+const BRAND_STREAMS: (u64, u64) = (2, 3);
+
+/// A micro-batch's loss (the one backpropagated) and, with prior
+/// preservation, its class samples' loss (already in `loss`, weighted).
+struct MicroLoss {
+    loss: Tensor,
+    prior: Option<Tensor>,
 }
 
 /// The index of the `position`-th sample of micro-batch `micro` among all
@@ -88,6 +120,8 @@ pub struct Trainer<'a> {
     sync: Box<dyn GradientSync + 'a>,
     /// When the text encoders' LoRA trains: captions are encoded in the step.
     text_encoder: Option<TextEncoderTraining<'a>>,
+    /// Prior preservation: a class sample beside each brand sample.
+    prior: Option<Prior>,
 }
 
 impl<'a> Trainer<'a> {
@@ -118,7 +152,7 @@ impl<'a> Trainer<'a> {
             crate::runtime::keep_freed_big_blocks();
         }
         let sync: Box<dyn GradientSync + 'a> = Box::new(SingleProcess);
-        Ok(Trainer { unet, schedule, data, optimizer, scaler, settings, device, buckets, empty_caption, sync, text_encoder: None })
+        Ok(Trainer { unet, schedule, data, optimizer, scaler, settings, device, buckets, empty_caption, sync, text_encoder: None, prior: None })
     }
 
     /// Encodes each batch's captions through `text` in the step (its
@@ -126,6 +160,18 @@ impl<'a> Trainer<'a> {
     pub fn with_text_encoder(mut self, text: TextEncoderTraining<'a>) -> Self {
         self.text_encoder = Some(text);
         self
+    }
+
+    /// Adds DreamBooth's prior loss, times `weight`, over the data's class
+    /// items (nothing changes when it has none, or at weight 0).
+    pub fn with_prior(mut self, weight: f64) -> Self {
+        self.prior = Prior::new(self.data.class_items(), weight);
+        self
+    }
+
+    /// Whether the prior loss is on.
+    pub fn prior(&self) -> Option<&Prior> {
+        self.prior.as_ref()
     }
 
     /// Exchanges gradients through `sync` (data parallel) instead of
@@ -177,7 +223,16 @@ impl<'a> Trainer<'a> {
     /// in one read at the end.
     pub fn step(&mut self, step: u64) -> Result<StepOutcome> {
         let mut acc = self.accumulate(step)?;
-        self.sync.average(&mut acc.grad, &mut acc.loss)?;
+        match acc.prior.take() {
+            // Both losses travel in one exchange.
+            Some(prior) => {
+                let mut losses = Tensor::stack(&[&acc.loss, &prior], 0);
+                self.sync.average(&mut acc.grad, &mut losses)?;
+                acc.loss = losses.get(0);
+                acc.prior = Some(losses.get(1));
+            }
+            None => self.sync.average(&mut acc.grad, &mut acc.loss)?,
+        }
         self.apply(step, acc)
     }
 
@@ -195,6 +250,7 @@ impl<'a> Trainer<'a> {
         let world = self.sync.world_size();
         let scale = self.scaler.factor();
         let mut loss_sum: Option<Tensor> = None;
+        let mut prior_sum: Option<Tensor> = None;
         let mut grad: Option<Tensor> = None;
         for part in own {
             let batch = &batches[part];
@@ -204,7 +260,14 @@ impl<'a> Trainer<'a> {
             }
             let weight = (batch.len() * world) as f64 / samples as f64;
             let index = step * batches.len() as u64 + part as u64;
-            let loss = self.micro_batch_loss(index, batch)?;
+            let MicroLoss { loss, prior } = self.micro_batch_loss(index, batch)?;
+            if let Some(prior) = prior {
+                let prior = prior.detach() * weight;
+                prior_sum = Some(match prior_sum {
+                    Some(sum) => sum + prior,
+                    None => prior,
+                });
+            }
             let scaled = &loss * (scale * weight);
             let grads = Tensor::f_run_backward(&[&scaled], self.optimizer.params(), false, false)?;
             let flat = self.optimizer.flatten(&grads);
@@ -221,14 +284,15 @@ impl<'a> Trainer<'a> {
         // A process with no samples this step still takes part in the exchange.
         let grad = grad.unwrap_or_else(|| self.optimizer.flat_zeros());
         let loss = loss_sum.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, self.device)));
-        Ok(Accumulated { grad, loss, scale })
+        let prior = self.prior.as_ref().map(|_| prior_sum.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, self.device))));
+        Ok(Accumulated { grad, loss, scale, prior })
     }
 
     /// Unscale, finite check, clip, optimizer step (skipped on the device
     /// when not finite), then the step's one read.
     fn apply(&mut self, step: u64, acc: Accumulated) -> Result<StepOutcome> {
         let s = &self.settings;
-        let Accumulated { mut grad, loss, scale } = acc;
+        let Accumulated { mut grad, loss, scale, prior } = acc;
         if scale != 1.0 {
             grad /= scale;
         }
@@ -237,35 +301,102 @@ impl<'a> Trainer<'a> {
         let norm = crate::train::optimizer::clip_grad_norm_on_device(&mut grad, s.clip_norm);
         self.optimizer.step_if(&grad, lr, Some(&finite));
 
-        let facts = Tensor::stack(&[loss.to_kind(Kind::Float), norm.to_kind(Kind::Float), finite.to_kind(Kind::Float)], 0);
-        let facts = Vec::<f64>::try_from(&facts.to_kind(Kind::Double).to_device(Device::Cpu))?;
+        let mut facts = vec![loss.to_kind(Kind::Float), norm.to_kind(Kind::Float), finite.to_kind(Kind::Float)];
+        facts.extend(prior.map(|p| p.to_kind(Kind::Float)));
+        let facts = Vec::<f64>::try_from(&Tensor::stack(&facts, 0).to_kind(Kind::Double).to_device(Device::Cpu))?;
         let (loss, grad_norm, finite) = (facts[0], facts[1], facts[2] == 1.0);
+        let prior_loss = facts.get(3).copied();
         let loss_scale = self.scaler.factor();
         let do_step = self.scaler.update(finite);
         if !finite {
             self.optimizer.unstep();
         }
         let grad_norm = if do_step { grad_norm } else { f64::NAN };
-        Ok(StepOutcome { loss, grad_norm, lr, loss_scale, skipped: !do_step })
+        Ok(StepOutcome { loss, grad_norm, lr, loss_scale, skipped: !do_step, prior_loss })
     }
 
-    /// The mean (min-SNR weighted) loss of micro-batch `index`, in fp32.
-    fn micro_batch_loss(&self, index: u64, batch: &[usize]) -> Result<Tensor> {
+    /// The mean (min-SNR weighted) loss of micro-batch `index`, in fp32,
+    /// and with prior preservation the class samples' plain MSE, already
+    /// added to the loss times the prior weight.
+    fn micro_batch_loss(&self, index: u64, batch: &[usize]) -> Result<MicroLoss> {
         let s = &self.settings;
-        let mut latents = Vec::with_capacity(batch.len());
-        let mut texts = Vec::with_capacity(batch.len());
-        let mut noises = Vec::with_capacity(batch.len());
-        let mut timesteps = Vec::with_capacity(batch.len());
-        let mut captions = Vec::with_capacity(batch.len());
-        for (position, &i) in batch.iter().enumerate() {
-            let global = global_sample_index(index, position, s.batch_size);
-            let draws = self.sample_draws(global, i)?;
-            captions.push((!draws.drop_caption).then_some(CaptionDraw { item: i, global }));
-            latents.push(draws.latent);
+        let globals: Vec<u64> = (0..batch.len()).map(|position| global_sample_index(index, position, s.batch_size)).collect();
+        let mut draws = Vec::with_capacity(batch.len() * 2);
+        for (&global, &i) in globals.iter().zip(batch) {
+            draws.push((i, self.sample_draws(global, i, BRAND_STREAMS)?));
+        }
+        // One class sample per brand sample, drawn from the same global index on streams of its own.
+        if let Some(prior) = &self.prior {
+            for &global in &globals {
+                let c = prior.class_item(s.seed, global);
+                draws.push((c, self.sample_draws(global, c, (super::prior::TORCH_STREAM, super::prior::RNG_STREAM))?));
+            }
+        }
+        let (per_sample, timesteps) = self.per_sample_losses(draws)?;
+        let brand = batch.len() as i64;
+        let brand_loss = per_sample.narrow(0, 0, brand);
+        let brand_timesteps = timesteps.narrow(0, 0, brand);
+        // Everything the host computes is on the device before the UNet runs,
+        // so no copy waits for the forward to finish.
+        let weights = s.min_snr_gamma.map(|gamma| self.min_snr_weights(&brand_timesteps, gamma).to_device(self.device));
+        let loss_weights: Vec<f64> = batch.iter().map(|&i| self.data.loss_weight(i)).collect();
+        let brand_loss = weight_samples(brand_loss, &loss_weights);
+        let weighted = match weights {
+            Some(weights) => brand_loss * weights,
+            None => brand_loss,
+        };
+        let loss = weighted.mean(Kind::Float);
+        let Some(prior) = &self.prior else { return Ok(MicroLoss { loss, prior: None }) };
+        // diffusers: the prior loss is the class samples' plain mean MSE (each reg set's loss weight kept).
+        let class_weights: Vec<f64> = (0..batch.len()).map(|k| self.data.loss_weight(prior.class_item(s.seed, globals[k]))).collect();
+        let class_loss = weight_samples(per_sample.narrow(0, brand, brand), &class_weights).mean(Kind::Float);
+        Ok(MicroLoss { loss: loss + &class_loss * prior.weight, prior: Some(class_loss) })
+    }
+
+    /// Each drawn sample's unweighted MSE `[n]` and its timestep `[n]`, in
+    /// the order given: samples of one latent shape go through the UNet
+    /// together (all of them in one batch when they share it, as a batch
+    /// without class samples always does).
+    fn per_sample_losses(&self, draws: Vec<(usize, SampleDraws)>) -> Result<(Tensor, Tensor)> {
+        let mut shapes: Vec<Vec<i64>> = Vec::new();
+        for (_, d) in &draws {
+            if !shapes.contains(&d.latent.size()) {
+                shapes.push(d.latent.size());
+            }
+        }
+        let timesteps = Tensor::cat(&draws.iter().map(|(_, d)| d.timestep.shallow_clone()).collect::<Vec<_>>(), 0);
+        if shapes.len() == 1 {
+            return Ok((self.forward_losses(&draws)?, timesteps));
+        }
+        let mut losses: Vec<Option<Tensor>> = draws.iter().map(|_| None).collect();
+        for shape in &shapes {
+            let members: Vec<usize> = (0..draws.len()).filter(|&k| &draws[k].1.latent.size() == shape).collect();
+            let group: Vec<(usize, SampleDraws)> = members.iter().map(|&k| (draws[k].0, draws[k].1.shallow_clone())).collect();
+            let group_losses = self.forward_losses(&group)?;
+            for (j, &k) in members.iter().enumerate() {
+                losses[k] = Some(group_losses.narrow(0, j as i64, 1));
+            }
+        }
+        let losses: Vec<Tensor> = losses.into_iter().map(|l| l.expect("every sample has a shape group")).collect();
+        Ok((Tensor::cat(&losses, 0), timesteps))
+    }
+
+    /// One UNet forward over `draws` (one latent shape): each sample's mean
+    /// squared error against the prediction target, `[n]`, fp32.
+    fn forward_losses(&self, draws: &[(usize, SampleDraws)]) -> Result<Tensor> {
+        let s = &self.settings;
+        let mut latents = Vec::with_capacity(draws.len());
+        let mut texts = Vec::with_capacity(draws.len());
+        let mut noises = Vec::with_capacity(draws.len());
+        let mut timesteps = Vec::with_capacity(draws.len());
+        let mut captions = Vec::with_capacity(draws.len());
+        for (i, draws) in draws {
+            captions.push((!draws.drop_caption).then_some(CaptionDraw { item: *i, global: draws.global }));
+            latents.push(draws.latent.shallow_clone());
             let text = if draws.drop_caption { self.empty_caption.shallow_clone() } else { draws.text.to_device(self.device) };
-            texts.push(Conditioning { time_ids: draws.time_ids.map(|t| t.to_device(self.device)), ..text });
-            noises.push(draws.noise);
-            timesteps.push(draws.timestep);
+            texts.push(Conditioning { time_ids: draws.time_ids.as_ref().map(|t| t.to_device(self.device)), ..text });
+            noises.push(draws.noise.shallow_clone());
+            timesteps.push(draws.timestep.shallow_clone());
         }
         let latents = (Tensor::cat(&latents, 0) * s.latent_scale).to_device(self.device);
         let context = Conditioning::cat(&texts)?;
@@ -282,28 +413,20 @@ impl<'a> Trainer<'a> {
             Prediction::V => self.schedule.velocity(&latents, &noise, &timesteps),
             Prediction::Sample => latents.shallow_clone(),
         };
-        // Everything the host computes is on the device before the UNet runs,
-        // so no copy waits for the forward to finish.
-        let weights = s.min_snr_gamma.map(|gamma| self.min_snr_weights(&timesteps, gamma).to_device(self.device));
         let pred = self.unet.forward(&noisy, &timesteps.to_device(self.device), &context).to_kind(Kind::Float);
-        let per_sample = (pred - target).square().mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
-        let loss_weights: Vec<f64> = batch.iter().map(|&i| self.data.loss_weight(i)).collect();
-        let per_sample = weight_samples(per_sample, &loss_weights);
-        let weighted = match weights {
-            Some(weights) => per_sample * weights,
-            None => per_sample,
-        };
-        Ok(weighted.mean(Kind::Float))
+        Ok((pred - target).square().mean_dim(&[1i64, 2, 3][..], false, Kind::Float))
     }
 
     /// Every random draw of one training sample, from (seed, its global
     /// sample index) alone: which process draws it, or after how many
     /// restarts, does not change what it draws. On the CPU, in this order:
     /// flip, latent draw, caption dropout, noise, noise offset, timestep.
-    fn sample_draws(&self, global: u64, item: usize) -> Result<SampleDraws> {
+    /// `streams` are (torch's, SplitMix64's): [`BRAND_STREAMS`] for brand
+    /// samples, prior preservation's own for class samples.
+    fn sample_draws(&self, global: u64, item: usize, streams: (u64, u64)) -> Result<SampleDraws> {
         let s = &self.settings;
-        tch::manual_seed(derive_seed(s.seed, 2, global) as i64);
-        let mut rng = super::data::SplitMix64::new(derive_seed(s.seed, 3, global));
+        tch::manual_seed(derive_seed(s.seed, streams.0, global) as i64);
+        let mut rng = super::data::SplitMix64::new(derive_seed(s.seed, streams.1, global));
         let flip = self.data.has_flips() && rng.below(2) == 1;
         let sample = self.data.sample_for(item, flip, global)?;
         // A fresh draw from the cached distribution each time the image is seen.
@@ -318,7 +441,7 @@ impl<'a> Trainer<'a> {
         }
         let timestep = Tensor::randint(self.schedule.num_train_timesteps, [1], (Kind::Int64, Device::Cpu));
         let time_ids = self.time_ids(item, flip, &sample.text)?;
-        Ok(SampleDraws { latent, text: sample.text, time_ids, drop_caption, noise, timestep })
+        Ok(SampleDraws { latent, text: sample.text, time_ids, drop_caption, noise, timestep, global })
     }
 
     /// The time ids of `item` as a [1, 6] tensor when the UNet takes them

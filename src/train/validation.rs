@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::data::{derive_seed, SplitMix64, TrainSample, TrainingData};
-use crate::models::conditioning::Conditioning;
+use super::data::{derive_seed, SplitMix64, TrainingData};
+use super::data_view::DataView;
 use crate::models::config::Prediction;
 use crate::models::unet::UNet2DConditionModel;
 use crate::schedulers::NoiseSchedule;
@@ -65,33 +65,12 @@ pub struct Training<'a> {
     pub held_out: HashSet<usize>,
 }
 
-impl TrainingData for Training<'_> {
-    fn buckets(&self) -> Vec<Vec<usize>> {
+impl DataView for Training<'_> {
+    fn inner(&self) -> &dyn TrainingData {
+        self.data
+    }
+    fn view_buckets(&self) -> Vec<Vec<usize>> {
         self.data.buckets().into_iter().map(|b| b.into_iter().filter(|i| !self.held_out.contains(i)).collect()).collect()
-    }
-    fn sample(&self, index: usize, flip: bool) -> Result<TrainSample> {
-        self.data.sample(index, flip)
-    }
-    fn sample_for(&self, index: usize, flip: bool, global: u64) -> Result<TrainSample> {
-        self.data.sample_for(index, flip, global)
-    }
-    fn caption(&self, index: usize) -> Result<String> {
-        self.data.caption(index)
-    }
-    fn has_flips(&self) -> bool {
-        self.data.has_flips()
-    }
-    fn empty_caption(&self) -> Result<Conditioning> {
-        self.data.empty_caption()
-    }
-    fn time_ids(&self, index: usize, flip: bool) -> Result<Option<[f32; 6]>> {
-        self.data.time_ids(index, flip)
-    }
-    fn repeats(&self, index: usize) -> usize {
-        self.data.repeats(index)
-    }
-    fn loss_weight(&self, index: usize) -> f64 {
-        self.data.loss_weight(index)
     }
 }
 
@@ -157,6 +136,8 @@ mod tests {
     /// weights are set: the same weights give the same loss, others another.
     #[test]
     fn the_same_weights_give_the_same_loss() {
+        use super::super::data::TrainSample;
+        use crate::models::conditioning::Conditioning;
         use crate::lora::network::{DownInit, LoraNetwork};
         use crate::lora::targets::Targets;
         use crate::models::config::{SchedulerConfig, UNetConfig};

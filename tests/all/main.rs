@@ -43,6 +43,7 @@ mod prepare_latent_parity;
 mod prepare_precision;
 mod prepare_resume;
 mod prepare_vae;
+mod prior_preservation;
 mod run_safety;
 mod sample_from_changed_lora;
 mod sample_grid;
