@@ -384,7 +384,8 @@ mod tests {
         assert_eq!(shares, [200.0 / 201.0, 1.0 / 201.0, 0.0, 0.0]);
         assert_eq!(r.concepts[2].skipped, 2);
         let kinds: Vec<_> = r.warnings.iter().map(|w| w.kind.as_str()).collect();
-        assert_eq!(kinds, ["small_concept", "empty_concept", "class_concept"]);
+        // The class set trains as prior preservation's class samples: no warning.
+        assert_eq!(kinds, ["small_concept", "empty_concept"]);
         assert!(r.warnings[1].message.starts_with("concept \"broken\" (3_broken/) has no usable image (2 files skipped"), "{}", r.warnings[1].message);
         let table = r.table();
         assert!(table.contains("concepts") && table.contains("99.5%") && table.contains("64×64 (10)"), "{table}");
