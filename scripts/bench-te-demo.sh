@@ -4,8 +4,7 @@
 # UNet, TE (200 steps), UNet, TE (40 steps) in one session, then each 200-step LoRA sampled as the demo
 # samples it (sdtune sample --compare: palette distance and seed spread).
 # Training grids are off (--sample-every 0) so steps/s is the step alone.
-# For BENCHMARKS.md (issue 15): on the loaded 2-core VM of 2026-12-04 only round 1's
-# UNet-only run and its sampling completed; run it on a quiet machine.
+# For BENCHMARKS.md (issue 15); figures there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
