@@ -76,7 +76,7 @@ def main():
         target = b.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         s = b.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         b.send("Page.enable", session=s)
-        b.send("Emulation.setDeviceMetricsOverride", {"width": 1000, "height": 640, "deviceScaleFactor": 1, "mobile": False}, session=s)
+        b.send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 720, "deviceScaleFactor": 1, "mobile": False}, session=s)
         b.send("Page.navigate", {"url": url}, session=s)
         probe = ("JSON.stringify({r: document.body ? (document.body.dataset.rendered || '') : '',"
                  " v: document.getElementById('bar') ? document.getElementById('bar').value : 0,"
