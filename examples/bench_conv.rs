@@ -9,10 +9,10 @@
 //! input at batch 1 (LoRA training: the weight is frozen). Best of 4 after a
 //! warm-up, the two sides alternating twice. Prints a Markdown table for
 //! BENCHMARKS.md.
-use std::time::Instant;
-
 use sdtune::models::conv;
 use tch::{Device, Kind, Tensor};
+
+mod kernel_timing;
 
 /// (input channels, output channels, kernel, input side, stride, layers of this shape in the UNet).
 const SHAPES: [(i64, i64, i64, i64, i64, usize); 31] = [
@@ -49,17 +49,6 @@ const SHAPES: [(i64, i64, i64, i64, i64, usize); 31] = [
     (640, 320, 1, 32, 1, 2),
 ];
 
-fn best_ms(mut f: impl FnMut()) -> f64 {
-    f();
-    (0..4)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
 fn main() {
     let opts = (Kind::Float, Device::Cpu);
     println!("| in -> out | kernel | map | stride | layers | fwd b2 libtorch ms | fwd b2 sdtune ms | fwd+bwd b1 libtorch ms | fwd+bwd b1 sdtune ms |");
@@ -73,18 +62,7 @@ fn main() {
         let x1 = Tensor::randn([1, cin, side, side], opts).set_requires_grad(true);
         let libtorch = |x: &Tensor| x.conv2d(&weight, Some(&bias), [stride, stride], [pad, pad], [1, 1], 1);
         let ours = |x: &Tensor| conv::conv2d(x, &weight, &bias, stride, pad);
-        let mut row = [f64::INFINITY; 4];
-        for _ in 0..2 {
-            let times = [
-                best_ms(|| drop(libtorch(&x2))),
-                best_ms(|| drop(ours(&x2))),
-                best_ms(|| libtorch(&x1).sum(Kind::Float).backward()),
-                best_ms(|| ours(&x1).sum(Kind::Float).backward()),
-            ];
-            for (best, t) in row.iter_mut().zip(times) {
-                *best = best.min(t);
-            }
-        }
+        let row = kernel_timing::ab_row(&x2, &x1, libtorch, ours);
         for (total, ms) in totals.iter_mut().zip(row) {
             *total += ms * layers as f64;
         }

@@ -8,10 +8,10 @@
 //! input at batch 1 (LoRA training: the weight is frozen). Best of 4 after a
 //! warm-up, the two sides alternating twice. Prints a Markdown table with
 //! each side's GFLOP/s.
-use std::time::Instant;
-
 use sdtune::models::onednn;
 use tch::{Device, Kind, Tensor};
+
+mod kernel_timing;
 
 /// (tokens per image, in features, out features, layers of this shape per forward, where).
 const SHAPES: [(i64, i64, i64, usize, &str); 18] = [
@@ -35,17 +35,6 @@ const SHAPES: [(i64, i64, i64, usize, &str); 18] = [
     (1024, 512, 512, 4, "VAE attention, 32x32"),
 ];
 
-fn best_ms(mut f: impl FnMut()) -> f64 {
-    f();
-    (0..4)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
 fn main() {
     let opts = (Kind::Float, Device::Cpu);
     println!("| tokens x in -> out | layer | count | fwd b2 libtorch ms | fwd b2 sdtune ms | GFLOP/s libtorch / sdtune | fwd+bwd b1 libtorch ms | fwd+bwd b1 sdtune ms |");
@@ -58,18 +47,7 @@ fn main() {
         let x1 = Tensor::randn([1, tokens, k], opts).set_requires_grad(true);
         let libtorch = |x: &Tensor| x.linear(&weight, Some(&bias));
         let ours = |x: &Tensor| onednn::linear(x, &weight, Some(&bias));
-        let mut row = [f64::INFINITY; 4];
-        for _ in 0..2 {
-            let times = [
-                best_ms(|| drop(libtorch(&x2))),
-                best_ms(|| drop(ours(&x2))),
-                best_ms(|| libtorch(&x1).sum(Kind::Float).backward()),
-                best_ms(|| ours(&x1).sum(Kind::Float).backward()),
-            ];
-            for (best, t) in row.iter_mut().zip(times) {
-                *best = best.min(t);
-            }
-        }
+        let row = kernel_timing::ab_row(&x2, &x1, libtorch, ours);
         for (total, ms) in totals.iter_mut().zip(row) {
             *total += ms * count as f64;
         }
