@@ -9,9 +9,10 @@
 # and the prompt drift of the control prompts (the class prompt plus two
 # non-brand prompts) from the base model's images at the same seeds.
 #
-#   scripts/bench-prior.sh [CLASS_IMAGES [STEPS [LR]]]
+#   scripts/bench-prior.sh [CLASS_IMAGES [STEPS [LR [CLASS_GUIDANCE]]]]
 #
-# Defaults: 24 class images, the demo's 200 steps at lr 0.002; a grid and a
+# Defaults: 24 class images rendered at guidance 7.5 (diffusers' DreamBooth
+# default), the demo's 200 steps at lr 0.002; a grid and a
 # save every STEPS/2 steps. The two runs train at once. The prepared folder
 # (output/bench-prior) is kept between calls: prepare renders and encodes
 # only what is missing. Needs `make build`.
@@ -23,6 +24,7 @@ work=$root/output/bench-prior
 count=${1:-24}
 steps=${2:-200}
 lr=${3:-0.002}
+class_guidance=${4:-7.5}
 every=$(( steps / 2 ))
 
 rm -rf "$work/output"
@@ -30,14 +32,14 @@ mkdir -p "$work"
 cp configs/demo.yaml "$work/sdtune.yaml"
 cd "$work"
 # The class prompt and the control prompts go into the demo's config.
-python3 - "$count" <<'PY'
+python3 - "$count" "$class_guidance" <<'PY'
 import sys
 text = open("sdtune.yaml").read()
-text = text.replace("data:\n", f"data:\n  class_prompt: a shape\n  num_class_images: {sys.argv[1]}\n", 1)
+text = text.replace("data:\n", f"data:\n  class_prompt: a shape\n  num_class_images: {sys.argv[1]}\n  class_guidance: {sys.argv[2]}\n", 1)
 text = text.replace("sample:\n", "sample:\n  control_prompts:\n  - a red circle on a blue background\n  - a green square on a yellow background\n", 1)
 open("sdtune.yaml", "w").write(text)
 PY
-echo "== sdtune prepare datasets/example-brand (with $count class images of \"a shape\")"
+echo "== sdtune prepare datasets/example-brand (with $count class images of \"a shape\" at guidance $class_guidance)"
 "$bin" prepare "$root/datasets/example-brand" | grep -E "^class images|usable" || true
 started=$(date +%s)
 for run in with-prior:1 without-prior:0; do

@@ -110,6 +110,11 @@ pub struct PrepareArgs {
     /// ones are rendered [default: data.num_class_images].
     #[arg(allow_negative_numbers = true, long = "class-images", value_name = "N")]
     pub class_images: Option<i64>,
+    /// The guidance scale the class images are rendered with: 7.5 as
+    /// diffusers' DreamBooth script; lower (1 = none) when a small model
+    /// drifts on its own over-guided images [default: data.class_guidance].
+    #[arg(allow_negative_numbers = true, long, value_name = "SCALE")]
+    pub class_guidance: Option<f64>,
 }
 
 /// With no model named, the built-in tiny model; a folder with no
@@ -185,6 +190,7 @@ pub fn run(args: PrepareArgs) -> Result<()> {
             prompt,
             count,
             resolution: config.data.resolution,
+            guidance: config.data.class_guidance,
         })?;
         say(&format!(
             "class images: {} of {prompt:?} in {CLASS_DIR}/ ({} rendered now, the rest kept)\n",
@@ -309,6 +315,9 @@ fn apply_flags(args: &PrepareArgs, config: &mut Config) -> Result<()> {
             bail!("--class-images {v} is negative; give how many class images to render (100 to 200 is usual)");
         };
         d.num_class_images = Some(count);
+    }
+    if let Some(v) = args.class_guidance {
+        d.class_guidance = v;
     }
     d.flip |= args.flip;
     d.no_upscale |= args.no_upscale;

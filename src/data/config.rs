@@ -54,7 +54,16 @@ pub struct DataConfig {
     /// How many class images of `class_prompt` to render and cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub num_class_images: Option<usize>,
+    /// The guidance scale the class images are rendered with (diffusers'
+    /// DreamBooth script renders them at its pipeline's default, 7.5). A
+    /// lower one, down to 1 (no guidance, the model's own conditional
+    /// distribution), keeps a small model from training on its own
+    /// over-guided images and drifting further at every guided sample.
+    pub class_guidance: f64,
 }
+
+/// The class images' guidance scale when none is given.
+pub const DEFAULT_CLASS_GUIDANCE: f64 = 7.5;
 
 /// The most class images prepare renders (each is a full render).
 pub const MAX_CLASS_IMAGES: usize = 100_000;
@@ -83,6 +92,7 @@ impl Default for DataConfig {
             concepts: Vec::new(),
             class_prompt: None,
             num_class_images: None,
+            class_guidance: DEFAULT_CLASS_GUIDANCE,
         }
     }
 }
@@ -143,6 +153,10 @@ impl DataConfig {
             ),
             (Some(_), Some(n)) if n > MAX_CLASS_IMAGES => bail!(
                 "data.num_class_images (--class-images) is {n}; it can be at most {MAX_CLASS_IMAGES} (100 to 200 is usual)"
+            ),
+            _ if !(1.0..=30.0).contains(&self.class_guidance) => bail!(
+                "data.class_guidance (--class-guidance) is {}; give a guidance scale from 1 (none) to 30 (7.5 is diffusers' default)",
+                self.class_guidance
             ),
             _ => Ok(()),
         }

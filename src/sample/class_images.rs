@@ -39,6 +39,8 @@ pub struct ClassRequest<'a> {
     pub count: usize,
     /// The training resolution: each image is this many pixels square.
     pub resolution: u32,
+    /// The guidance scale they are rendered with (data.class_guidance).
+    pub guidance: f64,
 }
 
 /// The class images after [`ensure`]: every file in index order, and how
@@ -71,6 +73,7 @@ fn wanted_settings(req: &ClassRequest) -> Settings {
     let mut s = session::default_settings();
     s.width = req.resolution as i64;
     s.height = req.resolution as i64;
+    s.guidance = req.guidance;
     s.model = settings::recorded_model(req.model);
     s.vae = req.vae.map(|v| settings::recorded_model(&v.to_string_lossy()));
     s

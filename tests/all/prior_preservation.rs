@@ -54,6 +54,7 @@ fn class_images_are_rendered_once_and_come_back_byte_for_byte() {
     let texts = sdtune::sample::image_out::read_png_text(&file(1)).unwrap();
     let recipe = &texts.iter().find(|(k, _)| k == "sdtune").expect("no recipe chunk").1;
     assert!(recipe.contains("\"prompt\":\"a shape\"") && recipe.contains("\"seed\":1"), "{recipe}");
+    assert!(recipe.contains("\"guidance\":7.5"), "class images render at diffusers' default guidance: {recipe}");
     // The cache holds them as class items beside the 6 brand images.
     let cache = CacheReader::open(dir.path()).unwrap();
     assert_eq!(cache.class_items().len(), 5);
@@ -71,6 +72,13 @@ fn class_images_are_rendered_once_and_come_back_byte_for_byte() {
     }
     let third = prepare(dir.path(), &[CLASS, &["5"]].concat());
     assert!(stdout(&third).contains("(0 rendered now"), "a second prepare rendered again: {}", stdout(&third));
+
+    // Another guidance scale renders them all anew, and its images differ.
+    let guided = prepare(dir.path(), &[CLASS, &["5", "--class-guidance", "1"]].concat());
+    assert!(stdout(&guided).contains("(5 rendered now"), "{}", stdout(&guided));
+    assert_ne!(std::fs::read(file(0)).unwrap(), first[0], "guidance 1 drew the same image as 7.5");
+    let texts = sdtune::sample::image_out::read_png_text(&file(0)).unwrap();
+    assert!(texts.iter().any(|(k, v)| k == "sdtune" && v.contains("\"guidance\":1")), "{texts:?}");
 
     // Another prompt renders them all anew.
     let other = prepare(dir.path(), &["--class-prompt", "a blob", "--class-images", "5"]);
@@ -190,6 +198,8 @@ fn bad_class_settings_are_refused_in_one_sentence() {
     refused(&prepare(d, &[CLASS, &["0"]].concat()), &["--class-images", "is 0"]);
     refused(&prepare(d, &[CLASS, &["-2"]].concat()), &["--class-images -2", "negative"]);
     refused(&prepare(d, &["--class-prompt", "  ", "--class-images", "2"]), &["class_prompt", "empty"]);
+    refused(&prepare(d, &[CLASS, &["2", "--class-guidance", "0.5"]].concat()), &["--class-guidance", "0.5", "from 1"]);
+    refused(&prepare(d, &[CLASS, &["2", "--class-guidance", "NaN"]].concat()), &["--class-guidance", "NaN"]);
     // The class folder's place is taken by a file.
     std::fs::write(d.join(".sdtune/class"), b"not a folder").unwrap();
     refused(&prepare(d, &[CLASS, &["2"]].concat()), &[".sdtune/class", "is a file"]);
