@@ -26,6 +26,8 @@ pub fn read(path: &Path, layers: &ModelLayers) -> Result<LoraWeights> {
             (resolve_kohya(stored, &by_kohya, &source)?, resolve_kohya_lycoris(stored_lycoris, &by_kohya, &source)?)
         }
         LoraFormat::Peft | LoraFormat::DiffusersLegacy => {
+            let bases = stored.iter().map(|m| m.base.clone()).chain(stored_lycoris.iter().map(|m| m.base.clone()));
+            check_text_encoder_named(bases, layers, &source)?;
             let modules = stored
                 .into_iter()
                 .map(|m| {
@@ -297,7 +299,9 @@ fn file_prefix(component: Component) -> &'static str {
     }
 }
 
-/// `unet.x` / `text_encoder.x` / `text_encoder_2.x` / `base_model.model.x` / bare `x` (UNet).
+/// `unet.x` / `text_encoder.x` / `text_encoder_2.x` / `base_model.model.x` / bare `x`:
+/// the last two are the UNet unless `x` is a text-encoder path (peft's
+/// `save_pretrained` of an adapted CLIPTextModel names no component).
 fn split_component(base: &str) -> (Component, String) {
     if let Some(rest) = base.strip_prefix("text_encoder.") {
         return (Component::TextEncoder, rest.to_string());
@@ -305,8 +309,32 @@ fn split_component(base: &str) -> (Component, String) {
     if let Some(rest) = base.strip_prefix("text_encoder_2.") {
         return (Component::TextEncoder2, rest.to_string());
     }
+    if let Some(rest) = unnamed_text_encoder_path(base) {
+        return (Component::TextEncoder, rest.to_string());
+    }
     let rest = base.strip_prefix("unet.").or_else(|| base.strip_prefix("base_model.model.")).unwrap_or(base);
     (Component::Unet, rest.to_string())
+}
+
+/// The layer of `base` when it is a text-encoder path with no component
+/// prefix (`base_model.model.text_model.encoder...`, transformers 5's
+/// `encoder.layers...`): no UNet module has these names.
+fn unnamed_text_encoder_path(base: &str) -> Option<&str> {
+    let rest = base.strip_prefix("base_model.model.").unwrap_or(base);
+    let text = [TEXT_MODEL_PREFIX, "encoder.layers.", "embeddings.", "final_layer_norm"].iter().any(|p| rest.starts_with(p));
+    text.then_some(rest)
+}
+
+/// A PEFT file whose text-encoder modules name no encoder cannot say which
+/// of SDXL's two it was made for; refused rather than guessed.
+fn check_text_encoder_named(bases: impl IntoIterator<Item = String>, layers: &ModelLayers, source: &str) -> Result<()> {
+    if layers.text_encoder_2.is_none() {
+        return Ok(());
+    }
+    if let Some(base) = bases.into_iter().find(|b| unnamed_text_encoder_path(b).is_some()) {
+        bail!("{source}: module {base} is a text-encoder layer with no text_encoder. or text_encoder_2. prefix, so it does not say which of this SDXL model's two text encoders it adapts; add the prefix of the encoder it was trained on to its names");
+    }
+    Ok(())
 }
 
 /// A text-encoder layer by transformers 4's path (`text_model.encoder...`),
@@ -497,6 +525,20 @@ mod tests {
         assert_eq!(a.of("text_encoder.encoder.layers.0.self_attn.q_proj"), None, "another model's alpha was taken");
         let err = alphas(r#"{"text_encoder.lora_alpha": "x"}"#).err().unwrap().to_string();
         assert!(err.contains("f.safetensors") && err.contains("text_encoder.lora_alpha"), "{err}");
+    }
+
+    #[test]
+    fn peft_text_encoder_paths_without_a_component_are_the_text_encoder() {
+        for (path, layer) in [
+            ("base_model.model.text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.0.self_attn.q_proj"),
+            ("base_model.model.encoder.layers.1.mlp.fc2", "text_model.encoder.layers.1.mlp.fc2"),
+            ("text_model.encoder.layers.2.self_attn.out_proj", "text_model.encoder.layers.2.self_attn.out_proj"),
+        ] {
+            assert_eq!(model_layer(path), (Component::TextEncoder, layer.to_string()), "{path}");
+        }
+        for path in ["base_model.model.down_blocks.0.attentions.0.proj_in", "mid_block.resnets.0.conv1", "base_model.model.encoder_hid_proj"] {
+            assert_eq!(model_layer(path).0, Component::Unet, "{path}");
+        }
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Text-encoder LoRA trained by sdtune (`--train-text-encoder`): the files
-//! it wrote (tests/fixtures/lora/text_encoder/, SD1 with the MLP in kohya's
-//! layout, SD1 attention-only and SDXL's two encoders in both layouts) change
+//! it wrote (tests/fixtures/lora/text_encoder/, SD1 and SD2 with the MLP in
+//! kohya's layout, attention-only in diffusers', SDXL's two encoders in both) change
 //! the text conditioning exactly as diffusers' `load_lora_weights` makes them
 //! change it (make_te_lora_cases.py; for SDXL each encoder's part of the
 //! joined states moves), and a run that trains the encoder resumes bit for
-//! bit, also with `--shuffle-captions`.
+//! bit, also with `--shuffle-captions`. LoHa, LoKr and DoRA made by peft on
+//! the text encoder (make_te_adapter_cases.py), in peft's layout and kohya's,
+//! change its states as peft's adapters do, attached and fused.
 use crate::common;
 use crate::train_support;
 
@@ -26,7 +28,7 @@ fn lora_file(stem: &str) -> PathBuf {
 #[test]
 fn sdtune_trained_text_encoder_lora_changes_the_conditioning_as_diffusers_does() {
     let r = common::read_tensors(&common::reference("text_encoder_lora.safetensors"));
-    for (model, stems) in [("sd1", ["sd1_kohya", "sd1_diffusers"]), ("sdxl", ["sdxl_kohya", "sdxl_diffusers"])] {
+    for (model, stems) in [("sd1", ["sd1_kohya", "sd1_diffusers"]), ("sd2", ["sd2_kohya", "sd2_diffusers"]), ("sdxl", ["sdxl_kohya", "sdxl_diffusers"])] {
         for stem in stems {
             let m = StableDiffusion::from_diffusers_folder(&common::fixtures().join(format!("tiny-{model}")), Placement::cpu_f32(), None)
                 .unwrap();
@@ -37,7 +39,7 @@ fn sdtune_trained_text_encoder_lora_changes_the_conditioning_as_diffusers_does()
             for &c in encoders {
                 assert!(weights.modules.iter().any(|x| x.component == c), "{stem}: no {} modules", c.name());
             }
-            if stem == "sd1_kohya" {
+            if stem == "sd1_kohya" || stem == "sd2_kohya" {
                 assert!(weights.modules.iter().any(|x| x.layer.ends_with(".mlp.fc1")), "{stem}: --targets transformer trained no fc1");
             }
             lora::attach(&weights, &layers, 1.0, stem).unwrap();
@@ -65,6 +67,79 @@ fn sdtune_trained_text_encoder_lora_changes_the_conditioning_as_diffusers_does()
             }
         }
     }
+}
+
+/// (file under tests/fixtures/lora/te_adapters, reference case).
+const ADAPTER_CASES: &[(&str, &str)] = &[
+    ("kohya_loha.safetensors", "loha"),
+    ("peft_loha/adapter_model.safetensors", "loha"),
+    ("kohya_lokr.safetensors", "lokr"),
+    ("peft_lokr/adapter_model.safetensors", "lokr"),
+    ("kohya_dora.safetensors", "dora"),
+    ("peft_dora/adapter_model.safetensors", "dora"),
+];
+
+fn te_adapter(name: &str) -> PathBuf {
+    common::fixtures().join("lora/te_adapters").join(name)
+}
+
+/// The states make_te_adapter_cases.py stores: clip skip 0 (`last`) and 1 (`penultimate`).
+fn te_states(m: &StableDiffusion) -> [(&'static str, tch::Tensor); 2] {
+    let at = |skip| tch::no_grad(|| m.text.encode(&[PROMPT], skip)).unwrap().conditioning.text;
+    [("last", at(0)), ("penultimate", at(1))]
+}
+
+#[test]
+fn peft_loha_lokr_and_dora_on_the_text_encoder_load_as_peft_applies_them() {
+    let r = common::read_tensors(&common::reference("te_adapters.safetensors"));
+    let tiny = common::fixtures().join("tiny-sd1");
+    let m = StableDiffusion::from_diffusers_folder(&tiny, Placement::cpu_f32(), None).unwrap();
+    for (what, got) in te_states(&m) {
+        common::assert_close(&format!("base {what}"), &got, &r[&format!("base.{what}")], 1e-4);
+    }
+    for (name, case) in ADAPTER_CASES {
+        let layers = render::layers(&m).unwrap();
+        let weights = format::read(&te_adapter(name), &layers).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let components: Vec<Component> = weights.modules.iter().map(|x| x.component).chain(weights.lycoris.iter().map(|x| x.component)).collect();
+        assert!(components.len() >= 12 && components.iter().all(|&c| c == Component::TextEncoder), "{name}: {} modules, not all the text encoder's", components.len());
+        if *case == "dora" {
+            assert!(weights.modules.iter().all(|x| x.dora_scale.is_some()), "{name}: a module lost its DoRA magnitude");
+        }
+        if *case == "lokr" {
+            assert!(weights.lycoris.iter().any(|x| x.layer.ends_with(".mlp.fc1")), "{name}: no fc1 module");
+        }
+        lora::attach(&weights, &layers, 1.0, name).unwrap();
+        for (what, got) in te_states(&m) {
+            let key = format!("{case}.{what}");
+            common::assert_close(&format!("{name} {what}"), &got, &r[&key], 1e-4);
+            let effect = common::max_abs_diff(&got, &r[&format!("base.{what}")]);
+            assert!(effect > 1e-2, "{name}: the {what} state barely moves ({effect})");
+        }
+        m.text.first().model.layers.for_each(|e| e.adapters.clear());
+        let fused = StableDiffusion::from_diffusers_folder(&tiny, Placement::cpu_f32(), None).unwrap();
+        let fused_layers = render::layers(&fused).unwrap();
+        lora::fuse(&weights, &fused_layers, 1.0, name).unwrap();
+        for (what, got) in te_states(&fused) {
+            common::assert_close(&format!("fused {name} {what}"), &got, &r[&format!("{case}.{what}")], 1e-4);
+        }
+    }
+}
+
+/// A LoHa module moved onto a text-encoder layer of another shape (q_proj's
+/// factors under fc2's name) is one sentence naming the layer and the file.
+#[test]
+fn a_text_encoder_module_that_does_not_fit_its_layer_is_one_sentence() {
+    let m = StableDiffusion::from_diffusers_folder(&common::fixtures().join("tiny-sd1"), Placement::cpu_f32(), None).unwrap();
+    let q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj.";
+    let tensors: Vec<(String, tch::Tensor)> = common::read_tensors(&te_adapter("kohya_loha.safetensors"))
+        .into_iter()
+        .map(|(k, t)| (k.replace(q, "lora_te_text_model_encoder_layers_0_mlp_fc2."), t))
+        .collect();
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let path = dir.path().join("moved.safetensors");
+    sdtune::loaders::tensor_file::write_tensors(&path, &tensors, None).unwrap();
+    let err = format!("{:#}", format::read(&path, &render::layers(&m).unwrap()).err().expect("must fail"));
+    assert!(err.contains("moved.safetensors") && err.contains("text_model.encoder.layers.0.mlp.fc2") && !err.contains('\n'), "{err}");
 }
 
 #[test]
