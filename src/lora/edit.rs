@@ -15,29 +15,48 @@ pub struct PlainLora {
     pub metadata: HashMap<String, String>,
 }
 
-/// Reads `path` (named as `flag` in errors) as plain LoRA / LoCon modules.
-/// LoHa and LoKr are refused: their conv deltas are stored flattened, and
-/// their kernel size is known only from the model.
-pub fn read_plain(path: &Path, flag: &str) -> Result<PlainLora> {
+/// `path` (named as `flag` in errors) must be a file.
+pub fn check_is_file(path: &Path, flag: &str) -> Result<()> {
     if !path.is_file() {
         bail!("{flag} {} {}; give the path of a .safetensors LoRA file", path.display(), crate::fsutil::why_not_a_file(path));
     }
+    Ok(())
+}
+
+/// The kind of module in the file at `path` whose weight change only the
+/// base model can give (LoHa, LoKr, DoRA), by its tensor names alone; None
+/// for plain LoRA / LoCon files and for files that cannot be opened (the
+/// readers name what is wrong with those).
+pub fn model_kind(path: &Path) -> Option<&'static str> {
+    let file = TensorFile::open(path).ok()?;
+    let names = file.names();
+    let suffix = |n: &String| n.rsplit_once('.').map(|(_, s)| s.to_string()).unwrap_or_default();
+    names.iter().find_map(|n| match suffix(n).as_str() {
+        s if s.starts_with("hada_") => Some("LoHa"),
+        s if s.starts_with("lokr_") => Some("LoKr"),
+        "dora_scale" | "lora_magnitude_vector" => Some("DoRA"),
+        _ => None,
+    })
+}
+
+/// The one sentence for a LoHa, LoKr or DoRA input given without `--model`.
+pub fn needs_model_sentence(path: &Path, kind: &str) -> String {
+    let why = match kind {
+        "DoRA" => "whose magnitudes renormalise the base model's exact weights",
+        _ => "whose conv changes are stored flattened, so their kernel size comes from the base model",
+    };
+    format!("{} holds {kind} modules, {why}; add --model with the model it was trained for (a diffusers folder, a single .safetensors checkpoint or a Hub id) to turn them into LoRA", path.display())
+}
+
+/// Reads `path` (named as `flag` in errors) as plain LoRA / LoCon modules.
+/// LoHa, LoKr and DoRA are refused here: they need the model (`model_edit`).
+pub fn read_plain(path: &Path, flag: &str) -> Result<PlainLora> {
+    check_is_file(path, flag)?;
     let file = TensorFile::open(path)?;
     let stored = format::read_stored(&file)?;
-    if let Some(m) = stored.lycoris.first() {
-        bail!(
-            "{} holds {} modules (e.g. {}), which sdtune lora cannot resize or merge; it works on plain LoRA and LoCon files",
-            path.display(),
-            m.factors.kind_name(),
-            m.base
-        );
-    }
-    if let Some(m) = stored.modules.iter().find(|m| m.dora_scale.is_some()) {
-        bail!(
-            "{} holds DoRA modules (e.g. {}), whose magnitudes belong to their exact weights, so sdtune lora cannot resize or merge them; it works on plain LoRA and LoCon files",
-            path.display(),
-            m.base
-        );
+    let kind = stored.lycoris.first().map(|m| m.factors.kind_name()).or_else(|| stored.modules.iter().any(|m| m.dora_scale.is_some()).then_some("DoRA"));
+    if let Some(kind) = kind {
+        bail!("{}", needs_model_sentence(path, kind));
     }
     Ok(PlainLora { stored, metadata: file.string_metadata() })
 }

@@ -18,12 +18,18 @@ use crate::loaders::tensor_file::{write_tensors, TensorFile};
 /// Reads a LoRA file of any supported layout, resolving names against `layers`.
 pub fn read(path: &Path, layers: &ModelLayers) -> Result<LoraWeights> {
     let file = TensorFile::open(path)?;
-    let StoredFile { format, modules: stored, lycoris: stored_lycoris } = read_stored(&file)?;
-    let source = path.display().to_string();
+    let stored = read_stored(&file)?;
+    resolve(stored, file.string_metadata(), layers, &path.display().to_string())
+}
+
+/// The modules of a file already read (`read_stored`) resolved to the
+/// model's layers and checked to fit them; `source` names the file in errors.
+pub fn resolve(stored: StoredFile, metadata: HashMap<String, String>, layers: &ModelLayers, source: &str) -> Result<LoraWeights> {
+    let StoredFile { format, modules: stored, lycoris: stored_lycoris } = stored;
     let (modules, lycoris) = match format {
         LoraFormat::Kohya => {
             let by_kohya = kohya_map(layers);
-            (resolve_kohya(stored, &by_kohya, &source)?, resolve_kohya_lycoris(stored_lycoris, &by_kohya, &source)?)
+            (resolve_kohya(stored, &by_kohya, source)?, resolve_kohya_lycoris(stored_lycoris, &by_kohya, source)?)
         }
         LoraFormat::Peft | LoraFormat::DiffusersLegacy => {
             let bases = stored.iter().map(|m| m.base.clone()).chain(stored_lycoris.iter().map(|m| m.base.clone()));
@@ -45,8 +51,8 @@ pub fn read(path: &Path, layers: &ModelLayers) -> Result<LoraWeights> {
             (modules, lycoris)
         }
     };
-    let weights = LoraWeights { modules, lycoris, metadata: file.string_metadata() };
-    super::check_fits(&weights, layers, &source)?;
+    let weights = LoraWeights { modules, lycoris, metadata };
+    super::check_fits(&weights, layers, source)?;
     Ok(weights)
 }
 
@@ -456,15 +462,7 @@ pub fn write(
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for m in &weights.modules {
-        let base = match format {
-            LoraFormat::Kohya => {
-                let Some(base) = kohya.name(m.component, &m.layer) else {
-                    bail!("{} layer {} has no kohya name in an SDXL LoRA; train it in the diffusers format (--format diffusers)", m.component.name(), m.layer);
-                };
-                base
-            }
-            LoraFormat::Peft | LoraFormat::DiffusersLegacy => format!("{}.{}", file_prefix(m.component), m.layer),
-        };
+        let base = module_name(format, m.component, &m.layer, kohya)?;
         tensors.extend(pair_tensors(format, &base, &m.down, &m.up, m.alpha));
         if let Some(magnitude) = &m.dora_scale {
             tensors.push(match format {
@@ -476,6 +474,19 @@ pub fn write(
         }
     }
     write_tensors(path, &tensors, Some(metadata))
+}
+
+/// The name `format` gives `component`'s `layer` in a file (without the
+/// down/up suffixes): kohya's as `kohya` says for the model, else diffusers'
+/// `unet.<layer>` / `text_encoder.<layer>`.
+pub fn module_name(format: LoraFormat, component: Component, layer: &str, kohya: &KohyaNames) -> Result<String> {
+    match format {
+        LoraFormat::Kohya => match kohya.name(component, layer) {
+            Some(base) => Ok(base),
+            None => bail!("{} layer {layer} has no kohya name in an SDXL LoRA; train it in the diffusers format (--format diffusers)", component.name()),
+        },
+        LoraFormat::Peft | LoraFormat::DiffusersLegacy => Ok(format!("{}.{layer}", file_prefix(component))),
+    }
 }
 
 /// Writes modules under their names as read from a file (`StoredModule::base`),

@@ -2,7 +2,7 @@
 //! module the sum of strength_i * scale_i * up_i @ down_i, back to a
 //! low-rank pair by SVD. A module only one file has is kept exactly (its
 //! up times the strength) unless `--rank` is below its rank.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -44,6 +44,8 @@ pub struct Merged {
     pub max_rank: i64,
     pub min_energy: f64,
     pub mean_energy: f64,
+    /// LoHa, LoKr and DoRA modules made plain LoRA (`model_edit`).
+    pub converted: usize,
 }
 
 /// Merges `inputs` into `out` (atomically, in the inputs' layout). Each
@@ -109,7 +111,7 @@ pub fn merge(inputs: &[Input], rank: Option<i64>, out: &Path) -> Result<Merged> 
     format::write_stored(out, &modules, format, metadata).with_context(|| format!("--out {} cannot be written", out.display()))?;
     let (min_energy, mean_energy) = edit::energy_summary(&kept);
     let max_rank = modules.iter().map(|m| m.down.size()[0]).max().unwrap_or(0);
-    Ok(Merged { modules: modules.len(), shared, max_rank, min_energy, mean_energy })
+    Ok(Merged { modules: modules.len(), shared, max_rank, min_energy, mean_energy, converted: 0 })
 }
 
 /// Two inputs must be of one layout and one base model: by the base named in
@@ -127,13 +129,7 @@ fn check_same_base(a: &PlainLora, a_path: &Path, b: &PlainLora, b_path: &Path) -
     let different = |why: String| -> Result<()> {
         bail!("{an} and {bn} are LoRAs for different base models ({why}); merge only LoRAs trained on the same base model")
     };
-    for key in ["ss_base_model_version", "modelspec.architecture"] {
-        if let (Some(x), Some(y)) = (a.metadata.get(key), b.metadata.get(key)) {
-            if x != y {
-                return different(format!("{key} {x} and {y}"));
-            }
-        }
-    }
+    check_same_base_metadata(&a.metadata, a_path, &b.metadata, b_path)?;
     let (ax, bx) = (is_sdxl(a), is_sdxl(b));
     if ax != bx {
         let name = |sdxl: bool| if sdxl { "SDXL" } else { "SD1/SD2" };
@@ -145,6 +141,22 @@ fn check_same_base(a: &PlainLora, a_path: &Path, b: &PlainLora, b_path: &Path) -
             if shape(m) != shape(o) {
                 let ((ao, ai), (bo, bi)) = (shape(m), shape(o));
                 return different(format!("module {} maps {ai:?} -> {ao} in one and {bi:?} -> {bo} in the other", m.base));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The base models two files' headers name (kohya's and modelspec's keys) must agree.
+pub fn check_same_base_metadata(a: &HashMap<String, String>, a_path: &Path, b: &HashMap<String, String>, b_path: &Path) -> Result<()> {
+    for key in ["ss_base_model_version", "modelspec.architecture"] {
+        if let (Some(x), Some(y)) = (a.get(key), b.get(key)) {
+            if x != y {
+                bail!(
+                    "{} and {} are LoRAs for different base models ({key} {x} and {y}); merge only LoRAs trained on the same base model",
+                    a_path.display(),
+                    b_path.display()
+                );
             }
         }
     }

@@ -10,6 +10,7 @@ pub mod kohya_names;
 pub mod layer;
 pub mod lycoris;
 pub mod merge;
+pub mod model_edit;
 pub mod network;
 pub mod resize;
 pub mod svd;
@@ -169,7 +170,7 @@ pub fn check_fits(weights: &LoraWeights, layers: &ModelLayers, source: &str) -> 
 
 /// A LoHa/LoKr module's scaled delta in its layer's weight shape, with the
 /// layer's conv settings; an error names the module and the file.
-fn lycoris_delta(m: &LycorisModule, layers: &ModelLayers, source: &str) -> Result<(Tensor, Option<crate::models::layers::ConvConfig>)> {
+pub fn lycoris_delta(m: &LycorisModule, layers: &ModelLayers, source: &str) -> Result<(Tensor, Option<crate::models::layers::ConvConfig>)> {
     let (shape, size, conv) = lycoris_layer(m, layers, source)?;
     Ok((lycoris::delta_for(m, shape, &size, source)?, conv))
 }
@@ -196,7 +197,7 @@ fn lycoris_layer(m: &LycorisModule, layers: &ModelLayers, source: &str) -> Resul
 
 /// `W' - W` of a DoRA module on `weight` (`None` for a plain LoRA); its
 /// shape was checked by `check_fits`.
-fn dora_delta(m: &LoraModule, weight: &Tensor, source: &str) -> Option<Tensor> {
+pub fn dora_delta(m: &LoraModule, weight: &Tensor, source: &str) -> Option<Tensor> {
     let magnitude = m.dora_scale.as_ref()?;
     let axis = dora::axis_of(magnitude, &weight.size(), &m.layer, source).expect("checked by check_fits");
     Some(tch::no_grad(|| dora::weight_delta_of(weight, &m.down, &m.up, m.scale(), magnitude, axis)))

@@ -18,6 +18,8 @@ pub struct Resized {
     /// Min and mean over modules of the kept energy (1 for modules kept as they were).
     pub min_energy: f64,
     pub mean_energy: f64,
+    /// LoHa, LoKr and DoRA modules made plain LoRA (`model_edit`).
+    pub converted: usize,
 }
 
 /// Resizes `input` to `rank` and writes `out` atomically in the same layout.
@@ -59,5 +61,5 @@ pub fn resize(input: &Path, rank: i64, out: &Path) -> Result<Resized> {
     );
     format::write_stored(out, &modules, stored.format, metadata).with_context(|| format!("--out {} cannot be written", out.display()))?;
     let (min_energy, mean_energy) = edit::energy_summary(&kept);
-    Ok(Resized { modules: modules.len(), truncated, old_rank, min_energy, mean_energy })
+    Ok(Resized { modules: modules.len(), truncated, old_rank, min_energy, mean_energy, converted: 0 })
 }
