@@ -172,7 +172,7 @@ mod tests {
                 let s = DpmSolverMultistep::new(&reference::config(&spacing), steps, karras).unwrap();
                 reference::assert_close(&format!("{what} timesteps"), s.timesteps(), &table.timesteps, 1e-12);
                 let sigmas: Vec<f64> = s.sigmas().iter().map(|&x| x as f64).collect();
-                reference::assert_close(&format!("{what} sigmas"), &sigmas, &table.sigmas, 1e-12);
+                reference::assert_close(&format!("{what} sigmas"), &sigmas, &table.sigmas, reference::SIGMA_TOL);
                 assert_eq!(s.init_noise_sigma(), table.init_noise_sigma);
             }
         }

@@ -104,8 +104,8 @@ mod tests {
             let s = Heun::new(&reference::config(&spacing), steps).unwrap();
             reference::assert_close(&format!("{what} timesteps"), s.timesteps(), &table.timesteps, 1e-12);
             let sigmas: Vec<f64> = s.sigmas().iter().map(|&x| x as f64).collect();
-            reference::assert_close(&format!("{what} sigmas"), &sigmas, &table.sigmas, 1e-12);
-            reference::assert_close(&format!("{what} init"), &[s.init_noise_sigma()], &[table.init_noise_sigma], 1e-12);
+            reference::assert_close(&format!("{what} sigmas"), &sigmas, &table.sigmas, reference::SIGMA_TOL);
+            reference::assert_close(&format!("{what} init"), &[s.init_noise_sigma()], &[table.init_noise_sigma], reference::SIGMA_TOL);
         }
     }
 }
