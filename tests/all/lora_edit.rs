@@ -3,24 +3,14 @@
 //! against torch.linalg.svd in make_lora_edit_reference.py), load in sdtune,
 //! and bad input is one sentence.
 use crate::common;
+use crate::common::cli::{ok, one_sentence_error, sdtune};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use sdtune::loaders::tensor_file::TensorFile;
 use sdtune::lora::format::read_stored;
 use tch::{Kind, Tensor};
-
-fn sdtune(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdtune")).current_dir(dir).args(args).output().unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "sdtune failed:\n{text}");
-    text
-}
 
 fn fixture(name: &str) -> String {
     common::fixtures().join("lora").join(name).display().to_string()
@@ -217,15 +207,6 @@ fn merging_two_files_at_full_rank_sums_their_deltas() {
         let err = frobenius(&(delta - &want[k]));
         assert!((err - dropped.sqrt()).abs() <= 1e-5 * (1.0 + frobenius(&want[k])), "{k}: error {err}, sqrt(dropped) {}", dropped.sqrt());
     }
-}
-
-fn one_sentence_error(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "expected an error:\n{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "not one line:\n{err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    lines[0].to_string()
 }
 
 #[test]

@@ -33,6 +33,7 @@ mod load_single_file;
 mod load_tf5_layout;
 mod lora_damaged;
 mod lora_edit;
+mod lora_edit_kinds;
 mod lora_interop;
 mod lora_sd15_names;
 mod lycoris;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use sdtune::loaders::tensor_file::TensorFile;
 use tch::{Kind, Tensor};
 
+pub mod cli;
 pub mod sd1;
 pub mod sdxl;
 
