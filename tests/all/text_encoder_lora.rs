@@ -6,7 +6,10 @@
 //! joined states moves), and a run that trains the encoder resumes bit for
 //! bit, also with `--shuffle-captions`. LoHa, LoKr and DoRA made by peft on
 //! the text encoder (make_te_adapter_cases.py), in peft's layout and kohya's,
-//! change its states as peft's adapters do, attached and fused.
+//! change its states as peft's adapters do, attached and fused, and `sdtune
+//! sample` with them (alone, and stacked with a UNet LoKr) renders diffusers'
+//! image with peft's (make_te_adapter_samples.py). LoHa and LoKr on both of
+//! SDXL's encoders (make_sdxl_te_adapter_cases.py) match peft's too.
 use crate::common;
 use crate::train_support;
 
@@ -321,6 +324,63 @@ fn sample_with_text_encoder_adapters_matches_diffusers_with_peft() {
             assert!(max <= 1.0, "{label}: a pixel is {max:.3}/255 from diffusers' with peft's adapters (mean {mean:.4})");
             let effect = (&ours - &base).abs().mean(tch::Kind::Double).double_value(&[]);
             assert!(effect > 2.0, "{label}: the image is within {effect:.2}/255 of the base model's; the test would not discriminate");
+        }
+    }
+}
+
+/// (file under tests/fixtures/lora/te_adapters_sdxl, reference case).
+const SDXL_ADAPTER_CASES: &[(&str, &str)] = &[
+    ("kohya_loha.safetensors", "loha"),
+    ("peft_loha/adapter_model.safetensors", "loha"),
+    ("kohya_lokr.safetensors", "lokr"),
+    ("peft_lokr/adapter_model.safetensors", "lokr"),
+];
+
+/// LoHa and LoKr made by peft on both of SDXL's text encoders
+/// (make_sdxl_te_adapter_cases.py; kohya's `lora_te1_`/`lora_te2_` and peft's
+/// `text_encoder.`/`text_encoder_2.` names) change the joined text states and
+/// the pooled output as peft's adapters change diffusers' `encode_prompt`,
+/// attached and fused.
+#[test]
+fn peft_loha_and_lokr_on_both_sdxl_text_encoders_load_as_peft_applies_them() {
+    let r = common::read_tensors(&common::reference("sdxl/te_adapters.safetensors"));
+    let tiny = common::fixtures().join("tiny-sdxl");
+    let conditioning = |m: &StableDiffusion| {
+        let c = tch::no_grad(|| m.text.encode(&[PROMPT], 0)).unwrap().conditioning;
+        [("text", c.text), ("pooled", c.pooled.expect("SDXL pools the prompt"))]
+    };
+    let m = StableDiffusion::from_diffusers_folder(&tiny, Placement::cpu_f32(), None).unwrap();
+    for (what, got) in conditioning(&m) {
+        common::assert_close(&format!("base {what}"), &got, &r[&format!("base.{what}")], 1e-4);
+    }
+    for (name, case) in SDXL_ADAPTER_CASES {
+        let path = common::fixtures().join("lora/te_adapters_sdxl").join(name);
+        let layers = render::layers(&m).unwrap();
+        let weights = format::read(&path, &layers).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        for c in [Component::TextEncoder, Component::TextEncoder2] {
+            let n = weights.lycoris.iter().filter(|x| x.component == c).count();
+            assert!(n >= 12, "{name}: {n} {} modules", c.name());
+        }
+        assert!(weights.modules.is_empty() && weights.lycoris.iter().all(|x| x.component != Component::Unet), "{name}: modules off the text encoders");
+        lora::attach(&weights, &layers, 1.0, name).unwrap();
+        let attached = conditioning(&m);
+        // Each encoder's half of the joined states must move, so a file read onto one encoder only fails.
+        let width = attached[0].1.size()[2] / 2;
+        for (half, start) in [("text_encoder", 0), ("text_encoder_2", width)] {
+            let part = |t: &tch::Tensor| t.narrow(2, start, width);
+            let effect = common::max_abs_diff(&part(&attached[0].1), &part(&r["base.text"]));
+            assert!(effect > 1e-2, "{name}: the {half} states barely move ({effect})");
+        }
+        for (what, got) in attached {
+            common::assert_close(&format!("{name} {what}"), &got, &r[&format!("{case}.{what}")], 1e-4);
+        }
+        for e in &m.text.encoders {
+            e.model.layers.for_each(|l| l.adapters.clear());
+        }
+        let fused = StableDiffusion::from_diffusers_folder(&tiny, Placement::cpu_f32(), None).unwrap();
+        lora::fuse(&weights, &render::layers(&fused).unwrap(), 1.0, name).unwrap();
+        for (what, got) in conditioning(&fused) {
+            common::assert_close(&format!("fused {name} {what}"), &got, &r[&format!("{case}.{what}")], 1e-4);
         }
     }
 }
