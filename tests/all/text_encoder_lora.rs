@@ -6,7 +6,10 @@
 //! joined states moves), and a run that trains the encoder resumes bit for
 //! bit, also with `--shuffle-captions`. LoHa, LoKr and DoRA made by peft on
 //! the text encoder (make_te_adapter_cases.py), in peft's layout and kohya's,
-//! change its states as peft's adapters do, attached and fused.
+//! change its states as peft's adapters do, attached and fused, and `sdtune
+//! sample` with them (alone, and stacked with a UNet LoKr) renders diffusers'
+//! image with peft's (make_te_adapter_samples.py). LoHa and LoKr on both of
+//! SDXL's encoders (make_sdxl_te_adapter_cases.py) match peft's too.
 use crate::common;
 use crate::train_support;
 
@@ -269,5 +272,115 @@ fn shuffled_captions_train_the_text_encoder_and_resume_bit_identically() {
     assert_eq!(straight.len(), got.len());
     for ((name, a), (_, b)) in straight.iter().zip(&got) {
         assert!(a == b, "LoRA tensor {name} differs between the straight and the resumed shuffled run");
+    }
+}
+
+/// `sdtune sample` of tiny-sd1 on the CPU, rendered as make_lora_cases.py's
+/// `ddim_image` (prompt, negative prompt, seed 7, 10 DDIM steps, guidance 7.5, 64x64),
+/// with `loras` (each `FILE[:STRENGTH]`); the PNG as [64, 64, 3] pixels of 0-255.
+fn sample_ddim(loras: &[String], fuse: bool, out: &std::path::Path) -> tch::Tensor {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune"));
+    cmd.args(["sample", "--device", "cpu", "--model"])
+        .arg(common::fixtures().join("tiny-sd1"))
+        .args(["--prompt", "product shot of a blue ceramic mug on a wooden table", "--negative-prompt", "blurry"])
+        .args(["--seed", "7", "--steps", "10", "--guidance", "7.5", "--width", "64", "--height", "64", "--scheduler", "ddim"]);
+    for lora in loras {
+        cmd.arg("--lora").arg(lora);
+    }
+    if fuse {
+        cmd.arg("--fuse");
+    }
+    let run = cmd.arg("--out").arg(out).output().unwrap();
+    assert!(run.status.success(), "{loras:?}: {}", String::from_utf8_lossy(&run.stderr));
+    let image = common::read_rgb(out);
+    tch::Tensor::from_slice(image.as_raw()).view([64, 64, 3]).to_kind(tch::Kind::Double)
+}
+
+/// `sdtune sample` with each text-encoder LoHa, LoKr and DoRA file (kohya's
+/// layout and peft's), and with a mixed stack (the kohya LoHa at 0.7 on the
+/// text encoder plus lycoris/kohya_lokr on the UNet at 0.6), attached and
+/// `--fuse`d, renders what diffusers' pipeline renders with peft's adapters
+/// (make_te_adapter_samples.py): every pixel within 1/255.
+#[test]
+fn sample_with_text_encoder_adapters_matches_diffusers_with_peft() {
+    let r = common::read_tensors(&common::reference("te_adapter_samples.safetensors"));
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let path = |p: PathBuf| p.display().to_string();
+    let mut cases: Vec<(String, Vec<String>, String)> =
+        ADAPTER_CASES.iter().map(|(name, case)| (name.to_string(), vec![path(te_adapter(name))], format!("{case}_image"))).collect();
+    let unet_lokr = path(common::fixtures().join("lora/lycoris/kohya_lokr.safetensors"));
+    let te_loha = path(te_adapter("kohya_loha.safetensors"));
+    cases.push(("mixed".into(), vec![format!("{te_loha}:0.7"), format!("{unet_lokr}:0.6")], "te_loha07_unet_lokr06_image".into()));
+    let base = sample_ddim(&[], false, &dir.path().join("base.png"));
+    for (what, loras, key) in &cases {
+        let theirs = &r[key] * 255.0;
+        for fuse in [false, true] {
+            let label = format!("{what}{}", if fuse { " fused" } else { "" });
+            let out = dir.path().join(format!("{}.png", label.replace(['/', ' ', '.'], "_")));
+            let ours = sample_ddim(loras, fuse, &out);
+            let gap = (&ours - &theirs).abs();
+            let (max, mean) = (gap.max().double_value(&[]), gap.mean(tch::Kind::Double).double_value(&[]));
+            eprintln!("{label}: pixel diff max {max:.3}, mean {mean:.4} of 255");
+            assert!(max <= 1.0, "{label}: a pixel is {max:.3}/255 from diffusers' with peft's adapters (mean {mean:.4})");
+            let effect = (&ours - &base).abs().mean(tch::Kind::Double).double_value(&[]);
+            assert!(effect > 2.0, "{label}: the image is within {effect:.2}/255 of the base model's; the test would not discriminate");
+        }
+    }
+}
+
+/// (file under tests/fixtures/lora/te_adapters_sdxl, reference case).
+const SDXL_ADAPTER_CASES: &[(&str, &str)] = &[
+    ("kohya_loha.safetensors", "loha"),
+    ("peft_loha/adapter_model.safetensors", "loha"),
+    ("kohya_lokr.safetensors", "lokr"),
+    ("peft_lokr/adapter_model.safetensors", "lokr"),
+];
+
+/// LoHa and LoKr made by peft on both of SDXL's text encoders
+/// (make_sdxl_te_adapter_cases.py; kohya's `lora_te1_`/`lora_te2_` and peft's
+/// `text_encoder.`/`text_encoder_2.` names) change the joined text states and
+/// the pooled output as peft's adapters change diffusers' `encode_prompt`,
+/// attached and fused.
+#[test]
+fn peft_loha_and_lokr_on_both_sdxl_text_encoders_load_as_peft_applies_them() {
+    let r = common::read_tensors(&common::reference("sdxl/te_adapters.safetensors"));
+    let tiny = common::fixtures().join("tiny-sdxl");
+    let conditioning = |m: &StableDiffusion| {
+        let c = tch::no_grad(|| m.text.encode(&[PROMPT], 0)).unwrap().conditioning;
+        [("text", c.text), ("pooled", c.pooled.expect("SDXL pools the prompt"))]
+    };
+    let m = StableDiffusion::from_diffusers_folder(&tiny, Placement::cpu_f32(), None).unwrap();
+    for (what, got) in conditioning(&m) {
+        common::assert_close(&format!("base {what}"), &got, &r[&format!("base.{what}")], 1e-4);
+    }
+    for (name, case) in SDXL_ADAPTER_CASES {
+        let path = common::fixtures().join("lora/te_adapters_sdxl").join(name);
+        let layers = render::layers(&m).unwrap();
+        let weights = format::read(&path, &layers).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        for c in [Component::TextEncoder, Component::TextEncoder2] {
+            let n = weights.lycoris.iter().filter(|x| x.component == c).count();
+            assert!(n >= 12, "{name}: {n} {} modules", c.name());
+        }
+        assert!(weights.modules.is_empty() && weights.lycoris.iter().all(|x| x.component != Component::Unet), "{name}: modules off the text encoders");
+        lora::attach(&weights, &layers, 1.0, name).unwrap();
+        let attached = conditioning(&m);
+        // Each encoder's half of the joined states must move, so a file read onto one encoder only fails.
+        let width = attached[0].1.size()[2] / 2;
+        for (half, start) in [("text_encoder", 0), ("text_encoder_2", width)] {
+            let part = |t: &tch::Tensor| t.narrow(2, start, width);
+            let effect = common::max_abs_diff(&part(&attached[0].1), &part(&r["base.text"]));
+            assert!(effect > 1e-2, "{name}: the {half} states barely move ({effect})");
+        }
+        for (what, got) in attached {
+            common::assert_close(&format!("{name} {what}"), &got, &r[&format!("{case}.{what}")], 1e-4);
+        }
+        for e in &m.text.encoders {
+            e.model.layers.for_each(|l| l.adapters.clear());
+        }
+        let fused = StableDiffusion::from_diffusers_folder(&tiny, Placement::cpu_f32(), None).unwrap();
+        lora::fuse(&weights, &render::layers(&fused).unwrap(), 1.0, name).unwrap();
+        for (what, got) in conditioning(&fused) {
+            common::assert_close(&format!("fused {name} {what}"), &got, &r[&format!("{case}.{what}")], 1e-4);
+        }
     }
 }
