@@ -11,6 +11,9 @@
 #
 #   scripts/bench-prior.sh [CLASS_IMAGES [STEPS [LR [CLASS_GUIDANCE]]]]
 #
+# TRAIN_ARGS (environment) is added to both runs' `sdtune train`, e.g.
+# TRAIN_ARGS="--caption-dropout 0".
+#
 # Defaults: 24 class images rendered at guidance 7.5 (diffusers' DreamBooth
 # default), the demo's 200 steps at lr 0.002; a grid and a
 # save every STEPS/2 steps. The two runs train at once. The prepared folder
@@ -45,9 +48,9 @@ started=$(date +%s)
 for run in with-prior:1 without-prior:0; do
   name=${run%%:*}
   weight=${run##*:}
-  echo "== sdtune train --name $name --prior-loss-weight $weight --steps $steps --lr $lr --sample-every $every --save-every $every"
+  echo "== sdtune train --name $name --prior-loss-weight $weight --steps $steps --lr $lr --sample-every $every --save-every $every ${TRAIN_ARGS:-}"
   "$bin" train --name "$name" --prior-loss-weight "$weight" --steps "$steps" --lr "$lr" --sample-every "$every" \
-    --save-every "$every" >"$name.log" 2>&1 &
+    --save-every "$every" ${TRAIN_ARGS:-} >"$name.log" 2>&1 &
 done
 wait
 grep -hE "prior preservation|^wrote|error" with-prior.log without-prior.log || true

@@ -140,7 +140,7 @@ pub fn run(args: LoraArgs) -> Result<()> {
                 converted(r.converted),
                 r.truncated,
                 r.old_rank,
-                a.rank,
+                r.new_rank,
                 r.min_energy,
                 r.mean_energy
             );

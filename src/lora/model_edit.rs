@@ -227,7 +227,8 @@ pub fn resize(input: &Path, rank: i64, out: &Path, layers: &ModelLayers) -> Resu
     );
     format::write_stored(out, &modules, format, metadata).with_context(|| format!("--out {} cannot be written", out.display()))?;
     let (min_energy, mean_energy) = edit::energy_summary(&kept);
-    Ok(Resized { modules: modules.len(), truncated, old_rank, min_energy, mean_energy, converted })
+    let new_rank = modules.iter().map(|m| m.down.size()[0]).max().unwrap_or(0);
+    Ok(Resized { modules: modules.len(), truncated, old_rank, new_rank, min_energy, mean_energy, converted })
 }
 
 /// `sdtune lora merge A:s B:t --model M`: as `merge.rs`, except that a

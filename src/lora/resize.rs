@@ -15,6 +15,8 @@ pub struct Resized {
     pub truncated: usize,
     /// The highest rank in the input.
     pub old_rank: i64,
+    /// The highest rank written (below the asked rank where a module's change has fewer directions).
+    pub new_rank: i64,
     /// Min and mean over modules of the kept energy (1 for modules kept as they were).
     pub min_energy: f64,
     pub mean_energy: f64,
@@ -61,5 +63,6 @@ pub fn resize(input: &Path, rank: i64, out: &Path) -> Result<Resized> {
     );
     format::write_stored(out, &modules, stored.format, metadata).with_context(|| format!("--out {} cannot be written", out.display()))?;
     let (min_energy, mean_energy) = edit::energy_summary(&kept);
-    Ok(Resized { modules: modules.len(), truncated, old_rank, min_energy, mean_energy, converted: 0 })
+    let new_rank = modules.iter().map(|m| m.down.size()[0]).max().unwrap_or(0);
+    Ok(Resized { modules: modules.len(), truncated, old_rank, new_rank, min_energy, mean_energy, converted: 0 })
 }
