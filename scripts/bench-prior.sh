@@ -2,7 +2,7 @@
 # Prior preservation on the demo set (BENCHMARKS.md, "Prior preservation"):
 # the demo's LoRA (configs/demo.yaml, datasets/example-brand, the built-in
 # tiny model, CPU) trained twice from one prepared folder with class images
-# of "a shape": once with prior preservation (--prior-loss-weight 1), once
+# of CLASS_PROMPT: once with prior preservation (--prior-loss-weight 1), once
 # without (--prior-loss-weight 0, the class images left unused). Same seed,
 # same grids. Prints, per run and step: the palette distance of the brand
 # prompts' grid to the brand set and its drop from step 0 (the base model),
@@ -12,7 +12,8 @@
 #   scripts/bench-prior.sh [CLASS_IMAGES [STEPS [LR [CLASS_GUIDANCE]]]]
 #
 # TRAIN_ARGS (environment) is added to both runs' `sdtune train`, e.g.
-# TRAIN_ARGS="--caption-dropout 0".
+# TRAIN_ARGS="--caption-dropout 0". CLASS_PROMPT (environment, default "a
+# shape") is the class prompt, and a control prompt too.
 #
 # Defaults: 24 class images rendered at guidance 7.5 (diffusers' DreamBooth
 # default), the demo's 200 steps at lr 0.002; a grid and a
@@ -28,6 +29,7 @@ count=${1:-24}
 steps=${2:-200}
 lr=${3:-0.002}
 class_guidance=${4:-7.5}
+class_prompt=${CLASS_PROMPT:-a shape}
 every=$(( steps / 2 ))
 
 rm -rf "$work/output"
@@ -35,14 +37,14 @@ mkdir -p "$work"
 cp configs/demo.yaml "$work/sdtune.yaml"
 cd "$work"
 # The class prompt and the control prompts go into the demo's config.
-python3 - "$count" "$class_guidance" <<'PY'
-import sys
+python3 - "$count" "$class_guidance" "$class_prompt" <<'PY'
+import json, sys
 text = open("sdtune.yaml").read()
-text = text.replace("data:\n", f"data:\n  class_prompt: a shape\n  num_class_images: {sys.argv[1]}\n  class_guidance: {sys.argv[2]}\n", 1)
+text = text.replace("data:\n", f"data:\n  class_prompt: {json.dumps(sys.argv[3])}\n  num_class_images: {sys.argv[1]}\n  class_guidance: {sys.argv[2]}\n", 1)
 text = text.replace("sample:\n", "sample:\n  control_prompts:\n  - a red circle on a blue background\n  - a green square on a yellow background\n", 1)
 open("sdtune.yaml", "w").write(text)
 PY
-echo "== sdtune prepare datasets/example-brand (with $count class images of \"a shape\" at guidance $class_guidance)"
+echo "== sdtune prepare datasets/example-brand (with $count class images of \"$class_prompt\" at guidance $class_guidance)"
 "$bin" prepare "$root/datasets/example-brand" | grep -E "^class images|usable" || true
 started=$(date +%s)
 for run in with-prior:1 without-prior:0; do
