@@ -138,6 +138,11 @@ pub fn energy_summary(kept: &[f64]) -> (f64, f64) {
     (if kept.is_empty() { 1.0 } else { min }, if kept.is_empty() { 1.0 } else { mean })
 }
 
+/// The highest rank among `modules` (0 for none).
+pub fn highest_rank(modules: &[StoredModule]) -> i64 {
+    modules.iter().map(|m| m.down.size()[0]).max().unwrap_or(0)
+}
+
 /// The shape a module's down tensor has after its rank: `[in]` or `[in, k, k]`.
 pub fn down_tail(m: &StoredModule) -> Vec<i64> {
     m.down.size()[1..].to_vec()

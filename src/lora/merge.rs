@@ -110,7 +110,7 @@ pub fn merge(inputs: &[Input], rank: Option<i64>, out: &Path) -> Result<Merged> 
     edit::record(&mut metadata, &modules, &format!("merged from {recipe}"), "sdtune_merged_from", recipe);
     format::write_stored(out, &modules, format, metadata).with_context(|| format!("--out {} cannot be written", out.display()))?;
     let (min_energy, mean_energy) = edit::energy_summary(&kept);
-    let max_rank = modules.iter().map(|m| m.down.size()[0]).max().unwrap_or(0);
+    let max_rank = edit::highest_rank(&modules);
     Ok(Merged { modules: modules.len(), shared, max_rank, min_energy, mean_energy, converted: 0 })
 }
 

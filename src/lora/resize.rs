@@ -34,7 +34,7 @@ pub fn resize(input: &Path, rank: i64, out: &Path) -> Result<Resized> {
     }
     let edit::PlainLora { stored, mut metadata } = edit::read_plain(input, "the LoRA")?;
     edit::check_out(out, &[input], stored.format)?;
-    let old_rank = stored.modules.iter().map(|m| m.down.size()[0]).max().unwrap_or(0);
+    let old_rank = edit::highest_rank(&stored.modules);
     let mut kept = Vec::with_capacity(stored.modules.len());
     let mut modules = Vec::with_capacity(stored.modules.len());
     let mut truncated = 0;
@@ -63,6 +63,6 @@ pub fn resize(input: &Path, rank: i64, out: &Path) -> Result<Resized> {
     );
     format::write_stored(out, &modules, stored.format, metadata).with_context(|| format!("--out {} cannot be written", out.display()))?;
     let (min_energy, mean_energy) = edit::energy_summary(&kept);
-    let new_rank = modules.iter().map(|m| m.down.size()[0]).max().unwrap_or(0);
+    let new_rank = edit::highest_rank(&modules);
     Ok(Resized { modules: modules.len(), truncated, old_rank, new_rank, min_energy, mean_energy, converted: 0 })
 }
