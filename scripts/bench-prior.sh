@@ -47,14 +47,20 @@ PY
 echo "== sdtune prepare datasets/example-brand (with $count class images of \"$class_prompt\" at guidance $class_guidance)"
 "$bin" prepare "$root/datasets/example-brand" | grep -E "^class images|usable" || true
 started=$(date +%s)
+pids=()
 for run in with-prior:1 without-prior:0; do
   name=${run%%:*}
   weight=${run##*:}
   echo "== sdtune train --name $name --prior-loss-weight $weight --steps $steps --lr $lr --sample-every $every --save-every $every ${TRAIN_ARGS:-}"
   "$bin" train --name "$name" --prior-loss-weight "$weight" --steps "$steps" --lr "$lr" --sample-every "$every" \
     --save-every "$every" ${TRAIN_ARGS:-} >"$name.log" 2>&1 &
+  pids+=("$name:$!")
 done
-wait
+failed=0
+for entry in "${pids[@]}"; do
+  wait "${entry##*:}" || { echo "bench-prior: sdtune train --name ${entry%%:*} failed: $(tail -1 "$work/${entry%%:*}.log")" >&2; failed=1; }
+done
+[ "$failed" = 0 ] || exit 1
 grep -hE "prior preservation|^wrote|error" with-prior.log without-prior.log || true
 echo "   both runs: $(( $(date +%s) - started )) s"
 
