@@ -334,15 +334,17 @@ const SDXL_ADAPTER_CASES: &[(&str, &str)] = &[
     ("peft_loha/adapter_model.safetensors", "loha"),
     ("kohya_lokr.safetensors", "lokr"),
     ("peft_lokr/adapter_model.safetensors", "lokr"),
+    ("kohya_dora.safetensors", "dora"),
+    ("peft_dora/adapter_model.safetensors", "dora"),
 ];
 
-/// LoHa and LoKr made by peft on both of SDXL's text encoders
+/// LoHa, LoKr and DoRA made by peft on both of SDXL's text encoders
 /// (make_sdxl_te_adapter_cases.py; kohya's `lora_te1_`/`lora_te2_` and peft's
 /// `text_encoder.`/`text_encoder_2.` names) change the joined text states and
 /// the pooled output as peft's adapters change diffusers' `encode_prompt`,
 /// attached and fused.
 #[test]
-fn peft_loha_and_lokr_on_both_sdxl_text_encoders_load_as_peft_applies_them() {
+fn peft_loha_lokr_and_dora_on_both_sdxl_text_encoders_load_as_peft_applies_them() {
     let r = common::read_tensors(&common::reference("sdxl/te_adapters.safetensors"));
     let tiny = common::fixtures().join("tiny-sdxl");
     let conditioning = |m: &StableDiffusion| {
@@ -358,10 +360,14 @@ fn peft_loha_and_lokr_on_both_sdxl_text_encoders_load_as_peft_applies_them() {
         let layers = render::layers(&m).unwrap();
         let weights = format::read(&path, &layers).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         for c in [Component::TextEncoder, Component::TextEncoder2] {
-            let n = weights.lycoris.iter().filter(|x| x.component == c).count();
+            let dora = weights.modules.iter().filter(|x| x.component == c && x.dora_scale.is_some()).count();
+            let n = weights.lycoris.iter().filter(|x| x.component == c).count() + dora;
             assert!(n >= 12, "{name}: {n} {} modules", c.name());
         }
-        assert!(weights.modules.is_empty() && weights.lycoris.iter().all(|x| x.component != Component::Unet), "{name}: modules off the text encoders");
+        let plain = weights.modules.iter().any(|x| x.dora_scale.is_none());
+        assert!(!plain, "{name}: a DoRA module was read without its magnitude");
+        let on_unet = weights.modules.iter().any(|x| x.component == Component::Unet) || weights.lycoris.iter().any(|x| x.component == Component::Unet);
+        assert!(!on_unet, "{name}: modules off the text encoders");
         lora::attach(&weights, &layers, 1.0, name).unwrap();
         let attached = conditioning(&m);
         // Each encoder's half of the joined states must move, so a file read onto one encoder only fails.
@@ -381,6 +387,61 @@ fn peft_loha_and_lokr_on_both_sdxl_text_encoders_load_as_peft_applies_them() {
         lora::fuse(&weights, &render::layers(&fused).unwrap(), 1.0, name).unwrap();
         for (what, got) in conditioning(&fused) {
             common::assert_close(&format!("fused {name} {what}"), &got, &r[&format!("{case}.{what}")], 1e-4);
+        }
+    }
+}
+
+/// `sdtune sample` of tiny-sdxl on the CPU, rendered as
+/// make_sdxl_te_adapter_samples.py renders (prompt, negative prompt, seed 7, 10 Euler
+/// steps, guidance 5, 64x64), with `loras` (each `FILE[:STRENGTH]`); the PNG as
+/// [64, 64, 3] pixels of 0-255.
+fn sample_sdxl(loras: &[String], fuse: bool, out: &std::path::Path) -> tch::Tensor {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune"));
+    cmd.args(["sample", "--device", "cpu", "--model"])
+        .arg(common::fixtures().join("tiny-sdxl"))
+        .args(["--prompt", "a red car parked in front of a modern glass building", "--negative-prompt", "blurry, low quality"])
+        .args(["--seed", "7", "--steps", "10", "--guidance", "5", "--width", "64", "--height", "64", "--scheduler", "euler"]);
+    for lora in loras {
+        cmd.arg("--lora").arg(lora);
+    }
+    if fuse {
+        cmd.arg("--fuse");
+    }
+    let run = cmd.arg("--out").arg(out).output().unwrap();
+    assert!(run.status.success(), "{loras:?}: {}", String::from_utf8_lossy(&run.stderr));
+    let image = common::read_rgb(out);
+    tch::Tensor::from_slice(image.as_raw()).view([64, 64, 3]).to_kind(tch::Kind::Double)
+}
+
+/// `sdtune sample` of SDXL with each text-encoder LoHa, LoKr and DoRA file on both
+/// encoders (kohya's `lora_te1_`/`lora_te2_` layout and peft's), and a mixed stack
+/// (the kohya LoHa at 0.7 plus sdtune's SDXL LoCon on the UNet at 0.6), attached and
+/// `--fuse`d, renders what StableDiffusionXLPipeline renders with peft's adapters
+/// (make_sdxl_te_adapter_samples.py): every pixel within 1/255.
+#[test]
+fn sdxl_sample_with_text_encoder_adapters_matches_diffusers_with_peft() {
+    let r = common::read_tensors(&common::reference("sdxl/te_adapter_samples.safetensors"));
+    let dir = sdtune::scratch::ScratchDir::new().unwrap();
+    let file = |name: &str| common::fixtures().join("lora/te_adapters_sdxl").join(name).display().to_string();
+    let mut cases: Vec<(String, Vec<String>, String)> =
+        SDXL_ADAPTER_CASES.iter().map(|(name, case)| (name.to_string(), vec![file(name)], format!("{case}_image"))).collect();
+    let unet_locon = common::fixtures().join("lora/sdxl_adapters/sdtune_locon_kohya.safetensors").display().to_string();
+    cases.push(("mixed".into(), vec![format!("{}:0.7", file("kohya_loha.safetensors")), format!("{unet_locon}:0.6")], "te_loha07_unet_locon06_image".into()));
+    let base = sample_sdxl(&[], false, &dir.path().join("base.png"));
+    let gap = (&base - &r["base_image"] * 255.0).abs().max().double_value(&[]);
+    assert!(gap <= 1.0, "the base render is {gap:.3}/255 from diffusers'");
+    for (what, loras, key) in &cases {
+        let theirs = &r[key] * 255.0;
+        for fuse in [false, true] {
+            let label = format!("{what}{}", if fuse { " fused" } else { "" });
+            let out = dir.path().join(format!("{}.png", label.replace(['/', ' ', '.'], "_")));
+            let ours = sample_sdxl(loras, fuse, &out);
+            let gap = (&ours - &theirs).abs();
+            let (max, mean) = (gap.max().double_value(&[]), gap.mean(tch::Kind::Double).double_value(&[]));
+            eprintln!("{label}: pixel diff max {max:.3}, mean {mean:.4} of 255");
+            assert!(max <= 1.0, "{label}: a pixel is {max:.3}/255 from diffusers' with peft's adapters (mean {mean:.4})");
+            let effect = (&ours - &base).abs().mean(tch::Kind::Double).double_value(&[]);
+            assert!(effect > 2.0, "{label}: the image is within {effect:.2}/255 of the base model's; the test would not discriminate");
         }
     }
 }
