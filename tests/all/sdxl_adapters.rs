@@ -2,7 +2,9 @@
 //! made by scripts/fixtures/train_sdxl_adapters.sh): in sdtune they give the
 //! UNet output the reference stack gives with them (make_sdxl_adapter_cases.py):
 //! the LoCon files (kohya's SGM block names and the diffusers layout) through
-//! diffusers' `load_lora_weights`, the DoRA through PEFT's `use_dora` layer.
+//! diffusers' `load_lora_weights`, the DoRA through PEFT's `use_dora` layer;
+//! the text-encoder DoRA (`--dora --train-text-encoder`) also changes both
+//! encoders' conditioning as PEFT's DoRA on them does.
 //! And sdtune still writes those files' layout today.
 use crate::common;
 use crate::train_support;
@@ -80,6 +82,45 @@ fn sdtune_trained_sdxl_dora_gives_peft_unet_output() {
     }
 }
 
+/// `--dora --train-text-encoder` files (kohya's `lora_te1_`/`lora_te2_` with
+/// `dora_scale`, and the diffusers layout's `text_encoder.`/`text_encoder_2.`
+/// with `lora_magnitude_vector`) give PEFT's UNet output and PEFT's joined text
+/// states and pooled output, attached and fused.
+#[test]
+fn sdtune_trained_sdxl_text_encoder_dora_gives_peft_conditioning_and_unet_output() {
+    use sdtune::lora::Component;
+    let r = reference();
+    let conditioning = |m: &StableDiffusion| {
+        let c = tch::no_grad(|| m.text.encode(&[common::sdxl::TE_PROMPT], 0)).unwrap().conditioning;
+        [("text", c.text), ("pooled", c.pooled.expect("SDXL pools the prompt"))]
+    };
+    for stem in ["te_dora_kohya", "te_dora_diffusers"] {
+        for fused in [false, true] {
+            let m = model();
+            let weights = read(&m, &adapter_file(stem));
+            assert!(weights.modules.iter().all(|x| x.dora_scale.is_some()), "{stem}: a module was read without its magnitude");
+            for c in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
+                let n = weights.modules.iter().filter(|x| x.component == c).count();
+                assert!(n >= 12, "{stem}: {n} {} modules", c.name());
+            }
+            let layers = render::layers(&m).unwrap();
+            if fused {
+                lora::fuse(&weights, &layers, 1.0, stem).unwrap();
+            } else {
+                lora::attach(&weights, &layers, 1.0, stem).unwrap();
+            }
+            let label = format!("{stem} (fused: {fused})");
+            common::assert_close(&format!("{label} UNet"), &unet_out(&m), &r["te_dora_diffusers"], 1e-4);
+            for (what, got) in conditioning(&m) {
+                let theirs = &r[&format!("te_dora_diffusers.{what}")];
+                common::assert_close(&format!("{label} {what}"), &got, theirs, 1e-4);
+                let effect = common::max_abs_diff(theirs, &r[&format!("base.{what}")]);
+                assert!(effect > 1e-2, "{stem}: the DoRA barely changes the {what} conditioning ({effect})");
+            }
+        }
+    }
+}
+
 /// Tensor names and shapes of a LoRA file, sorted.
 fn layout(path: &Path) -> Vec<(String, Vec<i64>)> {
     let file = TensorFile::open(path).unwrap_or_else(|e| panic!("{e:#}"));
@@ -94,9 +135,10 @@ fn layout(path: &Path) -> Vec<(String, Vec<i64>)> {
 #[test]
 fn sdtune_still_writes_the_fixtures_layout() {
     let dir = prepared_with(&common::fixtures().join("tiny-sdxl"));
-    let runs: [(&str, &[&str]); 2] = [
+    let runs: [(&str, &[&str]); 3] = [
         ("locon_kohya", &["--targets", "conv", "--conv-rank", "2", "--conv-alpha", "1", "--format", "kohya"]),
         ("dora_diffusers", &["--dora", "--format", "diffusers"]),
+        ("te_dora_kohya", &["--dora", "--train-text-encoder", "--format", "kohya"]),
     ];
     for (stem, flags) in runs {
         let args: Vec<&str> = ["--steps", "1", "--save-every", "0", "--rank", "2", "--alpha", "4", "--name", stem].iter().chain(flags).copied().collect();

@@ -4,6 +4,10 @@ use sdtune::models::conditioning::Conditioning;
 use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
 use tch::Tensor;
 
+/// The prompt make_te_lora_cases.py's `encode` (which the SDXL text-encoder
+/// references use) gives diffusers' `encode_prompt`.
+pub const TE_PROMPT: &str = "an orange acme poster with a blue circle 3";
+
 /// tests/fixtures/tiny-sdxl on the CPU in fp32.
 pub fn model() -> StableDiffusion {
     StableDiffusion::from_diffusers_folder(&super::fixtures().join("tiny-sdxl"), Placement::cpu_f32(), None).unwrap()
