@@ -419,7 +419,7 @@ fn lora(path: &Path, file: &TensorFile, format: &str) -> Result<()> {
 /// The layer kind a module adapts: `attn2.to_q`, `proj_in`, `self_attn.q_proj`, ...
 fn module_kind(base: &str, kohya: bool) -> String {
     let sep = if kohya { "_" } else { "." };
-    for whole in ["conv_in", "conv_out"] {
+    for whole in ["conv_in", "conv_out", "proj_in", "proj_out"] {
         if base.ends_with(&format!("{sep}{whole}")) || base == whole {
             return whole.into();
         }

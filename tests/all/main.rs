@@ -53,6 +53,7 @@ mod sample_vae;
 mod scheduler_parity;
 mod sdxl_adapters;
 mod sdxl_lora_from_reference;
+mod sdxl_lycoris;
 mod sdxl_parity;
 mod sdxl_single_file;
 mod sdxl_train;

@@ -391,28 +391,6 @@ fn peft_loha_lokr_and_dora_on_both_sdxl_text_encoders_load_as_peft_applies_them(
     }
 }
 
-/// `sdtune sample` of tiny-sdxl on the CPU, rendered as
-/// make_sdxl_te_adapter_samples.py renders (prompt, negative prompt, seed 7, 10 Euler
-/// steps, guidance 5, 64x64), with `loras` (each `FILE[:STRENGTH]`); the PNG as
-/// [64, 64, 3] pixels of 0-255.
-fn sample_sdxl(loras: &[String], fuse: bool, out: &std::path::Path) -> tch::Tensor {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune"));
-    cmd.args(["sample", "--device", "cpu", "--model"])
-        .arg(common::fixtures().join("tiny-sdxl"))
-        .args(["--prompt", "a red car parked in front of a modern glass building", "--negative-prompt", "blurry, low quality"])
-        .args(["--seed", "7", "--steps", "10", "--guidance", "5", "--width", "64", "--height", "64", "--scheduler", "euler"]);
-    for lora in loras {
-        cmd.arg("--lora").arg(lora);
-    }
-    if fuse {
-        cmd.arg("--fuse");
-    }
-    let run = cmd.arg("--out").arg(out).output().unwrap();
-    assert!(run.status.success(), "{loras:?}: {}", String::from_utf8_lossy(&run.stderr));
-    let image = common::read_rgb(out);
-    tch::Tensor::from_slice(image.as_raw()).view([64, 64, 3]).to_kind(tch::Kind::Double)
-}
-
 /// `sdtune sample` of SDXL with each text-encoder LoHa, LoKr and DoRA file on both
 /// encoders (kohya's `lora_te1_`/`lora_te2_` layout and peft's), and a mixed stack
 /// (the kohya LoHa at 0.7 plus sdtune's SDXL LoCon on the UNet at 0.6), attached and
@@ -427,7 +405,7 @@ fn sdxl_sample_with_text_encoder_adapters_matches_diffusers_with_peft() {
         SDXL_ADAPTER_CASES.iter().map(|(name, case)| (name.to_string(), vec![file(name)], format!("{case}_image"))).collect();
     let unet_locon = common::fixtures().join("lora/sdxl_adapters/sdtune_locon_kohya.safetensors").display().to_string();
     cases.push(("mixed".into(), vec![format!("{}:0.7", file("kohya_loha.safetensors")), format!("{unet_locon}:0.6")], "te_loha07_unet_locon06_image".into()));
-    let base = sample_sdxl(&[], false, &dir.path().join("base.png"));
+    let base = common::sdxl::render_with(&[], false, &dir.path().join("base.png"));
     let gap = (&base - &r["base_image"] * 255.0).abs().max().double_value(&[]);
     assert!(gap <= 1.0, "the base render is {gap:.3}/255 from diffusers'");
     for (what, loras, key) in &cases {
@@ -435,7 +413,7 @@ fn sdxl_sample_with_text_encoder_adapters_matches_diffusers_with_peft() {
         for fuse in [false, true] {
             let label = format!("{what}{}", if fuse { " fused" } else { "" });
             let out = dir.path().join(format!("{}.png", label.replace(['/', ' ', '.'], "_")));
-            let ours = sample_sdxl(loras, fuse, &out);
+            let ours = common::sdxl::render_with(loras, fuse, &out);
             let gap = (&ours - &theirs).abs();
             let (max, mean) = (gap.max().double_value(&[]), gap.mean(tch::Kind::Double).double_value(&[]));
             eprintln!("{label}: pixel diff max {max:.3}, mean {mean:.4} of 255");

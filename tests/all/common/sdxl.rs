@@ -24,3 +24,25 @@ pub fn unet_out(m: &StableDiffusion) -> Tensor {
     };
     tch::no_grad(|| m.unet.model.forward(&r["sample"], &r["timestep"], &cond))
 }
+
+/// `sdtune sample` of tiny-sdxl on the CPU, rendered as
+/// make_sdxl_te_adapter_samples.py's `render` (prompt, negative prompt, seed 7, 10 Euler
+/// steps, guidance 5, 64x64), with `loras` (each `FILE[:STRENGTH]`); the PNG as
+/// [64, 64, 3] pixels of 0-255.
+pub fn render_with(loras: &[String], fuse: bool, out: &std::path::Path) -> tch::Tensor {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune"));
+    cmd.args(["sample", "--device", "cpu", "--model"])
+        .arg(super::fixtures().join("tiny-sdxl"))
+        .args(["--prompt", "a red car parked in front of a modern glass building", "--negative-prompt", "blurry, low quality"])
+        .args(["--seed", "7", "--steps", "10", "--guidance", "5", "--width", "64", "--height", "64", "--scheduler", "euler"]);
+    for lora in loras {
+        cmd.arg("--lora").arg(lora);
+    }
+    if fuse {
+        cmd.arg("--fuse");
+    }
+    let run = cmd.arg("--out").arg(out).output().unwrap();
+    assert!(run.status.success(), "{loras:?}: {}", String::from_utf8_lossy(&run.stderr));
+    let image = super::read_rgb(out);
+    tch::Tensor::from_slice(image.as_raw()).view([64, 64, 3]).to_kind(tch::Kind::Double)
+}
