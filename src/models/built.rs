@@ -25,6 +25,9 @@ pub fn build<M>(
     vs.set_kind(kind);
     let layers = LayerIndex::default();
     let model = make(Vb::new(vs.root(), init, layers.clone()))?;
+    // bf16 on the CPU: convolution weights NHWC before any weight is loaded
+    // into them (loading copies into the layout), see `channels_last.rs`.
+    super::channels_last::lay_out_convs(&layers);
     vs.freeze();
     Ok(Built { model, vs, layers })
 }

@@ -2,6 +2,7 @@
 //! diffusers weight name and sized from its `config.json`. Where weights
 //! come from is `crate::loaders`' business, not this module's.
 pub mod built;
+pub mod channels_last;
 pub mod clip;
 pub mod conditioning;
 pub mod config;

@@ -142,3 +142,94 @@ fn batch_of_two_and_guidance_shapes_agree() {
     let one = tch::no_grad(|| conv::conv2d(&x.narrow(0, 1, 1), &weight, &bias, 1, 1));
     assert!(rel_diff(&ours.narrow(0, 1, 1), &one) < TOLERANCE, "image 2 of the batch is image 2");
 }
+
+/// bf16 on the CPU lays every kxk convolution weight out channels-last
+/// (`src/models/channels_last.rs`): on every 3x3 shape of the SD1.5 UNet and
+/// VAE at 256 px, the convolution with the channels-last weight (and the
+/// channels-last output it makes as the next layer's input) agrees with the
+/// plain-layout one within 1e-5 of its scale, forward and input gradient.
+#[test]
+fn every_sd1_3x3_convolution_agrees_in_bf16_with_channels_last_weights() {
+    use sdtune::models::channels_last;
+    let _rng = crate::common::torch_rng();
+    tch::manual_seed(2);
+    // (in, out, input side, stride): the UNet's 3x3 convs at 256 px (32x32 latents), then the VAE's.
+    let shapes: [(i64, i64, i64, i64); 31] = [
+        (4, 320, 32, 1),
+        (320, 320, 32, 1),
+        (320, 320, 32, 2),
+        (320, 640, 16, 1),
+        (640, 640, 16, 1),
+        (640, 640, 16, 2),
+        (640, 1280, 8, 1),
+        (1280, 1280, 8, 1),
+        (1280, 1280, 8, 2),
+        (1280, 1280, 4, 1),
+        (2560, 1280, 4, 1),
+        (2560, 1280, 8, 1),
+        (1920, 1280, 8, 1),
+        (1920, 640, 16, 1),
+        (1280, 640, 16, 1),
+        (960, 640, 16, 1),
+        (960, 320, 32, 1),
+        (640, 320, 32, 1),
+        (1280, 1280, 16, 1),
+        (320, 4, 32, 1),
+        (3, 128, 256, 1),
+        (128, 128, 256, 1),
+        (128, 256, 128, 1),
+        (256, 256, 128, 1),
+        (256, 512, 64, 1),
+        (512, 512, 64, 1),
+        (512, 512, 32, 1),
+        (512, 8, 32, 1),
+        (4, 512, 32, 1),
+        (512, 256, 256, 1),
+        (128, 3, 256, 1),
+    ];
+    let bf16 = (Kind::BFloat16, Device::Cpu);
+    for (cin, cout, side, stride) in shapes {
+        let weight = (Tensor::randn([cout, cin, 3, 3], opts()) / ((cin * 9) as f64).sqrt()).to_kind(Kind::BFloat16);
+        let nhwc = channels_last::to_channels_last(&weight);
+        assert!(channels_last::is_channels_last(&nhwc), "{cin} -> {cout}: the weight was not laid out channels-last");
+        let bias = Tensor::randn([cout], bf16);
+        let x = Tensor::randn([1, cin, side, side], bf16);
+        let what = format!("bf16 conv {cin} -> {cout} 3x3 on {side}x{side} stride {stride}");
+        let (a, b) = (x.detach().set_requires_grad(true), x.detach().set_requires_grad(true));
+        let ya = conv::conv2d(&a, &nhwc, &bias, stride, 1);
+        let yb = b.conv2d(&weight, Some(&bias), [stride, stride], [1, 1], [1, 1], 1);
+        assert!(channels_last::is_channels_last(&ya), "{what}: the output is not channels-last");
+        let forward = rel_diff(&ya.to_kind(Kind::Float), &yb.to_kind(Kind::Float));
+        assert!(forward < TOLERANCE, "{what}: forward differs by {forward:e} of its scale");
+        let grad_out = Tensor::randn(yb.size(), bf16);
+        (&ya * &grad_out).sum(Kind::Float).backward();
+        (&yb * &grad_out).sum(Kind::Float).backward();
+        let backward = rel_diff(&a.grad().to_kind(Kind::Float), &b.grad().to_kind(Kind::Float));
+        assert!(backward < TOLERANCE, "{what}: input gradient differs by {backward:e} of its scale");
+    }
+}
+
+/// A model loaded in bf16 on the CPU has every kxk convolution weight of its
+/// UNet and VAE channels-last, with the values of the file; in fp32 none is.
+#[test]
+fn a_bf16_cpu_model_has_channels_last_convolutions_and_an_fp32_one_plain() {
+    use sdtune::models::channels_last;
+    use sdtune::models::layers::LayerShape;
+    use sdtune::models::stable_diffusion::{Placement, StableDiffusion};
+    let folder = crate::common::fixtures().join("tiny-sd1");
+    let bf16 = Placement { device: Device::Cpu, kind: Kind::BFloat16, vae_kind: Kind::BFloat16 };
+    let (ours, plain) = (StableDiffusion::from_diffusers_folder(&folder, bf16, None).unwrap(), StableDiffusion::from_diffusers_folder(&folder, Placement::cpu_f32(), None).unwrap());
+    for (part, a, b) in [("unet", &ours.unet.layers, &plain.unet.layers), ("vae", &ours.vae.layers, &plain.vae.layers)] {
+        let mut convs = 0;
+        a.for_each(|e| {
+            let LayerShape::Conv2d { kernel: 3, .. } = e.shape else { return };
+            convs += 1;
+            assert!(channels_last::is_channels_last(&e.weight), "{part} {}: not channels-last in bf16", e.name);
+            b.with(&e.name, |p| {
+                assert!(!channels_last::is_channels_last(&p.weight), "{part} {}: channels-last in fp32", e.name);
+                assert!(e.weight.to_kind(Kind::Float).equal(&p.weight.to_kind(Kind::BFloat16).to_kind(Kind::Float)), "{part} {}: the values moved", e.name);
+            });
+        });
+        assert!(convs >= 10, "{part}: only {convs} 3x3 convolutions");
+    }
+}

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
 use super::resnet::group_norm;
+use crate::models::channels_last;
 use crate::models::layers::{Conv2d, ConvConfig, GroupNorm, LayerNorm, Linear, Vb};
 
 /// diffusers fixes these eps values inside `Transformer2DModel`; the
@@ -238,7 +239,7 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             h = block.forward(&h, context);
         }
-        self.project_out(&h, batch, height, width) + x
+        self.project_out(&h, batch, height, width, channels_last::is_channels_last(x)) + x
     }
 
     /// [B, C, h, w] -> [B, hw, inner].
@@ -249,9 +250,13 @@ impl Transformer2DModel {
         }
     }
 
-    /// [B, hw, inner] -> [B, C, h, w].
-    fn project_out(&self, h: &Tensor, batch: i64, height: i64, width: i64) -> Tensor {
-        let to_image = |t: &Tensor| t.reshape([batch, height, width, -1]).permute([0, 3, 1, 2]).contiguous();
+    /// [B, hw, inner] -> [B, C, h, w], channels-last (then a free view of
+    /// the tokens) when the block's input is.
+    fn project_out(&self, h: &Tensor, batch: i64, height: i64, width: i64, channels_last: bool) -> Tensor {
+        let to_image = |t: &Tensor| {
+            let image = t.reshape([batch, height, width, -1]).permute([0, 3, 1, 2]);
+            if channels_last { image } else { image.contiguous() }
+        };
         match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_image(h)),
             Projection::Linear(linear) => to_image(&linear.forward(h)),
