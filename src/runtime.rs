@@ -204,8 +204,7 @@ pub fn auto_precision(device: Device) -> Precision {
     if device.is_cuda() {
         return if supports(device, Kind::BFloat16) { Precision::Bf16 } else { Precision::Fp16 };
     }
-    let isa = cpu_isa(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default());
-    if !isa.iter().any(|f| *f == "avx512_bf16" || *f == "amx_bf16") || !supports(device, Kind::BFloat16) {
+    if !native_bf16_cpu() || !supports(device, Kind::BFloat16) {
         return Precision::Fp32;
     }
     let ratio = crate::matmul_probe::matmul_gflops(device, Kind::BFloat16) / crate::matmul_probe::matmul_gflops(device, Kind::Float).max(1e-9);
@@ -215,6 +214,17 @@ pub fn auto_precision(device: Device) -> Precision {
     } else {
         Precision::Fp32
     }
+}
+
+/// Whether this machine's CPU computes bf16 natively (AVX512-BF16 or AMX).
+pub fn native_bf16_cpu() -> bool {
+    static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NATIVE.get_or_init(|| has_native_bf16(&cpu_isa(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())))
+}
+
+/// Whether instruction sets named as [`cpu_isa`] names them compute bf16 natively.
+pub fn has_native_bf16(isa: &[&str]) -> bool {
+    isa.iter().any(|f| *f == "avx512_bf16" || *f == "amx_bf16")
 }
 
 /// Which of the instruction sets that decide oneDNN's fp32/bf16 speed the
@@ -234,6 +244,12 @@ pub fn cpu_isa(cpuinfo: &str) -> Vec<&'static str> {
 
 #[cfg(test)]
 mod cpu_isa_tests {
+    #[test]
+    fn native_bf16_needs_avx512_bf16_or_amx() {
+        assert!(super::has_native_bf16(&["avx2", "amx_bf16"]) && super::has_native_bf16(&["avx512_bf16"]));
+        assert!(!super::has_native_bf16(&["avx2", "fma", "avx512f", "amx_tile"]));
+    }
+
     #[test]
     fn reads_the_first_cpus_flags() {
         let text = "processor\t: 0\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_tile\nprocessor\t: 1\nflags\t: sse\n";

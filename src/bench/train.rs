@@ -112,6 +112,8 @@ pub fn run(setup: &Setup, bench: &TrainBench) -> Result<Map<String, Value>> {
     let latent = spec.latent_size(setup.resolution)?;
     let mut memory = MemoryMeter::start(device);
     let unet = build_unet(spec, device, precision.kind()).context("cannot build the UNet")?;
+    // As `sdtune train` lays it out.
+    crate::models::channels_last::lay_out_for_training(&unet.layers, crate::runtime::native_bf16_cpu());
     let rss_after_build = super::measure::rss_mb();
     let unet_params: i64 = unet.vs.variables().values().map(|t| t.numel() as i64).sum();
     let text_dim = spec.unet.cross_attention_dims()[0];

@@ -9,7 +9,7 @@ pub fn run() -> Result<()> {
     println!("libtorch   {}", d.libtorch);
     println!("threads    {}", d.threads);
     println!("bf16 cpu   {}", yes_no(d.bf16_cpu));
-    let native_bf16 = d.cpu_isa.iter().any(|f| *f == "avx512_bf16" || *f == "amx_bf16");
+    let native_bf16 = crate::runtime::has_native_bf16(&d.cpu_isa);
     let isa = if d.cpu_isa.is_empty() { "none of avx2, avx512, amx".to_string() } else { d.cpu_isa.join(" ") };
     println!("cpu isa    {isa} (bf16 {})", if native_bf16 { "native" } else { "emulated: expect fp32 to be faster (BENCHMARKS.md)" });
     if d.cuda {

@@ -52,6 +52,35 @@ pub fn lay_out_convs(layers: &LayerIndex) -> usize {
     changed
 }
 
+/// Lays the convolution weights of a model that is about to train out as
+/// its training steps run fastest, measured (BENCHMARKS.md "Channels-last
+/// bf16 convolutions"): on a CPU with native bf16 (AMX, AVX512-BF16) a step
+/// is faster plain, since its backward convolutions are slower on NHWC there;
+/// with emulated bf16 NHWC stays faster and stays. `native_bf16` is
+/// `runtime::native_bf16_cpu()`. Returns how many changed.
+pub fn lay_out_for_training(layers: &LayerIndex, native_bf16: bool) -> usize {
+    if native_bf16 {
+        lay_out_plain(layers)
+    } else {
+        0
+    }
+}
+
+/// Lays every channels-last convolution weight of `layers` back out plain
+/// (NCHW), the same values; returns how many.
+pub fn lay_out_plain(layers: &LayerIndex) -> usize {
+    let mut changed = 0;
+    layers.for_each(|e| {
+        if is_channels_last(&e.weight) {
+            let mut weight = e.weight.shallow_clone();
+            tch::no_grad(|| weight.set_data(&e.weight.contiguous()));
+            return_freed_memory();
+            changed += 1;
+        }
+    });
+    changed
+}
+
 /// Hands a plain copy's pages back to the system: glibc's allocator keeps
 /// freed blocks for reuse, which would count the weights twice in RSS.
 pub fn return_freed_memory() {

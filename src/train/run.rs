@@ -247,6 +247,8 @@ pub fn run_with(
             events(event)
         }
     };
+    // Built channels-last for sampling; a training step may be faster plain.
+    crate::models::channels_last::lay_out_for_training(&model.unet.layers, crate::runtime::native_bf16_cpu());
     tch::manual_seed(plan.step.seed as i64);
     if plan.full && (plan.text_encoder_lr.is_some() || plan.dora) {
         bail!("--train-text-encoder and --dora train adapters and do not go with --full; drop one of them");
