@@ -109,7 +109,8 @@ pub struct BenchArgs {
     #[arg(allow_hyphen_values = true, long, value_name = "TFLOPS")]
     pub peak_tflops: Option<f64>,
     /// Leave every CPU product and convolution to libtorch's own kernels (MKL, oneDNN's
-    /// convolution) instead of sdtune's choices, to measure what those choices gain.
+    /// convolution) and bf16 weights in their plain layout, instead of sdtune's choices
+    /// (its fp32 products, channels-last bf16 convolutions), to measure what those gain.
     #[arg(long)]
     pub libtorch_kernels: bool,
     /// Write the model's configs as diffusers config files into DIR and stop.
