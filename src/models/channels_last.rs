@@ -41,11 +41,7 @@ pub fn lay_out_convs(layers: &LayerIndex) -> usize {
     layers.for_each(|e| {
         let LayerShape::Conv2d { kernel, .. } = e.shape else { return };
         if kernel > 1 && wanted(e.weight.device(), e.weight.kind()) && !is_channels_last(&e.weight) {
-            let mut weight = e.weight.shallow_clone();
-            // set_data swaps the storage under the one tensor every holder shares.
-            tch::no_grad(|| weight.set_data(&to_channels_last(&e.weight)));
-            // Per layer, so the model's RSS never holds both layouts of every weight.
-            return_freed_memory();
+            swap_data(&e.weight, &to_channels_last(&e.weight));
             changed += 1;
         }
     });
@@ -72,13 +68,20 @@ pub fn lay_out_plain(layers: &LayerIndex) -> usize {
     let mut changed = 0;
     layers.for_each(|e| {
         if is_channels_last(&e.weight) {
-            let mut weight = e.weight.shallow_clone();
-            tch::no_grad(|| weight.set_data(&e.weight.contiguous()));
-            return_freed_memory();
+            swap_data(&e.weight, &e.weight.contiguous());
             changed += 1;
         }
     });
     changed
+}
+
+/// Puts `laid_out` (the same shape and values) under `weight`: set_data swaps
+/// the storage under the one tensor every holder shares.
+fn swap_data(weight: &Tensor, laid_out: &Tensor) {
+    let mut weight = weight.shallow_clone();
+    tch::no_grad(|| weight.set_data(laid_out));
+    // Per layer, so the model's RSS never holds both layouts of every weight.
+    return_freed_memory();
 }
 
 /// Hands a plain copy's pages back to the system: glibc's allocator keeps
