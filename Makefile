@@ -16,16 +16,17 @@ bootstrap:
 build: bootstrap
 	$(CARGO) build --release
 
-# Two tests at a time, one torch thread each (2 cores in CI): more torch threads
-# than cores make OpenMP workers spin against each other.
+# cargo test (two tests at a time, one torch thread each), then the serve page
+# in headless Chromium (Debian's package, installed when missing): scripts/test.sh.
 test: bootstrap
-	OMP_NUM_THREADS=1 $(CARGO) test --release -- --test-threads=2
+	CARGO=$(CARGO) bash scripts/test.sh
 
 demo: build
 	bash scripts/demo.sh
 
 # `sdtune serve`'s page in headless Chromium (installs Debian's chromium when
-# missing and run as root); rewrites samples/serve-page.png. Not part of `test`.
+# missing and run as root); rewrites samples/serve-page.png (`test` runs the
+# same check with its screenshot under target/).
 browser-check: build
 	bash scripts/browser-check.sh
 

@@ -10,7 +10,7 @@
 # jobs must be done on the server; and a screenshot is written
 # (samples/serve-page.png unless OUT is set).
 #
-#   scripts/browser-check.sh            # installs chromium first when missing (as root)
+#   scripts/browser-check.sh            # installs chromium first when missing (scripts/install-chromium.sh)
 #   OUT=/tmp/page.png scripts/browser-check.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,15 +18,7 @@ cd "$ROOT"
 OUT="${OUT:-$ROOT/samples/serve-page.png}"
 SDTUNE="${SDTUNE:-$ROOT/target/release/sdtune}"
 
-if ! command -v chromium >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing chromium (Debian package) ..."
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-  else
-    echo "browser-check: chromium is not installed; install Debian's package (apt-get install chromium) and run again" >&2
-    exit 1
-  fi
-fi
+bash scripts/install-chromium.sh
 if [ ! -x "$SDTUNE" ]; then
   export VIRTUAL_ENV="$ROOT/.venv" PATH="$ROOT/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1
   cargo build --release
