@@ -16,7 +16,10 @@ and, for reference, in-process without HTTP (`sdtune sample --count N
 re-running `sdtune sample` per request (a process that loads the model each time).
 
   python3 scripts/bench-serve.py [--requests 20] [--steps 20] [--rounds 3]
-Stdlib only. Uses target/release/sdtune (SDTUNE overrides); OMP_NUM_THREADS=1.
+  python3 scripts/bench-serve.py --model DIR --lora FILE --resolution 256 ...
+
+--model takes any diffusers folder, e.g. a full-size SD1.5 with random weights
+and its LoRA from scripts/bench/make_random_model.py. Stdlib only. Uses target/release/sdtune (SDTUNE overrides); OMP_NUM_THREADS=1.
 """
 import argparse
 import json
@@ -33,6 +36,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SDTUNE = os.environ.get("SDTUNE", os.path.join(ROOT, "target/release/sdtune"))
 MODEL = os.path.join(ROOT, "tests/fixtures/tiny-sd1")
+LORA = os.path.join(ROOT, "tests/fixtures/lora/kohya_a.safetensors")
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -53,16 +57,17 @@ def one_request(base, body):
     return time.perf_counter() - t0
 
 
-def serve_modes(base, n, steps, modes, results):
+def serve_modes(base, n, steps, side, modes, results):
     """Request i of every mode, then request i + 1 of every mode, ..."""
     for i in range(n):
         for name, adapters_for in modes.items():
-            body = {"prompt": "a red square", "seed": i, "steps": steps, "adapters": adapters_for(i)}
+            body = {"prompt": "a red square", "seed": i, "steps": steps, "width": side, "height": side,
+                    "adapters": adapters_for(i)}
             results.setdefault(name, []).append(one_request(base, body))
 
 
-def sample_in_process(work, n, steps, fuse):
-    args = [SDTUNE, "sample", "--model", MODEL, "--prompt", "a red square", "--seed", "1", "--count", str(n),
+def sample_in_process(work, model, n, steps, side, fuse):
+    args = [SDTUNE, "sample", "--model", model, "--width", str(side), "--height", str(side), "--prompt", "a red square", "--seed", "1", "--count", str(n),
             "--batch-size", "1", "--steps", str(steps), "--device", "cpu", "--out", "grid.png",
             "--lora", "adapters/kohya_a.safetensors:0.8"] + (["--fuse"] if fuse else [])
     out = subprocess.run(args, cwd=work, env=ENV, capture_output=True, text=True, check=True)
@@ -70,11 +75,11 @@ def sample_in_process(work, n, steps, fuse):
     return float(m.group(1))
 
 
-def sample_per_request(work, n, steps):
+def sample_per_request(work, model, n, steps, side):
     times = []
     for i in range(n):
         t0 = time.perf_counter()
-        subprocess.run([SDTUNE, "sample", "--model", MODEL, "--prompt", "a red square", "--seed", str(i), "--steps", str(steps),
+        subprocess.run([SDTUNE, "sample", "--model", model, "--width", str(side), "--height", str(side), "--prompt", "a red square", "--seed", str(i), "--steps", str(steps),
                         "--device", "cpu", "--out", "one.png", "--lora", "adapters/kohya_a.safetensors:0.8"],
                        cwd=work, env=ENV, capture_output=True, check=True)
         times.append(time.perf_counter() - t0)
@@ -86,13 +91,20 @@ def main():
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", default=MODEL, help="diffusers model folder [default: the tiny test model]")
+    ap.add_argument("--lora", default=LORA, help="the adapter file (served as kohya_a and kohya_a2)")
+    ap.add_argument("--resolution", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed requests per serve mode first")
+    ap.add_argument("--per-request", type=int, default=None,
+                    help="`sdtune sample` processes per round [default: max(3, requests / 4)]")
     args = ap.parse_args()
+    model = os.path.abspath(args.model)
     work = tempfile.mkdtemp()
     os.makedirs(os.path.join(work, "adapters"))
-    lora = os.path.join(ROOT, "tests/fixtures/lora/kohya_a.safetensors")
+    lora = os.path.abspath(args.lora)
     for name in ("kohya_a", "kohya_a2"):
         shutil.copy(lora, os.path.join(work, "adapters", name + ".safetensors"))
-    server = subprocess.Popen([SDTUNE, "serve", "--model", MODEL, "--adapters", "adapters", "--port", "0", "--device", "cpu"],
+    server = subprocess.Popen([SDTUNE, "serve", "--model", model, "--adapters", "adapters", "--port", "0", "--device", "cpu"],
                               cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         base = server.stdout.readline().strip().removeprefix("listening on ").rstrip("/")
@@ -102,22 +114,26 @@ def main():
             "serve, switching adapters": lambda i: [{"name": "kohya_a" if i % 2 == 0 else "kohya_a2", "scale": 0.8}],
             "serve, base (no adapter)": lambda i: [],
         }
-        serve_modes(base, 2, args.steps, modes, {})  # warm-up: first calls, adapter cache
+        serve_modes(base, args.warmup, args.steps, args.resolution, modes, {})  # warm-up: first calls, adapter cache
         results = {k: [] for k in modes}
         results["sample in-process, attached"] = []
         results["sample in-process, fused"] = []
         results["sample per request (new process)"] = []
         for _ in range(args.rounds):
-            serve_modes(base, args.requests, args.steps, modes, results)
-            results["sample in-process, attached"].append(sample_in_process(work, args.requests, args.steps, False))
-            results["sample in-process, fused"].append(sample_in_process(work, args.requests, args.steps, True))
-            results["sample per request (new process)"] += sample_per_request(work, max(3, args.requests // 4), args.steps)
+            serve_modes(base, args.requests, args.steps, args.resolution, modes, results)
+            for fused in (False, True):
+                key = "sample in-process, fused" if fused else "sample in-process, attached"
+                results[key].append(sample_in_process(work, model, args.requests, args.steps, args.resolution, fused))
+            per_request = args.per_request if args.per_request is not None else max(3, args.requests // 4)
+            results["sample per request (new process)"] += sample_per_request(work, model, per_request, args.steps,
+                                                                              args.resolution)
     finally:
         server.terminate()
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
     ref = statistics.median(results["serve, one adapter"])
-    print(f"{args.rounds} rounds x {args.requests} requests, {args.steps} DDIM steps, 64 px, guidance 7.5, OMP_NUM_THREADS=1")
+    print(f"{args.model}: {args.rounds} rounds x {args.requests} requests, {args.steps} DDIM steps, "
+          f"{args.resolution} px, guidance 7.5, OMP_NUM_THREADS=1")
     print("latency: per request (serve, per-request sample) or per image (in-process sample); images/s = 1 / median")
     print(f"{'mode':36} {'n':>3} {'median s':>9} {'p90 s':>7} {'images/s':>9} {'vs one adapter':>15}")
     for name, times in results.items():
