@@ -48,9 +48,9 @@ pub fn cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
-/// A `/proc/self/status` field in MiB (`VmHWM`: peak resident set, `VmRSS`: now).
-fn proc_status_mb(field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// A `/proc/PID/status` field in MiB (`VmHWM`: peak resident set, `VmRSS`: now).
+fn proc_status_mb(pid: &str, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
@@ -58,12 +58,17 @@ fn proc_status_mb(field: &str) -> Option<f64> {
 
 /// Peak resident set size of this process so far, in MiB (Linux `VmHWM`).
 pub fn peak_rss_mb() -> Option<f64> {
-    proc_status_mb("VmHWM:")
+    proc_status_mb("self", "VmHWM:")
+}
+
+/// Peak resident set size of another process (a server a test started), in MiB.
+pub fn peak_rss_mb_of(pid: u32) -> Option<f64> {
+    proc_status_mb(&pid.to_string(), "VmHWM:")
 }
 
 /// Resident set size now, in MiB.
 pub fn rss_mb() -> Option<f64> {
-    proc_status_mb("VmRSS:")
+    proc_status_mb("self", "VmRSS:")
 }
 
 /// Device memory in use on a CUDA device, in MiB, as the driver sees it

@@ -104,13 +104,6 @@ fn call(method: &str, url: &str, body: Option<&str>, token: Option<&str>) -> Rep
     Reply { status, body: bytes, retry_after }
 }
 
-/// VmHWM of a process, in MB.
-fn peak_rss_mb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/PID/status");
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
-}
-
 fn get(s: &Server, path: &str) -> Reply {
     call("GET", &s.url(path), None, None)
 }
@@ -311,8 +304,8 @@ fn a_burst_of_requests_is_all_answered_and_sigterm_stops_cleanly() {
     assert_eq!(health["queued"], 0, "{health}");
     // Memory bounded: the refused requests held nothing and the served ones
     // left nothing behind (the tiny model's server peaks near 400 MB).
-    let peak_mb = peak_rss_mb(server.child.id());
-    assert!(peak_mb < 1024, "the server's peak RSS after 200 requests is {peak_mb} MB");
+    let peak_mb = sdtune::bench::measure::peak_rss_mb_of(server.child.id()).expect("VmHWM in /proc/PID/status");
+    assert!(peak_mb < 1024.0, "the server's peak RSS after 200 requests is {peak_mb:.0} MB");
 
     // SIGTERM: no more jobs, the process says so and exits 130.
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
