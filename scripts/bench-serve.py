@@ -2,8 +2,8 @@
 """Serving throughput and latency on the CPU, all in one run (the machine is
 shared and noisy: compare the ratios, not the absolute numbers).
 
-Modes, each N sequential one-image requests (tiny SD1 test model, 64 px, DDIM,
-guidance 7.5), measured as the client sees them (POST, wait on the event
+Modes, each N sequential one-image requests (by default the tiny SD1 test
+model at 64 px; DDIM, guidance 7.5), measured as the client sees them (POST, wait on the event
 stream, GET the PNG), taken in turn request by request so load drift hits
 each alike:
   one adapter      every request kohya_a at 0.8
@@ -66,11 +66,17 @@ def serve_modes(base, n, steps, side, modes, results):
             results.setdefault(name, []).append(one_request(base, body))
 
 
+def sample_command(model, steps, side, seed, out):
+    """`sdtune sample` with kohya_a at 0.8, as the serve modes ask for it."""
+    return [SDTUNE, "sample", "--model", model, "--width", str(side), "--height", str(side), "--prompt", "a red square",
+            "--seed", str(seed), "--steps", str(steps), "--device", "cpu", "--out", out,
+            "--lora", "adapters/kohya_a.safetensors:0.8"]
+
+
 def sample_in_process(work, model, n, steps, side, fuse):
-    args = [SDTUNE, "sample", "--model", model, "--width", str(side), "--height", str(side), "--prompt", "a red square", "--seed", "1", "--count", str(n),
-            "--batch-size", "1", "--steps", str(steps), "--device", "cpu", "--out", "grid.png",
-            "--lora", "adapters/kohya_a.safetensors:0.8"] + (["--fuse"] if fuse else [])
-    out = subprocess.run(args, cwd=work, env=ENV, capture_output=True, text=True, check=True)
+    args = sample_command(model, steps, side, 1, "grid.png") + ["--count", str(n), "--batch-size", "1"]
+    out = subprocess.run(args + (["--fuse"] if fuse else []), cwd=work, env=ENV, capture_output=True, text=True,
+                         check=True)
     m = re.search(r"\(([0-9.]+) s/image\)", out.stderr)
     return float(m.group(1))
 
@@ -79,9 +85,7 @@ def sample_per_request(work, model, n, steps, side):
     times = []
     for i in range(n):
         t0 = time.perf_counter()
-        subprocess.run([SDTUNE, "sample", "--model", model, "--width", str(side), "--height", str(side), "--prompt", "a red square", "--seed", str(i), "--steps", str(steps),
-                        "--device", "cpu", "--out", "one.png", "--lora", "adapters/kohya_a.safetensors:0.8"],
-                       cwd=work, env=ENV, capture_output=True, check=True)
+        subprocess.run(sample_command(model, steps, side, i, "one.png"), cwd=work, env=ENV, capture_output=True, check=True)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -98,16 +102,26 @@ def main():
     ap.add_argument("--per-request", type=int, default=None,
                     help="`sdtune sample` processes per round [default: max(3, requests / 4)]")
     args = ap.parse_args()
-    model = os.path.abspath(args.model)
+    model, lora = os.path.abspath(args.model), os.path.abspath(args.lora)
+    if not os.path.isfile(os.path.join(model, "model_index.json")):
+        sys.exit(f"{args.model}: not a diffusers model folder (no model_index.json); pass --model a folder such as "
+                 "scripts/bench/make_random_model.py writes")
+    if not os.path.isfile(lora):
+        sys.exit(f"{args.lora}: no such LoRA file; pass --lora an adapter file for --model")
     work = tempfile.mkdtemp()
     os.makedirs(os.path.join(work, "adapters"))
-    lora = os.path.abspath(args.lora)
     for name in ("kohya_a", "kohya_a2"):
         shutil.copy(lora, os.path.join(work, "adapters", name + ".safetensors"))
+    server_log = open(os.path.join(work, "serve.err"), "w+")
     server = subprocess.Popen([SDTUNE, "serve", "--model", model, "--adapters", "adapters", "--port", "0", "--device", "cpu"],
-                              cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                              cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=server_log, text=True)
     try:
-        base = server.stdout.readline().strip().removeprefix("listening on ").rstrip("/")
+        first = server.stdout.readline().strip()
+        if not first.startswith("listening on "):
+            server.wait()
+            server_log.seek(0)
+            sys.exit(f"sdtune serve did not start ({args.model}): {server_log.read().strip()}")
+        base = first.removeprefix("listening on ").rstrip("/")
         a = [{"name": "kohya_a", "scale": 0.8}]
         modes = {
             "serve, one adapter": lambda i: a,

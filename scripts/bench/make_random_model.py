@@ -15,6 +15,7 @@ training scripts write.
 """
 import argparse
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,8 +29,16 @@ def main():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--tokenizer", default="tests/fixtures/tiny-sd1/tokenizer")
     args = p.parse_args()
+    for name in ("unet.json", "vae.json", "text_encoder.json", "scheduler.json"):
+        if not os.path.isfile(os.path.join(args.configs, name)):
+            sys.exit(f"{args.configs}: no {name}; write the folder with `sdtune bench --arch sd15 --dump-configs DIR`")
     if os.path.exists(os.path.join(args.configs, "text_encoder_2.json")):
         sys.exit(f"{args.configs}: SDXL configs are not supported here; dump sd15 or sd21")
+    if os.path.exists(args.out):
+        sys.exit(f"{args.out} already exists; remove it or name another folder")
+    # Written beside OUT and renamed at the end, so a killed run leaves no half model under OUT.
+    partial = args.out.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
 
     import torch
     from diffusers import StableDiffusionPipeline
@@ -39,15 +48,16 @@ def main():
 
     build = argparse.Namespace(configs=args.configs, tokenizer=args.tokenizer, tokenizer_2=None)
     pipe = diffusers_bench.build_pipeline(build, "cpu", torch.float32)
-    pipe.save_pretrained(args.out, safe_serialization=True)
+    pipe.save_pretrained(partial, safe_serialization=True)
 
     torch.manual_seed(1)
     config = LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights=False,
                         target_modules=diffusers_bench.TARGETS["cross-attn"])
     pipe.unet.add_adapter(config)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionPipeline.save_lora_weights(args.out, unet_lora_layers=layers,
+    StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=layers,
                                               weight_name=f"lora_r{args.rank}.safetensors")
+    os.rename(partial, args.out)
     print(f"wrote {args.out} (random weights) and {args.out}/lora_r{args.rank}.safetensors ({len(layers)} tensors)")
 
 
