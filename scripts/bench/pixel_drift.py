@@ -22,7 +22,10 @@ NAME = re.compile(r"control-(\d+)-p(\d+)-s(\d+)\.png$")
 
 
 def pixels(path):
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    try:
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    except OSError as e:
+        sys.exit(f"pixel_drift: {path} is not a readable image ({e}); run scripts/bench-prior.sh again")
 
 
 def run_drift(samples):
