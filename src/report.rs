@@ -96,7 +96,7 @@ pub fn write(run_dir: &Path) -> Result<PathBuf> {
     if let Ok(candidates) = crate::pick::candidates(run_dir) {
         let at = html.find("<h2>Settings</h2>").or_else(|| html.rfind("</body>")).unwrap_or(html.len());
         let section = format!(
-            "<h2>Which step to use</h2>\n<pre>{}</pre>\n<p class=\"note\">As <code>sdtune pick</code> ranks the saved steps: palette distance, seed spread, prompt drift of the control prompts from the base model and validation loss, each scaled to 0..1 over the steps; lower is better.</p>\n",
+            "<h2>Which step to use</h2>\n<pre>{}</pre>\n<p class=\"note\">As <code>sdtune pick</code> ranks the saved steps: palette distance, seed spread, prompt drift of the control prompts from the base model (<code>drift</code> in palette distance, <code>pixel-drift</code> as the mean absolute RGB difference, 0..255, which sees layout and shape as well) and validation loss, each scaled to 0..1 over the steps, the drift's two averaged into one part; lower is better.</p>\n",
             escape(&crate::pick::table(&candidates))
         );
         html.insert_str(at, &section);

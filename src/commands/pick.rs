@@ -14,9 +14,11 @@ Examples:
 Scores every saved LoRA (lora/step-NNNNNN.safetensors) on the figures the run wrote for
 its step: palette distance of its grid to the brand set, spread across seeds, prompt
 drift (how far the images of the class prompt and sample.control_prompts moved from the
-base model's at the same seeds; 0 is the base model) and the validation loss (train with
---validation-split). Each is scaled to 0..1 over the steps; the score is their mean,
-lower is better.";
+base model's at the same seeds, 0 being the base model: `drift` in palette distance, which
+sees colour, `pixel-drift` as the mean absolute RGB difference 0..255, which sees layout
+and shape too) and the validation loss (train with --validation-split). Each is scaled to
+0..1 over the steps; the score is the mean of four parts (palette, seed spread, drift with
+its two distances averaged, validation), lower is better.";
 
 #[derive(Args, Debug)]
 pub struct PickArgs {

@@ -722,7 +722,15 @@ fn render_control(model: &StableDiffusion, job: &Job, step: u64, figures: &Path,
         }
         rows.push(drift::PromptImages { prompt, base, lora });
     }
-    drift::measure(&rows, &base_grid)?.save(figures)
+    // Base images of another size (a resume with another sample size) leave
+    // this step without figures, as a missing base image does; training goes on.
+    match drift::measure(&rows, &base_grid) {
+        Ok(drift) => drift.save(figures),
+        Err(e) => {
+            warn(format!("warning: no prompt drift at step {step}: {}", crate::errors::one_sentence(&e)));
+            Ok(())
+        }
+    }
 }
 
 /// `lora/step-NNNNNN.safetensors`: the periodic LoRA file of `step`.

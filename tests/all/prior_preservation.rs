@@ -167,14 +167,20 @@ fn grids_measure_the_drift_that_pick_ranks_by() {
     };
     assert_eq!(drift(0)["mean"].as_f64(), Some(0.0), "step 0 is the base model");
     assert_eq!(drift(0)["prompts"][0]["prompt"].as_str(), Some("a shape"), "the class prompt is a control prompt");
+    assert_eq!(drift(0)["pixels"].as_f64(), Some(0.0), "step 0 is the base model, in pixels too");
     let last = drift(4)["mean"].as_f64().unwrap();
     assert!(last > 0.0, "training moved nothing");
+    let pixels = drift(4)["pixels"].as_f64().unwrap();
+    assert!(pixels > 0.0 && pixels <= 255.0, "pixel drift {pixels}");
+    let per_seed = drift(4)["prompts"][0]["pixels_per_seed"].as_array().unwrap().len();
+    assert_eq!(per_seed, drift(4)["prompts"][0]["per_seed"].as_array().unwrap().len());
     let pick = sdtune(dir.path(), &["pick", "output/d"], None);
     let table = stdout(&pick);
     assert!(pick.status.success(), "{}", stderr(&pick));
-    assert!(table.starts_with("step     palette  seed-spread  drift"), "{table}");
+    assert!(table.starts_with("step     palette  seed-spread  drift  pixel-drift"), "{table}");
     let row4 = table.lines().find(|l| l.starts_with("4 ")).unwrap();
     assert_eq!(row4.split_whitespace().nth(3), Some(format!("{last:.2}").as_str()), "{table}");
+    assert_eq!(row4.split_whitespace().nth(4), Some(format!("{pixels:.2}").as_str()), "{table}");
 }
 
 /// The run failed with exit 1 and its last line is one `error:` sentence holding `expect`.
