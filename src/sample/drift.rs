@@ -95,7 +95,7 @@ pub fn measure(rows: &[PromptImages], base: &Path) -> Result<Drift> {
 pub fn pixel_distance(a: &RgbImage, b: &RgbImage, base: &Path) -> Result<f64> {
     if a.dimensions() != b.dimensions() {
         bail!(
-            "a control image is {}x{} but the base model's image of its seed in {} is {}x{}; delete the run's samples/control-* images to measure the drift again",
+            "a control image is {}x{} but the base model's image of its seed in {} is {}x{}, so their drift cannot be measured; the base images are written at step 0 of the run and must not change after it",
             b.width(),
             b.height(),
             base.display(),
